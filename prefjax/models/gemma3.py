@@ -1,0 +1,377 @@
+"""Gemma-3 text decoder (``Gemma3ForCausalLM`` / the text tower of ``Gemma3ForConditionalGeneration``).
+
+Numerics follow transformers exactly:
+
+* embeddings scaled by ``sqrt(d_model)`` cast to the activation dtype (so 55.4256 becomes 55.5 in bf16);
+* RMSNorm in float32 with ``(1 + w)``; four norms per block (input, post-attention, pre-MLP,
+  post-MLP) plus q/k norms applied per head *before* RoPE;
+* attention scale ``query_pre_attn_scalar ** -0.5`` (168 on 27B, not head_dim);
+* local (sliding) and global layers from ``layer_types``; RoPE base 10k on local layers and 1M on
+  global ones, with linear scaling (factor 8 on 4B+) applied to global layers only;
+* sliding mask ``kv_idx > q_idx - sliding_window`` on slot indices, as transformers builds it;
+* GeGLU MLP with tanh GELU; tied embeddings; no attention soft-capping (refused if configured).
+
+Parameters are a plain pytree with a leading ``layer`` axis on every block weight; see
+:func:`param_shapes` for names, shapes and logical sharding axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prefjax.hooks import InterventionContext
+from prefjax.models import layers as L
+from prefjax.models.stack import fold, gather_positions
+
+FAMILY = "gemma3"
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma3Config:
+    """Frozen model configuration. Field names are prefjax's; :func:`config_from_hf` maps HF's."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    layer_types: tuple[str, ...]
+    sliding_window: int
+    query_pre_attn_scalar: float
+    rope_local_base: float = 10_000.0
+    rope_global_base: float = 1_000_000.0
+    rope_global_type: str = "default"
+    rope_global_factor: float = 1.0
+    rms_eps: float = 1e-6
+    max_position_embeddings: int = 131_072
+    final_logit_softcap: float | None = None
+    hidden_activation: str = "gelu_pytorch_tanh"
+    pad_id: int = 0
+    bos_id: int = 2
+    eos_ids: tuple[int, ...] = (1,)
+    name: str = "gemma3"
+
+    family = FAMILY
+
+    def __post_init__(self):
+        if len(self.layer_types) != self.n_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
+        bad = set(self.layer_types) - {"sliding_attention", "full_attention"}
+        if bad:
+            raise ValueError(f"unknown layer_types {sorted(bad)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.hidden_activation not in L.ACTIVATIONS:
+            raise ValueError(f"hidden_activation {self.hidden_activation!r} is not supported")
+
+    @property
+    def is_global(self) -> np.ndarray:
+        return np.array([t == "full_attention" for t in self.layer_types])
+
+
+def _pattern(n_layers: int, every: int = 6) -> tuple[str, ...]:
+    return tuple("full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n_layers))
+
+
+def _preset(name, vocab, d, n, h, kv, hd, ff, window, qpas, factor=1.0, **kw):
+    return Gemma3Config(vocab_size=vocab, d_model=d, n_layers=n, n_heads=h, n_kv_heads=kv, head_dim=hd,
+                        d_ff=ff, layer_types=_pattern(n), sliding_window=window, query_pre_attn_scalar=qpas,
+                        rope_global_type="linear" if factor != 1.0 else "default",
+                        rope_global_factor=factor, name=name, **kw)
+
+
+# Shapes of the released checkpoints (config.json of google/gemma-3-*).
+PRESETS: dict[str, Gemma3Config] = {
+    "gemma3-tiny": _preset("gemma3-tiny", 512, 64, 7, 4, 2, 16, 128, 8, 16.0, max_position_embeddings=1024),
+    "gemma3-270m": _preset("gemma3-270m", 262_144, 640, 18, 4, 1, 256, 2048, 512, 256.0,
+                           max_position_embeddings=32_768),
+    "gemma3-1b": _preset("gemma3-1b", 262_144, 1152, 26, 4, 1, 256, 6912, 512, 256.0,
+                         max_position_embeddings=32_768),
+    "gemma3-4b": _preset("gemma3-4b", 262_208, 2560, 34, 8, 4, 256, 10_240, 1024, 256.0, factor=8.0),
+    "gemma3-12b": _preset("gemma3-12b", 262_208, 3840, 48, 16, 8, 256, 15_360, 1024, 256.0, factor=8.0),
+    "gemma3-27b": _preset("gemma3-27b", 262_208, 5376, 62, 32, 16, 128, 21_504, 1024, 168.0, factor=8.0),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# HF config mapping. Unknown fields are refused, never ignored.
+
+_HF_IGNORED = {
+    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "use_cache",
+    "initializer_range", "attention_dropout", "_name_or_path", "output_hidden_states",
+    "output_attentions", "return_dict", "tie_word_embeddings", "cache_implementation",
+    "sliding_window_pattern", "_sliding_window_pattern", "id2label", "label2id", "problem_type",
+    "is_encoder_decoder", "chunk_size_feed_forward", "tokenizer_class", "pruned_heads",
+    "finetuning_task", "task_specific_params", "prefix", "sep_token_id", "decoder_start_token_id",
+    "add_cross_attention", "tf_legacy_loss", "use_return_dict", "torchscript", "is_decoder",
+    "cross_attention_hidden_size", "max_length", "min_length",
+}
+# Fields accepted only at the value the port implements.
+_HF_PINNED = {
+    "attention_bias": False,
+    "attn_logit_softcapping": None,
+    "use_bidirectional_attention": False,
+}
+
+
+def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> Gemma3Config:
+    """Build a :class:`Gemma3Config` from an HF ``config.json`` dict (text or multimodal)."""
+    if hf.get("model_type") == "gemma3" or "text_config" in hf:
+        if "text_config" not in hf:
+            raise ValueError(f"{source}: multimodal gemma3 config without text_config")
+        hf = dict(hf["text_config"])
+    hf = dict(hf)
+    mt = hf.get("model_type", "gemma3_text")
+    if mt != "gemma3_text":
+        raise ValueError(f"{source}: model_type {mt!r} is not gemma3_text")
+    handled = {
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "head_dim", "intermediate_size", "layer_types", "sliding_window", "query_pre_attn_scalar",
+        "rope_theta", "rope_local_base_freq", "rope_scaling", "rope_parameters", "rms_norm_eps",
+        "max_position_embeddings", "final_logit_softcapping", "hidden_activation", "hidden_act",
+        "pad_token_id", "bos_token_id", "eos_token_id",
+    }
+    for k, v in hf.items():
+        if k in _HF_PINNED:
+            if v != _HF_PINNED[k] and not (v is None and _HF_PINNED[k] is False):
+                raise ValueError(f"{source}: field {k}={v!r} is not supported by the prefjax Gemma-3 port "
+                                 f"(only {_HF_PINNED[k]!r})")
+        elif k not in handled and k not in _HF_IGNORED:
+            raise ValueError(f"{source}: config field {k!r} (= {v!r}) is not handled by the prefjax Gemma-3 "
+                             "port; refusing to ignore it")
+    if hf.get("tie_word_embeddings", True) is False:
+        raise ValueError(f"{source}: tie_word_embeddings=false is not supported (Gemma-3 ties them)")
+    n = int(hf["num_hidden_layers"])
+    if hf.get("layer_types"):
+        layer_types = tuple(hf["layer_types"])
+    else:
+        layer_types = _pattern(n, int(hf.get("sliding_window_pattern", 6)))
+    local_base, global_base = 10_000.0, 1_000_000.0
+    g_type, g_factor = "default", 1.0
+    rp = hf.get("rope_parameters")
+    if rp and "full_attention" in rp:
+        full, slide = rp["full_attention"], rp.get("sliding_attention", {})
+        global_base = float(full.get("rope_theta", global_base))
+        local_base = float(slide.get("rope_theta", local_base))
+        g_type = full.get("rope_type", "default")
+        g_factor = float(full.get("factor", 1.0))
+        if slide.get("rope_type", "default") != "default":
+            raise ValueError(f"{source}: scaled RoPE on sliding layers ({slide}) is not supported")
+    else:
+        global_base = float(hf.get("rope_theta", global_base))
+        local_base = float(hf.get("rope_local_base_freq", local_base))
+        rs = hf.get("rope_scaling") or (rp if rp and "rope_type" in rp else None)
+        if rs:
+            g_type = rs.get("rope_type", rs.get("type", "default"))
+            g_factor = float(rs.get("factor", 1.0))
+    if g_type not in ("default", "linear"):
+        raise ValueError(f"{source}: rope type {g_type!r} on global layers is not supported")
+    eos = hf.get("eos_token_id", 1)
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    hidden_size = int(hf["hidden_size"])
+    n_heads = int(hf["num_attention_heads"])
+    return Gemma3Config(
+        vocab_size=int(hf["vocab_size"]), d_model=hidden_size, n_layers=n, n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads", n_heads)),
+        head_dim=int(hf.get("head_dim") or hidden_size // n_heads),
+        d_ff=int(hf["intermediate_size"]), layer_types=layer_types,
+        sliding_window=int(hf.get("sliding_window") or 4096),
+        query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+        rope_local_base=local_base, rope_global_base=global_base, rope_global_type=g_type,
+        rope_global_factor=g_factor, rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 131_072)),
+        final_logit_softcap=hf.get("final_logit_softcapping"),
+        hidden_activation=hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh",
+        pad_id=int(hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0),
+        bos_id=int(hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 2),
+        eos_ids=eos_ids, name=hf.get("_name_or_path") or "gemma3")
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters: names, shapes, logical axes, HF names.
+
+def param_shapes(cfg: Gemma3Config) -> dict[str, Any]:
+    """``{path: (shape, logical_axes)}`` for every parameter (block weights carry a layer axis)."""
+    n, d, h, kv, hd, ff = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    return {
+        "embed": ((cfg.vocab_size, d), ("vocab", "embed")),
+        "final_norm": ((d,), ("norm",)),
+        "blocks/ln_attn": ((n, d), ("layers", "norm")),
+        "blocks/q": ((n, d, h, hd), ("layers", "embed", "heads", "head_dim")),
+        "blocks/k": ((n, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim")),
+        "blocks/v": ((n, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim")),
+        "blocks/o": ((n, h, hd, d), ("layers", "heads", "head_dim", "embed")),
+        "blocks/q_norm": ((n, hd), ("layers", "norm")),
+        "blocks/k_norm": ((n, hd), ("layers", "norm")),
+        "blocks/ln_post_attn": ((n, d), ("layers", "norm")),
+        "blocks/ln_pre_mlp": ((n, d), ("layers", "norm")),
+        "blocks/gate": ((n, d, ff), ("layers", "embed", "mlp")),
+        "blocks/up": ((n, d, ff), ("layers", "embed", "mlp")),
+        "blocks/down": ((n, ff, d), ("layers", "mlp", "embed")),
+        "blocks/ln_post_mlp": ((n, d), ("layers", "norm")),
+    }
+
+
+def hf_names(cfg: Gemma3Config) -> dict[str, Any]:
+    """For each prefjax parameter: the HF tensor name (``{l}`` = layer) and a host transform.
+
+    The transform maps the HF tensor (torch Linear layout [out, in]) to prefjax's layout.
+    """
+    h, kv, hd, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+    lp = "model.layers.{l}."
+    return {
+        "embed": ("model.embed_tokens.weight", None),
+        "final_norm": ("model.norm.weight", None),
+        "blocks/ln_attn": (lp + "input_layernorm.weight", None),
+        "blocks/q": (lp + "self_attn.q_proj.weight", lambda w: w.T.reshape(d, h, hd)),
+        "blocks/k": (lp + "self_attn.k_proj.weight", lambda w: w.T.reshape(d, kv, hd)),
+        "blocks/v": (lp + "self_attn.v_proj.weight", lambda w: w.T.reshape(d, kv, hd)),
+        "blocks/o": (lp + "self_attn.o_proj.weight", lambda w: w.T.reshape(h, hd, d)),
+        "blocks/q_norm": (lp + "self_attn.q_norm.weight", None),
+        "blocks/k_norm": (lp + "self_attn.k_norm.weight", None),
+        "blocks/ln_post_attn": (lp + "post_attention_layernorm.weight", None),
+        "blocks/ln_pre_mlp": (lp + "pre_feedforward_layernorm.weight", None),
+        "blocks/gate": (lp + "mlp.gate_proj.weight", lambda w: w.T),
+        "blocks/up": (lp + "mlp.up_proj.weight", lambda w: w.T),
+        "blocks/down": (lp + "mlp.down_proj.weight", lambda w: w.T),
+        "blocks/ln_post_mlp": (lp + "post_feedforward_layernorm.weight", None),
+    }
+
+
+# Prefixes under which checkpoints store the text decoder ("model." is replaced by the prefix).
+HF_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+HF_SKIP_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.",
+                    "model.multi_modal_projector.", "lm_head.", "language_model.lm_head.")
+
+
+def aux_arrays(cfg: Gemma3Config) -> dict[str, np.ndarray]:
+    """Per-layer data scanned alongside the weights: global flag and RoPE tables."""
+    local = L.rope_inv_freq(cfg.head_dim, cfg.rope_local_base)
+    glob = L.rope_inv_freq(cfg.head_dim, cfg.rope_global_base, rope_type=cfg.rope_global_type,
+                           factor=cfg.rope_global_factor)
+    g = cfg.is_global
+    return {"is_global": g.astype(np.int32),
+            "inv_freq": np.where(g[:, None], glob[None], local[None]).astype(np.float32)}
+
+
+# --------------------------------------------------------------------------------------------
+# Forward.
+
+def _block(cfg: Gemma3Config, kv_valid_BxS, q_slot_T, kv_slot_S, pos_BxT, start):
+    act = L.ACTIVATIONS[cfg.hidden_activation]
+    scale = cfg.query_pre_attn_scalar ** -0.5
+    norm = lambda x, w: L.rms_norm(x, w, cfg.rms_eps, plus_one=True)
+
+    def block(p, x, layer, aux, hook, state):
+        x = hook("hook_resid_pre", x)
+        h = norm(x, p["ln_attn"])
+        q = jnp.einsum("btd,dnh->btnh", h, p["q"])
+        k = jnp.einsum("btd,dkh->btkh", h, p["k"])
+        v = jnp.einsum("btd,dkh->btkh", h, p["v"])
+        q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
+        cos, sin = L.rope_cos_sin(pos_BxT, aux["inv_freq"], x.dtype)
+        q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
+        if state is not None:
+            k_all = jax.lax.dynamic_update_slice_in_dim(state["k"], k.astype(state["k"].dtype), start, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(state["v"], v.astype(state["v"].dtype), start, axis=1)
+            state = {"k": k_all, "v": v_all}
+        else:
+            k_all, v_all = k, v
+        window = jnp.where(aux["is_global"] > 0, 0, cfg.sliding_window)
+        mask = L.attention_mask(q_slot_T, kv_slot_S, kv_valid_BxS, window)
+        o = L.dot_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, scale)
+        attn = jnp.einsum("btnh,nhd->btd", o, p["o"])
+        attn = hook("hook_attn_out", norm(attn, p["ln_post_attn"]))
+        x = hook("hook_resid_mid", x + attn)
+        h = norm(x, p["ln_pre_mlp"])
+        mlp = jnp.einsum("btf,fd->btd", act(h @ p["gate"]) * (h @ p["up"]), p["down"])
+        mlp = hook("hook_mlp_out", norm(mlp, p["ln_post_mlp"]))
+        x = hook("hook_resid_post", x + mlp)
+        return x, state
+
+    return block
+
+
+def embed(cfg: Gemma3Config, params, tokens_BxT):
+    e = jnp.take(params["embed"], tokens_BxT, axis=0)
+    return e * jnp.asarray(np.float32(math.sqrt(cfg.d_model)), jnp.float32).astype(e.dtype)
+
+
+def unembed(cfg: Gemma3Config, params, h_BxKxD):
+    logits = jnp.einsum("bkd,vd->bkv", h_BxKxD, params["embed"])
+    if cfg.final_logit_softcap:
+        c = cfg.final_logit_softcap
+        logits = jnp.tanh(logits / c) * c
+    return logits
+
+
+def forward(cfg: Gemma3Config, params, tokens_BxT, valid_BxT, *, capture, pos_BxK=None, intervene=None,
+            unroll=False, state=None, start=0, pos_ids_BxT=None, is_prompt=True, logits=True):
+    """One pass over ``tokens_BxT`` (prefill, or a decode step when ``state`` is a KV cache).
+
+    ``valid_BxT`` is 1 on real tokens, 0 on left padding. With ``state`` (a dict ``k``/``v`` of
+    [L, B, S, K, H] plus ``valid`` [B, S]) the tokens are written at slots ``start .. start+T-1``.
+    Returns ``(logits [B, K|T, V] or None, captured dict, final-normed h, new_state)``.
+    """
+    b, t = tokens_BxT.shape
+    valid_BxT = valid_BxT.astype(bool)
+    if state is None:
+        kv_valid = valid_BxT
+        s = t
+        if pos_ids_BxT is None:
+            pos_ids_BxT = jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1
+        layer_state = None
+    else:
+        kv_valid = jax.lax.dynamic_update_slice_in_dim(state["valid"], valid_BxT, start, axis=1)
+        s = kv_valid.shape[1]
+        if pos_ids_BxT is None:
+            before = jnp.sum(state["valid"].astype(jnp.int32) * (jnp.arange(s) < start)[None], axis=1)
+            pos_ids_BxT = before[:, None] + jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1
+        layer_state = {"k": state["k"], "v": state["v"]}
+    q_slot = start + jnp.arange(t, dtype=jnp.int32)
+    kv_slot = jnp.arange(s, dtype=jnp.int32)
+    ctx = InterventionContext(token_pos_BxT=pos_ids_BxT,
+                              is_prompt_BxT=jnp.full((b, t), bool(is_prompt)) if isinstance(is_prompt, bool)
+                              else is_prompt)
+    x = embed(cfg, params, tokens_BxT)
+    aux = {k: jnp.asarray(v) for k, v in aux_arrays(cfg).items()}
+    block = _block(cfg, kv_valid, q_slot, kv_slot, pos_ids_BxT, start)
+    x, captured, layer_state = fold(block, params["blocks"], x, n_layers=cfg.n_layers, aux=aux,
+                                    state=layer_state, capture=capture, pos_BxK=pos_BxK,
+                                    intervene=intervene, ctx=ctx, unroll=unroll)
+    h = gather_positions(x, pos_BxK)
+    h = L.rms_norm(h, params["final_norm"], cfg.rms_eps, plus_one=True)
+    if capture.final:
+        captured["ln_final.hook_normalized"] = h
+    new_state = None if state is None else {**layer_state, "valid": kv_valid}
+    return (unembed(cfg, params, h) if logits else None), captured, h, new_state
+
+
+def init_state(cfg: Gemma3Config, batch: int, max_len: int, dtype) -> dict[str, Any]:
+    """An empty KV cache for ``max_len`` slots (every layer keeps the full length)."""
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "valid": jnp.zeros((batch, max_len), bool)}
+
+
+def init_params(cfg: Gemma3Config, key, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Any]:
+    """Random parameters (normal * scale for matrices, small normal for norm offsets)."""
+    out: dict[str, Any] = {"blocks": {}}
+    shapes = param_shapes(cfg)
+    keys = jax.random.split(key, len(shapes))
+    for k_, (name, (shape, axes)) in zip(keys, shapes.items()):
+        s = 0.1 if "norm" in axes else scale
+        arr = (jax.random.normal(k_, shape, jnp.float32) * s).astype(dtype)
+        if name.startswith("blocks/"):
+            out["blocks"][name.split("/", 1)[1]] = arr
+        else:
+            out[name] = arr
+    return out

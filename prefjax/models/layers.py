@@ -1,0 +1,135 @@
+"""Shared numerics: norms, rotary embeddings, masks and dot-product attention.
+
+Every function here is written to reproduce Hugging Face transformers' float32 arithmetic operation
+for operation (same order of multiplies, same upcasts), because prefjax's contract is that captured
+activations equal what transformers computes. Where a model family differs (Gemma's ``1 + w`` norm
+weight, Llama's cast-before-multiply) the difference is an argument, not a copy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NEG_INF = -1e30  # finite: a fully masked (padding) row must not produce NaN
+
+
+def rms_norm(x, w, eps: float, *, plus_one: bool, cast_before_weight: bool = False):
+    """RMSNorm computed in float32.
+
+    ``plus_one``: Gemma / Qwen-3.5 scale by ``1 + w`` (weights stored zero-centred).
+    ``cast_before_weight``: Llama casts the normalised value back to the input dtype *before* the
+    weight multiply (``w * x.to(dtype)``); Gemma multiplies in float32 and casts after.
+    """
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(var + eps)
+    if cast_before_weight:
+        y = y.astype(dtype)
+        return (w.astype(dtype) * y) if not plus_one else ((1.0 + w.astype(jnp.float32)).astype(dtype) * y)
+    scale = (1.0 + w.astype(jnp.float32)) if plus_one else w.astype(jnp.float32)
+    return (y * scale).astype(dtype)
+
+
+def rope_inv_freq(head_dim: int, base: float, *, rotary_dim: int | None = None,
+                  rope_type: str = "default", factor: float = 1.0, **scaling) -> np.ndarray:
+    """Inverse frequencies as transformers builds them (float32 throughout), on the host.
+
+    ``rotary_dim`` < head_dim gives partial RoPE (Qwen-3.5 rotates the first 25%).
+    Supported ``rope_type``: ``default``, ``linear`` (divide by factor), ``llama3``.
+    """
+    dim = rotary_dim or head_dim
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv = (1.0 / (np.float32(base) ** exponent)).astype(np.float32)
+    if rope_type == "default":
+        return inv
+    if rope_type == "linear":
+        return (inv / np.float32(factor)).astype(np.float32)
+    if rope_type == "llama3":
+        low = float(scaling["low_freq_factor"])
+        high = float(scaling["high_freq_factor"])
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        low_wavelen = old_ctx / low
+        high_wavelen = old_ctx / high
+        wavelen = 2 * math.pi / inv
+        inv_l = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, inv_l).astype(np.float32)
+    raise NotImplementedError(f"rope_type {rope_type!r} is not supported")
+
+
+def rope_cos_sin(pos_BxT, inv_freq, dtype, attention_scaling: float = 1.0):
+    """cos/sin of shape [B, T, rotary_dim] (frequencies repeated twice, as HF concatenates them)."""
+    freqs = pos_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if attention_scaling != 1.0:
+        cos, sin = cos * attention_scaling, sin * attention_scaling
+    return cos.astype(dtype), sin.astype(dtype)
+
+
+def apply_rope(x_BxTxNxH, cos_BxTxR, sin_BxTxR):
+    """Rotate-half RoPE on the first R dims of the head (the rest pass through)."""
+    r = cos_BxTxR.shape[-1]
+    x_rot, x_pass = x_BxTxNxH[..., :r], x_BxTxNxH[..., r:]
+    cos, sin = cos_BxTxR[:, :, None, :], sin_BxTxR[:, :, None, :]
+    half = r // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * cos + rotated * sin
+    return out if x_pass.shape[-1] == 0 else jnp.concatenate([out, x_pass], axis=-1)
+
+
+def attention_mask(q_idx_T, kv_idx_S, kv_valid_BxS, window):
+    """Boolean [B, 1, T, S] mask: causal, key not padding, and (optionally) inside the window.
+
+    Indices are slot indices in the key sequence (as transformers uses cache positions).
+    ``window`` may be None, a Python int, or a traced scalar (0 or less means no window).
+    transformers' sliding rule: ``kv_idx > q_idx - window``.
+    """
+    q = q_idx_T[:, None]
+    k = kv_idx_S[None, :]
+    m = k <= q
+    if window is not None:
+        if isinstance(window, int):
+            m = m & (k > q - window)
+        else:
+            m = m & ((window <= 0) | (k > q - window))
+    return m[None, None] & kv_valid_BxS[:, None, None, :]
+
+
+def dot_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale: float):
+    """Eager attention, grouped-query: scores in the input dtype, softmax in float32.
+
+    Mirrors transformers' eager path: ``(q @ kᵀ) * scale + mask``, softmax upcast to float32 and cast
+    back to the query dtype before multiplying the values.
+    """
+    b, t, n, h = q_BxTxNxH.shape
+    kv = k_BxSxKxH.shape[2]
+    g = n // kv
+    q = q_BxTxNxH.reshape(b, t, kv, g, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH) * jnp.asarray(scale, q.dtype)
+    mask = mask_Bx1xTxS[:, :, None]  # [B, 1, 1, T, S]
+    scores = jnp.where(mask, scores.astype(jnp.float32), NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+    return out.reshape(b, t, n, h)
+
+
+def gelu_tanh(x):
+    """GELU with the tanh approximation (``gelu_pytorch_tanh``)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+ACTIVATIONS = {
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_tanh": gelu_tanh,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}

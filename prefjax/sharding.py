@@ -1,0 +1,87 @@
+"""Meshes and logical-axis rules.
+
+Model code names array axes logically (``batch``, ``embed``, ``heads``, ...). A rules table maps
+each logical axis to zero or more mesh axes (``data``, ``fsdp``, ``tensor``, ``expert``). The same
+model code then runs on one CPU, 8 fake CPU devices, a GPU box or a TPU pod.
+
+An axis whose size does not divide evenly over its mesh axes is replicated instead (e.g. the single
+KV head of an MQA model on a 4-way tensor axis); :func:`spec_for` reports that choice.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", ("tensor",)),
+    ("embed", ("fsdp",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("mlp", ("tensor",)),
+    ("experts", ("expert",)),
+    ("expert_mlp", ("tensor",)),
+    ("layers", ()),
+    ("head_dim", ()),
+    ("norm", ()),
+    ("seq", ()),
+    ("conv", ()),
+    ("comparisons", ("data", "fsdp")),
+)
+
+
+def make_mesh(shape: dict[str, int] | Sequence[int] | None = None, devices=None) -> Mesh:
+    """A mesh over the given devices. ``shape`` is ``{"data": 2, "tensor": 4}`` (missing axes get 1)
+    or a tuple in :data:`MESH_AXES` order. ``None`` puts every device on ``data``."""
+    devices = list(devices if devices is not None else jax.devices())
+    if shape is None:
+        sizes = {"data": len(devices)}
+    elif isinstance(shape, dict):
+        unknown = set(shape) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"unknown mesh axes {sorted(unknown)}; known: {MESH_AXES}")
+        sizes = dict(shape)
+    else:
+        sizes = dict(zip(MESH_AXES, shape))
+    dims = tuple(int(sizes.get(a, 1)) for a in MESH_AXES)
+    if int(np.prod(dims)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, dims))} needs {int(np.prod(dims))} devices, "
+                         f"have {len(devices)}")
+    return Mesh(np.array(devices).reshape(dims), MESH_AXES)
+
+
+def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, rules=DEFAULT_RULES) -> P:
+    """PartitionSpec for an array with logical ``axes``; non-divisible axes are replicated."""
+    table = dict(rules)
+    used: set[str] = set()
+    parts = []
+    for size, ax in zip(shape, axes):
+        mesh_axes = tuple(a for a in table.get(ax, ()) if a in mesh.shape and mesh.shape[a] > 1
+                          and a not in used) if ax else ()
+        n = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
+        if mesh_axes and size % n == 0:
+            parts.append(mesh_axes if len(mesh_axes) > 1 else mesh_axes[0])
+            used.update(mesh_axes)
+        else:
+            parts.append(None)
+    return P(*parts)
+
+
+def named(shape, axes, mesh: Mesh | None, rules=DEFAULT_RULES):
+    """NamedSharding for logical ``axes`` on ``mesh`` (None when there is no mesh)."""
+    if mesh is None:
+        return None
+    return NamedSharding(mesh, spec_for(shape, axes, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh | None, ndim: int, batch: int, rules=DEFAULT_RULES):
+    """Sharding for a [batch, ...] array: batch over the data axes, the rest replicated."""
+    if mesh is None:
+        return None
+    return named((batch,) + (1,) * (ndim - 1), ("batch",) + (None,) * (ndim - 1), mesh, rules)

@@ -1,0 +1,470 @@
+"""The stage runner: a run is a workdir plus a config fingerprint; stages skip what is done.
+
+```python
+run = Run("runs/exp1", config_dict)          # writes run.json, or checks it matches
+
+@run.stage("fit")                              # decorator: skipped on rerun, result reloaded
+def fit():
+    ...
+    atomic_save_npz(run.stage_dir("fit") + "/mu.npz", mu=mu_N)
+    return {"loss": float(loss)}
+
+result = fit()
+
+with run.stage("probe") as st:                 # context form: the body checks st.done itself
+    if not st.done:
+        st.result = {"r": 0.71}
+print(st.result)
+```
+
+A stage's ``.done`` file (``stages/<name>.done``) is written atomically after its body returns
+and holds its JSON result, so a stage killed mid-way runs again in full next time. Long loops
+inside a stage use ``resumable_loop`` (a cursor file) or ``save_pytree``/``restore_latest``
+(orbax) so they also resume part-way.
+
+Resume order, spelled out: an existing ``.done`` → skip; an existing cursor/checkpoint → continue
+from it; otherwise start fresh.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from prefjax.progress import log, progress
+
+__all__ = [
+    "Run", "Stage", "StageConfigError", "SAFE_TO_CHANGE", "config_fingerprint", "config_diff",
+    "atomic_write_json", "atomic_write_bytes", "atomic_save_npz", "to_jsonable",
+    "save_pytree", "restore_latest", "resumable_loop",
+]
+
+# Config fields that never change results: a bare name matches that key at any depth, a dotted
+# name matches that exact path.
+SAFE_TO_CHANGE: tuple[str, ...] = (
+    "progress", "show_progress", "log_every", "log_level", "verbose", "num_workers",
+    "workdir", "profile", "dry_run", "report_only", "notes",
+)
+
+
+class StageConfigError(RuntimeError):
+    """The workdir was written by a config that differs in fields that change results."""
+
+
+# ------------------------------------------------------------------------------------------
+# JSON conversion and atomic writes
+# ------------------------------------------------------------------------------------------
+
+def to_jsonable(x: Any, *, nan_to_none: bool = False, _path: str = "", _nan_paths=None) -> Any:
+    """Convert numpy/jax scalars and arrays, tuples, sets, dataclasses and paths to JSON types.
+
+    With ``nan_to_none`` non-finite floats become None and their paths are appended to
+    ``_nan_paths`` (a list) when given.
+    """
+    import dataclasses
+
+    def rec(v, p):
+        return to_jsonable(v, nan_to_none=nan_to_none, _path=p, _nan_paths=_nan_paths)
+
+    if hasattr(x, "to_dict") and callable(x.to_dict) and not isinstance(x, np.ndarray):
+        try:
+            x = x.to_dict()  # ml_collections ConfigDict
+        except TypeError:
+            pass
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        x = dataclasses.asdict(x)
+    if isinstance(x, Mapping):
+        return {str(k): rec(v, f"{_path}.{k}" if _path else str(k)) for k, v in x.items()}
+    if isinstance(x, (list, tuple, set, frozenset)):
+        seq = sorted(x, key=repr) if isinstance(x, (set, frozenset)) else x
+        return [rec(v, f"{_path}[{n}]") for n, v in enumerate(seq)]
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    if type(x).__module__.startswith(("jax", "jaxlib")) and hasattr(x, "__array__"):
+        x = np.asarray(x)
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind in "fc" or x.dtype.name == "bfloat16":
+            x = x.astype(np.float64)
+        return rec(x.tolist(), _path)
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        if nan_to_none:
+            if _nan_paths is not None:
+                _nan_paths.append(_path or "<root>")
+            return None
+        return x
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    raise TypeError(f"value at {_path or '<root>'!r} of type {type(x).__name__} is not JSON-serialisable")
+
+
+def _fsync_dir(d: str) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> str:
+    """Write ``data`` to ``path`` atomically (tmp file, fsync, ``os.replace``, dir fsync)."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(d)
+    return path
+
+
+def atomic_write_json(path: str, obj: Any, *, indent: int | None = 2, nan: str = "error") -> str:
+    """Write ``obj`` (converted by ``to_jsonable``) as JSON, atomically.
+
+    Non-finite floats raise ValueError naming their paths (``nan="error"``) or are written as null
+    with a log line (``nan="null"``).
+    """
+    if nan not in ("error", "null"):
+        raise ValueError(f"nan must be 'error' or 'null', got {nan!r}")
+    nan_paths: list[str] = []
+    conv = to_jsonable(obj, nan_to_none=True, _nan_paths=nan_paths)
+    if nan_paths:
+        shown = ", ".join(nan_paths[:10]) + (" ..." if len(nan_paths) > 10 else "")
+        if nan == "error":
+            raise ValueError(f"non-finite value(s) at {shown} cannot be written to {path!r}")
+        log(f"warning: {len(nan_paths)} non-finite value(s) written as null to {path}: {shown}")
+    text = json.dumps(conv, indent=indent, allow_nan=False)
+    return atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+
+
+def atomic_save_npz(path: str, **arrays) -> str:
+    """``np.savez`` to ``path`` atomically (the name is used as given; add ``.npz`` yourself)."""
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------------------------------
+# Config fingerprint
+# ------------------------------------------------------------------------------------------
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, Mapping) and d:
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def _is_safe(path: str, safe: Sequence[str]) -> bool:
+    parts = path.split(".")
+    for s in safe:
+        if "." in s:
+            if path == s or path.startswith(s + "."):
+                return True
+        elif s in parts:
+            return True
+    return False
+
+
+def _relevant(config: Mapping, safe: Sequence[str]) -> dict[str, Any]:
+    flat = _flatten(to_jsonable(config))
+    return {k: v for k, v in flat.items() if not _is_safe(k, safe)}
+
+
+def config_fingerprint(config: Mapping, safe: Sequence[str] = SAFE_TO_CHANGE) -> str:
+    """sha256 (first 16 hex digits) of the canonical JSON of the config minus safe fields."""
+    rel = _relevant(config, safe)
+    blob = json.dumps(rel, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def config_diff(old: Mapping, new: Mapping, safe: Sequence[str] = SAFE_TO_CHANGE) -> list[str]:
+    """Dotted paths of result-changing fields that differ, as ``"path: old -> new"`` lines."""
+    a, b = _relevant(old, safe), _relevant(new, safe)
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if va != vb:
+            out.append(f"{k}: {va!r:.120} -> {vb!r:.120}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Run and stages
+# ------------------------------------------------------------------------------------------
+
+class Run:
+    """A workdir tied to one config. ``Run(workdir, config)`` writes or checks ``run.json``.
+
+    Raises StageConfigError listing every differing field when the workdir holds a run of a
+    config that differs in a field not named in ``safe_to_change``.
+    """
+
+    def __init__(self, workdir: str, config: Mapping[str, Any], *,
+                 safe_to_change: Sequence[str] = SAFE_TO_CHANGE):
+        self.workdir = os.path.abspath(os.fspath(workdir))
+        self.safe_to_change = tuple(safe_to_change)
+        self.config = to_jsonable(config)
+        self.fingerprint = config_fingerprint(self.config, self.safe_to_change)
+        run_json = os.path.join(self.workdir, "run.json")
+        if os.path.exists(run_json):
+            old = _read_json(run_json)
+            old_cfg = old.get("config", {})
+            if old.get("fingerprint") != self.fingerprint or config_diff(old_cfg, self.config,
+                                                                          self.safe_to_change):
+                diff = config_diff(old_cfg, self.config, self.safe_to_change)
+                lines = "\n  ".join(diff) if diff else "(fingerprint differs; safe-field list changed?)"
+                raise StageConfigError(
+                    f"workdir {self.workdir!r} was written by a different config "
+                    f"(fingerprint {old.get('fingerprint')} vs {self.fingerprint}); differing fields:\n"
+                    f"  {lines}\nUse a new workdir, or delete {run_json} and the stages you want redone.")
+        else:
+            os.makedirs(self.workdir, exist_ok=True)
+            atomic_write_json(run_json, {"fingerprint": self.fingerprint, "config": self.config,
+                                         "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        os.makedirs(self.stages_dir, exist_ok=True)
+
+    @property
+    def stages_dir(self) -> str:
+        return os.path.join(self.workdir, "stages")
+
+    def stage_dir(self, name: str) -> str:
+        """``stages/<name>/``, created on demand, for a stage's output files."""
+        d = os.path.join(self.stages_dir, _check_name(name))
+        os.makedirs(d, exist_ok=True)
+        return d
+
+    def done_path(self, name: str) -> str:
+        return os.path.join(self.stages_dir, f"{_check_name(name)}.done")
+
+    def is_done(self, name: str) -> bool:
+        return os.path.exists(self.done_path(name))
+
+    def result(self, name: str) -> Any:
+        """The saved result of a finished stage (KeyError naming it if not done)."""
+        if not self.is_done(name):
+            raise KeyError(f"stage {name!r} is not done in {self.workdir!r}")
+        return _read_json(self.done_path(name))["result"]
+
+    def mark_done(self, name: str, result: Any = None, started: float | None = None) -> None:
+        """Write ``stages/<name>.done`` (atomically) holding ``result``."""
+        now = time.time()
+        atomic_write_json(self.done_path(name), {
+            "stage": name, "result": result, "fingerprint": self.fingerprint,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "seconds": None if started is None else round(now - started, 3)}, nan="null")
+
+    def invalidate(self, name: str) -> None:
+        """Forget that a stage is done (its output files are left in place)."""
+        try:
+            os.remove(self.done_path(name))
+        except FileNotFoundError:
+            pass
+
+    def stage(self, name: str) -> "Stage":
+        """A stage handle usable as a decorator or a context manager (see module doc)."""
+        return Stage(self, name)
+
+
+def _check_name(name: str) -> str:
+    if not name or any(c in name for c in "/\\") or name.startswith("."):
+        raise ValueError(f"bad stage name {name!r}: use a plain file name")
+    return name
+
+
+class Stage:
+    """One named stage of a Run. ``done``/``result`` reflect ``stages/<name>.done``."""
+
+    def __init__(self, run: Run, name: str):
+        self.run = run
+        self.name = _check_name(name)
+        self.done = run.is_done(name)
+        self.result = run.result(name) if self.done else None
+        self._t0: float | None = None
+
+    @property
+    def dir(self) -> str:
+        return self.run.stage_dir(self.name)
+
+    def path(self, filename: str) -> str:
+        """A path inside this stage's output folder."""
+        return os.path.join(self.dir, filename)
+
+    # decorator form ------------------------------------------------------------------------
+    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            if self.run.is_done(self.name):
+                log(f"stage {self.name}: done already, skipping")
+                self.done, self.result = True, self.run.result(self.name)
+                return self.result
+            log(f"stage {self.name}: running")
+            t0 = time.time()
+            out = fn(*args, **kwargs)
+            self.run.mark_done(self.name, out, started=t0)
+            self.done, self.result = True, self.run.result(self.name)
+            log(f"stage {self.name}: done in {time.time() - t0:.1f}s")
+            return self.result
+
+        return wrapped
+
+    # context-manager form ------------------------------------------------------------------
+    def __enter__(self) -> "Stage":
+        self._t0 = time.time()
+        log(f"stage {self.name}: " + ("done already, skipping" if self.done else "running"))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or self.done:
+            return None
+        self.run.mark_done(self.name, self.result, started=self._t0)
+        self.result = self.run.result(self.name)
+        self.done = True
+        log(f"stage {self.name}: done in {time.time() - (self._t0 or time.time()):.1f}s")
+        return None
+
+
+# ------------------------------------------------------------------------------------------
+# Orbax checkpoints (fits, probes, sweep cursors)
+# ------------------------------------------------------------------------------------------
+
+def _manager(directory: str, max_to_keep: int | None):
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(os.fspath(directory))
+    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp, ocp.CheckpointManager(directory, options=opts)
+
+
+def save_pytree(directory: str, step: int, tree: Any, *, max_to_keep: int | None = 2) -> None:
+    """Save ``tree`` as checkpoint ``step`` under ``directory`` with orbax, and wait for it.
+
+    Orbax writes to a temporary folder and renames it when complete, so a kill mid-save leaves the
+    previous step as the latest. Works with orbax-checkpoint 0.10-0.12.
+    """
+    ocp, mngr = _manager(directory, max_to_keep)
+    try:
+        mngr.save(int(step), args=ocp.args.StandardSave(tree), force=True)
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
+
+
+def restore_latest(directory: str, target: Any = None) -> tuple[int | None, Any]:
+    """``(step, tree)`` of the newest complete checkpoint under ``directory``; ``(None, None)`` if none.
+
+    ``target`` (a tree of arrays or ``jax.ShapeDtypeStruct``) fixes structure/dtypes; without it
+    the tree comes back as saved, with arrays as numpy.
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+        return None, None
+    ocp, mngr = _manager(directory, None)
+    try:
+        step = mngr.latest_step()
+        if step is None:
+            return None, None
+        if target is not None:
+            tree = mngr.restore(step, args=ocp.args.StandardRestore(target))
+        else:
+            tree = _restore_untargeted(ocp, mngr, directory, step)
+        return int(step), _to_numpy(tree)
+    finally:
+        mngr.close()
+
+
+def _restore_untargeted(ocp, mngr, directory: str, step: int):
+    try:
+        return mngr.restore(step, args=ocp.args.StandardRestore())
+    except Exception as first:  # older orbax: restore through a plain PyTreeCheckpointer
+        try:
+            step_dir = os.path.join(directory, str(step))
+            item_dir = os.path.join(step_dir, "default")
+            with ocp.PyTreeCheckpointer() as ckptr:
+                return ckptr.restore(item_dir if os.path.isdir(item_dir) else step_dir)
+        except Exception:
+            raise first
+
+
+def _to_numpy(tree):
+    import jax
+
+    return jax.tree_util.tree_map(
+        lambda x: np.asarray(x) if hasattr(x, "__array__") and not isinstance(x, (int, float))
+        else x, tree)
+
+
+# ------------------------------------------------------------------------------------------
+# Resumable loop
+# ------------------------------------------------------------------------------------------
+
+def _items_digest(items: Sequence) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(repr(it).encode("utf-8", "replace"))
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def resumable_loop(items: Sequence, cursor_path: str, fn: Callable[[list], Any], batch: int, *,
+                   desc: str = "", check_items: bool = True) -> int:
+    """Call ``fn(chunk)`` on successive chunks of ``items``, persisting a cursor after each.
+
+    The cursor (JSON: next index, item count, a digest of the items' reprs) is written atomically
+    after ``fn`` returns, so a kill or exception re-runs only the unfinished chunk; ``fn`` should
+    make its own outputs idempotent for that chunk (e.g. a keyed store that skips re-appends).
+    Returns the number of items processed by this call. A cursor written for different items
+    raises ValueError (pass ``check_items=False`` to only compare the count).
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    items = list(items)
+    n = len(items)
+    digest = _items_digest(items) if check_items else None
+    start = 0
+    if os.path.exists(cursor_path):
+        cur = _read_json(cursor_path)
+        if cur.get("n_items") != n or (check_items and cur.get("digest") not in (None, digest)):
+            raise ValueError(
+                f"cursor {cursor_path!r} was written for {cur.get('n_items')} items "
+                f"(digest {cur.get('digest')}), this loop has {n} (digest {digest}); "
+                f"delete the cursor to start over")
+        start = int(cur["next"])
+        if start:
+            log(f"{desc or 'loop'}: resuming at item {start} of {n}")
+    done_here = 0
+    bar = progress(None, total=n, desc=desc, initial=start)
+    try:
+        for lo in range(start, n, batch):
+            chunk = items[lo:lo + batch]
+            fn(chunk)
+            atomic_write_json(cursor_path, {"next": lo + len(chunk), "n_items": n, "digest": digest})
+            done_here += len(chunk)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    return done_here
