@@ -14,17 +14,37 @@ import sys
 import time
 from typing import Iterable, Iterator
 
-__all__ = ["is_main_process", "progress_enabled", "progress", "log", "Progress"]
+__all__ = ["process_index", "is_main_process", "progress_enabled", "progress", "log", "Progress"]
+
+
+def process_index() -> int:
+    """``jax.process_index()``, without ever initialising a JAX backend itself.
+
+    Initialising one before ``jax.distributed.initialize()`` would break a multi-host start, so
+    while neither has happened this returns 0 (which is what JAX would say then anyway).
+    """
+    try:
+        import jax
+    except Exception:
+        return 0
+    try:
+        dist_ready = getattr(jax.distributed, "is_initialized", lambda: False)()
+        if not dist_ready:
+            try:
+                from jax._src import xla_bridge
+
+                if not xla_bridge.backends_are_initialized():
+                    return 0
+            except Exception:  # private API moved: fall through to asking jax
+                pass
+        return int(jax.process_index())
+    except Exception:  # backend not initialisable: behave as a single process
+        return 0
 
 
 def is_main_process() -> bool:
-    """True on ``jax.process_index() == 0`` (and when jax is not importable)."""
-    try:
-        import jax
-
-        return jax.process_index() == 0
-    except Exception:  # jax missing or backend not initialisable: behave as a single process
-        return True
+    """True on process 0 (see ``process_index``)."""
+    return process_index() == 0
 
 
 def progress_enabled() -> bool:

@@ -75,12 +75,9 @@ def _fsync_dir(d: str) -> None:
 
 
 def _process_index() -> int:
-    try:
-        import jax
+    from prefjax.progress import process_index
 
-        return int(jax.process_index())
-    except Exception:
-        return 0
+    return process_index()
 
 
 # --------------------------------------------------------------------------------------------

@@ -165,6 +165,8 @@ def transfer_heatmap(matrix: np.ndarray, labels: Sequence[str], path: str,
     axes[0, 0].set_xlabel("tested on")
     if baseline is not None:
         _heat(axes[0, 1], mats[1], labels, baseline_title, -lim, lim)
+        axes[0, 1].set_yticklabels([])  # same rows as the left panel
+        axes[0, 1].set_xlabel("persona")
     fig.colorbar(im, ax=list(axes[0]), shrink=0.8)
     return _save(fig, path)
 

@@ -1,0 +1,109 @@
+"""Report figures (non-empty PNGs), Wilson intervals and report.md / summary.json."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from prefjax.report import (dose_response, inlp_trajectory, probe_r_by_layer, transfer_heatmap,
+                            utilities_by_topic, wilson_interval, write_report)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path):
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return head == PNG_MAGIC and os.path.getsize(path) > 2000
+
+
+def _png_size(path):
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(path)
+    return img.shape, float(np.std(img[..., :3]))
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(5, 10)
+    np.testing.assert_allclose([lo, hi], [0.2365931, 0.7634069], atol=1e-6)
+    lo, hi = wilson_interval(0, 20)
+    assert lo == 0.0 and hi == pytest.approx(0.1611251, abs=1e-6)
+    lo, hi = wilson_interval(np.array([3, 0]), np.array([4, 0]))
+    assert np.isnan(lo[1]) and np.isnan(hi[1]) and 0 < lo[0] < 0.75 < hi[0] <= 1
+    with pytest.raises(ValueError):
+        wilson_interval(5, 4)
+
+
+def test_figures_make_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    topics = ["math", "code", "harm", "fiction"] * 6
+    mu = {"base": rng.normal(size=24), "pirate": rng.normal(size=24)}
+    paths = [
+        utilities_by_topic(mu, topics, tmp_path / "u.png"),
+        probe_r_by_layer([0, 3, 6, 9], {"heldout": [0.2, 0.6, 0.8, 0.7], "loto": [0.1, 0.5, 0.7, 0.6],
+                                        "content_baseline": [0.3] * 4}, tmp_path / "r.png"),
+        transfer_heatmap(rng.uniform(-1, 1, (3, 3)), ["a", "b", "c"], tmp_path / "t.png",
+                         baseline=np.eye(3)),
+        transfer_heatmap(np.array([[1.0, np.nan], [0.2, 0.9]]), ["a", "b"], tmp_path / "t1.png"),
+        dose_response([-2, -1, 0, 1, 2], [2, 10, 25, 40, 48], 50, tmp_path / "d.png",
+                      refusal=[5, 1, 0, 1, 6], control={"k": [24, 25, 26, 24, 25], "n": 50,
+                                                       "label": "random dir"}),
+        inlp_trajectory([0, 1, 2, 3], [0.8, 0.6, 0.3, 0.1], [0.7, 0.5, 0.2, 0.05], [0.0, 0.02, -0.01, 0.0],
+                        tmp_path / "i.png"),
+    ]
+    for p in paths:
+        assert os.path.dirname(os.path.abspath(p)) == str(tmp_path)
+        assert _is_png(p), p
+        shape, spread = _png_size(p)
+        assert shape[0] > 100 and shape[1] > 100 and spread > 0.01  # not a blank canvas
+    # the two-panel heatmap is wider than the one-panel one
+    assert _png_size(paths[2])[0][1] > _png_size(paths[3])[0][1]
+    assert not [f for f in os.listdir(tmp_path) if ".tmp." in f]
+
+
+def test_figure_input_errors(tmp_path):
+    with pytest.raises(ValueError, match="pirate"):
+        utilities_by_topic({"pirate": np.zeros(3)}, ["a", "b"], tmp_path / "u.png")
+    with pytest.raises(ValueError, match="loto"):
+        probe_r_by_layer([0, 1], {"loto": [0.1]}, tmp_path / "r.png")
+    with pytest.raises(ValueError, match="expected"):
+        transfer_heatmap(np.zeros((2, 3)), ["a", "b"], tmp_path / "t.png")
+    with pytest.raises(ValueError, match="k <= n"):
+        dose_response([0, 1], [3, 60], 50, tmp_path / "d.png")
+    assert not os.path.exists(tmp_path / "u.png")
+
+
+def test_write_report_headline_and_summary(tmp_path, capfd):
+    fig = probe_r_by_layer([0, 1], {"heldout": [0.1, 0.2]}, tmp_path / "figs" / "r.png")
+    summary = {
+        "headline": {"probe_r_heldout": np.float32(0.8123456), "n_tasks": np.int64(120),
+                     "steer_slope": np.nan},
+        "utility": {"mu": np.arange(3, dtype=np.float32), "fit_loss": 0.25},
+        "model": "tiny",
+    }
+    path = write_report(tmp_path, summary, {"probe r by layer": fig},
+                        [("Method", "Ridge on **resid_post**.")])
+    text = open(path).read()
+    assert path == os.path.join(str(tmp_path), "report.md")
+    head_pos = text.index("## Headline")
+    assert head_pos < text.index("## Figures") < text.index("## Method")
+    assert "| probe_r_heldout | 0.8123 |" in text
+    assert "| n_tasks | 120 |" in text
+    assert "| steer_slope | — |" in text
+    assert "![probe r by layer](figs/r.png)" in text
+    assert "utility.fit_loss" in text
+    data = json.load(open(tmp_path / "summary.json"))
+    assert data["headline"]["steer_slope"] is None
+    assert data["headline"]["n_tasks"] == 120
+    assert data["utility"]["mu"] == [0.0, 1.0, 2.0]
+    err = capfd.readouterr().err
+    assert "non-finite" in err and "headline.steer_slope" in err
+
+
+def test_write_report_top_level_scalars_as_headline(tmp_path):
+    path = write_report(tmp_path, {"r": 0.5, "per_layer": [0.1, 0.2]}, {}, [])
+    text = open(path).read()
+    headline = text[text.index("## Headline"):text.index("## All summary values")]
+    assert "| r | 0.5 |" in headline and "per_layer" not in headline

@@ -1,0 +1,183 @@
+"""Stage runner: run.json fingerprint, skip-on-rerun, atomic writers, orbax helpers, resumable_loop."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from prefjax import stages as stages_mod
+from prefjax.stages import (Run, StageConfigError, atomic_save_npz, atomic_write_bytes,
+                            atomic_write_json, config_fingerprint, restore_latest, resumable_loop,
+                            save_pytree, to_jsonable)
+
+CFG = {"model": {"name": "tiny", "layers": [1, 2]}, "seed": 0, "progress": True,
+       "elicit": {"samples": 3, "log_every": 10}}
+
+
+def test_run_json_and_fingerprint(tmp_path):
+    r = Run(tmp_path / "w", CFG)
+    data = json.load(open(tmp_path / "w" / "run.json"))
+    assert data["fingerprint"] == r.fingerprint == config_fingerprint(CFG)
+    assert data["config"]["model"]["layers"] == [1, 2]
+    # safe fields may change (top-level and nested bare names)
+    Run(tmp_path / "w", {**CFG, "progress": False, "elicit": {"samples": 3, "log_every": 99}})
+    assert config_fingerprint({**CFG, "progress": False}) == r.fingerprint
+    assert config_fingerprint({**CFG, "seed": 1}) != r.fingerprint
+
+
+def test_config_mismatch_names_fields(tmp_path):
+    Run(tmp_path / "w", CFG)
+    bad = {**CFG, "seed": 1, "model": {"name": "tiny", "layers": [1, 3]}}
+    with pytest.raises(StageConfigError) as e:
+        Run(tmp_path / "w", bad)
+    msg = str(e.value)
+    assert "seed: 0 -> 1" in msg and "model.layers" in msg
+    assert "progress" not in msg
+    with pytest.raises(StageConfigError, match="elicit.temperature"):
+        Run(tmp_path / "w", {**CFG, "elicit": {"samples": 3, "log_every": 10, "temperature": 1.0}})
+
+
+def test_stage_decorator_skips_on_rerun(tmp_path):
+    calls = []
+
+    def make(run):
+        @run.stage("fit")
+        def fit(x):
+            calls.append(x)
+            atomic_save_npz(run.stage_dir("fit") + "/mu.npz", mu=np.arange(3.0) * x)
+            return {"loss": np.float32(0.5), "n": np.int64(x), "vec": np.arange(2)}
+        return fit
+
+    run = Run(tmp_path / "w", CFG)
+    out = make(run)(2)
+    assert out == {"loss": 0.5, "n": 2, "vec": [0, 1]}
+    assert os.path.exists(tmp_path / "w" / "stages" / "fit.done")
+    out2 = make(Run(tmp_path / "w", CFG))(7)  # a fresh process: skipped, saved result returned
+    assert out2 == out and calls == [2]
+    np.testing.assert_array_equal(np.load(tmp_path / "w" / "stages" / "fit" / "mu.npz")["mu"],
+                                  [0.0, 2.0, 4.0])
+    run.invalidate("fit")
+    assert make(run)(3)["n"] == 3 and calls == [2, 3]
+
+
+def test_stage_failure_not_marked_done(tmp_path):
+    run = Run(tmp_path / "w", CFG)
+
+    @run.stage("flaky")
+    def flaky():
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        flaky()
+    assert not run.is_done("flaky")
+    with pytest.raises(RuntimeError):
+        with run.stage("ctx") as st:
+            st.result = {"r": 1}
+            raise RuntimeError("boom")
+    assert not run.is_done("ctx")
+
+
+def test_stage_context_form(tmp_path):
+    run = Run(tmp_path / "w", CFG)
+    ran = []
+    for _ in range(2):
+        with run.stage("probe") as st:
+            if not st.done:
+                ran.append(1)
+                st.result = {"r": 0.71, "nan": float("nan")}
+    assert ran == [1]
+    assert st.done and st.result == {"r": 0.71, "nan": None}
+    assert run.result("probe")["r"] == 0.71
+    with pytest.raises(ValueError, match="stage name"):
+        run.stage("a/b")
+
+
+def test_atomic_writers(tmp_path, monkeypatch):
+    p = tmp_path / "x.json"
+    atomic_write_json(p, {"a": np.float64(1.5), "b": (1, 2)})
+    assert json.load(open(p)) == {"a": 1.5, "b": [1, 2]}
+    with pytest.raises(ValueError, match="m.k"):
+        atomic_write_json(p, {"m": {"k": np.nan}})
+    assert json.load(open(p)) == {"a": 1.5, "b": [1, 2]}  # old content untouched
+
+    def failing_replace(src, dst):
+        raise OSError("killed before rename")
+
+    monkeypatch.setattr(stages_mod.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        atomic_write_bytes(p, b"garbage")
+    monkeypatch.undo()
+    assert json.load(open(p)) == {"a": 1.5, "b": [1, 2]}
+    with pytest.raises(TypeError, match="obj"):
+        to_jsonable({"obj": object()})
+
+
+def test_orbax_save_restore(tmp_path):
+    d = tmp_path / "ckpt"
+    assert restore_latest(d) == (None, None)
+    save_pytree(d, 0, {"mu": np.arange(3.0), "cursor": 5})
+    save_pytree(d, 4, {"mu": np.arange(4.0, dtype=np.float32), "cursor": 9})
+    step, tree = restore_latest(d)
+    assert step == 4
+    np.testing.assert_array_equal(tree["mu"], np.arange(4.0))
+    assert int(tree["cursor"]) == 9
+    step, tree = restore_latest(d, target={"mu": np.zeros(4, np.float32), "cursor": 0})
+    assert step == 4 and tree["mu"].dtype == np.float32
+
+
+def test_resumable_loop_exactly_once(tmp_path):
+    items = [f"item{i}" for i in range(23)]
+    cursor = tmp_path / "cursor.json"
+    processed = []
+    state = {"calls": 0}
+
+    def fn(chunk):
+        state["calls"] += 1
+        if state["calls"] == 4 and not state.get("crashed"):
+            state["crashed"] = True
+            raise RuntimeError("killed mid-way")
+        processed.extend(chunk)  # only a completed chunk counts as processed
+
+    with pytest.raises(RuntimeError):
+        resumable_loop(items, cursor, fn, batch=5)
+    assert processed == items[:15]
+    assert json.load(open(cursor))["next"] == 15
+    n = resumable_loop(items, cursor, fn, batch=5)
+    assert n == 8
+    assert processed == items  # each item exactly once, in order
+    assert resumable_loop(items, cursor, fn, batch=5) == 0  # finished: nothing more
+    assert processed == items
+    with pytest.raises(ValueError, match="cursor"):
+        resumable_loop(items[:-1] + ["other"], cursor, fn, batch=5)
+
+
+# ------------------------------------------------------------------------------------------
+# progress
+# ------------------------------------------------------------------------------------------
+
+def test_progress_env_flag_and_log(monkeypatch, capfd):
+    from prefjax.progress import log, progress
+
+    monkeypatch.setenv("PREFJAX_PROGRESS", "0")
+    assert list(progress(range(5), desc="quiet")) == [0, 1, 2, 3, 4]
+    log("hello from process 0")
+    err = capfd.readouterr().err
+    assert "quiet" not in err and "hello from process 0" in err
+    monkeypatch.setenv("PREFJAX_PROGRESS", "1")
+    bar = progress(None, total=4, desc="loud")
+    bar.update(4)
+    bar.close()
+    assert "loud" in capfd.readouterr().err
+
+
+def test_progress_does_not_initialise_jax_backend():
+    import subprocess
+    import sys
+
+    code = ("import jax._src.xla_bridge as xb\n"
+            "from prefjax.progress import log, process_index\n"
+            "log('x'); assert process_index() == 0\n"
+            "assert not xb.backends_are_initialized()\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), capture_output=True, timeout=120)
