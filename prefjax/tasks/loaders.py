@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import importlib.resources
+import io
 import json
 import os
 from typing import Any, Iterable, Iterator
@@ -58,8 +59,12 @@ def _read_text(path: str) -> str:
 
 
 def _iter_jsonl(path: str, text: str) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line_number, object)`` for each non-blank line."""
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    """Yield ``(line_number, object)`` for each non-blank line.
+
+    Lines are split on ``\n`` only: ``str.splitlines`` would also split on U+2028 and friends,
+    which JSON allows raw inside strings (real WildChat rows contain them).
+    """
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -183,7 +188,7 @@ def _load_jsonl(path: str, source: str, default_topic: str) -> TaskPool:
 
 def _load_csv(path: str, source: str, default_topic: str) -> TaskPool:
     text = _read_text(path)
-    reader = csv.reader(text.splitlines(keepends=True))
+    reader = csv.reader(io.StringIO(text, newline=""))  # not splitlines(): see _iter_jsonl
     try:
         header = next(reader)
     except StopIteration:
