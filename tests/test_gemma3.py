@@ -1,0 +1,243 @@
+"""Gemma-3 port vs transformers, through the real file path (save_pretrained -> prefjax.load)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+import prefjax
+from prefjax.hooks import BLOCK_POINTS, HookError, hook_name
+from hf_reference import collect, rel_err
+
+TOL = 1e-5
+
+
+def make_hf(tmp_path, *, kv_heads=2, window=6, layers=7, scaling=True, seed=0, vocab=320):
+    kw = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+              num_key_value_heads=kv_heads, head_dim=16, sliding_window=window, query_pre_attn_scalar=24,
+              max_position_embeddings=512, attn_implementation="eager")
+    if scaling:
+        kw["rope_scaling"] = {"rope_type": "linear", "factor": 8.0}
+    cfg = Gemma3TextConfig(**kw)
+    torch.manual_seed(seed)
+    m = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms are zero-initialised in HF; give them content so (1 + w) matters
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.normal_(0, 0.5)
+    path = tmp_path / f"gemma3_kv{kv_heads}"
+    m.save_pretrained(path)
+    return m, path
+
+
+def all_hooks(n_layers):
+    return tuple(hook_name(l, p) for l in range(n_layers) for p in BLOCK_POINTS) + ("ln_final.hook_normalized",)
+
+
+def compare(hf, pm, ids, **kw):
+    layers = hf.model.layers
+    ref_logits, ref = collect(hf, ids, layers=layers, final_norm=hf.model.norm, **kw)
+    logits, cache = pm.run(ids, capture=all_hooks(len(layers)), attention_mask=kw.get("attention_mask"))
+    errs = {"logits": rel_err(logits, ref_logits)}
+    for name, val in cache.items():
+        errs[name] = rel_err(val, ref[name])
+    return errs
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+def test_every_hook_matches_transformers(tmp_path, kv_heads):
+    hf, path = make_hf(tmp_path, kv_heads=kv_heads)
+    pm = prefjax.load(path)
+    assert pm.tokenizer is None  # tiny checkpoints carry no tokenizer files
+    ids = np.random.RandomState(1).randint(0, 320, size=(2, 29))  # 29 > sliding window 6
+    errs = compare(hf, pm, ids)
+    assert len(errs) == 1 + 7 * len(BLOCK_POINTS) + 1
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= TOL, (worst, errs[worst])
+
+
+def test_hidden_states_correspondence(tmp_path):
+    """blocks.L.hook_resid_post == HF hidden_states[L+1] except the last, which HF normalises."""
+    hf, path = make_hf(tmp_path)
+    pm = prefjax.load(path)
+    ids = np.random.RandomState(2).randint(0, 320, size=(1, 12))
+    with torch.no_grad():
+        hs = hf(torch.tensor(ids), output_hidden_states=True).hidden_states
+    _, cache = pm.run(ids, capture=pm.hook_names() + ("blocks.0.hook_resid_pre", "ln_final.hook_normalized"))
+    assert rel_err(cache["blocks.0.hook_resid_pre"], hs[0].numpy()) <= TOL
+    for l in range(pm.n_layers - 1):
+        assert rel_err(cache[hook_name(l, "hook_resid_post")], hs[l + 1].numpy()) <= TOL
+    assert rel_err(cache["ln_final.hook_normalized"], hs[-1].numpy()) <= TOL
+    assert rel_err(cache[hook_name(pm.n_layers - 1, "hook_resid_post")], hs[-1].numpy()) > 1e-3
+
+
+def test_left_padding_matches_unpadded(tmp_path):
+    hf, path = make_hf(tmp_path)
+    pm = prefjax.load(path)
+    rs = np.random.RandomState(3)
+    a, b = rs.randint(1, 320, size=17), rs.randint(1, 320, size=11)
+    ids = np.zeros((2, 17), np.int64)
+    mask = np.zeros((2, 17), np.int64)
+    ids[0], mask[0] = a, 1
+    ids[1, 6:], mask[1, 6:] = b, 1
+    names = all_hooks(pm.n_layers)
+    logits, cache = pm.run(ids, attention_mask=mask, capture=names)
+    la, ca = pm.run(a[None], capture=names)
+    lb, cb = pm.run(b[None], capture=names)
+    assert rel_err(np.asarray(logits)[0], la[0]) <= TOL
+    assert rel_err(np.asarray(logits)[1, 6:], lb[0]) <= TOL
+    for n in names:
+        assert rel_err(np.asarray(cache[n])[1, 6:], cb[n][0]) <= TOL, n
+    # and against transformers given the same padding and positions
+    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+    ref_logits, ref = collect(hf, ids, attention_mask=mask, position_ids=pos, layers=hf.model.layers,
+                              final_norm=hf.model.norm)
+    assert rel_err(np.asarray(logits)[1, 6:], ref_logits[1, 6:]) <= TOL
+    for n in names:
+        assert rel_err(np.asarray(cache[n])[:, 6:], ref[n][:, 6:]) <= TOL, n
+
+
+def test_positions_capture_and_unrolled(tmp_path):
+    hf, path = make_hf(tmp_path)
+    pm = prefjax.load(path)
+    ids = np.random.RandomState(4).randint(0, 320, size=(3, 15))
+    names = pm.hook_names() + ("ln_final.hook_normalized",)
+    full_logits, full = pm.run(ids, capture=names)
+    pos = np.array([[14, 3], [0, 7], [9, 9]])
+    logits, cache = pm.run(ids, capture=names, positions=pos)
+    assert np.asarray(logits).shape == (3, 2, 320)
+    for n in names:
+        want = np.take_along_axis(np.asarray(full[n]), pos[:, :, None], axis=1)
+        np.testing.assert_allclose(np.asarray(cache[n]), want, rtol=1e-6, atol=1e-6)
+    un_logits, un = pm.run(ids, capture=names, unroll=True)
+    assert rel_err(un_logits, full_logits) <= 1e-6
+    for n in names:
+        assert rel_err(un[n], full[n]) <= 1e-6
+    assert list(cache) == list(names)  # caller's order
+
+
+def test_bad_inputs(tmp_path):
+    _, path = make_hf(tmp_path)
+    pm = prefjax.load(path)
+    ids = np.zeros((1, 5), np.int32)
+    with pytest.raises(HookError, match="blocks.99.hook_resid_post"):
+        pm.run(ids, capture=("blocks.99.hook_resid_post",))
+    with pytest.raises(HookError, match="hook_resid_middle"):
+        pm.run(ids, capture=("blocks.0.hook_resid_middle",))
+    with pytest.raises(HookError, match="position 5"):
+        pm.run(ids, capture=(), positions=np.array([[5]]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        pm.run(np.array([[1, 999]]))
+    with pytest.raises(TypeError, match="int8"):
+        prefjax.load(path, dtype="int8")
+    with pytest.raises(FileNotFoundError):
+        prefjax.load(tmp_path / "nope" / "x")
+
+
+def test_checkpoint_errors(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    _, path = make_hf(tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    # unknown config field -> refused
+    bad = tmp_path / "badcfg"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({**cfg, "attn_logit_softcapping": 50.0}))
+    (bad / "model.safetensors").symlink_to(path / "model.safetensors")
+    with pytest.raises(ValueError, match="attn_logit_softcapping"):
+        prefjax.load(bad)
+    (bad / "config.json").write_text(json.dumps({**cfg, "shiny_new_field": 3}))
+    with pytest.raises(ValueError, match="shiny_new_field"):
+        prefjax.load(bad)
+    # tensor with the wrong shape -> named
+    tensors = load_file(path / "model.safetensors")
+    name = "model.layers.3.mlp.up_proj.weight"
+    tensors[name] = tensors[name][:-1]
+    wrong = tmp_path / "wrongshape"
+    wrong.mkdir()
+    (wrong / "config.json").write_text(json.dumps(cfg))
+    save_file(tensors, wrong / "model.safetensors")
+    with pytest.raises(ValueError, match="model.layers.3.mlp.up_proj.weight"):
+        prefjax.load(wrong)
+    # missing tensor -> named
+    del tensors[name]
+    save_file(tensors, wrong / "model.safetensors")
+    with pytest.raises(ValueError, match="missing"):
+        prefjax.load(wrong)
+
+
+def test_multimodal_layout_and_sharded_index(tmp_path):
+    """Text weights under model.language_model.*, vision weights skipped, split over two shards."""
+    from safetensors.numpy import load_file, save_file
+    hf, path = make_hf(tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    text_cfg = json.loads((path / "config.json").read_text())
+    mm = {k.replace("model.", "model.language_model.", 1): v for k, v in tensors.items()}
+    mm["model.vision_tower.vision_model.embeddings.patch_embedding.weight"] = np.ones((4, 3), np.float32)
+    mm["model.multi_modal_projector.mm_input_projection_weight"] = np.ones((2, 2), np.float32)
+    keys = sorted(mm)
+    out = tmp_path / "mm"
+    out.mkdir()
+    halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for fname, ks in halves.items():
+        save_file({k: mm[k] for k in ks}, out / fname)
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, ks in halves.items() for k in ks}}))
+    (out / "config.json").write_text(json.dumps({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+                                                 "text_config": text_cfg}))
+    pm = prefjax.load(out)
+    ids = np.random.RandomState(5).randint(0, 320, size=(1, 9))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    logits, _ = pm.run(ids)
+    assert rel_err(logits, ref) <= TOL
+
+
+def test_eval_shape_27b_parameter_count():
+    from prefjax.models import gemma3
+    cfg = gemma3.PRESETS["gemma3-27b"]
+    shapes = jax.eval_shape(lambda k: gemma3.init_params(cfg, k, dtype="bfloat16"), jax.random.PRNGKey(0))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+    d, h, kv, hd, ff, L, V = 5376, 32, 16, 128, 21504, 62, 262208
+    per_layer = d * h * hd * 2 + d * kv * hd * 2 + 3 * d * ff + 4 * d + 2 * hd
+    assert n == V * d + d + L * per_layer
+    assert 26.9e9 < n < 27.1e9  # the text decoder of Gemma-3-27B
+    assert cfg.query_pre_attn_scalar == 168 and cfg.rope_global_factor == 8.0
+    assert sum(t == "full_attention" for t in cfg.layer_types) == 10
+
+
+def test_sharded_2x4_equals_single_device(tmp_path):
+    _, path = make_hf(tmp_path, layers=3)
+    code = textwrap.dedent(f"""
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        import jax, numpy as np
+        jax.config.update("jax_default_matmul_precision", "highest")
+        import prefjax
+        from prefjax.sharding import make_mesh
+        assert len(jax.devices()) == 8
+        ids = np.random.RandomState(0).randint(0, 320, size=(4, 13))
+        names = ("blocks.1.hook_resid_post", "blocks.2.hook_attn_out")
+        one = prefjax.load({str(path)!r})
+        mesh = make_mesh({{"data": 2, "tensor": 4}})
+        many = prefjax.load({str(path)!r}, mesh=mesh)
+        assert len(many.params["blocks"]["q"].sharding.device_set) == 8
+        a, ca = one.run(ids, capture=names)
+        b, cb = many.run(ids, capture=names)
+        assert len(b.sharding.device_set) == 8, b.sharding
+        err = float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(a)).max())
+        assert err <= 1e-6, err
+        for n in names:
+            e = float(np.abs(np.asarray(ca[n]) - np.asarray(cb[n])).max() / np.abs(np.asarray(ca[n])).max())
+            assert e <= 1e-6, (n, e)
+        print("OK")
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
