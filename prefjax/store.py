@@ -92,7 +92,9 @@ class Comparison:
     ``task_a``/``task_b`` identify the pair; ``order`` says which was shown first: ``"AB"`` shows
     ``task_a`` as "Task A", ``"BA"`` shows ``task_b`` as "Task A". ``choice`` is the label the model
     picked (``"A"``/``"B"``/None) and ``chosen_task`` the task id it resolves to (filled in from
-    ``choice`` and ``order`` when left None). ``p_a`` is P(label A) in logit mode.
+    ``choice`` and ``order`` when left None). ``p_a`` is P(label A) in logit mode. ``refusal`` is
+    kept separate from ``status``: a parsed answer may still carry a refusal flag (the model
+    picked a task, then declined to do it); only ``status`` decides what ``to_arrays`` counts.
     """
 
     task_a: str
@@ -156,6 +158,8 @@ class Comparison:
             raise StoreError(f"{where}: choice {self.choice!r} in order {self.order} means "
                              f"{implied!r}, but chosen_task is {chosen!r}")
         p_a = None if self.p_a is None else float(self.p_a)
+        if p_a is not None and not 0.0 <= p_a <= 1.0:  # also rejects NaN
+            raise StoreError(f"{where}: field 'p_a' must be a probability in [0, 1], got {self.p_a!r}")
         return dataclasses.replace(self, sample=int(self.sample), chosen_task=chosen,
                                    refusal=bool(self.refusal), p_a=p_a, extra=dict(self.extra))
 
@@ -291,7 +295,11 @@ class ComparisonsStore:
             new.append(c.to_dict())
         if not new:
             return 0
-        payload = "".join(json.dumps(d, ensure_ascii=False, allow_nan=False) + "\n" for d in new)
+        try:
+            payload = "".join(json.dumps(d, ensure_ascii=False, allow_nan=False,
+                                         default=_json_default) + "\n" for d in new)
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"a comparison row cannot be written as JSON ({e}); check its 'extra'") from e
         seg = self._current_segment()
         with open(seg, "ab") as f:
             f.write(payload.encode("utf-8"))
@@ -537,8 +545,15 @@ def _open_array(path: str, layout: dict, create: bool):
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
             "fill_value": 0,
         }
-        return ts.open(spec, create=True, delete_existing=True).result()
-    return ts.open(spec, open=True).result()
+        return ts.open(spec, create=True, delete_existing=True, context=_ts_context()).result()
+    return ts.open(spec, open=True, context=_ts_context()).result()
+
+
+def _ts_context():
+    import tensorstore as ts
+
+    # fsync every chunk file before the write future completes, so "committed" means on disk
+    return ts.Context({"file_io_sync": True})
 
 
 def open_or_create(path: str, n_rows: int, hooks: Sequence[str], positions_k: int, d: int,

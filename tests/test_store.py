@@ -258,3 +258,39 @@ def test_per_host_substores(tmp_path):
                                rtol=1e-12)
     one_hook, _ = read_all_hosts(tmp_path / "acts", hook=HOOKS[0])
     np.testing.assert_array_equal(one_hook, want[:, 0])
+
+
+def test_to_arrays_feeds_fit_thurstonian(tmp_path):
+    from prefjax.utility import fit_thurstonian
+
+    rng = np.random.default_rng(7)
+    ids = [f"t{n}" for n in range(6)]
+    mu_true = np.linspace(-1.5, 1.5, 6)
+    rows = []
+    for a in range(6):
+        for b in range(a + 1, 6):
+            for order in ("AB", "BA"):
+                for s in range(8):
+                    p_a_wins = 0.5 * (1 + np.tanh((mu_true[a] - mu_true[b])))  # any monotone link
+                    winner = a if rng.random() < p_a_wins else b
+                    first = a if order == "AB" else b
+                    rows.append(_row(ids[a], ids[b], order, s, "A" if winner == first else "B"))
+    s = ComparisonsStore(tmp_path / "cmp")
+    s.append(rows)
+    i, j, wi, wj = s.to_arrays(ids, "base")
+    assert len(i) == 15 and float(wi.sum() + wj.sum()) == 15 * 16
+    fit = fit_thurstonian(i, j, wi, wj, len(ids))
+    mu = np.asarray(fit.mu)
+    assert np.corrcoef(mu, mu_true)[0, 1] > 0.9
+    assert mu[-1] > mu[0]
+
+
+def test_bad_p_a_and_extra_rejected_before_write(tmp_path):
+    s = ComparisonsStore(tmp_path / "cmp")
+    with pytest.raises(StoreError, match="p_a"):
+        s.append([_row("a", "b", "AB", 0, "A", p_a=float("nan"))])
+    with pytest.raises(StoreError, match="extra"):
+        s.append([_row("a", "b", "AB", 0, "A", extra={"obj": object()})])
+    s.append([_row("a", "b", "AB", 0, "A", extra={"n_tokens": np.int64(7)})])
+    assert ComparisonsStore(tmp_path / "cmp").rows()[0]["extra"] == {"n_tokens": 7}
+    assert len(ComparisonsStore(tmp_path / "cmp")) == 1
