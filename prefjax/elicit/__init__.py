@@ -1,0 +1,63 @@
+"""Eliciting choices: personas, the revealed-choice prompt and completion parsing."""
+
+from prefjax.elicit.parse import (
+    JUDGE_QUESTION,
+    REFUSAL_PATTERNS,
+    Parsed,
+    RefusalHit,
+    detect_refusal,
+    judge_question,
+    judge_refusal,
+    parse_choice,
+    parse_yes_no,
+)
+from prefjax.elicit.personas import (
+    ADAPTER_PREFIX,
+    Persona,
+    PersonaError,
+    adapter_persona,
+    get_persona,
+    load_personas,
+    persona_names,
+    personas_from_spec,
+)
+from prefjax.elicit.prompts import (
+    DEFAULT_CHOICE_TEXT,
+    DEFAULT_TEMPLATE,
+    ChoiceTemplate,
+    choice_messages,
+    choice_to_task_index,
+    render_choice,
+    system_messages,
+    task_messages,
+    template_from_dict,
+)
+
+__all__ = [
+    "ADAPTER_PREFIX",
+    "DEFAULT_CHOICE_TEXT",
+    "DEFAULT_TEMPLATE",
+    "JUDGE_QUESTION",
+    "REFUSAL_PATTERNS",
+    "ChoiceTemplate",
+    "Parsed",
+    "Persona",
+    "PersonaError",
+    "RefusalHit",
+    "adapter_persona",
+    "choice_messages",
+    "choice_to_task_index",
+    "detect_refusal",
+    "get_persona",
+    "judge_question",
+    "judge_refusal",
+    "load_personas",
+    "parse_choice",
+    "parse_yes_no",
+    "persona_names",
+    "personas_from_spec",
+    "render_choice",
+    "system_messages",
+    "task_messages",
+    "template_from_dict",
+]
