@@ -27,6 +27,8 @@ from prefjax.elicit import (
     persona_names,
     personas_from_spec,
     render_choice,
+    shift_spans,
+    span_token_mask,
     task_messages,
     template_from_dict,
 )
@@ -109,6 +111,28 @@ def test_render_choice_spans_slice_prompts():
     assert text.startswith("{braces} Task B then Task A\n[")
     assert text[slice(*spans["A"])] == a and text[slice(*spans["B"])] == b
     assert spans["B"][0] < spans["A"][0]  # B is shown first in this template
+
+
+def test_spans_to_tokens():
+    text, spans = render_choice(DEFAULT_TEMPLATE, "Write a haiku.", "Add 2 and 3.")
+    full = "<bos><start_of_turn>user\n" + text + "<end_of_turn>\n<start_of_turn>model\n"
+    shifted = shift_spans(full, text, spans)
+    assert full[slice(*shifted["A"])] == "Write a haiku." and full[slice(*shifted["B"])] == "Add 2 and 3."
+    # Fake whitespace tokenizer offsets over `full`, plus a zero-width special token first.
+    import re
+    offsets = [(0, 0)] + [(m.start(), m.end()) for m in re.finditer(r"\S+", full)]
+    mask_A = span_token_mask(offsets, shifted["A"])
+    toks_A = [full[s:e] for (s, e), m in zip(offsets, mask_A) if m]
+    assert toks_A == ["Write", "a", "haiku."]
+    assert not mask_A[0]
+    # A token straddling the span edge counts; one ending exactly at the start does not.
+    np.testing.assert_array_equal(span_token_mask([(0, 5), (5, 10), (10, 12)], (6, 10)), [False, True, False])
+    with pytest.raises(ValueError, match="does not occur verbatim"):
+        shift_spans(full.replace("haiku", "poem"), text, spans)
+    with pytest.raises(ValueError, match="more than once"):
+        shift_spans(text + text, text, spans)
+    with pytest.raises(ValueError, match=r"shape \[T, 2\]"):
+        span_token_mask([1, 2, 3], (0, 1))
 
 
 def test_default_template_wording():

@@ -230,6 +230,24 @@ def test_math_loader(tmp_path):
     assert load_tasks(jl).prompts == pool.prompts
 
 
+def test_math_folder(tmp_path):
+    root = tmp_path / "MATH" / "test"
+    for subject, n, problem in [("algebra", 2, "Solve $x+1=3$."), ("algebra", 10, "What is $2^5$?"),
+                                ("geometry", 1, "Find the area of a unit circle.")]:
+        (root / subject).mkdir(parents=True, exist_ok=True)
+        (root / subject / f"{n}.json").write_text(json.dumps(
+            {"problem": problem, "level": "Level 1", "type": subject, "solution": "..."}, indent=4))
+    pool = load_tasks(root)
+    assert pool.ids == ("algebra/10.json", "algebra/2.json", "geometry/1.json")
+    assert pool["geometry/1.json"].prompt == "Find the area of a unit circle."
+    assert pool.topics == ("math",) and pool[0].source == "test"
+    (root / "geometry" / "2.json").write_text('{"level": "Level 3"}')
+    with pytest.raises(TaskFileError, match=r"2\.json:1: missing prompt field 'problem'"):
+        load_tasks(root, format="math")
+    with pytest.raises(TaskFileError, match="is a folder"):
+        load_tasks(root, format="jsonl")
+
+
 # -- loaders: errors name the file, line and field ----------------------------------------------
 
 def test_error_malformed_jsonl(tmp_path):

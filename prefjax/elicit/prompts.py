@@ -183,3 +183,37 @@ def template_from_dict(d: Mapping[str, str]) -> ChoiceTemplate:
     if extra:
         raise ValueError(f"unknown ChoiceTemplate fields {sorted(extra)}; allowed: {sorted(allowed)}")
     return ChoiceTemplate(**dict(d))
+
+
+def shift_spans(full_text: str, user_text: str, spans: Mapping[str, Span]) -> dict[str, Span]:
+    """Move ``spans`` (relative to ``user_text``) into ``full_text`` (e.g. the chat-templated prompt).
+
+    ``user_text`` must occur in ``full_text`` exactly once and verbatim; a ValueError says so
+    otherwise (a chat template that rewrites the user turn, say by stripping it, breaks the mapping).
+    """
+    start = full_text.find(user_text)
+    if start < 0:
+        raise ValueError("the user text does not occur verbatim in the full prompt "
+                         "(did the chat template rewrite it?)")
+    if full_text.find(user_text, start + 1) >= 0:
+        raise ValueError("the user text occurs more than once in the full prompt; spans are ambiguous")
+    return {k: (s + start, e + start) for k, (s, e) in spans.items()}
+
+
+def span_token_mask(offsets_Tx2, span: Span):
+    """Boolean ``mask_T``: tokens whose character range overlaps ``span = (start, end)``.
+
+    ``offsets_Tx2`` are a tokenizer's ``(char_start, char_end)`` per token for the same text the
+    span refers to (HF ``return_offsets_mapping=True``). Zero-width tokens (specials, usually
+    ``(0, 0)``) are never included.
+    """
+    import numpy as np
+
+    off_Tx2 = np.asarray(offsets_Tx2)
+    if off_Tx2.ndim != 2 or off_Tx2.shape[1] != 2:
+        raise ValueError(f"offsets must have shape [T, 2], got {off_Tx2.shape}")
+    s, e = span
+    if not 0 <= s <= e:
+        raise ValueError(f"bad span {span}: need 0 <= start <= end")
+    start_T, end_T = off_Tx2[:, 0], off_Tx2[:, 1]
+    return (end_T > start_T) & (start_T < e) & (end_T > s)

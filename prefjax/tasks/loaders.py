@@ -10,7 +10,8 @@ Formats (``load_tasks(path, format=...)``):
 * ``"alpaca"`` -- a JSON array (or JSONL) of ``{instruction, input, output}``; the prompt is the
   instruction followed by a blank line and the input when the input is non-empty.
 * ``"math"`` -- MATH problems (``problem, level, type, solution``) as a JSON array, a single JSON
-  object, or JSONL; topic ``"math"``, the prompt is the problem.
+  object, JSONL, or a folder tree of one-problem ``.json`` files (the original MATH layout; ids are
+  the relative paths); topic ``"math"``, the prompt is the problem.
 * ``"auto"`` -- picked from the extension and the first record's keys.
 
 Every problem raises :class:`TaskFileError` (a ValueError) whose message starts with
@@ -309,11 +310,42 @@ def load_tasks(path: str | os.PathLike, format: str = "auto", *, source: str | N
         raise TaskFileError(path, None, f"unknown format {format!r}; expected one of {list(FORMATS)}")
     if not os.path.exists(path):
         raise TaskFileError(path, None, "file not found")
+    if source is None:
+        source = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+    if os.path.isdir(path):
+        if format not in ("auto", "math"):
+            raise TaskFileError(path, None, f"is a folder; only format='math' (a MATH tree of one-problem "
+                                            f".json files) reads folders, not {format!r}")
+        return _load_math_dir(path, source)
     if format == "auto":
         format = detect_format(path)
-    if source is None:
-        source = os.path.splitext(os.path.basename(path))[0]
     return _LOADERS[format](path, source, default_topic)
+
+
+def _load_math_dir(root: str, source: str) -> TaskPool:
+    """The original MATH layout: ``<root>/<subject>/<n>.json``, one problem per file.
+
+    Files are read in sorted path order; a task's id is its path relative to ``root``.
+    """
+    files = sorted(os.path.relpath(os.path.join(d, f), root)
+                   for d, _, fs in os.walk(root) for f in fs if f.endswith(".json"))
+    if not files:
+        raise TaskFileError(root, None, "no .json files found in this folder")
+    tasks = []
+    for rel in files:
+        full = os.path.join(root, rel)
+        items = list(_iter_json_items(full, _read_text(full)))
+        if len(items) != 1:
+            raise TaskFileError(full, None, f"expected one problem per file in a MATH folder, found {len(items)}")
+        lineno, obj = items[0]
+        obj = _require_object(full, lineno, obj)
+        if "problem" not in obj:
+            raise TaskFileError(full, lineno, f"missing prompt field 'problem' (keys present: {sorted(obj)})")
+        prompt = _str_field(full, lineno, obj, "problem", "prompt").strip()
+        if not prompt:
+            raise TaskFileError(full, lineno, f"empty prompt (id {rel.replace(os.sep, '/')!r})")
+        tasks.append(Task(id=rel.replace(os.sep, "/"), prompt=prompt, topic="math", source=source))
+    return TaskPool(tasks)
 
 
 def save_jsonl(tasks: TaskPool | Iterable[Task], path: str | os.PathLike) -> None:
