@@ -1,0 +1,229 @@
+"""Controls for probes: leave-one-topic-out, baselines, nulls, transfer matrices, INLP, persona cosine."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from prefjax.probes.metrics import evaluate_probe, pairwise_accuracy, pearson
+from prefjax.probes.ridge import DEFAULT_ALPHAS, RidgePath, check_finite, fit_ridge, split_indices
+
+
+def _check_xy(X, y, name_x="X", name_y="y"):
+    X = check_finite(name_x, np.asarray(X))
+    y = check_finite(name_y, np.asarray(y, np.float64))
+    if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
+        raise ValueError(f"{name_x} must be [n, d] and {name_y} [n] with the same n; got {X.shape} and {y.shape}")
+    return X, y
+
+
+def default_splits(n: int, seed: int = 0):
+    """(train, eval, test) index sets, 60/20/20."""
+    return split_indices(n, [0.6, 0.2, 0.2], seed)
+
+
+def leave_one_topic_out(X, y, topics, *, alphas=DEFAULT_ALPHAS, min_topic_size: int = 3,
+                        eval_frac: float = 0.2, seed: int = 0, standardize: bool = True) -> dict:
+    """Train on all topics but one (alpha chosen on a random eval split of those), test on the held-out one.
+
+    Returns ``per_topic`` {topic: {r, pairwise_acc, n, alpha}}, ``skipped`` {topic: reason} for topics
+    with fewer than ``min_topic_size`` tasks (or constant utilities), where r is undefined; their
+    predictions still enter ``pooled_r`` / ``pooled_acc`` (all held-out predictions together), and
+    ``mean_r`` averages the per-topic r.
+    """
+    X, y = _check_xy(X, y)
+    topics = np.asarray(topics)
+    if topics.shape != y.shape:
+        raise ValueError(f"topics has shape {topics.shape}, y has {y.shape}")
+    names = np.unique(topics)
+    if len(names) < 2:
+        raise ValueError("leave_one_topic_out needs at least 2 topics")
+    pred = np.zeros_like(y)
+    per, skipped = {}, {}
+    for t in names:
+        test = np.flatnonzero(topics == t)
+        rest = np.flatnonzero(topics != t)
+        ev = rest[split_indices(len(rest), [eval_frac, 1 - eval_frac], seed)[0]]
+        probe = fit_ridge(X, y, alphas=alphas, eval_idx=ev, train_idx=np.setdiff1d(rest, ev),
+                          standardize=standardize)
+        pred[test] = probe.predict(X[test])
+        key = t.item() if hasattr(t, "item") else t
+        if len(test) < min_topic_size or np.ptp(y[test]) == 0:
+            skipped[key] = f"{len(test)} task(s){' with constant utility' if len(test) >= min_topic_size else ''}"
+            continue
+        per[key] = {"r": pearson(pred[test], y[test]), "pairwise_acc": pairwise_accuracy(pred[test], y[test]),
+                    "n": int(len(test)), "alpha": probe.alpha}
+    rs = [v["r"] for v in per.values()]
+    return {"per_topic": per, "skipped": skipped, "pooled_r": pearson(pred, y),
+            "pooled_acc": pairwise_accuracy(pred, y), "mean_r": float(np.mean(rs)) if rs else None,
+            "predictions": pred}
+
+
+def compare_with_baseline(X_act, X_emb, y, *, alphas=DEFAULT_ALPHAS, splits=None, seed: int = 0) -> dict:
+    """The same probe on activations and on a content embedding of the same tasks, same splits, side by side."""
+    n = len(np.asarray(y))
+    train, ev, test = splits if splits is not None else default_splits(n, seed)
+    out = {}
+    for name, X in (("activations", X_act), ("embedding", X_emb)):
+        X, yy = _check_xy(X, y, f"X_{name}")
+        probe = fit_ridge(X, yy, alphas=alphas, eval_idx=ev, train_idx=train)
+        out[name] = dict(evaluate_probe(probe, X, yy, test), alpha=probe.alpha)
+    return out
+
+
+def utility_correlation(mu_a, mu_b) -> dict[str, float]:
+    """Baseline for transfer: how similar persona A's utilities are to B's (Pearson and Spearman)."""
+    a, b = check_finite("mu_a", np.asarray(mu_a, np.float64)), check_finite("mu_b", np.asarray(mu_b, np.float64))
+    if a.shape != b.shape:
+        raise ValueError(f"mu_a {a.shape} and mu_b {b.shape} differ in shape")
+    rank = lambda v: np.argsort(np.argsort(v, kind="stable"), kind="stable").astype(np.float64)
+    return {"pearson": pearson(a, b), "spearman": pearson(rank(a), rank(b))}
+
+
+def shuffle_null(X, y, *, n_perm: int = 200, alphas=DEFAULT_ALPHAS, splits=None, seed: int = 0) -> dict:
+    """Label-shuffle null for the held-out r of a ridge probe.
+
+    The observed pipeline (fit on train, alpha by eval r, Pearson r on test) is rerun with ``y`` permuted
+    across all tasks ``n_perm`` times; one decomposition serves every permutation. ``p_value`` is
+    ``(1 + #{null >= observed}) / (1 + n_perm)``.
+    """
+    X, y = _check_xy(X, y)
+    train, ev, test = splits if splits is not None else default_splits(len(y), seed)
+    rng = np.random.default_rng(seed)
+    Y_NxP = np.stack([y] + [y[rng.permutation(len(y))] for _ in range(n_perm)], 1)
+    path = RidgePath.build(X[train])
+    yt = Y_NxP[train]
+    c_RxP = path.coefs(yt - yt.mean(0))
+    e_ExR, t_TxR = path.eval_projection(X[ev]), path.eval_projection(X[test])
+    alphas = jnp.asarray(alphas, jnp.float32)
+    r_eval = jnp.stack([_pearson_cols_many(e_ExR @ (c_RxP / (path.lam_R[:, None] + a)), Y_NxP[ev])
+                        for a in alphas])  # [A, P+1]
+    best = jnp.argmax(r_eval, 0)
+    r_test = jnp.stack([_pearson_cols_many(t_TxR @ (c_RxP / (path.lam_R[:, None] + a)), Y_NxP[test])
+                        for a in alphas])
+    r = np.asarray(jnp.take_along_axis(r_test, best[None], 0)[0], np.float64)
+    obs, null = float(r[0]), r[1:]
+    return {"observed_r": obs, "null_r": null, "null_mean": float(null.mean()), "null_sd": float(null.std()),
+            "p_value": float((1 + np.sum(null >= obs)) / (1 + n_perm))}
+
+
+def _pearson_cols_many(p_ExP, y_ExP):
+    p = p_ExP - p_ExP.mean(0)
+    y = jnp.asarray(y_ExP, jnp.float32)
+    y = y - y.mean(0)
+    den = jnp.sqrt((p * p).sum(0) * (y * y).sum(0))
+    return jnp.where(den > 0, (p * y).sum(0) / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def transfer_matrix(X_SxNxD, y, *, alphas=DEFAULT_ALPHAS, splits=None, names: Sequence[str] | None = None,
+                    seed: int = 0) -> dict:
+    """Train a probe on each source ``a`` (persona or layer) and test it on every source ``b``.
+
+    ``X_SxNxD`` stacks the activations of S sources for the same n tasks. ``y`` is [S, n] (each persona's
+    own utilities: cross-persona transfer, evaluated against B's utilities on B's activations) or [n]
+    (shared utilities: cross-layer transfer). Returns matrices ``r`` and ``pairwise_acc`` [S, S] (row =
+    train source, column = test source, test split only), the chosen ``alpha`` per source, and for [S, n]
+    utilities the ``utility_corr`` [S, S] baseline (Pearson of A's with B's utilities on the test split).
+    """
+    X = np.asarray(X_SxNxD)
+    if X.ndim != 3:
+        raise ValueError(f"X must be [S, n, d], got {X.shape}")
+    S, n, _ = X.shape
+    y = np.asarray(y, np.float64)
+    Y = np.broadcast_to(y, (S, n)) if y.ndim == 1 else y
+    if Y.shape != (S, n):
+        raise ValueError(f"y must be [n] or [S, n] = [{S}, {n}], got {y.shape}")
+    for s in range(S):
+        check_finite(f"X[{s}]", X[s]), check_finite(f"y[{s}]" if y.ndim == 2 else "y", Y[s])
+    train, ev, test = splits if splits is not None else default_splits(n, seed)
+    probes = [fit_ridge(X[s], Y[s], alphas=alphas, eval_idx=ev, train_idx=train) for s in range(S)]
+    r = np.zeros((S, S))
+    acc = np.zeros((S, S))
+    for a, p in enumerate(probes):
+        for b in range(S):
+            m = evaluate_probe(p, X[b][test], Y[b][test])
+            r[a, b], acc[a, b] = m["r"], m["pairwise_acc"]
+    out = {"r": r, "pairwise_acc": acc, "alpha": np.array([p.alpha for p in probes]),
+           "names": list(names) if names is not None else [str(s) for s in range(S)]}
+    if y.ndim == 2:
+        out["utility_corr"] = np.array([[pearson(Y[a][test], Y[b][test]) for b in range(S)] for a in range(S)])
+    return out
+
+
+def inlp(X, y, *, n_iter: int = 5, alphas=DEFAULT_ALPHAS, splits=None, topics=None, shuffle_baseline: bool = True,
+         seed: int = 0) -> dict:
+    """Iterative nullspace projection: fit a ridge probe, remove its direction, repeat ``n_iter`` times.
+
+    Works in the standardised space of the training split (standardised once; later fits only centre).
+    Each iteration re-sweeps alpha on the eval split, orthogonalises the new direction against those
+    already removed (Gram-Schmidt) and projects it out of every task's activations. Reported per
+    iteration k = 0..n_iter (k directions removed): ``test_r``, ``loto_r`` (pooled leave-one-topic-out r,
+    if ``topics`` given) and ``shuffled_test_r`` (the true-label test r after removing k directions
+    learned from shuffled labels: how much removing *any* k directions costs). ``directions`` [n_iter, d]
+    are orthonormal, in standardised space.
+    """
+    X, y = _check_xy(X, y)
+    train, ev, test = splits if splits is not None else default_splits(len(y), seed)
+    base = RidgePath.build(X[train])
+    Z0 = np.asarray(base.standardize(X), np.float64)
+
+    def run(labels):
+        Z = Z0.copy()
+        dirs, test_r, loto_r = [], [], []
+        for k in range(n_iter + 1):
+            fit = lambda t: fit_ridge(Z, t, alphas=alphas, eval_idx=ev, train_idx=train, standardize=False)
+            probe = fit(labels)
+            test_r.append(evaluate_probe(probe if labels is y else fit(y), Z, y, test)["r"])
+            if topics is not None and labels is y:
+                loto_r.append(leave_one_topic_out(Z, y, topics, alphas=alphas, standardize=False,
+                                                  seed=seed)["pooled_r"])
+            if k == n_iter:
+                break
+            u = probe.w_std_D.astype(np.float64)
+            for v in dirs:
+                u -= (u @ v) * v
+            nrm = np.linalg.norm(u)
+            if nrm == 0:
+                raise ValueError(f"INLP iteration {k}: the probe direction lies in the removed subspace")
+            u /= nrm
+            dirs.append(u)
+            Z -= np.outer(Z @ u, u)
+        return np.array(test_r), np.array(loto_r), np.array(dirs)
+
+    test_r, loto_r, dirs = run(y)
+    out = {"test_r": test_r, "directions": dirs}
+    if topics is not None:
+        out["loto_r"] = loto_r
+    if shuffle_baseline:
+        shuffled = y[np.random.default_rng(seed + 1).permutation(len(y))]
+        out["shuffled_test_r"] = run(shuffled)[0]
+    return out
+
+
+def persona_direction_cosine(direction_D, X, persona, *, target=None, alphas=DEFAULT_ALPHAS, splits=None,
+                             seed: int = 0) -> dict:
+    """Cosine between a preference direction and a persona-identity direction.
+
+    The identity direction is a ridge classifier (labels +1 for ``target`` persona, -1 otherwise; default
+    target = the first persona in sorted order) on activations ``X`` [n, d] labelled by ``persona`` [n],
+    taken in raw activation space like the probe's ``direction``. Reports ``cosine``, ``abs_cosine``,
+    the classifier's held-out ``accuracy`` and the ``persona_direction``.
+    """
+    X = check_finite("X", np.asarray(X))
+    persona = np.asarray(persona)
+    v = check_finite("direction", np.asarray(direction_D, np.float64))
+    if persona.shape != (X.shape[0],) or v.shape != (X.shape[1],):
+        raise ValueError(f"need persona [n] and direction [d] for X {X.shape}; got {persona.shape}, {v.shape}")
+    names = np.unique(persona)
+    if len(names) < 2:
+        raise ValueError("persona_direction_cosine needs at least two personas")
+    target = names[0] if target is None else target
+    labels = np.where(persona == target, 1.0, -1.0)
+    train, ev, test = splits if splits is not None else default_splits(len(labels), seed)
+    clf = fit_ridge(X, labels, alphas=alphas, eval_idx=ev, train_idx=train)
+    acc = float(np.mean(np.sign(clf.predict(X[test])) == labels[test]))
+    d = clf.direction.astype(np.float64)
+    cos = float(v @ d / (np.linalg.norm(v) * np.linalg.norm(d)))
+    return {"cosine": cos, "abs_cosine": abs(cos), "accuracy": acc, "persona_direction": d.astype(np.float32)}
