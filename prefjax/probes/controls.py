@@ -222,7 +222,7 @@ def persona_direction_cosine(direction_D, X, persona, *, target=None, alphas=DEF
     target = names[0] if target is None else target
     labels = np.where(persona == target, 1.0, -1.0)
     train, ev, test = splits if splits is not None else default_splits(len(labels), seed)
-    clf = fit_ridge(X, labels, alphas=alphas, eval_idx=ev, train_idx=train)
+    clf = fit_ridge(X, labels, alphas=alphas, eval_idx=ev, train_idx=train, select="mse")
     acc = float(np.mean(np.sign(clf.predict(X[test])) == labels[test]))
     d = clf.direction.astype(np.float64)
     cos = float(v @ d / (np.linalg.norm(v) * np.linalg.norm(d)))

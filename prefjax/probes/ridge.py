@@ -163,20 +163,24 @@ def _json_default(o):
     raise TypeError(f"cfg value of type {type(o).__name__} is not JSON-serialisable")
 
 
-def _fit_one(x_NxD, y_N, train_idx, eval_idx, alphas, standardize):
+def _fit_one(x_NxD, y_N, train_idx, eval_idx, alphas, standardize, select):
     path = RidgePath.build(x_NxD[train_idx], standardize=standardize)
     y_mean = float(y_N[train_idx].mean())
     c = path.coefs(y_N[train_idx] - y_mean)
     alphas_A = jnp.asarray(alphas, jnp.float32)
     preds_ExA = path.eval_projection(x_NxD[eval_idx]) @ (c[:, None] / (path.lam_R[:, None] + alphas_A[None]))
-    r_A = np.asarray(_pearson_cols(preds_ExA, jnp.asarray(y_N[eval_idx], jnp.float32)))
-    best = int(np.argmax(r_A))
+    y_eval = jnp.asarray(y_N[eval_idx], jnp.float32)
+    r_A = np.asarray(_pearson_cols(preds_ExA, y_eval))
+    if select == "r":
+        best = int(np.argmax(r_A))
+    else:
+        best = int(np.argmin(np.asarray(((preds_ExA + y_mean - y_eval[:, None]) ** 2).mean(0))))
     w = np.asarray(path.weights(c, alphas_A[best:best + 1])[:, 0])
     return RidgeProbe(path.mean_D, path.scale_D, w, y_mean, float(alphas[best]), np.asarray(alphas), r_A)
 
 
 def fit_ridge(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, eval_idx=None, train_idx=None,
-              eval_frac: float = 0.2, seed: int = 0, standardize: bool = True):
+              eval_frac: float = 0.2, seed: int = 0, standardize: bool = True, select: str = "r"):
     """Standardised ridge from activations to utilities, alpha chosen by eval-split Pearson r.
 
     Args:
@@ -187,6 +191,8 @@ def fit_ridge(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, eval_idx=None, 
       train_idx: tasks used to fit (default: every task not in ``eval_idx``). Held-out test tasks should be
         in neither; evaluate them with :func:`evaluate_probe`.
       standardize: divide features by their training std (False: centre only).
+      select: choose alpha by eval Pearson ``"r"`` (default; scale-free) or eval ``"mse"`` (calibrated
+        predictions, e.g. for a +-1 classifier thresholded at 0).
 
     Returns a :class:`RidgeProbe` (or a list of them for [L, n, d] input), fitted on ``train_idx``.
     """
@@ -197,6 +203,8 @@ def fit_ridge(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, eval_idx=None, 
     n = X.shape[-2]
     if y.shape != (n,):
         raise ValueError(f"y has shape {y.shape}, but X has n={n} tasks")
+    if select not in ("r", "mse"):
+        raise ValueError(f"select must be 'r' or 'mse', got {select!r}")
     alphas = np.asarray(alphas, np.float64)
     if alphas.ndim != 1 or alphas.size == 0 or np.any(alphas <= 0):
         raise ValueError("alphas must be a non-empty 1-D array of positive values")
@@ -214,5 +222,5 @@ def fit_ridge(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, eval_idx=None, 
     probes = []
     for layer, x in enumerate(layers):
         check_finite(f"X[{layer}]" if X.ndim == 3 else "X", x)
-        probes.append(_fit_one(x, y, train_idx, eval_idx, alphas, standardize))
+        probes.append(_fit_one(x, y, train_idx, eval_idx, alphas, standardize, select))
     return probes if X.ndim == 3 else probes[0]

@@ -1,0 +1,113 @@
+"""Controls: nulls, bootstrap, leave-one-topic-out, transfer matrices, INLP, persona cosine, baselines."""
+
+import numpy as np
+import pytest
+
+from prefjax.probes import (bootstrap_ci, compare_with_baseline, fit_ridge, inlp, leave_one_topic_out,
+                            persona_direction_cosine, shuffle_null, transfer_matrix, utility_correlation)
+
+
+def planted(n=600, d=30, noise=0.3, seed=0):
+    rng = np.random.default_rng(seed)
+    X = (rng.normal(size=(n, d)) * rng.uniform(0.5, 2.0, d)).astype(np.float32)
+    v = rng.normal(size=d)
+    v /= np.linalg.norm(v)
+    y = X @ v
+    return X, y / y.std() + noise * rng.normal(size=n), v
+
+
+def test_shuffle_null_sits_at_chance():
+    X, y, _ = planted()
+    res = shuffle_null(X, y, n_perm=200)
+    assert res["observed_r"] > 0.9 and res["p_value"] == pytest.approx(1 / 201)
+    assert abs(res["null_mean"]) < 0.05 and res["null_sd"] < 0.15 and res["null_r"].shape == (200,)
+    noise = np.random.default_rng(9).normal(size=len(y))
+    res0 = shuffle_null(X, noise, n_perm=200)
+    assert res0["p_value"] > 0.05
+
+
+def test_bootstrap_ci_covers_and_shrinks():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=2000)
+    pred = 0.6 * y + 0.8 * rng.normal(size=2000)  # true r = 0.6
+    big = bootstrap_ci(pred, y, n_boot=500)
+    small = bootstrap_ci(pred[:200], y[:200], n_boot=500)
+    assert big["lo"] < 0.6 < big["hi"] and small["hi"] - small["lo"] > 2 * (big["hi"] - big["lo"])
+    acc = bootstrap_ci(pred[:300], y[:300], metric="pairwise_acc", n_boot=100)
+    assert acc["lo"] < acc["estimate"] < acc["hi"]
+
+
+def test_leave_one_topic_out_reports_tiny_topics():
+    X, y, _ = planted(400)
+    topics = np.repeat(np.array(["a", "b", "c", "d"], dtype=object), 100)
+    topics[5] = "solo"
+    res = leave_one_topic_out(X, y, topics)
+    assert set(res["per_topic"]) == {"a", "b", "c", "d"} and "solo" in res["skipped"]
+    assert all(v["r"] > 0.85 for v in res["per_topic"].values())
+    assert res["pooled_r"] > 0.85 and np.all(np.isfinite(res["predictions"]))
+    with pytest.raises(ValueError, match="topics has shape"):
+        leave_one_topic_out(X, y, topics[:-1])
+
+
+def test_transfer_matrices_persona_and_layer():
+    rng = np.random.default_rng(1)
+    X, y, v = planted(500)
+    w = rng.normal(size=X.shape[1])
+    w -= (w @ v) * v
+    w /= np.linalg.norm(w)
+    XB = X + rng.normal(0, 0.1, X.shape).astype(np.float32)
+    yC = XB @ w
+    acts = np.stack([X, XB, XB])
+    utils = np.stack([y, XB @ v, yC / yC.std()])
+    m = transfer_matrix(acts, utils, names=["A", "B", "C"])
+    assert m["r"].shape == (3, 3) and np.all(np.diag(m["r"]) > 0.9)
+    assert m["r"][0, 1] > 0.9 and abs(m["r"][0, 2]) < 0.25 and abs(m["r"][2, 0]) < 0.25
+    assert m["utility_corr"][0, 1] > 0.9 and abs(m["utility_corr"][0, 2]) < 0.25
+    layers = np.stack([X, 2 * X + 1, rng.normal(size=X.shape).astype(np.float32)])
+    lm = transfer_matrix(layers, y)
+    assert lm["r"][0, 1] > 0.9 and abs(lm["r"][0, 2]) < 0.2 and "utility_corr" not in lm
+
+
+def test_utility_correlation_baseline():
+    a = np.arange(10.0)
+    assert utility_correlation(a, 2 * a + 1) == {"pearson": pytest.approx(1.0), "spearman": pytest.approx(1.0)}
+    with pytest.raises(ValueError, match="differ"):
+        utility_correlation(a, a[:5])
+
+
+def test_inlp_removes_single_planted_direction():
+    X, y, _ = planted(1200, 30, noise=0.2)
+    topics = np.repeat(np.arange(4), 300)
+    res = inlp(X, y, n_iter=3, topics=topics)
+    r = res["test_r"]
+    assert r.shape == (4,) and r[0] > 0.95 and abs(r[1]) < 0.15 and np.all(np.abs(r[1:]) < 0.15)
+    assert res["loto_r"][0] > 0.95 and abs(res["loto_r"][1]) < 0.15
+    assert np.all(res["shuffled_test_r"][:2] > 0.9)  # removing a random direction costs little
+    D = res["directions"]
+    np.testing.assert_allclose(D @ D.T, np.eye(3), atol=1e-6)
+
+
+def test_persona_direction_cosine():
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(600, 30)).astype(np.float32)  # isotropic, so the LDA direction is the offset itself
+    v = np.eye(30)[0]
+    y = X @ v + 0.3 * rng.normal(size=600)
+    persona = np.repeat(["helpful", "pirate"], 300)
+    w = rng.normal(size=X.shape[1])
+    w -= (w @ v) * v
+    w /= np.linalg.norm(w)
+    Xp = X + 6.0 * np.where(persona == "pirate", 1.0, 0.0)[:, None] * w
+    probe_dir = fit_ridge(X, y).direction
+    res = persona_direction_cosine(probe_dir, Xp, persona)
+    assert res["accuracy"] > 0.95 and res["abs_cosine"] < 0.2
+    aligned = persona_direction_cosine(w, Xp, persona)
+    assert aligned["abs_cosine"] > 0.9
+
+
+def test_content_baseline_side_by_side():
+    X, y, _ = planted(500)
+    emb = np.random.default_rng(3).normal(size=(500, 16))
+    out = compare_with_baseline(X, emb, y)
+    assert out["activations"]["r"] > 0.9 and abs(out["embedding"]["r"]) < 0.3
+    with pytest.raises(ValueError, match="X_embedding"):
+        compare_with_baseline(X, emb[:-1], y)
