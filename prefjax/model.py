@@ -74,6 +74,16 @@ class Model:
     def hook_names(self, point: str = "hook_resid_post") -> tuple[str, ...]:
         return tuple(H.hook_name(l, point) for l in range(self.n_layers))
 
+    def with_adapter(self, adapter, *, merge: bool = False) -> "Model":
+        """This model with a PEFT LoRA ``adapter`` (folder or :class:`prefjax.lora.LoraAdapter`).
+
+        On the fly (default) the new model shares these base params; ``merge=True`` folds the adapter
+        into a copy of the weights. Replaces an on-the-fly adapter already attached; ``None`` gives
+        the base model back. See :func:`prefjax.lora.attach_adapter`.
+        """
+        from prefjax.lora import attach_adapter
+        return attach_adapter(self, adapter, merge=merge)
+
     def _params_for_run(self):
         if self.adapter is None:
             return self.params
