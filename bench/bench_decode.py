@@ -1,0 +1,257 @@
+"""Sampled KV-cache decode: prefjax ``generate`` vs transformers ``generate``, same weights, same shapes.
+
+Random bf16 weights at a preset's shape. The JAX process builds the prefjax model, times
+``generate`` (prefill of ``--prompt`` tokens, ``--new`` sampled tokens, no early stop) at each batch,
+the same with a steering vector (one coefficient per example), and a device-to-device copy for the
+bandwidth ceiling; it then writes the weights in HF layout to ``--weights-dir``. A second process
+loads them into ``Gemma3ForCausalLM`` (bf16, sdpa, static cache when available) and times
+``generate(do_sample=True)``. Decode ms/step = (time(new) - time(new=1)) / (new - 1), both medians.
+
+    python bench/bench_decode.py --preset gemma3-4b --batch 8,64 --prompt 256 --new 64          # GPU
+    python bench/bench_decode.py --preset gemma3-tiny --batch 2 --prompt 16 --new 8 --device cpu  # smoke
+    python bench/bench_decode.py --preset gemma3-tiny --batch 4 --compare-loops --no-hf --device cpu
+
+Columns: tok/s = batch * new / time(new); ms/step; GB/s = bytes of weights / step time; %bw = that
+over the measured copy bandwidth (bytes read + written per second); kv GB = KV-cache bytes a step
+reads (every layer reads all ``prompt + new`` slots); ratio = prefjax tok/s over transformers tok/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _median_time(fn, repeats):
+    fn()  # warm-up / compile
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def run_jax(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import prefjax
+    from prefjax.generation import generate
+    from prefjax.steering import SteerSpec, random_direction
+
+    model = prefjax.load(args.preset, dtype=args.dtype)
+    cfg = model.config
+    out = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "rows": []}
+    leaves = jax.tree_util.tree_leaves(model.params)
+    out["weight_bytes"] = int(sum(a.size * a.dtype.itemsize for a in leaves))
+
+    # copy bandwidth: y = x + 1 reads and writes every byte once
+    n = (1 << 29) if args.device == "gpu" else (1 << 24)
+    x = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.bfloat16)
+    f = jax.jit(lambda a: a + jnp.bfloat16(1))
+    t = _median_time(lambda: f(x).block_until_ready(), 20)
+    out["copy_GBps"] = 2 * n * 2 / t / 1e9
+    del x
+
+    rs = np.random.RandomState(0)
+    for b in args.batch:
+        prompts = [list(rs.randint(10, cfg.vocab_size, size=args.prompt)) for _ in range(b)]
+        common = dict(temperature=1.0, top_p=1.0, top_k=0, seed=0, stop_ids=())
+        v = random_direction(cfg.d_model, 0)
+        spec = SteerSpec(layer=cfg.n_layers // 2, direction=v, coef=np.linspace(-4, 4, b), scale=10.0)
+        row = {"batch": b}
+        for name, kw in (("prefjax", {}), ("prefjax+steer", {"steer": spec})):
+            t_full = _median_time(lambda: generate(model, prompts, max_new_tokens=args.new, **common, **kw),
+                                  args.repeats)
+            t_one = _median_time(lambda: generate(model, prompts, max_new_tokens=1, **common, **kw), args.repeats)
+            row[name] = {"t_full": t_full, "t_one": t_one}
+        if args.compare_loops:
+            row["python_loop"] = {
+                "t_full": _median_time(lambda: generate(model, prompts, max_new_tokens=args.new, loop="python",
+                                                        **common), args.repeats),
+                "t_one": _median_time(lambda: generate(model, prompts, max_new_tokens=1, loop="python", **common),
+                                      args.repeats)}
+        g = generate(model, prompts, max_new_tokens=args.new, **common)
+        assert all(len(t) == args.new for t in g.token_ids)
+        out["rows"].append(row)
+
+    if not args.no_hf:  # weights in HF layout for the torch process
+        os.makedirs(args.weights_dir, exist_ok=True)
+        from prefjax.models.gemma3 import hf_names
+        h, kv, hd, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+        inverse = {  # prefjax layout -> torch Linear [out, in]
+            "blocks/q": lambda w: w.reshape(d, h * hd).T, "blocks/k": lambda w: w.reshape(d, kv * hd).T,
+            "blocks/v": lambda w: w.reshape(d, kv * hd).T, "blocks/o": lambda w: w.reshape(h * hd, d).T,
+            "blocks/gate": lambda w: w.T, "blocks/up": lambda w: w.T, "blocks/down": lambda w: w.T}
+        index = {}
+        for path, (hf_name, _) in hf_names(cfg).items():
+            node = model.params
+            for p in path.split("/"):
+                node = node[p]
+            inv = inverse.get(path, lambda w: w)
+            layers = range(cfg.n_layers) if path.startswith("blocks/") else [None]
+            for l in layers:
+                w = node[l] if l is not None else node
+                arr = np.asarray(jax.device_get(inv(w)))
+                if args.dtype == "bfloat16":
+                    arr = arr.view(np.uint16)
+                fname = hf_name.format(l=l) + ".npy"
+                np.save(os.path.join(args.weights_dir, fname), np.ascontiguousarray(arr))
+                index[hf_name.format(l=l)] = fname
+        ids = rs.randint(10, cfg.vocab_size, size=(2, 12)).astype(np.int32)
+        lg, _ = model.run(ids)
+        np.save(os.path.join(args.weights_dir, "check_ids.npy"), ids)
+        np.save(os.path.join(args.weights_dir, "check_logits.npy"), np.asarray(lg, np.float32))
+        with open(os.path.join(args.weights_dir, "index.json"), "w") as fh:
+            json.dump(index, fh)
+    return out
+
+
+def run_torch(args) -> dict:
+    import numpy as np
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from prefjax.models.gemma3 import PRESETS
+    cfg = PRESETS[args.preset]
+    dev = "cuda" if args.device == "gpu" else "cpu"
+    hf_cfg = Gemma3TextConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim, sliding_window=cfg.sliding_window,
+        query_pre_attn_scalar=int(cfg.query_pre_attn_scalar), layer_types=list(cfg.layer_types),
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_scaling={"rope_type": "linear", "factor": cfg.rope_global_factor} if cfg.rope_global_factor != 1 else None,
+        attn_implementation="sdpa", pad_token_id=cfg.pad_id, bos_token_id=cfg.bos_id, eos_token_id=list(cfg.eos_ids))
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, args.dtype))
+    with torch.device(dev):
+        model = Gemma3ForCausalLM(hf_cfg).eval()
+    torch.set_default_dtype(prev)
+    index = json.load(open(os.path.join(args.weights_dir, "index.json")))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, fname in index.items():
+            arr = np.load(os.path.join(args.weights_dir, fname))
+            t = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16) if args.dtype == "bfloat16" \
+                else torch.from_numpy(np.ascontiguousarray(arr))
+            params[name].copy_(t.to(dev))
+    ids = np.load(os.path.join(args.weights_dir, "check_ids.npy"))
+    ref = np.load(os.path.join(args.weights_dir, "check_logits.npy"))
+    with torch.no_grad():
+        lg = model(torch.tensor(ids, dtype=torch.long, device=dev)).logits.float().cpu().numpy()
+    out = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
+           "weight_check_rel_err": float(np.abs(lg - ref).max() / np.abs(ref).max()), "rows": []}
+    rs = np.random.RandomState(0)
+    for b in args.batch:
+        x = torch.tensor(rs.randint(10, cfg.vocab_size, size=(b, args.prompt)), dtype=torch.long, device=dev)
+        am = torch.ones_like(x)
+
+        def gen(n, cache):
+            kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=n, min_new_tokens=n,
+                      pad_token_id=cfg.pad_id)
+            if cache:
+                kw["cache_implementation"] = cache
+            with torch.no_grad():
+                o = model.generate(x, attention_mask=am, **kw)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            return o
+
+        cache = "static"
+        try:
+            gen(2, cache)
+        except Exception as e:  # noqa: BLE001 - report and fall back to the dynamic cache
+            out["static_cache_error"] = f"{type(e).__name__}: {e}"[:300]
+            cache = None
+        out["cache"] = cache or "dynamic"
+        t_full = _median_time(lambda: gen(args.new, cache), args.repeats)
+        t_one = _median_time(lambda: gen(1, cache), args.repeats)
+        out["rows"].append({"batch": b, "transformers": {"t_full": t_full, "t_one": t_one}})
+    return out
+
+
+def _sub(args, which):
+    cmd = [sys.executable, __file__, "--_worker", which] + args.argv
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        sys.stderr.write(r.stdout[-4000:] + r.stderr[-8000:])
+        raise SystemExit(f"{which} worker failed (rc={r.returncode})")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="gemma3-4b")
+    ap.add_argument("--batch", default="8,64")
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                    help="float32 only to check the weight transfer (rel err ~1e-6)")
+    ap.add_argument("--weights-dir", default=None)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--compare-loops", action="store_true", help="also time loop='python' (jitted step)")
+    ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    argv = [a for a in sys.argv[1:]]
+    if "--_worker" in argv:
+        i = argv.index("--_worker")
+        argv = argv[:i] + argv[i + 2:]
+    args = ap.parse_args()
+    args.argv = argv
+    args.batch = [int(b) for b in str(args.batch).split(",")]
+    if args.weights_dir is None:
+        args.weights_dir = os.path.join(tempfile.gettempdir(), f"prefjax_bench_decode_{args.preset}")
+        args.argv += ["--weights-dir", args.weights_dir]
+    if args.device == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    if args._worker == "jax":
+        print(json.dumps(run_jax(args)))
+        return
+    if args._worker == "torch":
+        print(json.dumps(run_torch(args)))
+        return
+
+    jx = _sub(args, "jax")
+    th = None if args.no_hf else _sub(args, "torch")
+    wb = jx["weight_bytes"]
+    cells = args.prompt + args.new
+    from prefjax.models.gemma3 import PRESETS
+    c = PRESETS[args.preset]
+    print(f"# bench_decode preset={args.preset} prompt={args.prompt} new={args.new} repeats={args.repeats}")
+    print(f"# jax device: {jx['device']} (jax {jx['jax']}); copy bandwidth {jx['copy_GBps']:.1f} GB/s; "
+          f"weights {wb / 1e9:.3f} GB")
+    if th:
+        print(f"# torch device: {th['device']} (torch {th['torch']}); cache={th.get('cache')}; "
+              f"weight transfer check ({args.dtype} logits rel err) {th['weight_check_rel_err']:.2e}")
+        if "static_cache_error" in th:
+            print(f"# static cache failed: {th['static_cache_error']}")
+    print(f"{'impl':<16} {'batch':>5} {'tok/s':>10} {'ms/step':>9} {'GB/s':>8} {'%bw':>6} {'kv GB':>7} {'ratio':>6}")
+    for i, row in enumerate(jx["rows"]):
+        b = row["batch"]
+        kv_gb = 2 * c.n_layers * b * cells * c.n_kv_heads * c.head_dim * 2 / 1e9
+        impls = [(k, row[k]) for k in ("prefjax", "prefjax+steer", "python_loop") if k in row]
+        ref_tps = None
+        if th:
+            tr = th["rows"][i]["transformers"]
+            impls.append(("transformers", tr))
+            ref_tps = b * args.new / tr["t_full"]
+        for name, t in impls:
+            tps = b * args.new / t["t_full"]
+            step = (t["t_full"] - t["t_one"]) / max(args.new - 1, 1)
+            gbs = wb / step / 1e9 if step > 0 else float("nan")
+            ratio = f"{tps / ref_tps:6.2f}" if ref_tps else "     -"
+            print(f"{name:<16} {b:>5} {tps:>10.1f} {step * 1e3:>9.3f} {gbs:>8.1f} "
+                  f"{100 * gbs / jx['copy_GBps']:>6.1f} {kv_gb:>7.3f} {ratio}")
+
+
+if __name__ == "__main__":
+    main()
