@@ -15,6 +15,8 @@ log = logging.getLogger("prefjax")
 
 # Presets backed by real weights (everything else named like a preset is random-init).
 REAL_PRESETS = {"gemma3-270m": "packaged-gguf"}
+# Random-init presets that borrow the packaged Gemma-3 tokenizer (same vocabulary), for tests.
+TOKENIZER_PRESETS = {"gemma3-tiny-tok": "packaged-gguf"}
 
 
 def load(source: str | Path, *, dtype=None, mesh=None, adapter=None, merge: bool = False,
@@ -48,7 +50,12 @@ def load(source: str | Path, *, dtype=None, mesh=None, adapter=None, merge: bool
             from prefjax.sharding import named
             shapes = fam.param_shapes(cfg)
             params = _shard_tree(params, shapes, mesh, named)
-        model = Model(fam, cfg, params, tokenizer=None, mesh=mesh, source=src)
+        tok = None
+        if src in TOKENIZER_PRESETS:
+            from prefjax.checkpoints.gguf import default_gguf_path
+            from prefjax.tokenize import Tokenizer
+            tok = Tokenizer.from_gguf(default_gguf_path())
+        model = Model(fam, cfg, params, tokenizer=tok, mesh=mesh, source=src)
     if adapter is not None:
         from prefjax.lora import attach_adapter
         model = attach_adapter(model, adapter, merge=merge)
@@ -94,8 +101,7 @@ class _GGUFSource:
         return list(self.ck.tensor_names())
 
     def shape(self, name):
-        return tuple(self.ck.tensor_shape(name)) if hasattr(self.ck, "tensor_shape") \
-            else tuple(self.ck.load_tensor(name).shape)
+        return tuple(self.ck.tensor_info(name).shape)
 
     def get(self, name):
         return self.ck.load_tensor(name)

@@ -35,7 +35,7 @@ from prefjax.progress import log
 
 __all__ = [
     "Comparison", "ComparisonsStore", "StoreError", "ActivationStore", "open_or_create",
-    "open_for_host", "host_store_paths", "read_all_hosts", "mean_norms_all_hosts",
+    "open_for_host", "open_existing", "host_store_paths", "read_all_hosts", "mean_norms_all_hosts",
     "atomic_write_text",
 ]
 
@@ -628,6 +628,11 @@ def host_store_paths(path: str) -> list[str]:
         if m and os.path.exists(os.path.join(p, ActivationStore.LAYOUT)):
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
+
+
+def open_existing(p: str) -> ActivationStore:
+    """Open a store that already exists (layout read from its ``store.json``)."""
+    return _open_existing(p)
 
 
 def _open_existing(p: str) -> ActivationStore:

@@ -18,6 +18,7 @@ Parameters are a plain pytree with a leading ``layer`` axis on every block weigh
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -91,6 +92,9 @@ def _preset(name, vocab, d, n, h, kv, hd, ff, window, qpas, factor=1.0, **kw):
 # Shapes of the released checkpoints (config.json of google/gemma-3-*).
 PRESETS: dict[str, Gemma3Config] = {
     "gemma3-tiny": _preset("gemma3-tiny", 512, 64, 7, 4, 2, 16, 128, 8, 16.0, max_position_embeddings=1024),
+    # Tiny architecture with the real Gemma-3 vocabulary, so the packaged tokenizer can drive it (tests).
+    "gemma3-tiny-tok": _preset("gemma3-tiny-tok", 262_144, 64, 4, 4, 1, 16, 128, 16, 16.0,
+                               max_position_embeddings=4096),
     "gemma3-270m": _preset("gemma3-270m", 262_144, 640, 18, 4, 1, 256, 2048, 512, 256.0,
                            max_position_embeddings=32_768),
     "gemma3-1b": _preset("gemma3-1b", 262_144, 1152, 26, 4, 1, 256, 6912, 512, 256.0,
@@ -112,7 +116,7 @@ _HF_IGNORED = {
     "is_encoder_decoder", "chunk_size_feed_forward", "tokenizer_class", "pruned_heads",
     "finetuning_task", "task_specific_params", "prefix", "sep_token_id", "decoder_start_token_id",
     "add_cross_attention", "tf_legacy_loss", "use_return_dict", "torchscript", "is_decoder",
-    "cross_attention_hidden_size", "max_length", "min_length",
+    "cross_attention_hidden_size", "max_length", "min_length", "unk_token_id",
 }
 # Fields accepted only at the value the port implements.
 _HF_PINNED = {
@@ -363,15 +367,34 @@ def init_state(cfg: Gemma3Config, batch: int, max_len: int, dtype) -> dict[str, 
 
 
 def init_params(cfg: Gemma3Config, key, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Any]:
-    """Random parameters (normal * scale for matrices, small normal for norm offsets)."""
-    out: dict[str, Any] = {"blocks": {}}
-    shapes = param_shapes(cfg)
+    """Random parameters (normal * scale for matrices, normal * 0.1 for norm offsets).
+
+    Generated directly in ``dtype`` and one layer at a time (``lax.map`` under jit), so a 27B
+    init never holds a float32 copy of a whole stacked weight.
+    """
+    return random_params(param_shapes(cfg), key, dtype, scale)
+
+
+def random_params(shapes: dict[str, Any], key, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Any]:
+    """Random pytree for a ``param_shapes`` table (shared by every family)."""
+    dtype = jnp.dtype(dtype)
+    out: dict[str, Any] = {}
     keys = jax.random.split(key, len(shapes))
     for k_, (name, (shape, axes)) in zip(keys, shapes.items()):
         s = 0.1 if "norm" in axes else scale
-        arr = (jax.random.normal(k_, shape, jnp.float32) * s).astype(dtype)
-        if name.startswith("blocks/"):
-            out["blocks"][name.split("/", 1)[1]] = arr
+        if axes and axes[0] == "layers":
+            arr = _layerwise_normal(k_, tuple(shape), dtype, s)
         else:
-            out[name] = arr
+            arr = (jax.random.normal(k_, shape, dtype) * jnp.asarray(s, dtype))
+        node = out
+        parts = name.split("/")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = arr
     return out
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _layerwise_normal(key, shape, dtype, s):
+    keys = jax.random.split(key, shape[0])
+    return jax.lax.map(lambda k: jax.random.normal(k, shape[1:], dtype) * jnp.asarray(s, dtype), keys)

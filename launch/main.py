@@ -1,0 +1,37 @@
+"""Run (or resume) the whole prefjax pipeline for one config.
+
+    python launch/main.py --config configs/default.py --workdir runs/default
+
+Rerunning the same command resumes a killed run; a workdir written by a different config is refused.
+On a pod, start one process per host: ``jax.distributed.initialize()`` runs when the launcher sees a
+multi-process environment (or ``--distributed``), and only process 0 writes reports and progress.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where the run's stores, stages and report live.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from prefjax.launching import maybe_initialize_distributed
+    maybe_initialize_distributed(force=_DISTRIBUTED.value)
+    from prefjax.pipeline import run_pipeline
+    report = run_pipeline(_CONFIG.value, _WORKDIR.value)
+    import jax
+    if jax.process_index() == 0:
+        print(f"report: {report}", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

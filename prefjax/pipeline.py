@@ -1,0 +1,384 @@
+"""The whole analysis as resumable stages: tasks -> choices -> utilities -> activations -> probes ->
+transfer -> steering -> report.
+
+Each stage reads what earlier stages wrote, skips itself when ``stages/<name>.done`` exists, writes
+its outputs atomically and then marks itself done (:mod:`prefjax.stages`). The two long stages
+resume mid-way: choices through the append-only comparisons store, activations through the zarr3
+store's committed-row counter. Killing the process at any moment and rerunning the same command
+gives the same results as an uninterrupted run.
+
+``run_pipeline(config, workdir)`` is what ``launch/main.py`` calls; ``config`` is a (locked)
+ml_collections ConfigDict or any nested mapping with the fields of ``configs/default.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from prefjax.progress import log
+from prefjax.stages import Run, atomic_save_npz, atomic_write_json
+
+STAGES = ("tasks", "choices", "utilities", "activations", "probes", "transfer", "steering", "inlp", "report")
+
+
+def _get(cfg, dotted: str, default=None):
+    node = cfg
+    for part in dotted.split("."):
+        if isinstance(node, Mapping):
+            if part not in node:
+                return default
+            node = node[part]
+        else:
+            if not hasattr(node, part):
+                return default
+            node = getattr(node, part)
+    return node
+
+
+def _to_dict(cfg) -> dict:
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    return json.loads(json.dumps(cfg, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks shared by the stages.
+
+def load_task_pool(cfg):
+    """The configured task pool (bundled default, or a file), subset to ``tasks.n``."""
+    from prefjax.tasks import load_default_pool, load_tasks
+    src = _get(cfg, "tasks.source", "default")
+    pool = load_default_pool() if src == "default" else load_tasks(src)
+    n = int(_get(cfg, "tasks.n", 0) or 0)
+    if n and n < len(pool):
+        pool = pool.subset(n, seed=int(_get(cfg, "tasks.seed", 0)), stratified=True)
+    if len(pool) < 4:
+        raise ValueError(f"the task pool has {len(pool)} tasks; need at least 4")
+    return pool
+
+
+def resolve_layers(spec, n_layers: int) -> list[int]:
+    if spec in (None, "all"):
+        return list(range(n_layers))
+    if isinstance(spec, str):
+        if spec.startswith("every"):
+            k = int(spec[5:])
+            return list(range(0, n_layers, k)) + ([n_layers - 1] if (n_layers - 1) % k else [])
+        spec = [int(x) for x in spec.split(",")]
+    layers = [int(l) for l in spec]
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad:
+        raise ValueError(f"activations.layers names layer(s) {bad}; the model has layers 0..{n_layers - 1}")
+    return layers
+
+
+def split_half_reliability(store, task_ids, persona: str, n_tasks: int, seed: int = 0) -> float | None:
+    """Correlation of utilities fitted on two random halves of the comparisons (per unordered pair)."""
+    from prefjax.stats_small import pearson
+    from prefjax.utility import fit_thurstonian
+    i, j, wi, wj = store.to_arrays(task_ids, persona, soft=True, strict=False)
+    if len(i) < 8:
+        return None
+    rng = np.random.default_rng(seed)
+    half = rng.permutation(len(i)) < len(i) // 2
+    mus = []
+    for sel in (half, ~half):
+        fit = fit_thurstonian(i[sel], j[sel], wi[sel], wj[sel], n_tasks)
+        mus.append(fit.mu)
+    try:
+        return float(pearson(mus[0], mus[1]))
+    except ValueError:
+        return None
+
+
+def content_embeddings(model, pool) -> np.ndarray:
+    """Content-only baseline features: mean input-embedding vector of each task's prompt tokens."""
+    emb = np.asarray(model.params["embed"], np.float32)
+    out = np.zeros((len(pool), emb.shape[1]), np.float32)
+    for r, t in enumerate(pool):
+        ids = model.tokenizer.encode(t.prompt, add_bos=False)
+        out[r] = emb[np.asarray(ids)].mean(0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+def run_pipeline(cfg, workdir: str, *, model=None) -> str:
+    """Run (or resume) every stage; returns the path of ``report.md``."""
+    from prefjax.elicit import personas_from_spec
+    from prefjax.store import ComparisonsStore
+
+    run = Run(workdir, _to_dict(cfg))
+    stages = set(_get(cfg, "stages", STAGES) or STAGES)
+    pool = load_task_pool(cfg)
+    personas = {p.name: p for p in personas_from_spec(list(_get(cfg, "personas", ["default"])))}
+    if model is None:
+        import prefjax
+        model = prefjax.load(_get(cfg, "model.source"), dtype=_get(cfg, "model.dtype", None))
+    if model.tokenizer is None:
+        raise ValueError(f"model {_get(cfg, 'model.source')!r} has no tokenizer; the pipeline renders chat prompts")
+    n = len(pool)
+    ids = list(pool.ids)
+
+    # 1. tasks ------------------------------------------------------------------------------
+    @run.stage("tasks")
+    def tasks_stage():
+        from prefjax.tasks import save_jsonl
+        save_jsonl(pool, os.path.join(run.stage_dir("tasks"), "tasks.jsonl"))
+        return {"n_tasks": n, "topics": {t: len(p) for t, p in pool.by_topic().items()}}
+    tasks_stage()
+
+    # 2. choices ------------------------------------------------------------------------------
+    store = ComparisonsStore(os.path.join(run.workdir, "comparisons"))
+    if "choices" in stages:
+        for pname in personas:
+            run.stage(f"choices-{pname}")(lambda p=pname: _choices(cfg, model, pool, personas, p, store))()
+
+    # 3. utilities ----------------------------------------------------------------------------
+    @run.stage("utilities")
+    def utilities_stage():
+        from prefjax.utility import fit_thurstonian
+        out = {}
+        for pname in personas:
+            i, j, wi, wj = store.to_arrays(ids, pname, soft=_get(cfg, "choices.mode") == "logit", strict=False)
+            if len(i) == 0:
+                raise ValueError(f"persona {pname!r} has no usable comparisons (counts: {store.counts(pname)})")
+            fit = fit_thurstonian(i, j, wi, wj, n)
+            atomic_save_npz(os.path.join(run.stage_dir("utilities"), f"{pname}.npz"), mu=fit.mu, sigma=fit.sigma)
+            out[pname] = {"nll": fit.nll, "converged": bool(fit.converged), "iterations": int(fit.iterations),
+                          "n_pairs": int(len(i)), "uncompared": int(len(fit.uncompared)),
+                          "split_half_r": split_half_reliability(store, ids, pname, n),
+                          "counts": store.counts(pname)}
+        return out
+    util_summary = utilities_stage()
+    mu = {p: np.load(os.path.join(run.stage_dir("utilities"), f"{p}.npz"))["mu"] for p in personas}
+
+    # 4. activations --------------------------------------------------------------------------
+    from prefjax.activations import extract
+    from prefjax.store import open_existing
+    layers = resolve_layers(_get(cfg, "activations.layers", "all"), model.n_layers)
+    hooks = [f"blocks.{l}.hook_resid_post" for l in layers]
+    n_after = int(_get(cfg, "activations.n_after", 0))
+    acts_dir = os.path.join(run.workdir, "activations")
+
+    def acts_for(pname):
+        return run.stage(f"activations-{pname}")(lambda: _acts_summary(extract(
+            model, pool, os.path.join(acts_dir, pname), hooks=hooks, persona=personas[pname], n_after=n_after,
+            batch_size=int(_get(cfg, "activations.batch_size", 8)),
+            dtype=_get(cfg, "activations.dtype", "float32"), desc=f"activations[{pname}]")))()
+    act_summ = {p: acts_for(p) for p in personas}
+    pos_index = int(_get(cfg, "probes.position_index", 0))
+
+    def X_of(pname):  # [L, n, d] at the configured turn-boundary position
+        st = open_existing(os.path.join(acts_dir, pname))
+        return np.stack([st.read(hook=h)[:, pos_index, :] for h in hooks]).astype(np.float32)
+
+    # 5. probes -------------------------------------------------------------------------------
+    alphas = tuple(float(a) for a in _get(cfg, "probes.alphas", (0.1, 1, 10, 100, 1e3, 1e4, 1e5)))
+    seed = int(_get(cfg, "seed", 0))
+
+    @run.stage("probes")
+    def probes_stage():
+        from prefjax.probes import (default_splits, evaluate_probe, fit_ridge, leave_one_topic_out,
+                                    shuffle_null)
+        train, ev, test = default_splits(n, seed)
+        topics = np.asarray(pool.topic_array())
+        emb = content_embeddings(model, pool)
+        out = {"layers": layers, "persona": {}}
+        for pname in personas:
+            X = X_of(pname)
+            y = mu[pname]
+            probes = fit_ridge(X, y, alphas=alphas, eval_idx=ev, train_idx=train)
+            per_layer = []
+            for li, (l, pr) in enumerate(zip(layers, probes)):
+                m = evaluate_probe(pr, X[li], y, test)
+                loto = leave_one_topic_out(X[li], y, topics, alphas=alphas, seed=seed)
+                per_layer.append({"layer": l, "alpha": pr.alpha, "heldout_r": m["r"],
+                                  "heldout_acc": m["pairwise_acc"], "loto_r": loto["pooled_r"]})
+            best = int(np.nanargmax([d["heldout_r"] if d["heldout_r"] is not None else -2 for d in per_layer]))
+            best_layer = layers[best]
+            base_probe = fit_ridge(emb, y, alphas=alphas, eval_idx=ev, train_idx=train)
+            base = evaluate_probe(base_probe, emb, y, test)
+            base_loto = leave_one_topic_out(emb, y, topics, alphas=alphas, seed=seed)
+            null = shuffle_null(X[best], y, n_perm=int(_get(cfg, "probes.n_perm", 100)), alphas=alphas,
+                                splits=(train, ev, test), seed=seed)
+            mean_norm = act_summ[pname]["mean_norms"][hooks[best]]
+            probes[best].save(os.path.join(run.workdir, "probes", pname, hooks[best]), hook=hooks[best],
+                              layer=best_layer, position=pos_index, mean_resid_norm=mean_norm, persona=pname,
+                              alpha=probes[best].alpha)
+            out["persona"][pname] = {"per_layer": per_layer, "best_layer": best_layer,
+                                     "content_baseline": {"heldout_r": base["r"], "loto_r": base_loto["pooled_r"]},
+                                     "shuffle_null": {k: null[k] for k in ("p_value", "observed_r", "null_mean")
+                                                      if k in null},
+                                     "mean_resid_norm": mean_norm}
+        return out
+    probe_summary = probes_stage() if "probes" in stages else None
+
+    # 6. transfer -----------------------------------------------------------------------------
+    @run.stage("transfer")
+    def transfer_stage():
+        from prefjax.probes import default_splits, transfer_matrix
+        splits = default_splits(n, seed)
+        names = list(personas)
+        first = names[0]
+        best = probe_summary["persona"][first]["best_layer"]
+        li = layers.index(best)
+        Xs = np.stack([X_of(p)[li] for p in names])
+        Y = np.stack([mu[p] for p in names])
+        tp = transfer_matrix(Xs, Y, alphas=alphas, splits=splits, names=names) if len(names) > 1 else None
+        Xl = X_of(first)
+        tl = transfer_matrix(Xl, mu[first], alphas=alphas, splits=splits, names=[str(l) for l in layers])
+        atomic_save_npz(os.path.join(run.stage_dir("transfer"), "matrices.npz"),
+                        persona_r=np.asarray(tp["r"]) if tp else np.zeros((1, 1)),
+                        persona_utility_corr=np.asarray(tp["utility_corr"]) if tp else np.zeros((1, 1)),
+                        layer_r=np.asarray(tl["r"]))
+        return {"personas": names, "layer": best,
+                "persona_r": None if tp is None else np.asarray(tp["r"]).tolist(),
+                "utility_corr": None if tp is None else np.asarray(tp["utility_corr"]).tolist(),
+                "layers": layers, "layer_r": np.asarray(tl["r"]).tolist()}
+    transfer_summary = transfer_stage() if "transfer" in stages and probe_summary else None
+
+    # 7. steering ------------------------------------------------------------------------------
+    steer_summary = None
+    if "steering" in stages and probe_summary:
+        steer_summary = run.stage("steering")(lambda: _steering(cfg, run, model, pool, personas, probe_summary,
+                                                                 hooks, layers))()
+
+    # 8. INLP ---------------------------------------------------------------------------------
+    inlp_summary = None
+    if "inlp" in stages and probe_summary and int(_get(cfg, "inlp.n_iter", 0)) > 0:
+        @run.stage("inlp")
+        def inlp_stage():
+            from prefjax.probes import default_splits, inlp
+            first = list(personas)[0]
+            li = layers.index(probe_summary["persona"][first]["best_layer"])
+            res = inlp(X_of(first)[li], mu[first], n_iter=int(_get(cfg, "inlp.n_iter")), alphas=alphas,
+                       splits=default_splits(n, seed), topics=np.asarray(pool.topic_array()), seed=seed)
+            return {k: np.asarray(v).tolist() for k, v in res.items() if k != "directions"}
+        inlp_summary = inlp_stage()
+
+    # 9. report -------------------------------------------------------------------------------
+    from prefjax.report.build import build_report
+    return build_report(run, cfg, pool=pool, personas=list(personas), mu=mu, utilities=util_summary,
+                        probes=probe_summary, transfer=transfer_summary, steering=steer_summary,
+                        inlp=inlp_summary)
+
+
+def _acts_summary(store) -> dict:
+    return {"rows": int(store.committed), "mean_norms": {k: float(v) for k, v in store.mean_norms().items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Choices: an initial regular comparison graph, then optional active-learning rounds.
+
+def _choices(cfg, model, pool, personas, pname, store) -> dict:
+    from prefjax.elicit.prompts import template_from_dict
+    from prefjax.elicit.runner import ElicitConfig, make_jobs, run_choices
+    from prefjax.utility import ActiveConfig, ActiveLearner
+
+    n = len(pool)
+    ids = list(pool.ids)
+    ecfg = ElicitConfig(mode=_get(cfg, "choices.mode", "sample"),
+                        max_new_tokens=int(_get(cfg, "choices.max_new_tokens", 24)),
+                        temperature=float(_get(cfg, "choices.temperature", 1.0)),
+                        top_p=float(_get(cfg, "choices.top_p", 1.0)),
+                        seed=int(_get(cfg, "choices.seed", 0)),
+                        batch_size=int(_get(cfg, "choices.batch_size", 16)))
+    tmpl = _get(cfg, "choices.template", None)
+    if tmpl:
+        import dataclasses as _dc
+        ecfg = _dc.replace(ecfg, template=template_from_dict(dict(tmpl)))
+    samples = 1 if ecfg.mode == "logit" else int(_get(cfg, "choices.samples", 1))
+    orders = _get(cfg, "choices.orders", "both")
+    acfg = ActiveConfig(seed=int(_get(cfg, "choices.seed", 0)), degree=int(_get(cfg, "choices.degree", 6)))
+    learner = ActiveLearner(n, acfg)
+    rounds = int(_get(cfg, "choices.active_rounds", 0))
+    per_round = int(_get(cfg, "choices.pairs_per_round", max(n // 2, 1)))
+    soft = ecfg.mode == "logit"
+    for r in range(rounds + 1):
+        pi, pj = learner.propose(per_round)
+        if len(pi) == 0:
+            break
+        pairs = [(ids[a], ids[b]) for a, b in zip(pi, pj)]
+        jobs = make_jobs(pairs, [pname], samples=samples, orders=orders, seed=ecfg.seed)
+        run_choices(model, pool, jobs, personas, store, ecfg, desc=f"choices[{pname}] round {r}")
+        sub = {(ids[a], ids[b]) for a, b in zip(pi, pj)}
+        i, j, wi, wj = store.to_arrays(ids, pname, soft=soft, strict=False)
+        keep = np.array([(ids[a], ids[b]) in sub or (ids[b], ids[a]) in sub for a, b in zip(i, j)], bool)
+        if keep.any():
+            learner.update(i[keep], j[keep], wi[keep], wj[keep])
+        if learner.done:
+            break
+    return {"counts": store.counts(pname), "rounds": r + 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# Steering: contrastive dose-response in logit mode, probe direction vs a random direction.
+
+def _steering(cfg, run, model, pool, personas, probe_summary, hooks, layers) -> dict:
+    from prefjax.elicit.prompts import DEFAULT_TEMPLATE, render_choice, shift_spans
+    from prefjax.elicit.runner import forced_text, label_token_ids
+    from prefjax.probes import RidgeProbe
+    from prefjax.steering import SteerSpec, random_direction, token_span_mask
+    from prefjax.stats_small import wilson_interval
+
+    pname = _get(cfg, "steering.persona", None) or list(personas)[0]
+    ps = probe_summary["persona"][pname]
+    layer = _get(cfg, "steering.layer", "best")
+    layer = ps["best_layer"] if layer in (None, "best") else int(layer)
+    hook = f"blocks.{layer}.hook_resid_post"
+    probe_dir = os.path.join(run.workdir, "probes", pname, f"blocks.{ps['best_layer']}.hook_resid_post")
+    direction = RidgeProbe.load(probe_dir).direction
+    scale = float(ps["mean_resid_norm"])
+    coefs = [float(c) for c in _get(cfg, "steering.coefs", (-0.5, -0.25, 0.0, 0.25, 0.5))]
+    n_pairs = int(_get(cfg, "steering.n_pairs", 8))
+    rng = np.random.default_rng(int(_get(cfg, "seed", 0)))
+    idx = rng.permutation(len(pool))
+    pairs = [(pool[int(idx[2 * k])], pool[int(idx[2 * k + 1])]) for k in range(min(n_pairs, len(pool) // 2))]
+    tok = model.tokenizer
+    ida, idb = label_token_ids(tok, DEFAULT_TEMPLATE)
+    persona = personas[pname]
+    from prefjax.elicit.prompts import choice_messages
+    seqs, masks = [], []
+    for a, b in pairs:
+        user, spans = render_choice(DEFAULT_TEMPLATE, a, b)
+        full = tok.chat(choice_messages(DEFAULT_TEMPLATE, a, b, persona), add_generation_prompt=True) \
+            + forced_text(DEFAULT_TEMPLATE)
+        spans_full = shift_spans(full, user, spans)
+        mode = _get(cfg, "steering.mode", "contrastive")
+        signs = {"A": 1.0, "B": -1.0} if mode == "contrastive" else {"A": 1.0, "B": 0.0}
+        s_ids, m = token_span_mask(tok, full, {k: v for k, v in spans_full.items() if signs[k] != 0},
+                                   signs={k: v for k, v in signs.items() if v != 0}, add_bos=False)
+        seqs.append(s_ids)
+        masks.append(m)
+    t = max(len(s) for s in seqs)
+    P = len(seqs)
+    ids = np.zeros((P, t), np.int32)
+    att = np.zeros((P, t), np.int32)
+    msk = np.zeros((P, t), np.float32)
+    for r, (s, m) in enumerate(zip(seqs, masks)):
+        ids[r, t - len(s):], att[r, t - len(s):], msk[r, t - len(s):] = s, 1, m
+    last = np.full((P, 1), t - 1, np.int32)
+    results = {}
+    for name, vec in (("probe", direction), ("random", random_direction(model.d_model, 1234))):
+        rows = []
+        for c in coefs:
+            spec = SteerSpec(layer=layer, direction=vec, coef=np.full((P,), c, np.float32), scale=scale, tokens=msk)
+            logits, _ = model.run(ids, attention_mask=att, positions=last, steer=spec)
+            lg = np.asarray(logits[:, 0, :], np.float64)
+            pa = np.exp(lg[:, ida] - np.logaddexp(lg[:, ida], lg[:, idb]))
+            k = int((pa >= 0.5).sum())
+            lo, hi = wilson_interval(k, P)
+            on_label = float(np.isin(lg.argmax(-1), [ida, idb]).mean())
+            rows.append({"coef": c, "p_steered_mean": float(pa.mean()), "k": k, "n": P, "ci": [float(lo), float(hi)],
+                         "on_label_rate": on_label})
+        results[name] = rows
+    slope = float(np.polyfit(coefs, [r["p_steered_mean"] for r in results["probe"]], 1)[0])
+    slope_rand = float(np.polyfit(coefs, [r["p_steered_mean"] for r in results["random"]], 1)[0])
+    return {"persona": pname, "layer": layer, "scale": scale, "mode": _get(cfg, "steering.mode", "contrastive"),
+            "n_pairs": P, "coefs": coefs, "probe": results["probe"], "random": results["random"],
+            "slope_probe": slope, "slope_random": slope_rand}
