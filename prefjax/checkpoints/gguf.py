@@ -113,26 +113,6 @@ def default_gguf_path() -> Path:
     return Path(pkg.assemble())
 
 
-def _field_value(field) -> Any:
-    """Decode a ``gguf.ReaderField`` into a Python scalar, string or list."""
-    import gguf
-
-    if hasattr(field, "contents"):
-        return field.contents()
-    # Older gguf-py without ReaderField.contents().
-    types = list(field.types)
-
-    def one(part, t):
-        if t == gguf.GGUFValueType.STRING:
-            return bytes(part).decode("utf-8")
-        v = part.tolist()
-        return v[0] if isinstance(v, list) and len(v) == 1 else v
-
-    if types and types[0] == gguf.GGUFValueType.ARRAY:
-        return [one(field.parts[i], types[-1]) for i in field.data]
-    return one(field.parts[field.data[0]], types[0])
-
-
 @dataclasses.dataclass(frozen=True)
 class GGUFTensorInfo:
     """One tensor as the reader maps it: GGUF name, HF name, quant type, HF shape, +1 storage."""
@@ -248,14 +228,141 @@ def _gguf_version() -> str:
         return "?"
 
 
+_SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+               10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _RawTensor:
+    """A tensor view into the memory map, shaped as ``gguf.GGUFReader`` shapes it."""
+
+    __slots__ = ("name", "tensor_type", "shape", "data")
+
+    def __init__(self, name, tensor_type, shape, data):
+        self.name, self.tensor_type, self.shape, self.data = name, tensor_type, shape, data
+
+
+def _parse_gguf(path: Path):
+    """Parse a little-endian GGUF header without expanding long metadata arrays.
+
+    ``gguf.GGUFReader`` builds one numpy view per vocabulary entry (seconds for a 262k vocab);
+    this walks the header once with ``struct`` and returns ``(metadata, n_vocab_tokens, tensors)``
+    with tensor data as views into one read-only ``np.memmap``.
+    """
+    import struct
+
+    import gguf
+
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    buf = memoryview(mm)
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        v = struct.unpack_from(fmt, buf, pos)[0]
+        pos += struct.calcsize(fmt)
+        return v
+
+    def string():
+        nonlocal pos
+        n = take("<Q")
+        v = bytes(buf[pos:pos + n]).decode("utf-8", errors="replace")
+        pos += n
+        return v
+
+    def value(vtype):
+        nonlocal pos
+        if vtype == _STRING:
+            return string()
+        if vtype in _SCALAR_FMT:
+            return take(_SCALAR_FMT[vtype])
+        if vtype == _ARRAY:
+            itype, count = take("<I"), take("<Q")
+            if count > _MAX_METADATA_ARRAY:
+                if itype == _STRING:
+                    for _ in range(count):
+                        pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+                elif itype in _SCALAR_FMT:
+                    pos += count * struct.calcsize(_SCALAR_FMT[itype])
+                else:
+                    raise GGUFError(f"{path}: nested metadata array of type {itype} is not supported")
+                return _Skipped(count)
+            return [value(itype) for _ in range(count)]
+        raise GGUFError(f"{path}: unknown metadata value type {vtype} at byte {pos}")
+
+    if bytes(buf[:4]) != b"GGUF":
+        raise GGUFError(f"{path} is not a GGUF file (magic {bytes(buf[:4])!r}, expected b'GGUF')")
+    pos = 4
+    version = take("<I")
+    if version not in (2, 3):
+        raise GGUFError(f"{path}: GGUF version {version} not supported (big-endian file?)")
+    n_tensors, n_kv = take("<Q"), take("<Q")
+    metadata: dict[str, Any] = {"GGUF.version": version, "GGUF.tensor_count": n_tensors,
+                                "GGUF.kv_count": n_kv}
+    n_vocab = None
+    for _ in range(n_kv):
+        key = string()
+        v = value(take("<I"))
+        if isinstance(v, _Skipped):
+            if key == "tokenizer.ggml.tokens":
+                n_vocab = v.count
+            continue
+        if key == "tokenizer.ggml.tokens":
+            n_vocab = len(v)
+        metadata[key] = v
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        n_dims = take("<I")
+        dims = [take("<Q") for _ in range(n_dims)]
+        infos.append((name, dims, take("<I"), take("<Q")))
+    align = int(metadata.get("general.alignment", 32))
+    data_start = -(-pos // align) * align
+    tensors = []
+    plain = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16,
+             gguf.GGMLQuantizationType.F64: np.float64, gguf.GGMLQuantizationType.I8: np.int8,
+             gguf.GGMLQuantizationType.I16: np.int16, gguf.GGMLQuantizationType.I32: np.int32,
+             gguf.GGMLQuantizationType.I64: np.int64}
+    for name, dims, ttype, off in infos:
+        try:
+            qtype = gguf.GGMLQuantizationType(ttype)
+        except ValueError as e:
+            raise GGUFError(f"{path}: tensor {name!r} has unknown ggml type {ttype}") from e
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        n_el = int(np.prod(dims)) if dims else 1
+        nbytes = n_el // block * type_size
+        start = data_start + off
+        if start + nbytes > mm.size:
+            raise GGUFError(f"{path}: tensor {name!r} runs past the end of the file (truncated?)")
+        raw = mm[start:start + nbytes]
+        rshape = [int(d) for d in reversed(dims)]
+        if qtype in plain:
+            data = raw.view(plain[qtype]).reshape(rshape)
+        else:
+            data = raw.reshape(rshape[:-1] + [rshape[-1] // block * type_size])
+        tensors.append(_RawTensor(name, qtype, np.asarray(dims, dtype=np.uint64), data))
+    return metadata, n_vocab, tensors
+
+
+class _Skipped:
+    __slots__ = ("count",)
+
+    def __init__(self, count):
+        self.count = count
+
+
+class _Reader:
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+
 def read_gguf(path: str | Path | None = None) -> GGUFCheckpoint:
     """Open a GGUF file lazily (memory map, metadata only). ``None`` means ``default_gguf_path()``.
 
     Raises FileNotFoundError for a missing file and GGUFError for a file that is not GGUF or whose
-    architecture is not one of ``SUPPORTED_ARCHITECTURES``.
+    architecture is not one of ``SUPPORTED_ARCHITECTURES``. Metadata arrays longer than 4096
+    entries (the vocabulary) are left out of ``.metadata``.
     """
-    import gguf
-
     path = default_gguf_path() if path is None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -263,20 +370,12 @@ def read_gguf(path: str | Path | None = None) -> GGUFCheckpoint:
         magic = f.read(4)
     if magic != b"GGUF":
         raise GGUFError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
-    reader = gguf.GGUFReader(path, "r")
-    metadata: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        types = list(field.types)
-        if types and types[0] == gguf.GGUFValueType.ARRAY and len(field.data) > _MAX_METADATA_ARRAY:
-            continue
-        metadata[key] = _field_value(field)
+    metadata, n_tokens, tensors = _parse_gguf(path)
     arch = metadata.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFError(
             f"{path}: architecture {arch!r} is not supported (supported: {SUPPORTED_ARCHITECTURES})")
-    tok_field = reader.fields.get("tokenizer.ggml.tokens")
-    n_tokens = None if tok_field is None else len(tok_field.data)
-    return GGUFCheckpoint(path, reader, arch, metadata, n_vocab_tokens=n_tokens)
+    return GGUFCheckpoint(path, _Reader(tensors), arch, metadata, n_vocab_tokens=n_tokens)
 
 
 def _gemma3_config(ckpt: GGUFCheckpoint) -> dict[str, Any]:
