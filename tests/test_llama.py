@@ -178,13 +178,13 @@ def test_kv_cache_decode_equals_full_forward(llama_model):
     toks = jnp.asarray(np.random.default_rng(3).integers(3, 97, size=(2, 10)), jnp.int32)
     valid = jnp.ones((2, 10), bool).at[1, :3].set(False)
     spec = CaptureSpec()
-    full, _, _, _ = fam.forward(cfg, params, toks, valid, capture=spec)
+    full, _, _, _ = jax.jit(lambda p, t, v: fam.forward(cfg, p, t, v, capture=spec))(params, toks, valid)
+    step = jax.jit(lambda p, t, v, st, i: fam.forward(cfg, p, t, v, capture=spec, state=st, start=i))
     state = fam.init_state(cfg, 2, 10, jnp.float32)
-    pre, _, _, state = fam.forward(cfg, params, toks[:, :7], valid[:, :7], capture=spec, state=state, start=0)
+    pre, _, _, state = step(params, toks[:, :7], valid[:, :7], state, jnp.int32(0))
     steps = [pre]
     for i in range(7, 10):
-        out, _, _, state = fam.forward(cfg, params, toks[:, i:i + 1], valid[:, i:i + 1], capture=spec,
-                                       state=state, start=i)
+        out, _, _, state = step(params, toks[:, i:i + 1], valid[:, i:i + 1], state, jnp.int32(i))
         steps.append(out)
     inc = jnp.concatenate(steps, axis=1)
     m = np.asarray(valid)

@@ -21,6 +21,7 @@ block, so the base weights are shared between personas and never copied.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -427,10 +428,18 @@ def init_state(cfg: LlamaConfig, batch: int, max_len: int, dtype) -> dict[str, A
 
 
 def init_params(cfg: LlamaConfig, key, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Any]:
-    """Random parameters: normal * scale for matrices, 1 + small normal for norm weights."""
+    """Random parameters: normal * scale for matrices, 1 + small normal for norm weights (one jit)."""
+    return _init_jit(cfg, key, jnp.dtype(dtype), float(scale))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _init_jit(cfg, key, dtype, scale):
     out: dict[str, Any] = {"blocks": {}}
     shapes = param_shapes(cfg)
-    keys = jax.random.split(key, len(shapes))
+    # RngBitGenerator keys: XLA compiles them far faster than threefry's unrolled rounds.
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    rkey = jax.random.wrap_key_data(jnp.tile(data.astype(jnp.uint32).reshape(-1)[:2], 2), impl="rbg")
+    keys = jax.random.split(rkey, len(shapes))
     for k_, (name, (shape, axes)) in zip(keys, shapes.items()):
         z = jax.random.normal(k_, shape, jnp.float32)
         arr = (1.0 + 0.1 * z) if "norm" in axes else z * scale
