@@ -188,3 +188,17 @@ def test_tensor_refusals(setup, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         base.with_adapter(tmp_path / "nowhere")
+
+
+def test_greedy_generation_with_adapter_matches_peft(setup):
+    """prefjax.generation (KV-cache decode) runs the on-the-fly adapter like peft's generate."""
+    from prefjax.generation import generate
+    m = setup["base"].with_adapter(setup["a1_dir"])
+    prompt = [5, 9, 33, 41, 7]
+    g = generate(m, [prompt], max_new_tokens=6, temperature=0.0, stop_ids=())
+    with torch.no_grad():
+        ref = setup["a1"].generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)
+    assert list(g.token_ids[0]) == ref[0, len(prompt):].tolist()
+    base_g = generate(setup["base"], [prompt], max_new_tokens=6, temperature=0.0, stop_ids=())
+    assert list(base_g.token_ids[0]) != list(g.token_ids[0])

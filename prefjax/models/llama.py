@@ -60,7 +60,7 @@ class LlamaConfig:
     has_lm_head: bool = True            # False for embedding checkpoints saved without lm_head
     qk_norm: bool = False               # Qwen-3: RMSNorm over head_dim on q and k before RoPE
     hidden_activation: str = "silu"
-    pad_id: int | None = None
+    pad_id: int = 0                     # filler id for padded slots (masked out); 0 when HF names none
     bos_id: int | None = 128_000
     eos_ids: tuple[int, ...] = (128_001,)
     name: str = "llama"
@@ -224,7 +224,7 @@ def common_from_hf(hf: dict[str, Any], *, source: str, default_theta: float, arc
         rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
         tie_embeddings=tie, has_lm_head=has_head, hidden_activation=act,
-        pad_id=None if hf.get("pad_token_id") is None else int(hf["pad_token_id"]),
+        pad_id=0 if hf.get("pad_token_id") is None else int(hf["pad_token_id"]),
         bos_id=None if hf.get("bos_token_id") is None else int(hf["bos_token_id"]),
         eos_ids=_ids(hf.get("eos_token_id"), ()),
         name=hf.get("_name_or_path") or "", **rope_from_hf(hf, default_theta=default_theta, source=source))
