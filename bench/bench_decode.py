@@ -83,7 +83,7 @@ def run_jax(args) -> dict:
         assert all(len(t) == args.new for t in g.token_ids)
         out["rows"].append(row)
 
-    if not args.no_hf:  # weights in HF layout for the torch process
+    if not args.no_hf and args.hf_weights == "copy":  # weights in HF layout for the torch process
         os.makedirs(args.weights_dir, exist_ok=True)
         from prefjax.models.gemma3 import hf_names
         h, kv, hd, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
@@ -135,20 +135,27 @@ def run_torch(args) -> dict:
     with torch.device(dev):
         model = Gemma3ForCausalLM(hf_cfg).eval()
     torch.set_default_dtype(prev)
-    index = json.load(open(os.path.join(args.weights_dir, "index.json")))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, fname in index.items():
-            arr = np.load(os.path.join(args.weights_dir, fname))
-            t = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16) if args.dtype == "bfloat16" \
-                else torch.from_numpy(np.ascontiguousarray(arr))
-            params[name].copy_(t.to(dev))
-    ids = np.load(os.path.join(args.weights_dir, "check_ids.npy"))
-    ref = np.load(os.path.join(args.weights_dir, "check_logits.npy"))
-    with torch.no_grad():
-        lg = model(torch.tensor(ids, dtype=torch.long, device=dev)).logits.float().cpu().numpy()
     out = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
-           "weight_check_rel_err": float(np.abs(lg - ref).max() / np.abs(ref).max()), "rows": []}
+           "rows": []}
+    if args.hf_weights == "random":  # same shapes, its own random weights (timing does not depend on values)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.02)
+    else:
+        index = json.load(open(os.path.join(args.weights_dir, "index.json")))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, fname in index.items():
+                arr = np.load(os.path.join(args.weights_dir, fname))
+                t = torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16) if args.dtype == "bfloat16" \
+                    else torch.from_numpy(np.ascontiguousarray(arr))
+                params[name].copy_(t.to(dev))
+        ids = np.load(os.path.join(args.weights_dir, "check_ids.npy"))
+        ref = np.load(os.path.join(args.weights_dir, "check_logits.npy"))
+        with torch.no_grad():
+            lg = model(torch.tensor(ids, dtype=torch.long, device=dev)).logits.float().cpu().numpy()
+        out["weight_check_rel_err"] = float(np.abs(lg - ref).max() / np.abs(ref).max())
     rs = np.random.RandomState(0)
     for b in args.batch:
         x = torch.tensor(rs.randint(10, cfg.vocab_size, size=(b, args.prompt)), dtype=torch.long, device=dev)
@@ -180,7 +187,9 @@ def run_torch(args) -> dict:
 
 def _sub(args, which):
     cmd = [sys.executable, __file__, "--_worker", which] + args.argv
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode:
         sys.stderr.write(r.stdout[-4000:] + r.stderr[-8000:])
         raise SystemExit(f"{which} worker failed (rc={r.returncode})")
@@ -199,6 +208,9 @@ def main():
                     help="float32 only to check the weight transfer (rel err ~1e-6)")
     ap.add_argument("--weights-dir", default=None)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--hf-weights", choices=("copy", "random"), default="copy",
+                    help="copy: transformers loads prefjax's weights (checked); random: its own random weights "
+                         "at the same shapes (no 54 GB round trip through disk at 27B)")
     ap.add_argument("--compare-loops", action="store_true", help="also time loop='python' (jitted step)")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     argv = [a for a in sys.argv[1:]]
@@ -230,8 +242,9 @@ def main():
     print(f"# jax device: {jx['device']} (jax {jx['jax']}); copy bandwidth {jx['copy_GBps']:.1f} GB/s; "
           f"weights {wb / 1e9:.3f} GB")
     if th:
-        print(f"# torch device: {th['device']} (torch {th['torch']}); cache={th.get('cache')}; "
-              f"weight transfer check ({args.dtype} logits rel err) {th['weight_check_rel_err']:.2e}")
+        check = (f"weight transfer check ({args.dtype} logits rel err) {th['weight_check_rel_err']:.2e}"
+                 if "weight_check_rel_err" in th else "own random weights at the same shapes")
+        print(f"# torch device: {th['device']} (torch {th['torch']}); cache={th.get('cache')}; {check}")
         if "static_cache_error" in th:
             print(f"# static cache failed: {th['static_cache_error']}")
     print(f"{'impl':<16} {'batch':>5} {'tok/s':>10} {'ms/step':>9} {'GB/s':>8} {'%bw':>6} {'kv GB':>7} {'ratio':>6}")

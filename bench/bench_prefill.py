@@ -2,7 +2,8 @@
 
 Random weights at a preset's real shape (default Gemma-3-27B in bf16). prefjax captures
 ``blocks.L.hook_resid_post`` at the last token of every layer; transformers keeps all hidden states
-(``output_hidden_states=True``), which is what PyTorch glue code does to read the residual stream.
+(``output_hidden_states=True``), which is what PyTorch glue code does to read the residual stream;
+both compute logits at the last position only (``logits_to_keep=1`` for transformers).
 Each framework runs in its own subprocess (both models do not fit one card at once). The torch
 process also measures the card's bf16 matmul rate (8192^3) and copy bandwidth for the MFU column.
 
@@ -76,8 +77,10 @@ def run_torch(args) -> dict:
         rope_scaling={"rope_type": "linear", "factor": cfg.rope_global_factor} if cfg.rope_global_factor != 1 else None,
         attn_implementation="sdpa")
     torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: a float32 27B would not fit the card
     with torch.device(dev):
-        model = Gemma3ForCausalLM(hf_cfg).to(torch.bfloat16).eval()
+        model = Gemma3ForCausalLM(hf_cfg).eval()
+    torch.set_default_dtype(torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
@@ -98,13 +101,13 @@ def run_torch(args) -> dict:
         ids = [torch.randint(10, cfg.vocab_size, (b, args.seq), generator=g).to(dev) for _ in range(3)]
         with torch.no_grad():
             for x in ids:
-                o = model(x, output_hidden_states=True)
+                o = model(x, output_hidden_states=True, logits_to_keep=1)
             if dev == "cuda":
                 torch.cuda.synchronize()
             times = []
             for r in range(args.repeats):
                 t0 = time.perf_counter()
-                o = model(ids[r % 3], output_hidden_states=True)
+                o = model(ids[r % 3], output_hidden_states=True, logits_to_keep=1)
                 hs = [h[:, -1] for h in o.hidden_states]
                 if dev == "cuda":
                     torch.cuda.synchronize()
@@ -134,6 +137,7 @@ def main():
         cmd = [sys.executable, __file__, "--only", which, "--preset", args.preset, "--seq", str(args.seq),
                "--batches", ",".join(map(str, args.batches)), "--repeats", str(args.repeats), "--device", args.device]
         env = dict(os.environ)
+        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")  # 27B bf16 weights are 54 GB
         if args.device == "cpu":
             env["JAX_PLATFORMS"] = "cpu"
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
