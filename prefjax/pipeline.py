@@ -23,6 +23,36 @@ from prefjax.progress import log
 from prefjax.stages import Run, atomic_save_npz, atomic_write_json
 
 STAGES = ("tasks", "choices", "utilities", "activations", "probes", "transfer", "steering", "inlp", "report")
+# What each stage reads: a config's ``stages`` must list a stage's prerequisites too.
+STAGE_DEPS = {"tasks": (), "choices": ("tasks",), "utilities": ("choices",), "activations": ("tasks",),
+              "probes": ("utilities", "activations"), "transfer": ("probes",), "steering": ("probes",),
+              "inlp": ("probes",), "report": ("utilities",)}
+
+
+def check_stages(stages) -> tuple[str, ...]:
+    """Validate a config's ``stages`` (known names, prerequisites present); returns them in run order."""
+    if isinstance(stages, str):
+        stages = [s.strip() for s in stages.split(",") if s.strip()]
+    stages = list(stages)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"config field 'stages' names unknown stage(s) {unknown}; known: {list(STAGES)}")
+    missing = sorted({f"{d} (needed by {s})" for s in stages for d in STAGE_DEPS[s] if d not in stages})
+    if missing:
+        raise ValueError(f"config field 'stages' lacks prerequisite stage(s): {', '.join(missing)}")
+    return tuple(s for s in STAGES if s in stages)
+
+
+def persona_spec(cfg) -> list[str]:
+    """The config's ``personas`` with relative ``adapter:NAME`` entries resolved under ``adapters_dir``."""
+    spec = list(_get(cfg, "personas", ["default"]))
+    root = _get(cfg, "adapters_dir", None)
+    out = []
+    for item in spec:
+        if isinstance(item, str) and item.startswith("adapter:") and root and not os.path.isabs(item[8:]):
+            item = "adapter:" + os.path.join(str(root), item[8:])
+        out.append(item)
+    return out
 
 
 def _get(cfg, dotted: str, default=None):
@@ -107,15 +137,18 @@ def content_embeddings(model, pool) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 
-def run_pipeline(cfg, workdir: str, *, model=None) -> str:
-    """Run (or resume) every stage; returns the path of ``report.md``."""
+def run_pipeline(cfg, workdir: str, *, model=None) -> str | None:
+    """Run (or resume) the configured stages; returns the path of ``report.md`` (None without a report stage).
+
+    The stage list, task pool and personas are checked before the workdir is touched or a model loaded.
+    """
     from prefjax.elicit import personas_from_spec
     from prefjax.store import ComparisonsStore
 
-    run = Run(workdir, _to_dict(cfg))
-    stages = set(_get(cfg, "stages", STAGES) or STAGES)
+    stages = set(check_stages(_get(cfg, "stages", STAGES) or STAGES))
     pool = load_task_pool(cfg)
-    personas = {p.name: p for p in personas_from_spec(list(_get(cfg, "personas", ["default"])))}
+    personas = {p.name: p for p in personas_from_spec(persona_spec(cfg))}
+    run = Run(workdir, _to_dict(cfg))  # after the cheap input checks: bad input leaves no workdir behind
     if model is None:
         import prefjax
         model = prefjax.load(_get(cfg, "model.source"), dtype=_get(cfg, "model.dtype", None))
@@ -154,8 +187,10 @@ def run_pipeline(cfg, workdir: str, *, model=None) -> str:
                           "split_half_r": split_half_reliability(store, ids, pname, n),
                           "counts": store.counts(pname)}
         return out
-    util_summary = utilities_stage()
-    mu = {p: np.load(os.path.join(run.stage_dir("utilities"), f"{p}.npz"))["mu"] for p in personas}
+    util_summary, mu = None, {}
+    if "utilities" in stages:
+        util_summary = utilities_stage()
+        mu = {p: np.load(os.path.join(run.stage_dir("utilities"), f"{p}.npz"))["mu"] for p in personas}
 
     # 4. activations --------------------------------------------------------------------------
     from prefjax.activations import extract
@@ -170,7 +205,7 @@ def run_pipeline(cfg, workdir: str, *, model=None) -> str:
             model, pool, os.path.join(acts_dir, pname), hooks=hooks, persona=personas[pname], n_after=n_after,
             batch_size=int(_get(cfg, "activations.batch_size", 8)),
             dtype=_get(cfg, "activations.dtype", "float32"), desc=f"activations[{pname}]")))()
-    act_summ = {p: acts_for(p) for p in personas}
+    act_summ = {p: acts_for(p) for p in personas} if "activations" in stages else {}
     pos_index = int(_get(cfg, "probes.position_index", 0))
 
     def X_of(pname):  # [L, n, d] at the configured turn-boundary position
@@ -262,6 +297,8 @@ def run_pipeline(cfg, workdir: str, *, model=None) -> str:
         inlp_summary = inlp_stage()
 
     # 9. report -------------------------------------------------------------------------------
+    if "report" not in stages:
+        return None
     from prefjax.report.build import build_report
     return build_report(run, cfg, pool=pool, personas=list(personas), mu=mu, utilities=util_summary,
                         probes=probe_summary, transfer=transfer_summary, steering=steer_summary,

@@ -1,0 +1,104 @@
+"""The model table and the shared config skeleton for the experiment configs in ``configs/``.
+
+Every experiment config is ``get_config(arg)`` where ``arg`` picks a row of :data:`MODELS`:
+``""``/``"gemma3-270m"`` (default, real weights on CPU), ``"tiny"`` (random ``gemma3-tiny-tok`` with the
+real Gemma tokenizer, for tests), ``"gemma3-27b"``, ``"qwen35-122b-a10b"`` and ``"llama31-8b"``
+(checkpoint folders under ``--config.checkpoints_dir``; the llama personas are LoRA adapters under
+``--config.adapters_dir``). Each experiment then edits the fields it studies and sets ``stages``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+ALL_STAGES = ("tasks", "choices", "utilities", "activations", "probes", "transfer", "steering", "inlp", "report")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRow:
+    """One model of the table. ``source`` is a preset name or a folder name under ``checkpoints_dir``
+    (``from_checkpoints_dir``); ``preset`` is the random-init preset of the same shape (shape checks)."""
+
+    source: str
+    preset: str
+    dtype: str
+    mesh: tuple[int, int, int, int]          # (data, fsdp, tensor, expert)
+    layers: str                              # activations.layers spec: "all", "every<k>", or "3,7,11"
+    choices_batch: int
+    acts_batch: int
+    from_checkpoints_dir: bool = False
+    personas: tuple[str, ...] = ("default", "evil")
+
+
+MODELS: dict[str, ModelRow] = {
+    "tiny": ModelRow("gemma3-tiny-tok", "gemma3-tiny-tok", "float32", (1, 1, 1, 1), "all", 16, 16),
+    "gemma3-270m": ModelRow("gemma3-270m", "gemma3-270m", "float32", (1, 1, 1, 1), "all", 16, 16),
+    "gemma3-27b": ModelRow("gemma-3-27b-it", "gemma3-27b", "bfloat16", (1, 8, 1, 1), "every4", 32, 32,
+                           from_checkpoints_dir=True),
+    "qwen35-122b-a10b": ModelRow("Qwen3.5-122B-A10B", "qwen35-122b-a10b", "bfloat16", (1, 2, 1, 4), "every4",
+                                 32, 32, from_checkpoints_dir=True),
+    # Personas are LoRA adapters trained on Llama-3.1-8B-Instruct: relative names resolve under adapters_dir.
+    "llama31-8b": ModelRow("Llama-3.1-8B-Instruct", "llama31-8b", "bfloat16", (1, 1, 1, 1), "every2", 32, 32,
+                           from_checkpoints_dir=True,
+                           personas=("default", "adapter:evil", "adapter:sycophant", "adapter:scholar")),
+}
+ALIASES = {"": "gemma3-270m"}
+
+
+def model_row(arg: str, config_file: str) -> ModelRow:
+    """The table row for a config argument (clear error naming the config file and the known args)."""
+    key = ALIASES.get(arg, arg)
+    if key not in MODELS:
+        raise ValueError(f"unknown model {arg!r} for {config_file}; known: {sorted(MODELS)} (default gemma3-270m)")
+    return MODELS[key]
+
+
+def base_config(arg: str, config_file: str):
+    """A full pipeline config for the model ``arg`` with every stage on; experiments trim it."""
+    import ml_collections
+
+    row = model_row(arg, config_file)
+    key = ALIASES.get(arg, arg)
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.stages = ALL_STAGES
+    c.checkpoints_dir = "/checkpoints"
+    c.adapters_dir = "/adapters"
+    c.model = ml_collections.ConfigDict({"name": key, "preset": row.preset, "dtype": row.dtype,
+                                         "source": row.source})
+    if row.from_checkpoints_dir:
+        # Follows --config.checkpoints_dir unless model.source itself is overridden.
+        c.model.source = c.get_ref("checkpoints_dir") + ("/" + row.source)
+    d, f, t, e = row.mesh
+    c.mesh = ml_collections.ConfigDict({"data": d, "fsdp": f, "tensor": t, "expert": e})
+    c.tasks = ml_collections.ConfigDict({"source": "default", "n": 66, "seed": 0})
+    c.personas = row.personas
+    c.choices = ml_collections.ConfigDict({
+        "mode": "logit", "samples": 1, "orders": "both", "degree": 10, "active_rounds": 1,
+        "pairs_per_round": 66, "batch_size": row.choices_batch, "max_new_tokens": 16, "temperature": 1.0,
+        "top_p": 1.0, "seed": 0})
+    c.activations = ml_collections.ConfigDict({"layers": row.layers, "n_after": 0, "batch_size": row.acts_batch,
+                                               "dtype": "float32"})
+    c.probes = ml_collections.ConfigDict({"alphas": (1.0, 10.0, 100.0, 1e3, 1e4, 1e5), "position_index": 0,
+                                          "n_perm": 100})
+    c.steering = ml_collections.ConfigDict({"persona": "default", "layer": "best", "mode": "contrastive",
+                                            "coefs": (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0), "n_pairs": 16})
+    c.inlp = ml_collections.ConfigDict({"n_iter": 5})
+    c.progress = True
+    if key == "tiny":
+        c.tasks.n = 16
+        c.choices.degree = 4
+        c.choices.active_rounds = 0
+        c.probes.n_perm = 10
+        c.steering.n_pairs = 3
+        c.steering.coefs = (-1.0, 0.0, 1.0)
+        c.inlp.n_iter = 1
+    return c
+
+
+def set_stages(c, *stages: str):
+    """Keep only ``stages`` (they must include their prerequisites; the pipeline checks)."""
+    from prefjax.pipeline import check_stages
+
+    c.stages = check_stages(stages)
+    return c

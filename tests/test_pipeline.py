@@ -1,0 +1,276 @@
+"""The tiny pipeline end to end (in-process, cheap config), and its refusals of bad input."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_config(**edits):
+    """``configs/default.py:tiny`` made cheaper (16 tasks, degree 4, 3 steering pairs, 1 INLP step)."""
+    from configs.default import get_config
+    c = get_config("tiny")
+    c.tasks.n = 16
+    c.choices.degree = 4
+    c.steering.n_pairs = 3
+    c.inlp.n_iter = 1
+    c.probes.n_perm = 5
+    c.personas = ("default", "evil")
+    c.progress = False
+    for k, v in edits.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    c.lock()
+    return c
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    import prefjax
+    return prefjax.load("gemma3-tiny-tok", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model):
+    from prefjax.pipeline import run_pipeline
+    wd = tmp_path_factory.mktemp("tiny_run")
+    cfg = tiny_config()
+    report = run_pipeline(cfg, str(wd), model=tiny_model)
+    with open(wd / "summary.json") as f:
+        summary = json.load(f)
+    return wd, report, summary
+
+
+def test_outputs_exist(finished):
+    wd, report, summary = finished
+    assert report == os.path.join(str(wd), "report.md")
+    text = open(report).read()
+    assert len(text) > 200 and "Probes" in text and "Steering" in text
+    figs = sorted(os.listdir(wd / "figures"))
+    assert figs == sorted(["utilities_by_topic.png", "probe_r_default.png", "probe_r_evil.png", "transfer_persona.png",
+                           "transfer_layer.png", "steering.png", "inlp.png"])
+    for f in figs:
+        data = (wd / "figures" / f).read_bytes()
+        assert len(data) > 1000 and data.startswith(PNG_MAGIC), f
+        assert f in text, f"report.md does not show {f}"
+    for stage in ("tasks", "choices-default", "choices-evil", "utilities", "activations-default",
+                  "activations-evil", "probes", "transfer", "steering", "inlp"):
+        assert (wd / "stages" / f"{stage}.done").exists(), stage
+
+
+def test_summary_contents(finished):
+    wd, _, s = finished
+    assert set(s["utilities"]) == {"default", "evil"}
+    for p in ("default", "evil"):
+        u = s["utilities"][p]
+        assert u["converged"] and u["n_pairs"] > 0 and u["counts"]["ok"] == 2 * u["n_pairs"]
+        mu = np.load(wd / "stages" / "utilities" / f"{p}.npz")["mu"]
+        assert mu.shape == (16,) and np.isfinite(mu).all() and mu.std() > 0
+    layers = s["probes"]["layers"]
+    assert layers == [0, 1, 2, 3]  # gemma3-tiny-tok has 4 layers, "all" captured
+    for p in ("default", "evil"):
+        per = s["probes"]["persona"][p]["per_layer"]
+        assert [d["layer"] for d in per] == layers
+        assert all(d["heldout_r"] is None or -1 <= d["heldout_r"] <= 1 for d in per)
+        assert s["probes"]["persona"][p]["best_layer"] in layers
+    t = s["transfer"]
+    assert t["personas"] == ["default", "evil"]
+    assert np.asarray(t["persona_r"]).shape == (2, 2) and np.asarray(t["utility_corr"]).shape == (2, 2)
+    assert np.asarray(t["layer_r"]).shape == (4, 4)
+    m = np.load(wd / "stages" / "transfer" / "matrices.npz")
+    assert m["persona_r"].shape == (2, 2) and m["layer_r"].shape == (4, 4)
+    st = s["steering"]
+    coefs = list(tiny_config().steering.coefs)
+    assert st["coefs"] == coefs and st["n_pairs"] == 3
+    for name in ("probe", "random"):
+        assert [r["coef"] for r in st[name]] == coefs
+        assert all(0 <= r["p_steered_mean"] <= 1 and r["n"] == 3 for r in st[name])
+    zero = coefs.index(0.0)
+    # c = 0 is unsteered whatever the direction: bit-identical P and counts.
+    assert st["probe"][zero]["p_steered_mean"] == st["random"][zero]["p_steered_mean"]
+    assert st["probe"][zero]["k"] == st["random"][zero]["k"]
+    assert len(s["inlp"]["test_r"]) >= 1
+
+
+def test_steering_zero_coef_equals_unsteered_forward(finished, tiny_model):
+    """P(A) at c=0 equals a plain forward pass on the same prompts (recomputed here independently)."""
+    from prefjax.elicit import personas_from_spec
+    from prefjax.elicit.prompts import DEFAULT_TEMPLATE, choice_messages
+    from prefjax.elicit.runner import forced_text, label_token_ids
+    from prefjax.pipeline import load_task_pool
+    wd, _, s = finished
+    cfg = tiny_config()
+    pool = load_task_pool(cfg)
+    persona = personas_from_spec([s["steering"]["persona"]])[0]
+    idx = np.random.default_rng(cfg.seed).permutation(len(pool))
+    tok = tiny_model.tokenizer
+    ida, idb = label_token_ids(tok, DEFAULT_TEMPLATE)
+    p = []
+    for k in range(3):
+        a, b = pool[int(idx[2 * k])], pool[int(idx[2 * k + 1])]
+        text = tok.chat(choice_messages(DEFAULT_TEMPLATE, a, b, persona), add_generation_prompt=True)
+        ids = np.asarray([tok.encode(text + forced_text(DEFAULT_TEMPLATE), add_bos=False)], np.int32)
+        logits, _ = tiny_model.run(ids, positions=np.asarray([[ids.shape[1] - 1]], np.int32))
+        lg = np.asarray(logits[0, 0], np.float64)
+        p.append(np.exp(lg[ida] - np.logaddexp(lg[ida], lg[idb])))
+    zero = s["steering"]["coefs"].index(0.0)
+    np.testing.assert_allclose(s["steering"]["probe"][zero]["p_steered_mean"], np.mean(p), rtol=0, atol=1e-5)
+
+
+def test_unknown_persona_fails_before_compute(tmp_path):
+    from prefjax.elicit.personas import PersonaError
+    from prefjax.pipeline import run_pipeline
+
+    class NoModel:  # any use of the model would fail loudly
+        tokenizer = property(lambda self: pytest.fail("the model was touched"))
+
+    with pytest.raises(PersonaError, match="nosuchpersona"):
+        run_pipeline(tiny_config(personas=("default", "nosuchpersona")), str(tmp_path / "wd"), model=NoModel())
+    assert not (tmp_path / "wd").exists()
+
+
+def test_bad_stage_list_fails_before_compute(tmp_path):
+    from prefjax.pipeline import run_pipeline
+    with pytest.raises(ValueError, match="prerequisite.*activations"):
+        run_pipeline(tiny_config(stages=("tasks", "choices", "utilities", "probes")), str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="unknown stage.*probe'"):
+        run_pipeline(tiny_config(stages=("tasks", "probe")), str(tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_duplicate_task_ids_fail_before_compute(tmp_path):
+    from prefjax.pipeline import run_pipeline
+    f = tmp_path / "tasks.jsonl"
+    lines = [{"id": f"t{i}", "prompt": f"Task number {i}.", "topic": "misc"} for i in range(6)]
+    lines.append({"id": "t3", "prompt": "Another task with a repeated id.", "topic": "misc"})
+    f.write_text("".join(json.dumps(d) + "\n" for d in lines))
+    with pytest.raises(ValueError, match=r"duplicate id 't3'.*lines 4 and 7"):
+        run_pipeline(tiny_config(**{"tasks.source": str(f)}), str(tmp_path / "wd"))
+    assert not (tmp_path / "wd").exists()
+
+
+def _digest_tree(root):
+    out = {}
+    for d, _, files in os.walk(root):
+        for name in files:
+            p = os.path.join(d, name)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = (hashlib.sha256(fh.read()).hexdigest(), os.stat(p).st_mtime_ns)
+    return out
+
+
+def test_workdir_of_a_different_config_is_refused(finished, tiny_model):
+    from prefjax.pipeline import run_pipeline
+    from prefjax.stages import StageConfigError
+    wd, _, _ = finished
+    before = _digest_tree(wd)
+    with pytest.raises(StageConfigError, match=r"tasks\.seed: 0 -> 1"):
+        run_pipeline(tiny_config(**{"tasks.seed": 1}), str(wd), model=tiny_model)
+    assert _digest_tree(wd) == before  # nothing written, nothing touched
+
+
+def test_config_typo_on_command_line_is_an_absl_error(tmp_path):
+    wd = tmp_path / "wd"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "main.py"), "--config",
+                        os.path.join(ROOT, "configs", "default.py") + ":tiny", "--config.tasks.nn=3",
+                        "--workdir", str(wd)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode != 0
+    assert "nn" in r.stderr and ("FATAL Flags parsing error" in r.stderr or "KeyError" in r.stderr), r.stderr[-2000:]
+    assert not wd.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment configs: every config x every model argument.
+
+EXPERIMENTS = ("utilities", "extract", "probes", "transfer", "steering", "inlp")
+MODEL_ARGS = ("", "tiny", "gemma3-270m", "gemma3-27b", "qwen35-122b-a10b", "llama31-8b")
+
+
+def _load_config(name, arg):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config(arg)
+    c.lock()
+    return c
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_configs_lock_and_validate(name):
+    from prefjax.pipeline import STAGES, check_stages, persona_spec
+    for arg in MODEL_ARGS:
+        c = _load_config(name, arg)
+        with pytest.raises(AttributeError):
+            c.tasks.nn = 3  # a typo is an error, not a new field
+        with pytest.raises(AttributeError):
+            c.choises = {}
+        assert tuple(c.stages) == check_stages(c.stages) and set(c.stages) <= set(STAGES)
+        assert c.stages[0] == "tasks"
+        assert c.mesh.data * c.mesh.fsdp * c.mesh.tensor * c.mesh.expert >= 1
+        if arg == "llama31-8b":
+            c.adapters_dir = "/mnt/loras"
+            spec = persona_spec(c)
+            assert spec[0] == "default" and all(s.startswith("adapter:/mnt/loras/") for s in spec[1:]), spec
+            c.checkpoints_dir = "/mnt/ckpt"
+            assert c.model.source == "/mnt/ckpt/Llama-3.1-8B-Instruct"  # follows the field
+    with pytest.raises(ValueError, match="unknown model 'gemma3-27B'"):
+        _load_config(name, "gemma3-27B")
+    stages = {n: tuple(_load_config(n, "tiny").stages) for n in EXPERIMENTS}
+    assert "choices" not in stages["extract"] and "activations" not in stages["utilities"]
+    assert "steering" in stages["steering"] and "inlp" not in stages["steering"]
+
+
+@pytest.mark.parametrize("arg", ("gemma3-27b", "qwen35-122b-a10b", "llama31-8b"))
+def test_big_model_rows_fit_their_mesh_and_layers(arg):
+    """Shape-level checks only (no weights here): layers to capture exist, the mesh can shard the model."""
+    import jax
+    from prefjax.models import family_for_preset
+    from prefjax.pipeline import resolve_layers
+    c = _load_config("probes", arg)
+    fam = family_for_preset(c.model.preset)
+    cfg = fam.PRESETS[c.model.preset]
+    shapes = jax.eval_shape(lambda k: fam.init_params(cfg, k, dtype=c.model.dtype), jax.random.PRNGKey(0))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+    layers = resolve_layers(c.activations.layers, cfg.n_layers)
+    assert layers[-1] == cfg.n_layers - 1 and len(layers) >= 8
+    n_dev = c.mesh.data * c.mesh.fsdp * c.mesh.tensor * c.mesh.expert
+    per_device_gib = n_params * 2 / n_dev / 2**30  # bfloat16
+    expected = {"gemma3-27b": 27e9, "qwen35-122b-a10b": 122e9, "llama31-8b": 8e9}[arg]
+    assert 0.8 * expected < n_params < 1.3 * expected, n_params
+    assert per_device_gib < 70, f"{arg}: {per_device_gib:.0f} GiB of weights per device on mesh {c.mesh}"
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_tiny_runs_first_two_stages(name, tmp_path, tiny_model):
+    from prefjax.pipeline import run_pipeline
+    c = _load_config(name, "tiny")
+    c.unlock()
+    first2 = tuple(c.stages[:2])
+    c.stages = first2
+    c.tasks.n = 8
+    c.choices.degree = 2
+    c.progress = False
+    c.lock()
+    assert run_pipeline(c, str(tmp_path), model=tiny_model) is None  # no report stage
+    done = sorted(p[:-5] for p in os.listdir(tmp_path / "stages") if p.endswith(".done"))
+    want = ["tasks"] + [f"{first2[1]}-{p}" for p in c.personas]
+    assert done == sorted(want)
+    if first2[1] == "activations":  # extract: all layers x (end-of-turn + 4 after)
+        from prefjax.store import open_existing
+        st = open_existing(str(tmp_path / "activations" / "default"))
+        assert st.read().shape == (8, 4, 5, 64)
