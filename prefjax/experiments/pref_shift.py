@@ -1,0 +1,213 @@
+"""Preference-shift tracking: when a system prompt moves the utilities, does the probe score move too?
+
+Base persona A has utilities ``mu_base`` and activations ``X_base``; under a shift (persona B, or a
+context such as "You love math") the same tasks have utilities ``mu_shift`` and activations
+``X_shift``. A probe trained on A alone scores both: ``s_base = probe(X_base)``,
+``s_shift = probe(X_shift)``. Per task the utility change is ``d_mu = mu_shift - mu_base`` and the
+score change ``d_s = s_shift - s_base``; the headline number is ``corr(d_s, d_mu)`` with a bootstrap
+interval (tasks resampled) and a permutation p-value (``d_mu`` shuffled).
+
+A content baseline computed from the task text alone (e.g. mean token embeddings) does not see the
+system prompt, so its score change is 0 by construction. It is reported instead by how well its
+(unchanged) score correlates with the shifted utilities, next to the probe's ``corr(s_shift,
+mu_shift)``: a probe that only encodes content would do no better than the baseline there.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+
+class ShiftError(ValueError):
+    """Inputs of the shift analysis that do not line up (lengths, NaN, missing files)."""
+
+
+def _vec(name: str, a, n: int | None = None) -> np.ndarray:
+    v = np.asarray(a, np.float64)
+    if v.ndim != 1:
+        raise ShiftError(f"{name} must be 1-D; got shape {v.shape}")
+    if n is not None and len(v) != n:
+        raise ShiftError(f"{name} has {len(v)} entries; expected {n} (one per task)")
+    if not np.isfinite(v).all():
+        raise ShiftError(f"{name} has a non-finite value at index {int(np.argwhere(~np.isfinite(v))[0][0])}")
+    return v
+
+
+def _r(x, y) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    den = np.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / den) if den > 0 else float("nan")
+
+
+def _rows_r(x_BxN, y_BxN) -> np.ndarray:
+    x = x_BxN - x_BxN.mean(1, keepdims=True)
+    y = y_BxN - y_BxN.mean(1, keepdims=True)
+    den = np.sqrt((x * x).sum(1) * (y * y).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (x * y).sum(1) / np.where(den > 0, den, 1), np.nan)
+
+
+def correlation_test(x, y, *, n_boot: int = 1000, n_perm: int = 1000, level: float = 0.95,
+                     seed: int = 0) -> dict:
+    """Pearson r of ``x`` and ``y`` with a percentile bootstrap CI and a two-sided permutation p-value.
+
+    Returns ``{"r", "spearman", "ci": [lo, hi], "p_value", "n", "slope"}``; ``slope`` is the least-
+    squares slope of ``x`` on ``y`` (1 when ``x`` moves one-for-one with ``y``). The p-value is
+    ``(1 + #{|r_perm| >= |r|}) / (1 + n_perm)``. A constant input gives ``r = nan`` (no error).
+    """
+    from prefjax.stats_small import rankdata
+    x = _vec("x", x)
+    y = _vec("y", y, len(x))
+    n = len(x)
+    if n < 3:
+        raise ShiftError(f"need at least 3 tasks for a correlation; got {n}")
+    r = _r(x, y)
+    rng = np.random.default_rng(seed)
+    bi = rng.integers(0, n, (n_boot, n))
+    boots = _rows_r(x[bi], y[bi])
+    boots = boots[np.isfinite(boots)]
+    a = (1 - level) / 2
+    ci = [float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a))] if boots.size else [np.nan, np.nan]
+    perm = np.argsort(rng.random((n_perm, n)), axis=1)
+    null = _rows_r(np.broadcast_to(x, (n_perm, n)), y[perm])
+    p = float((1 + np.sum(np.abs(null) >= abs(r) - 1e-12)) / (1 + n_perm)) if np.isfinite(r) else float("nan")
+    vy = float(((y - y.mean()) ** 2).sum())
+    slope = float(((x - x.mean()) * (y - y.mean())).sum() / vy) if vy > 0 else float("nan")
+    return {"r": r, "spearman": _r(rankdata(x), rankdata(y)), "ci": ci, "p_value": p, "n": n,
+            "slope": slope}
+
+
+def preference_shift(mu_base, mu_shift, score_base, score_shift, *, baseline_score=None, idx=None,
+                     n_boot: int = 1000, n_perm: int = 1000, seed: int = 0) -> dict:
+    """Does the probe score follow the utility shift? All inputs are per task, aligned.
+
+    ``score_*`` are the probe (trained on the base persona) applied to activations under the base
+    and under the shift; ``baseline_score`` is a content-only score (the same under both). ``idx``
+    restricts to a subset of tasks (e.g. those the probe was not trained on). Returns:
+
+    * ``tracking``: :func:`correlation_test` of ``d_s`` against ``d_mu`` (the headline);
+    * ``probe_base`` / ``probe_shift``: r of the score with the utilities under base / shift;
+    * ``utility_corr``: r of ``mu_base`` with ``mu_shift`` (how big the shift is);
+    * ``baseline`` (when given): r of the content score with ``mu_shift`` (CI, p) and with ``mu_base``
+      -- its own change is 0 by construction, so it cannot track ``d_mu``;
+    * ``d_mu`` / ``d_s`` summaries (mean, sd).
+    """
+    mb = _vec("mu_base", mu_base)
+    n = len(mb)
+    ms = _vec("mu_shift", mu_shift, n)
+    sb = _vec("score_base", score_base, n)
+    ss = _vec("score_shift", score_shift, n)
+    bl = None if baseline_score is None else _vec("baseline_score", baseline_score, n)
+    if idx is not None:
+        idx = np.asarray(idx)
+        if idx.dtype == bool:
+            idx = np.nonzero(idx)[0]
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise ShiftError(f"idx holds task index {int(idx.max() if idx.max() >= n else idx.min())}; "
+                             f"there are {n} tasks")
+        mb, ms, sb, ss = mb[idx], ms[idx], sb[idx], ss[idx]
+        bl = None if bl is None else bl[idx]
+    d_mu, d_s = ms - mb, ss - sb
+    kw = dict(n_boot=n_boot, n_perm=n_perm, seed=seed)
+    out = {"n": int(len(mb)),
+           "tracking": correlation_test(d_s, d_mu, **kw),
+           "probe_base": correlation_test(sb, mb, **kw),
+           "probe_shift": correlation_test(ss, ms, **kw),
+           "utility_corr": _r(mb, ms),
+           "d_mu": {"mean": float(d_mu.mean()), "sd": float(d_mu.std())},
+           "d_s": {"mean": float(d_s.mean()), "sd": float(d_s.std())}}
+    if bl is not None:
+        out["baseline"] = {"vs_mu_shift": correlation_test(bl, ms, **kw), "vs_mu_base": _r(bl, mb),
+                           "d_s": 0.0}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline stage.
+
+def _probe_dir(run, persona: str, probe_summary=None) -> str:
+    base = os.path.join(run.workdir, "probes", persona)
+    if probe_summary is not None:
+        layer = probe_summary["persona"][persona]["best_layer"]
+        d = os.path.join(base, f"blocks.{layer}.hook_resid_post")
+    else:
+        subs = sorted(s for s in os.listdir(base) if os.path.isfile(os.path.join(base, s, "cfg.json"))) \
+            if os.path.isdir(base) else []
+        if len(subs) != 1:
+            raise ShiftError(f"{base}: expected exactly one saved probe folder, found {subs}; "
+                             f"pass probe_summary to pick the best layer")
+        d = os.path.join(base, subs[0])
+    if not os.path.isfile(os.path.join(d, "cfg.json")):
+        raise ShiftError(f"no saved probe at {d} (run the probes stage first)")
+    return d
+
+
+def _acts(run, persona: str, hook: str, position: int) -> np.ndarray:
+    from prefjax.store import open_existing
+    path = os.path.join(run.workdir, "activations", persona)
+    if not os.path.isfile(os.path.join(path, "store.json")):
+        raise ShiftError(f"no activations for persona {persona!r} at {path} (run the activations stage)")
+    st = open_existing(path)
+    if hook not in st.hooks:
+        raise ShiftError(f"{path} holds hooks {list(st.hooks)}, not the probe's {hook!r}")
+    if not 0 <= position < st.positions_k:
+        raise ShiftError(f"probe position {position} is outside the {st.positions_k} stored positions of {path}")
+    return st.read(hook=hook)[:, position, :].astype(np.float32)
+
+
+def _mu(run, persona: str) -> np.ndarray:
+    p = os.path.join(run.stage_dir("utilities"), f"{persona}.npz")
+    if not os.path.isfile(p):
+        raise ShiftError(f"no utilities for persona {persona!r} at {p} (run the utilities stage)")
+    return np.load(p)["mu"]
+
+
+def run_pref_shift_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, probe_summary=None) -> dict:
+    """Probe-score tracking of utility shifts, base persona vs every other persona of the run.
+
+    Reads what the pipeline wrote: ``stages/utilities/<p>.npz``, ``activations/<p>`` and the base
+    persona's probe ``probes/<base>/<hook>/`` (the best layer of ``probe_summary`` when given).
+    Config (optional): ``pref_shift.base`` (default: first persona), ``pref_shift.shifts`` (default:
+    the other personas), ``pref_shift.n_boot`` (1000), ``pref_shift.n_perm`` (1000), ``seed``,
+    ``probes.alphas``. A shift such as "You love math" is run as a persona of the pipeline (its own
+    choices, utilities and activations). Reports every task and the held-out test split.
+    """
+    from prefjax.pipeline import _get, content_embeddings
+    from prefjax.probes import RidgeProbe, default_splits, fit_ridge
+    from prefjax.stages import to_jsonable
+    names = list(personas)
+    base = _get(cfg, "pref_shift.base", None) or names[0]
+    shifts = list(_get(cfg, "pref_shift.shifts", None) or [p for p in names if p != base])
+    for p in [base] + shifts:
+        if p not in personas:
+            raise ShiftError(f"pref_shift names persona {p!r}, which is not one of the run's personas {names}")
+    if not shifts:
+        return {"base": base, "skipped": "no shift persona (the run has one persona)"}
+    seed = int(_get(cfg, "seed", 0))
+    n = len(pool)
+    pdir = _probe_dir(run, base, probe_summary)
+    probe = RidgeProbe.load(pdir)
+    hook = probe.cfg.get("hook", os.path.basename(pdir))
+    position = int(probe.cfg.get("position", 0))
+    mu_b = _mu(run, base)
+    s_b = probe.predict(_acts(run, base, hook, position))
+    train, ev, test = default_splits(n, seed)
+    if min(len(ev), len(test)) < 3:
+        raise ShiftError(f"a pool of {n} tasks leaves {len(ev)} eval and {len(test)} test tasks; need >= 3 each "
+                         f"(use at least 14 tasks)")
+    alphas = tuple(float(a) for a in _get(cfg, "probes.alphas", (0.1, 1, 10, 100, 1e3, 1e4, 1e5)))
+    emb = content_embeddings(model, pool)
+    bl = fit_ridge(emb, mu_b, alphas=alphas, eval_idx=ev, train_idx=train).predict(emb)
+    kw = dict(n_boot=int(_get(cfg, "pref_shift.n_boot", 1000)), n_perm=int(_get(cfg, "pref_shift.n_perm", 1000)),
+              seed=seed)
+    out = {"base": base, "probe": pdir, "hook": hook, "position": position, "shifts": {}}
+    for sp in shifts:
+        mu_s = _mu(run, sp)
+        s_s = probe.predict(_acts(run, sp, hook, position))
+        out["shifts"][sp] = {
+            "all": preference_shift(mu_b, mu_s, s_b, s_s, baseline_score=bl, **kw),
+            "test": preference_shift(mu_b, mu_s, s_b, s_s, baseline_score=bl, idx=test, **kw)}
+    return to_jsonable(out, nan_to_none=True)
