@@ -146,6 +146,10 @@ def run_pipeline(cfg, workdir: str, *, model=None) -> str | None:
     from prefjax.store import ComparisonsStore
 
     stages = set(check_stages(_get(cfg, "stages", STAGES) or STAGES))
+    for field, allowed in (("choices.mode", ("logit", "sample")), ("steering.mode", ("contrastive", "single"))):
+        val = _get(cfg, field, allowed[0])
+        if val not in allowed:
+            raise ValueError(f"config field {field!r} is {val!r}; expected one of {list(allowed)}")
     pool = load_task_pool(cfg)
     personas = {p.name: p for p in personas_from_spec(persona_spec(cfg))}
     run = Run(workdir, _to_dict(cfg))  # after the cheap input checks: bad input leaves no workdir behind

@@ -151,6 +151,15 @@ def test_bad_stage_list_fails_before_compute(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_bad_mode_fields_fail_before_compute(tmp_path):
+    from prefjax.pipeline import run_pipeline
+    with pytest.raises(ValueError, match="steering.mode.*'contrastiv'"):
+        run_pipeline(tiny_config(**{"steering.mode": "contrastiv"}), str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="choices.mode.*'logits'"):
+        run_pipeline(tiny_config(**{"choices.mode": "logits"}), str(tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_duplicate_task_ids_fail_before_compute(tmp_path):
     from prefjax.pipeline import run_pipeline
     f = tmp_path / "tasks.jsonl"
