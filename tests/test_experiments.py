@@ -174,6 +174,11 @@ def test_patching_stage(model, pool, personas, tiny_run):
         z = np.load(os.path.join(run.stage_dir("patching"), f"{kind}.npz"))
         assert z["p_patched_span"].shape == (4, 2)
     assert out["sources"]["persona"]["source_persona"] == "evil"
+    assert "recovered_task_frame" not in out["sources"]["persona"]
+    z = np.load(os.path.join(run.stage_dir("patching"), "swap.npz"))
+    moved, eff = z["p_patched_eot"] - z["p_target"], (1 - z["p_source"]) - z["p_target"]
+    np.testing.assert_allclose(out["sources"]["swap"]["recovered_task_frame"]["eot"]["p"]["pooled"],
+                               moved @ eff / (eff @ eff))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,23 +288,26 @@ def test_classifiers_match_sklearn():
 
 
 def test_statement_activations_match_task_extraction(model, personas):
-    st = load_statements()[:3]
-    acts = statement_activations(model, st, [HOOKS[1]], persona=personas["evil"], n_after=1, batch_size=2)
-    assert acts.shape == (1, 3, 2, model.d_model)
-    # evil has a system prompt: rebuild its chat and read the residual at its end-of-turn token
+    st = load_statements()
+    # the stage's exact call (same hooks, shapes): the compiled program is shared with test_truefalse_stage
+    acts = statement_activations(model, st, [HOOKS[2]], persona=personas["evil"], n_after=0)
+    assert acts.shape == (1, len(st), 1, model.d_model)
     from prefjax.elicit.prompts import task_messages
-    ids = model.tokenizer.encode_chat(task_messages(st[2].text, personas["evil"]))
-    eot = model.tokenizer.end_of_turn_index(ids)
-    _, cache = model.run(np.asarray([ids], np.int32), capture=[HOOKS[1]], positions=np.asarray([[eot, eot + 1]]))
-    np.testing.assert_allclose(acts[0, 2], np.asarray(cache[HOOKS[1]])[0], atol=1e-5)
+    for k in (2, len(st) - 1):  # first batch, and the last (partly filled) batch
+        ids = model.tokenizer.encode_chat(task_messages(st[k].text, personas["evil"]))
+        eot = model.tokenizer.end_of_turn_index(ids)
+        _, cache = model.run(np.asarray([ids], np.int32), capture=[HOOKS[2]], positions=np.asarray([[eot]]))
+        np.testing.assert_allclose(acts[0, k], np.asarray(cache[HOOKS[2]])[0], atol=1e-5)
 
 
 def test_truefalse_stage(model, pool, personas, tiny_run):
     run, cfg, summary = tiny_run
-    out = run_truefalse_stage(cfg, run, model, pool, personas, probe_summary=summary)
+    # "evil" has a probe; "assistant" has none and is skipped (one persona keeps the test fast)
+    use = {"evil": personas["evil"], **{p.name: p for p in personas_from_spec(["assistant"])}}
+    out = run_truefalse_stage(cfg, run, model, pool, use)
     json.dumps(out)
-    assert out["n_statements"] >= 60
-    for name in personas:
+    assert out["n_statements"] >= 60 and "skipped" in out["persona"]["assistant"]
+    for name in ["evil"]:
         r = out["persona"][name]
         assert 0 <= r["probe_auc"]["auc"] <= 1 and r["probe_auc"]["ci"][0] <= r["probe_auc"]["auc"]
         assert 0 <= r["ridge_cv"]["auc"] <= 1 and len(r["logistic_cv"]["fold_auc"]) == 4

@@ -285,6 +285,14 @@ def _persona_model(model, persona):
     return model
 
 
+def _task_frame(res: dict, modes, min_effect: float) -> dict:
+    """Swap sources in the task frame: the source's P(choose the task the *target* shows as A) is
+    ``1 - P_source(A)`` (logit difference ``-ld_source``); the share recovered is measured against that."""
+    return {m: {"p": _recovered(res["p_patched"][m], res["p_target"], 1.0 - res["p_source"], min_effect),
+                "logit": _recovered(res["ld_patched"][m], res["ld_target"], -res["ld_source"], min_effect)}
+            for m in modes}
+
+
 def run_patching_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, layers=None) -> dict:
     """End-of-turn patching on ``patching.n_pairs`` random pairs of the pool; JSON-able summary.
 
@@ -295,6 +303,11 @@ def run_patching_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, la
     the first), ``patching.modes`` (``("eot", "span")``), ``patching.min_effect`` (0.02),
     ``patching.batch_size`` (16), ``seed``. Raw per-pair arrays go to
     ``stages/patching/<source>.npz`` of ``run``.
+
+    ``recovered`` compares label probabilities (P of the label "A" in source and target). For the swap
+    source the label A names the other task, so ``recovered_task_frame`` also gives the share measured
+    against the source's probability of choosing the target's task A (``1 - P_source(A)``): a
+    boundary that carries "which task" rather than "which label" scores high there.
     """
     from prefjax.pipeline import resolve_layers
     from prefjax.stages import atomic_save_npz, to_jsonable
@@ -341,5 +354,7 @@ def run_patching_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, la
             "source_persona": sp.name,
             "mean_abs_effect": float(np.abs(res["p_source"] - res["p_target"]).mean()),
             "p_target_mean": float(res["p_target"].mean()), "p_source_mean": float(res["p_source"].mean()),
-            "recovered": res["recovered"], "recovered_logit": res["recovered_logit"]}, nan_to_none=True)
+            "recovered": res["recovered"], "recovered_logit": res["recovered_logit"],
+            **({"recovered_task_frame": _task_frame(res, modes, float(_get(cfg, "patching.min_effect", 0.02)))}
+               if kind == "swap" else {})}, nan_to_none=True)
     return out
