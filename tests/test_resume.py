@@ -8,14 +8,40 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Small batches so the long stages commit several times (kills land between and inside commits).
 OVERRIDES = ["--config.tasks.n=16", "--config.probes.n_perm=5", "--config.steering.n_pairs=3",
-             "--config.inlp.n_iter=1", "--config.progress=False"]
+             "--config.inlp.n_iter=1", "--config.progress=False", "--config.choices.batch_size=8",
+             "--config.activations.batch_size=4"]
+
+
+def _has_comparisons(wd):
+    return any(os.path.getsize(p) > 0 for p in glob.glob(os.path.join(wd, "comparisons", "seg-*.jsonl")))
+
+
+def _has_committed_acts(wd):
+    p = os.path.join(wd, "activations", "default", "committed.json")
+    try:
+        with open(p) as f:
+            return json.load(f).get("committed", 0) > 0
+    except (OSError, ValueError):
+        return False
+
+
+def _in_probes(wd):
+    return os.path.exists(os.path.join(wd, "stages", "activations-evil.done"))
+
+
+# Kill k waits until its condition holds on disk (part of a long stage written), then a seeded random
+# delay: one kill inside choices, one inside activations, one in the probes/steering tail.
+KILL_POINTS = (("comparison rows on disk", _has_comparisons), ("activation rows committed", _has_committed_acts),
+               ("activations done", _in_probes))
 TIMING_KEYS = {"seconds", "finished", "created"}
 
 
@@ -33,6 +59,31 @@ def _env():
 
 def _start(workdir, log):
     return subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+
+
+def _run_and_kill(workdir, log, cond, delay):
+    """Start the command; once ``cond(workdir)`` holds wait ``delay`` s and SIGKILL. Returns (rc, killed)."""
+    p = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def pump():
+        for line in p.stdout:
+            log.write(line)
+            log.flush()
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    deadline = time.time() + 600
+    while not cond(workdir) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    killed = False
+    if p.poll() is None:
+        try:
+            p.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.kill(p.pid, signal.SIGKILL)
+            killed = True
+    rc = p.wait(timeout=600)
+    t.join(timeout=10)
+    return rc, killed
 
 
 def _comparison_rows(workdir):
@@ -65,29 +116,26 @@ def _stage_results(workdir):
 def test_sigkill_resume_matches_uninterrupted_run(tmp_path):
     ref, res = tmp_path / "ref", tmp_path / "resumed"
     with open(tmp_path / "ref.log", "wb") as log:
-        t0 = time.time()
         rc = _start(ref, log).wait(timeout=600)
-        duration = time.time() - t0
     assert rc == 0, (tmp_path / "ref.log").read_text()[-3000:]
 
-    # Three kills, each at a seeded random moment of an attempt; every attempt restarts the same command.
+    # Three kills at seeded random moments inside the choices, activations and probes stages; every
+    # attempt restarts the same command in the same workdir, then a last attempt runs to the end.
     rng = np.random.default_rng(20261127)
-    delays = sorted(rng.uniform(0.25, 0.9, size=3) * duration)
+    delays = rng.uniform(0.0, 1.5, size=len(KILL_POINTS))
     attempts = []
     with open(tmp_path / "resumed.log", "wb") as log:
-        for d in delays:
-            p = _start(res, log)
-            try:
-                p.wait(timeout=d)
-            except subprocess.TimeoutExpired:
-                os.kill(p.pid, signal.SIGKILL)
-            attempts.append(p.wait())
+        for (marker, cond), d in zip(KILL_POINTS, delays):
+            rc, killed = _run_and_kill(res, log, cond, float(d))
             done = sorted(os.path.basename(x)[:-5] for x in glob.glob(os.path.join(res, "stages", "*.done")))
-            log.write(f"\n### attempt killed after {d:.1f}s (rc {attempts[-1]}); done: {done}\n".encode())
+            log.write(f"\n### after {marker!r} + {d:.2f}s: rc {rc}, killed {killed}; done: {done}\n".encode())
+            log.flush()
+            attempts.append((rc, killed))
         final = _start(res, log).wait(timeout=600)
     text = (tmp_path / "resumed.log").read_text()
     assert final == 0, text[-3000:]
-    assert attempts.count(-signal.SIGKILL) >= 2, f"the kills mostly missed the run: rcs {attempts}"
+    assert sum(k for _, k in attempts) >= 2, f"the kills mostly missed the run: {attempts}\n{text[-3000:]}"
+    assert all(rc == -signal.SIGKILL for rc, k in attempts if k)
     assert "done already, skipping" in text  # a restart really resumed finished stages
 
     # Comparisons: one row per key in the segments, same keys, same values.
