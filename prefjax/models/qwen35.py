@@ -1,0 +1,789 @@
+"""Qwen-3.5 text decoder: ``qwen3_5_moe`` (sparse experts) and ``qwen3_5`` (dense MLP).
+
+Numerics follow transformers (``Qwen3_5MoeForCausalLM`` / ``Qwen3_5ForCausalLM`` and the text tower
+of the ``*ForConditionalGeneration`` classes):
+
+* layers from ``layer_types``: ``linear_attention`` (Gated DeltaNet) x3 then ``full_attention``;
+* RMSNorms are zero-centred, ``x * rsqrt(mean x^2 + eps) * (1 + w)`` in float32, cast after; plain
+  (unscaled) embeddings; untied LM head unless ``tie_word_embeddings``;
+* Gated DeltaNet: padding zeroed, ``in_proj_qkv`` -> depthwise causal conv1d (kernel 4, no bias)
+  -> SiLU -> q, k, v heads; q and k repeated from key heads to value heads
+  (``repeat_interleave``); L2 norm in float32; q scaled by d_k^-1/2; beta = sigmoid(in_proj_b x)
+  (in the activation dtype); g = -exp(A_log) * softplus(in_proj_a x + dt_bias) (float32); the gated
+  delta rule (chunked for prompts, recurrent for single-token decode); a gated RMSNorm with weight
+  ``w`` (not 1 + w) times silu(z); out_proj;
+* gated attention: q_proj emits ``[query | gate]`` per head; q/k RMSNorm per head; RoPE on the first
+  ``partial_rotary_factor`` (25%) of head_dim (text-only mRoPE has identical t/h/w positions, so it
+  reduces to plain RoPE); scale head_dim^-1/2; output * sigmoid(gate) before o_proj;
+* MoE: float32 softmax router, top-k renormalised, SwiGLU experts + sigmoid-gated shared expert.
+
+Hook points per block: ``hook_attn_out`` is the token mixer's output (DeltaNet or attention),
+``hook_mlp_out`` the MoE / MLP output; there are no post-branch norms in this family.
+
+Parameters: block weights shared by every layer (norms, MLP/MoE) carry a leading ``layer`` axis of
+size ``n_layers``; DeltaNet weights live in ``lin`` with a leading axis over the linear layers and
+attention weights in ``attn`` with a leading axis over the full-attention layers. The fold indexes
+them per layer (``aux["idx"]``) and picks the mixer with ``lax.cond`` on ``aux["is_full"]``; unrolled
+runs pick it statically. Decode state lives in the fold's carry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prefjax.hooks import InterventionContext
+from prefjax.models import deltanet as DN
+from prefjax.models import layers as L
+from prefjax.models import moe as M
+from prefjax.models.stack import fold, gather_positions
+
+FAMILY = "qwen35"
+
+LINEAR, FULL = "linear_attention", "full_attention"
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen35Config:
+    """Frozen model configuration (prefjax field names; :func:`config_from_hf` maps HF's).
+
+    ``n_experts == 0`` is the dense ``qwen3_5`` model (SwiGLU MLP of width ``d_ff``).
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    layer_types: tuple[str, ...]
+    lin_n_k_heads: int
+    lin_n_v_heads: int
+    lin_k_dim: int
+    lin_v_dim: int
+    lin_conv_kernel: int = 4
+    n_experts: int = 0
+    top_k: int = 0
+    d_expert: int = 0
+    d_shared: int = 0
+    d_ff: int = 0
+    rope_base: float = 10_000_000.0
+    partial_rotary_factor: float = 0.25
+    rms_eps: float = 1e-6
+    max_position_embeddings: int = 262_144
+    tie_word_embeddings: bool = False
+    hidden_activation: str = "silu"
+    moe_impl: str = "grouped"
+    chunk_size: int = 64
+    pad_id: int = 0
+    bos_id: int | None = None
+    eos_ids: tuple[int, ...] = ()
+    name: str = "qwen35"
+
+    family = FAMILY
+
+    def __post_init__(self):
+        if len(self.layer_types) != self.n_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
+        bad = set(self.layer_types) - {LINEAR, FULL}
+        if bad:
+            raise ValueError(f"unknown layer_types {sorted(bad)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.lin_n_v_heads % self.lin_n_k_heads:
+            raise ValueError(f"lin_n_v_heads={self.lin_n_v_heads} is not a multiple of "
+                             f"lin_n_k_heads={self.lin_n_k_heads}")
+        if self.hidden_activation not in L.ACTIVATIONS:
+            raise ValueError(f"hidden_activation {self.hidden_activation!r} is not supported")
+        if self.moe_impl not in ("grouped", "dense"):
+            raise ValueError(f"moe_impl must be 'grouped' or 'dense', got {self.moe_impl!r}")
+        if self.n_experts:
+            if not (0 < self.top_k <= self.n_experts) or self.d_expert <= 0:
+                raise ValueError(f"MoE config needs 0 < top_k <= n_experts and d_expert > 0 "
+                                 f"(got top_k={self.top_k}, n_experts={self.n_experts}, d_expert={self.d_expert})")
+        elif self.d_ff <= 0:
+            raise ValueError("dense config (n_experts=0) needs d_ff > 0")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def linear_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.layer_types) if t == LINEAR)
+
+    @property
+    def full_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.layer_types) if t == FULL)
+
+
+def _pattern(n_layers: int, every: int = 4) -> tuple[str, ...]:
+    return tuple(FULL if (i + 1) % every == 0 else LINEAR for i in range(n_layers))
+
+
+PRESETS: dict[str, Qwen35Config] = {
+    "qwen35-moe-tiny": Qwen35Config(
+        vocab_size=512, d_model=64, n_layers=8, n_heads=4, n_kv_heads=2, head_dim=16,
+        layer_types=_pattern(8), lin_n_k_heads=2, lin_n_v_heads=4, lin_k_dim=16, lin_v_dim=16,
+        n_experts=8, top_k=2, d_expert=32, d_shared=48, rope_base=10_000.0,
+        max_position_embeddings=4096, name="qwen35-moe-tiny"),
+    "qwen35-tiny": Qwen35Config(
+        vocab_size=512, d_model=64, n_layers=8, n_heads=4, n_kv_heads=2, head_dim=16,
+        layer_types=_pattern(8), lin_n_k_heads=2, lin_n_v_heads=4, lin_k_dim=16, lin_v_dim=16,
+        d_ff=128, rope_base=10_000.0, max_position_embeddings=4096, name="qwen35-tiny"),
+    # Shape of Qwen/Qwen3.5-122B-A10B (text tower).
+    "qwen35-122b-a10b": Qwen35Config(
+        vocab_size=248_320, d_model=3072, n_layers=48, n_heads=32, n_kv_heads=2, head_dim=256,
+        layer_types=_pattern(48), lin_n_k_heads=16, lin_n_v_heads=64, lin_k_dim=128, lin_v_dim=128,
+        n_experts=256, top_k=8, d_expert=1024, d_shared=1024, rope_base=10_000_000.0,
+        max_position_embeddings=262_144, name="qwen35-122b-a10b"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# HF config mapping. Unknown fields are refused, never ignored.
+
+_HF_IGNORED = {
+    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "use_cache",
+    "initializer_range", "attention_dropout", "_name_or_path", "output_hidden_states",
+    "output_attentions", "return_dict", "id2label", "label2id", "problem_type", "is_encoder_decoder",
+    "chunk_size_feed_forward", "tokenizer_class", "pruned_heads", "finetuning_task",
+    "task_specific_params", "prefix", "sep_token_id", "decoder_start_token_id", "add_cross_attention",
+    "tf_legacy_loss", "use_return_dict", "torchscript", "is_decoder", "cross_attention_hidden_size",
+    "max_length", "min_length", "output_router_logits", "router_aux_loss_coef", "tie_word_embeddings",
+    # multi-token-prediction head (weights under mtp.*, skipped)
+    "mtp_num_hidden_layers", "mtp_use_dedicated_embeddings",
+}
+# Fields accepted only at the value the port implements.
+_HF_PINNED = {"attention_bias": False, "hidden_act": "silu", "linear_conv_kernel_dim": 4}
+# Multimodal wrapper fields (the vision tower is not ported; its config is not read).
+_HF_MM_IGNORED = {"vision_config", "image_token_id", "video_token_id", "vision_start_token_id",
+                  "vision_end_token_id", "text_config", "architectures", "model_type", "dtype",
+                  "torch_dtype", "transformers_version", "tie_word_embeddings", "_name_or_path"}
+
+
+def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> Qwen35Config:
+    """Build a :class:`Qwen35Config` from an HF ``config.json`` dict (text-only or multimodal)."""
+    hf = dict(hf)
+    tie = hf.get("tie_word_embeddings")
+    if "text_config" in hf:
+        for k in hf:
+            if k not in _HF_MM_IGNORED:
+                raise ValueError(f"{source}: multimodal config field {k!r} is not handled by the prefjax "
+                                 "Qwen-3.5 port; refusing to ignore it")
+        inner = dict(hf["text_config"])
+        if tie is not None and inner.get("tie_word_embeddings") is None:
+            inner["tie_word_embeddings"] = tie
+        hf = inner
+    mt = hf.get("model_type", "qwen3_5_moe_text")
+    if mt not in ("qwen3_5_moe_text", "qwen3_5_text", "qwen3_5_moe", "qwen3_5"):
+        raise ValueError(f"{source}: model_type {mt!r} is not a Qwen-3.5 text model")
+    moe = "num_experts" in hf or mt.startswith("qwen3_5_moe")
+    handled = {
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "head_dim", "layer_types", "full_attention_interval", "rope_parameters", "rope_theta",
+        "partial_rotary_factor", "rope_scaling", "rms_norm_eps", "max_position_embeddings",
+        "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads",
+        "pad_token_id", "bos_token_id", "eos_token_id",
+    }
+    handled |= ({"num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                 "shared_expert_intermediate_size"} if moe else {"intermediate_size"})
+    for k, v in hf.items():
+        if k in _HF_PINNED:
+            if v != _HF_PINNED[k] and not (v is None and _HF_PINNED[k] is False):
+                raise ValueError(f"{source}: field {k}={v!r} is not supported by the prefjax Qwen-3.5 port "
+                                 f"(only {_HF_PINNED[k]!r})")
+        elif k not in handled and k not in _HF_IGNORED:
+            raise ValueError(f"{source}: config field {k!r} (= {v!r}) is not handled by the prefjax Qwen-3.5 "
+                             "port; refusing to ignore it")
+    n = int(hf["num_hidden_layers"])
+    layer_types = tuple(hf["layer_types"]) if hf.get("layer_types") else \
+        _pattern(n, int(hf.get("full_attention_interval", 4)))
+    rp = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_type = rp.get("rope_type", rp.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
+    unknown_rope = set(rp) - {"rope_type", "type", "rope_theta", "partial_rotary_factor", "mrope_section",
+                              "mrope_interleaved"}
+    if unknown_rope:
+        raise ValueError(f"{source}: rope_parameters fields {sorted(unknown_rope)} are not handled")
+    base = float(rp.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    prf = float(rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.25)))
+    eos = hf.get("eos_token_id")
+    eos_ids = () if eos is None else (tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (int(eos),))
+    d = int(hf["hidden_size"])
+    h = int(hf["num_attention_heads"])
+    kw: dict[str, Any] = {}
+    if moe:
+        kw = dict(n_experts=int(hf["num_experts"]), top_k=int(hf["num_experts_per_tok"]),
+                  d_expert=int(hf["moe_intermediate_size"]),
+                  d_shared=int(hf["shared_expert_intermediate_size"]))
+    else:
+        kw = dict(d_ff=int(hf["intermediate_size"]))
+    return Qwen35Config(
+        vocab_size=int(hf["vocab_size"]), d_model=d, n_layers=n, n_heads=h,
+        n_kv_heads=int(hf.get("num_key_value_heads") or h), head_dim=int(hf.get("head_dim") or d // h),
+        layer_types=layer_types, lin_n_k_heads=int(hf.get("linear_num_key_heads", 16)),
+        lin_n_v_heads=int(hf.get("linear_num_value_heads", 32)),
+        lin_k_dim=int(hf.get("linear_key_head_dim", 128)), lin_v_dim=int(hf.get("linear_value_head_dim", 128)),
+        lin_conv_kernel=int(hf.get("linear_conv_kernel_dim", 4)), rope_base=base, partial_rotary_factor=prf,
+        rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 262_144)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings") or False),
+        pad_id=int(hf["pad_token_id"]) if hf.get("pad_token_id") is not None else 0,
+        bos_id=int(hf["bos_token_id"]) if hf.get("bos_token_id") is not None else None,
+        eos_ids=eos_ids, name=hf.get("_name_or_path") or "qwen35", **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters: names, shapes, logical axes.
+
+def param_shapes(cfg: Qwen35Config) -> dict[str, Any]:
+    """``{path: (shape, logical_axes)}``. ``blocks/*`` have a leading axis of ``n_layers``,
+    ``lin/*`` of the linear-attention layers, ``attn/*`` of the full-attention layers."""
+    n, d, h, kv, hd = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    nl, nf = len(cfg.linear_layers), len(cfg.full_layers)
+    hk, hv, dk, dv, kk = cfg.lin_n_k_heads, cfg.lin_n_v_heads, cfg.lin_k_dim, cfg.lin_v_dim, cfg.lin_conv_kernel
+    out: dict[str, Any] = {
+        "embed": ((cfg.vocab_size, d), ("vocab", "embed")),
+        "final_norm": ((d,), ("norm",)),
+        "blocks/ln_attn": ((n, d), ("layers", "norm")),
+        "blocks/ln_mlp": ((n, d), ("layers", "norm")),
+    }
+    if not cfg.tie_word_embeddings:
+        out["lm_head"] = ((cfg.vocab_size, d), ("vocab", "embed"))
+    if cfg.is_moe:
+        e, f, fs = cfg.n_experts, cfg.d_expert, cfg.d_shared
+        out.update({
+            "blocks/router": ((n, d, e), ("layers", "embed", None)),
+            "blocks/experts_gate": ((n, e, d, f), ("layers", "experts", "embed", "expert_mlp")),
+            "blocks/experts_up": ((n, e, d, f), ("layers", "experts", "embed", "expert_mlp")),
+            "blocks/experts_down": ((n, e, f, d), ("layers", "experts", "expert_mlp", "embed")),
+            "blocks/shared_gate": ((n, d, fs), ("layers", "embed", "mlp")),
+            "blocks/shared_up": ((n, d, fs), ("layers", "embed", "mlp")),
+            "blocks/shared_down": ((n, fs, d), ("layers", "mlp", "embed")),
+            "blocks/shared_expert_gate": ((n, d), ("layers", "embed")),
+        })
+    else:
+        out.update({
+            "blocks/gate": ((n, d, cfg.d_ff), ("layers", "embed", "mlp")),
+            "blocks/up": ((n, d, cfg.d_ff), ("layers", "embed", "mlp")),
+            "blocks/down": ((n, cfg.d_ff, d), ("layers", "mlp", "embed")),
+        })
+    if nl:
+        out.update({
+            "lin/q": ((nl, d, hk, dk), ("layers", "embed", "heads", "head_dim")),
+            "lin/k": ((nl, d, hk, dk), ("layers", "embed", "heads", "head_dim")),
+            "lin/v": ((nl, d, hv, dv), ("layers", "embed", "heads", "head_dim")),
+            "lin/conv_q": ((nl, kk, hk, dk), ("layers", "conv", "heads", "head_dim")),
+            "lin/conv_k": ((nl, kk, hk, dk), ("layers", "conv", "heads", "head_dim")),
+            "lin/conv_v": ((nl, kk, hv, dv), ("layers", "conv", "heads", "head_dim")),
+            "lin/z": ((nl, d, hv, dv), ("layers", "embed", "heads", "head_dim")),
+            "lin/b": ((nl, d, hv), ("layers", "embed", "heads")),
+            "lin/a": ((nl, d, hv), ("layers", "embed", "heads")),
+            "lin/dt_bias": ((nl, hv), ("layers", "heads")),
+            "lin/A_log": ((nl, hv), ("layers", "heads")),
+            "lin/norm": ((nl, dv), ("layers", "norm")),
+            "lin/out": ((nl, hv, dv, d), ("layers", "heads", "head_dim", "embed")),
+        })
+    if nf:
+        out.update({
+            "attn/q": ((nf, d, h, hd), ("layers", "embed", "heads", "head_dim")),
+            "attn/q_gate": ((nf, d, h, hd), ("layers", "embed", "heads", "head_dim")),
+            "attn/k": ((nf, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim")),
+            "attn/v": ((nf, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim")),
+            "attn/o": ((nf, h, hd, d), ("layers", "heads", "head_dim", "embed")),
+            "attn/q_norm": ((nf, hd), ("layers", "norm")),
+            "attn/k_norm": ((nf, hd), ("layers", "norm")),
+        })
+    return out
+
+
+def param_count(cfg: Qwen35Config) -> int:
+    """Number of parameters, from :func:`param_shapes`."""
+    return int(sum(int(np.prod(s)) for s, _ in param_shapes(cfg).values()))
+
+
+# --------------------------------------------------------------------------------------------
+# HF names. An entry is (template, transform) as in gemma3 -- template with ``{l}`` = the HF layer
+# index -- or an HFMulti when one prefjax row is combined from several HF tensors.
+
+@dataclasses.dataclass(frozen=True)
+class HFMulti:
+    """One prefjax row built from several HF tensors: ``combine([arrays in names order])``."""
+
+    names: tuple[str, ...]
+    combine: Callable
+
+
+# Prefixes under which checkpoints store the text decoder ("model." is replaced by the prefix).
+HF_PREFIXES = ("model.", "model.language_model.")
+HF_SKIP_PREFIXES = ("model.visual.", "visual.", "mtp.", "model.mtp.")
+
+
+def hf_names(cfg: Qwen35Config, expert_layout: str = "fused") -> dict[str, Any]:
+    """For each prefjax parameter: (HF name template or :class:`HFMulti`, host transform).
+
+    Templates use ``{l}`` for the HF layer index; ``lin/*`` rows map to ``cfg.linear_layers`` and
+    ``attn/*`` rows to ``cfg.full_layers`` (see :func:`layer_rows`). ``expert_layout`` is
+    ``"fused"`` (``mlp.experts.gate_up_proj`` [E, 2F, D], ``mlp.experts.down_proj`` [E, D, F], as in
+    transformers >= 5 and the released Qwen-3.5 checkpoints) or ``"per_expert"``
+    (``mlp.experts.{e}.gate_proj.weight`` ..., as ``save_pretrained`` writes them).
+    """
+    d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    hk, hv, dk, dv = cfg.lin_n_k_heads, cfg.lin_n_v_heads, cfg.lin_k_dim, cfg.lin_v_dim
+    kd = hk * dk
+    lp = "model.layers.{l}."
+    la = lp + "linear_attn."
+    sa = lp + "self_attn."
+    conv = lambda w: w[:, 0, :].T  # [C, 1, K] -> [K, C]
+    out: dict[str, Any] = {
+        "embed": ("model.embed_tokens.weight", None),
+        "final_norm": ("model.norm.weight", None),
+        "blocks/ln_attn": (lp + "input_layernorm.weight", None),
+        "blocks/ln_mlp": (lp + "post_attention_layernorm.weight", None),
+        "lin/q": (la + "in_proj_qkv.weight", lambda w: w[:kd].T.reshape(d, hk, dk)),
+        "lin/k": (la + "in_proj_qkv.weight", lambda w: w[kd:2 * kd].T.reshape(d, hk, dk)),
+        "lin/v": (la + "in_proj_qkv.weight", lambda w: w[2 * kd:].T.reshape(d, hv, dv)),
+        "lin/conv_q": (la + "conv1d.weight", lambda w: conv(w)[:, :kd].reshape(-1, hk, dk)),
+        "lin/conv_k": (la + "conv1d.weight", lambda w: conv(w)[:, kd:2 * kd].reshape(-1, hk, dk)),
+        "lin/conv_v": (la + "conv1d.weight", lambda w: conv(w)[:, 2 * kd:].reshape(-1, hv, dv)),
+        "lin/z": (la + "in_proj_z.weight", lambda w: w.T.reshape(d, hv, dv)),
+        "lin/b": (la + "in_proj_b.weight", lambda w: w.T),
+        "lin/a": (la + "in_proj_a.weight", lambda w: w.T),
+        "lin/dt_bias": (la + "dt_bias", None),
+        "lin/A_log": (la + "A_log", None),
+        "lin/norm": (la + "norm.weight", None),
+        "lin/out": (la + "out_proj.weight", lambda w: w.T.reshape(hv, dv, d)),
+        "attn/q": (sa + "q_proj.weight", lambda w: w.reshape(h, 2, hd, d)[:, 0].transpose(2, 0, 1)),
+        "attn/q_gate": (sa + "q_proj.weight", lambda w: w.reshape(h, 2, hd, d)[:, 1].transpose(2, 0, 1)),
+        "attn/k": (sa + "k_proj.weight", lambda w: w.T.reshape(d, kv, hd)),
+        "attn/v": (sa + "v_proj.weight", lambda w: w.T.reshape(d, kv, hd)),
+        "attn/o": (sa + "o_proj.weight", lambda w: w.T.reshape(h, hd, d)),
+        "attn/q_norm": (sa + "q_norm.weight", None),
+        "attn/k_norm": (sa + "k_norm.weight", None),
+    }
+    if not cfg.tie_word_embeddings:
+        out["lm_head"] = ("lm_head.weight", None)
+    if cfg.is_moe:
+        f = cfg.d_expert
+        mp = lp + "mlp."
+        out.update({
+            "blocks/router": (mp + "gate.weight", lambda w: w.T),
+            "blocks/shared_gate": (mp + "shared_expert.gate_proj.weight", lambda w: w.T),
+            "blocks/shared_up": (mp + "shared_expert.up_proj.weight", lambda w: w.T),
+            "blocks/shared_down": (mp + "shared_expert.down_proj.weight", lambda w: w.T),
+            "blocks/shared_expert_gate": (mp + "shared_expert_gate.weight", lambda w: w[0]),
+        })
+        if expert_layout == "fused":
+            out.update({
+                "blocks/experts_gate": (mp + "experts.gate_up_proj", lambda w: w[:, :f].transpose(0, 2, 1)),
+                "blocks/experts_up": (mp + "experts.gate_up_proj", lambda w: w[:, f:].transpose(0, 2, 1)),
+                "blocks/experts_down": (mp + "experts.down_proj", lambda w: w.transpose(0, 2, 1)),
+            })
+        elif expert_layout == "per_expert":
+            ex = lambda proj: HFMulti(tuple(mp + f"experts.{e}.{proj}.weight" for e in range(cfg.n_experts)),
+                                      _stack_transposed)
+            out.update({
+                "blocks/experts_gate": (ex("gate_proj"), None),
+                "blocks/experts_up": (ex("up_proj"), None),
+                "blocks/experts_down": (ex("down_proj"), None),
+            })
+        else:
+            raise ValueError(f"expert_layout must be 'fused' or 'per_expert', got {expert_layout!r}")
+    else:
+        out.update({
+            "blocks/gate": (lp + "mlp.gate_proj.weight", lambda w: w.T),
+            "blocks/up": (lp + "mlp.up_proj.weight", lambda w: w.T),
+            "blocks/down": (lp + "mlp.down_proj.weight", lambda w: w.T),
+        })
+    shapes = param_shapes(cfg)
+    return {k: v for k, v in out.items() if k in shapes}
+
+
+def _stack_transposed(ws):
+    """Per-expert torch Linear weights [out, in] -> one [E, in, out] array (numpy or traced)."""
+    xp = np if all(isinstance(w, np.ndarray) for w in ws) else jnp
+    return xp.stack([w.T for w in ws])
+
+
+def _apply(entry, transform, arrays):
+    a = entry.combine(arrays) if isinstance(entry, HFMulti) else arrays[0]
+    return a if transform is None else transform(a)
+
+
+def layer_rows(cfg: Qwen35Config, path: str) -> tuple[int, ...] | None:
+    """HF layer index of each row of a stacked parameter (None for unstacked ones)."""
+    if path.startswith("lin/"):
+        return cfg.linear_layers
+    if path.startswith("attn/"):
+        return cfg.full_layers
+    if path.startswith("blocks/"):
+        return tuple(range(cfg.n_layers))
+    return None
+
+
+def detect_expert_layout(cfg: Qwen35Config, names, prefix: str) -> str:
+    """``"fused"`` or ``"per_expert"`` from the tensor names present (prefix replaces ``model.``)."""
+    if not cfg.is_moe:
+        return "fused"
+    names = set(names)
+    if f"{prefix}layers.0.mlp.experts.gate_up_proj" in names:
+        return "fused"
+    if f"{prefix}layers.0.mlp.experts.0.gate_proj.weight" in names:
+        return "per_expert"
+    raise ValueError(f"no MoE expert tensors for layer 0 under {prefix!r} (neither fused "
+                     "mlp.experts.gate_up_proj nor per-expert mlp.experts.0.gate_proj.weight)")
+
+
+def load_params(cfg: Qwen35Config, src, *, dtype=None, mesh=None, rules=None, where: str = "checkpoint",
+                extra_skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load every parameter from ``src`` (a :class:`prefjax.checkpoints.hf.TensorSource`).
+
+    Like :func:`prefjax.checkpoints.hf.load_params`, but knows that ``lin/*`` and ``attn/*`` stack
+    a subset of the layers and that per-expert checkpoints stack many tensors into one row. Every
+    tensor's presence and shape is checked before any array is built; tensors the port would
+    ignore are refused. Each device shard reads only the layers (rows) it holds.
+    """
+    from prefjax.checkpoints.hf import CheckpointError, _assign, find_prefix, resolve_dtype
+    from prefjax.sharding import DEFAULT_RULES, named
+
+    rules = DEFAULT_RULES if rules is None else rules
+    available = set(src.names())
+    prefix = find_prefix(src, "model.embed_tokens.weight", HF_PREFIXES)
+    layout = detect_expert_layout(cfg, available, prefix)
+    shapes = param_shapes(cfg)
+    names = hf_names(cfg, layout)
+    if dtype is None:
+        emb = np.dtype(src.get(prefix + "embed_tokens.weight").dtype)
+        dtype = resolve_dtype(emb.name if emb.name in ("float32", "bfloat16", "float16") else "float32")
+
+    def hf(template: str, l: int | None) -> str:
+        t = prefix + template[len("model."):] if template.startswith("model.") else template
+        return t.format(l=l) if l is not None else t
+
+    def row_names(entry, l):
+        if isinstance(entry, HFMulti):
+            return [hf(t, l) for t in entry.names]
+        return [hf(entry, l)]
+
+    def build_row(entry, transform, tensor_names):
+        return _apply(entry, transform, [np.asarray(src.get(tn)) for tn in tensor_names])
+
+    plan = {}
+    consumed: set[str] = set()
+    for path, (shape, _axes) in shapes.items():
+        entry, transform = names[path]
+        rows = layer_rows(cfg, path)
+        target = tuple(shape[1:]) if rows is not None else tuple(shape)
+        row_tensors = [row_names(entry, l) for l in (rows if rows is not None else [None])]
+        for tns in row_tensors:
+            for tn in tns:
+                if tn not in available:
+                    raise CheckpointError(f"{where}: tensor {tn!r} (for {path}) is missing")
+            shp = [jax.ShapeDtypeStruct(tuple(src.shape(tn)), jnp.float32) for tn in tns]
+            want = jax.eval_shape(lambda *xs: _apply(entry, transform, list(xs)), *shp).shape
+            if tuple(want) != target:
+                raise CheckpointError(f"{where}: tensor(s) {tns[:2]} give shape {tuple(want)} for {path}; "
+                                      f"the config implies {target}")
+            consumed.update(tns)
+        plan[path] = (entry, transform, row_tensors, rows is not None)
+    skip = HF_SKIP_PREFIXES + tuple(extra_skip) + (("lm_head.",) if cfg.tie_word_embeddings else ())
+    leftovers = sorted(t for t in available if t not in consumed and not t.startswith(skip))
+    if leftovers:
+        raise CheckpointError(f"{where}: {len(leftovers)} tensor(s) the {FAMILY} port would ignore, "
+                              f"e.g. {leftovers[:5]}; refusing to load silently")
+
+    out: dict[str, Any] = {}
+    for path, (entry, transform, row_tensors, stacked) in plan.items():
+        shape, axes = shapes[path]
+        sharding = named(shape, axes, mesh, rules) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        if stacked:
+            def cb(index, entry=entry, transform=transform, row_tensors=row_tensors):
+                rows = range(len(row_tensors))[index[0]]
+                return np.stack([np.asarray(build_row(entry, transform, row_tensors[r])[index[1:]]).astype(dtype)
+                                 for r in rows])
+        else:
+            def cb(index, entry=entry, transform=transform, row_tensors=row_tensors):
+                return np.asarray(build_row(entry, transform, row_tensors[0])[index]).astype(dtype)
+        _assign(out, path, jax.make_array_from_callback(shape, sharding, cb))
+    return out
+
+
+def load_dir(folder, *, dtype=None, mesh=None):
+    """Load an HF checkpoint folder of ``qwen3_5_moe`` / ``qwen3_5`` as a :class:`prefjax.model.Model`.
+
+    The same as ``prefjax.load(folder)`` once the generic loader dispatches to
+    :func:`load_params` (this family stacks layer subsets, which the generic loader cannot).
+    """
+    from pathlib import Path
+
+    from prefjax.checkpoints.hf import read_config, resolve_dtype
+    from prefjax.checkpoints.safetensors_io import SafetensorsDir
+    from prefjax.model import Model
+
+    folder = Path(folder)
+    cfg = config_from_hf(read_config(folder), source=str(folder / "config.json"))
+    params = load_params(cfg, SafetensorsDir(folder), dtype=resolve_dtype(dtype), mesh=mesh, where=str(folder))
+    tok = None
+    try:
+        from prefjax.tokenize import Tokenizer
+        tok = Tokenizer.maybe_from_dir(folder)
+    except ImportError:
+        tok = None
+    import sys
+    return Model(sys.modules[__name__], cfg, params, tokenizer=tok, mesh=mesh, source=str(folder))
+
+
+# --------------------------------------------------------------------------------------------
+# Forward.
+
+def aux_arrays(cfg: Qwen35Config) -> dict[str, np.ndarray]:
+    """Per-layer data scanned alongside the weights: mixer kind and row in its own stack."""
+    is_full = np.array([t == FULL for t in cfg.layer_types], np.int32)
+    idx = np.zeros(cfg.n_layers, np.int32)
+    for rows in (cfg.linear_layers, cfg.full_layers):
+        for j, l in enumerate(rows):
+            idx[l] = j
+    return {"is_full": is_full, "idx": idx}
+
+
+def _norm(cfg, x, w):
+    return L.rms_norm(x, w, cfg.rms_eps, plus_one=True)
+
+
+def _gated_norm(x, w, z, eps):
+    """transformers' Qwen3_5MoeRMSNormGated: ``(w * norm(x).to(dtype)) * silu(z.float())``, cast back."""
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    y = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(dtype)
+    y = w.astype(dtype) * y
+    return (y.astype(jnp.float32) * jax.nn.silu(z.astype(jnp.float32))).astype(dtype)
+
+
+def _index(tree, i):
+    if isinstance(i, int):
+        return jax.tree_util.tree_map(lambda a: a[i], tree)
+    return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
+
+
+def _set(a, i, v):
+    if isinstance(i, int):
+        return a.at[i].set(v.astype(a.dtype))
+    return jax.lax.dynamic_update_index_in_dim(a, v.astype(a.dtype), i, 0)
+
+
+def deltanet_mixer(cfg: Qwen35Config, p, h_BxTxD, valid_BxT, st=None, *, recurrent: bool = False):
+    """Gated DeltaNet token mixer on normed input. ``st``: dict conv_q/conv_k/conv_v windows
+    [B, K-1, heads, dim] and ``rec`` [B, Hv, dk, dv] (or None). Returns ``(out, new st)``."""
+    b, t, _ = h_BxTxD.shape
+    dtype = h_BxTxD.dtype
+    hk, hv, dk, dv = cfg.lin_n_k_heads, cfg.lin_n_v_heads, cfg.lin_k_dim, cfg.lin_v_dim
+    m = valid_BxT.astype(dtype)[:, :, None]
+    x = (h_BxTxD * m).astype(dtype)
+    act = L.ACTIVATIONS[cfg.hidden_activation]
+    new = {}
+
+    def proj_conv(name, heads, dim):
+        y = jnp.einsum("btd,dnh->btnh", x, p[name]).reshape(b, t, heads * dim)
+        w = p["conv_" + name].reshape(-1, heads * dim)
+        win = None if st is None else st["conv_" + name].reshape(b, -1, heads * dim)
+        y, win_new = DN.causal_conv(y, w, win)
+        if st is not None:
+            if t == 1:  # an invalid (padding) decode token leaves the window as it was
+                win_new = jnp.where(valid_BxT[:, :, None], win_new, win)
+            new["conv_" + name] = win_new.reshape(st["conv_" + name].shape)
+        return act(y).reshape(b, t, heads, dim)
+
+    q = proj_conv("q", hk, dk)
+    k = proj_conv("k", hk, dk)
+    v = proj_conv("v", hv, dv)
+    z = jnp.einsum("btd,dnh->btnh", x, p["z"])
+    beta = jax.nn.sigmoid(jnp.einsum("btd,dn->btn", x, p["b"]))
+    a = jnp.einsum("btd,dn->btn", x, p["a"])
+    g = -jnp.exp(p["A_log"].astype(jnp.float32)) * jax.nn.softplus(
+        a.astype(jnp.float32) + p["dt_bias"].astype(jnp.float32))
+    # padding neither decays nor writes the recurrent state
+    vmask = valid_BxT[:, :, None]
+    g = jnp.where(vmask, g, 0.0)
+    beta = jnp.where(vmask, beta, jnp.zeros_like(beta))
+    rep = hv // hk
+    if rep > 1:
+        q, k = jnp.repeat(q, rep, axis=2), jnp.repeat(k, rep, axis=2)
+    s0 = None if st is None else st["rec"]
+    if recurrent:
+        o, s = DN.recurrent_gated_delta_rule(q, k, v, g, beta, s0)
+    else:
+        o, s = DN.chunk_gated_delta_rule(q, k, v, g, beta, s0, chunk=cfg.chunk_size)
+    if st is not None:
+        new["rec"] = s
+    o = _gated_norm(o, p["norm"], z, cfg.rms_eps)
+    out = jnp.einsum("btnh,nhd->btd", o, p["out"])
+    return out, (new if st is not None else None)
+
+
+def attention_mixer(cfg: Qwen35Config, p, h_BxTxD, cos, sin, mask, st=None, start=0):
+    """Gated full attention on normed input; ``st`` = {"k","v"} [B, S, KV, hd] cache or None."""
+    q = jnp.einsum("btd,dnh->btnh", h_BxTxD, p["q"])
+    gate = jnp.einsum("btd,dnh->btnh", h_BxTxD, p["q_gate"])
+    k = jnp.einsum("btd,dkh->btkh", h_BxTxD, p["k"])
+    v = jnp.einsum("btd,dkh->btkh", h_BxTxD, p["v"])
+    q, k = _norm(cfg, q, p["q_norm"]), _norm(cfg, k, p["k_norm"])
+    q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
+    new = None
+    if st is not None:
+        k_all = jax.lax.dynamic_update_slice_in_dim(st["k"], k.astype(st["k"].dtype), start, axis=1)
+        v_all = jax.lax.dynamic_update_slice_in_dim(st["v"], v.astype(st["v"].dtype), start, axis=1)
+        new = {"k": k_all, "v": v_all}
+        k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+    o = L.dot_attention(q, k, v, mask, cfg.head_dim ** -0.5)
+    o = o * jax.nn.sigmoid(gate)
+    return jnp.einsum("btnh,nhd->btd", o, p["o"]), new
+
+
+def mlp(cfg: Qwen35Config, p, h_BxTxD, *, impl: str | None = None):
+    """The MoE block (``qwen3_5_moe``) or the dense SwiGLU MLP (``qwen3_5``)."""
+    act = L.ACTIVATIONS[cfg.hidden_activation]
+    if cfg.is_moe:
+        return M.moe_block(h_BxTxD, p, cfg.top_k, impl=impl or cfg.moe_impl, act=act)
+    return M.swiglu(h_BxTxD, p["gate"], p["up"], p["down"], act)
+
+
+_LIN_STATE = ("conv_q", "conv_k", "conv_v", "rec")
+
+
+def _block(cfg: Qwen35Config, lin_p, attn_p, valid_BxT, cos, sin, mask, start, recurrent):
+    def block(p, carry, layer, aux, hook, _unused_state):
+        x, st = carry
+        x = hook("hook_resid_pre", x)
+        h = _norm(cfg, x, p["ln_attn"])
+
+        def run_lin(h, st, i):
+            lst = None if st is None else {k: _index(st[k], i) for k in _LIN_STATE}
+            out, new = deltanet_mixer(cfg, _index(lin_p, i), h, valid_BxT, lst, recurrent=recurrent)
+            if st is not None:
+                st = {**st, **{k: _set(st[k], i, new[k]) for k in _LIN_STATE}}
+            return out, st
+
+        def run_full(h, st, i):
+            ast = None if st is None else {"k": _index(st["k"], i), "v": _index(st["v"], i)}
+            out, new = attention_mixer(cfg, _index(attn_p, i), h, cos, sin, mask, ast, start)
+            if st is not None:
+                st = {**st, "k": _set(st["k"], i, new["k"]), "v": _set(st["v"], i, new["v"])}
+            return out, st
+
+        if isinstance(layer, int):  # unrolled: choose the mixer statically
+            if cfg.layer_types[layer] == FULL:
+                mixed, st = run_full(h, st, cfg.full_layers.index(layer))
+            else:
+                mixed, st = run_lin(h, st, cfg.linear_layers.index(layer))
+        elif not cfg.linear_layers or not cfg.full_layers:
+            mixed, st = (run_full if cfg.full_layers else run_lin)(h, st, aux["idx"])
+        else:
+            mixed, st = jax.lax.cond(aux["is_full"] > 0, run_full, run_lin, h, st, aux["idx"])
+        mixed = hook("hook_attn_out", mixed)
+        x = hook("hook_resid_mid", x + mixed)
+        y = hook("hook_mlp_out", mlp(cfg, p, _norm(cfg, x, p["ln_mlp"])))
+        x = hook("hook_resid_post", x + y)
+        return (x, st), None
+
+    return block
+
+
+def unembed(cfg: Qwen35Config, params, h_BxKxD):
+    w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("bkd,vd->bkv", h_BxKxD, w.astype(h_BxKxD.dtype))
+
+
+def forward(cfg: Qwen35Config, params, tokens_BxT, valid_BxT, *, capture, pos_BxK=None, intervene=None,
+            unroll=False, state=None, start=0, pos_ids_BxT=None, is_prompt=True, logits=True):
+    """One pass over ``tokens_BxT`` (a prompt, or a decode step / continuation when ``state`` is given).
+
+    ``valid_BxT`` is 1 on real tokens and 0 on (left) padding; padding is masked out of attention
+    and never enters the DeltaNet state. With ``state`` (from :func:`init_state`) the tokens are
+    written at slots ``start .. start+T-1``; a single-token call (T == 1) uses the recurrent delta
+    rule, longer ones the chunked form. Returns ``(logits [B, K|T, V] or None, captured dict,
+    final-normed h, new_state)``. ``blocks.{L}.hook_resid_post`` equals HF ``hidden_states[L+1]``
+    except after the last layer (HF applies the final norm there).
+    """
+    b, t = tokens_BxT.shape
+    valid_BxT = valid_BxT.astype(bool)
+    if state is None:
+        kv_valid, s = valid_BxT, t
+        if pos_ids_BxT is None:
+            pos_ids_BxT = jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1
+        st = None
+    else:
+        kv_valid = jax.lax.dynamic_update_slice_in_dim(state["valid"], valid_BxT, start, axis=1)
+        s = kv_valid.shape[1]
+        if pos_ids_BxT is None:
+            before = jnp.sum(state["valid"].astype(jnp.int32) * (jnp.arange(s) < start)[None], axis=1)
+            pos_ids_BxT = before[:, None] + jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1
+        st = {k: v for k, v in state.items() if k != "valid"}
+    ctx = InterventionContext(token_pos_BxT=pos_ids_BxT,
+                              is_prompt_BxT=jnp.full((b, t), bool(is_prompt)) if isinstance(is_prompt, bool)
+                              else is_prompt)
+    x = jnp.take(params["embed"], tokens_BxT, axis=0)
+    inv_freq = L.rope_inv_freq(cfg.head_dim, cfg.rope_base, rotary_dim=cfg.rotary_dim)
+    cos, sin = L.rope_cos_sin(pos_ids_BxT, inv_freq, x.dtype)
+    q_slot = start + jnp.arange(t, dtype=jnp.int32)
+    mask = L.attention_mask(q_slot, jnp.arange(s, dtype=jnp.int32), kv_valid, None)
+    aux = {k: jnp.asarray(v) for k, v in aux_arrays(cfg).items()}
+    block = _block(cfg, params.get("lin", {}), params.get("attn", {}), valid_BxT, cos, sin, mask, start,
+                   recurrent=(state is not None and t == 1))
+    (x, st), captured, _ = fold(block, params["blocks"], (x, st), n_layers=cfg.n_layers, aux=aux,
+                                state=None, capture=capture, pos_BxK=pos_BxK, intervene=intervene, ctx=ctx,
+                                unroll=unroll)
+    h = gather_positions(x, pos_BxK)
+    h = _norm(cfg, h, params["final_norm"])
+    if capture.final:
+        captured["ln_final.hook_normalized"] = h
+    new_state = None if state is None else {**st, "valid": kv_valid}
+    return (unembed(cfg, params, h) if logits else None), captured, h, new_state
+
+
+def init_state(cfg: Qwen35Config, batch: int, max_len: int, dtype) -> dict[str, Any]:
+    """Empty decode state: KV cache [n_full, B, max_len, KV, hd] for attention layers; conv windows
+    [n_linear, B, K-1, heads, dim] and recurrent state [n_linear, B, Hv, dk, dv] (float32) for
+    DeltaNet layers; ``valid`` [B, max_len]."""
+    nl, nf = len(cfg.linear_layers), len(cfg.full_layers)
+    hk, hv, dk, dv, kk = cfg.lin_n_k_heads, cfg.lin_n_v_heads, cfg.lin_k_dim, cfg.lin_v_dim, cfg.lin_conv_kernel
+    kv = (nf, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(kv, dtype), "v": jnp.zeros(kv, dtype),
+            "conv_q": jnp.zeros((nl, batch, kk - 1, hk, dk), dtype),
+            "conv_k": jnp.zeros((nl, batch, kk - 1, hk, dk), dtype),
+            "conv_v": jnp.zeros((nl, batch, kk - 1, hv, dv), dtype),
+            "rec": jnp.zeros((nl, batch, hv, dk, dv), jnp.float32),
+            "valid": jnp.zeros((batch, max_len), bool)}
+
+
+def init_params(cfg: Qwen35Config, key, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Any]:
+    """Random parameters: normal * scale for matrices, small normal for norm offsets, HF-like
+    ``A_log`` (log of U(1, 16)) and ``dt_bias`` (around 1) so the decay is realistic."""
+    out: dict[str, Any] = {}
+    shapes = param_shapes(cfg)
+    keys = jax.random.split(key, len(shapes))
+    for k_, (name, (shape, axes)) in zip(keys, shapes.items()):
+        if name.endswith("A_log"):
+            arr = jnp.log(jax.random.uniform(k_, shape, jnp.float32, 1.0, 16.0))
+        elif name.endswith("dt_bias"):
+            arr = 1.0 + 0.1 * jax.random.normal(k_, shape, jnp.float32)
+        elif name == "lin/norm":
+            arr = 1.0 + 0.1 * jax.random.normal(k_, shape, jnp.float32)
+        else:
+            s = 0.1 if "norm" in axes else scale
+            arr = jax.random.normal(k_, shape, jnp.float32) * s
+        parts = name.split("/")
+        node = out
+        for p_ in parts[:-1]:
+            node = node.setdefault(p_, {})
+        node[parts[-1]] = arr.astype(dtype)
+    return out
