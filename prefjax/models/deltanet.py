@@ -88,10 +88,10 @@ def chunk_gated_delta_rule(q_BxTxHxK, k_BxTxHxK, v_BxTxHxV, g_BxTxH, beta_BxTxH,
     ut = jnp.einsum("bhnik,bhnjk->bhnij", k_beta, k) * decay_CxC
     intra = jnp.einsum("bhnik,bhnjk->bhnij", q, k) * decay_CxC
     # (I + strict_lower(ut)) X = rhs; the diagonal is ignored (unit_diagonal), as torch's unitriangular.
-    solve = lambda rhs: jax.lax.linalg.triangular_solve(ut, rhs, left_side=True, lower=True,
-                                                        unit_diagonal=True)
-    u = solve(v_beta)                                   # "new values" [B,H,N,C,V]
-    w = solve(k_beta * jnp.exp(cum)[..., None])          # decayed keys reading the old state
+    # One solve for both right-hand sides (XLA:CPU's batched triangular solve is slow per call).
+    rhs = jnp.concatenate([v_beta, k_beta * jnp.exp(cum)[..., None]], axis=-1)
+    sol = jax.lax.linalg.triangular_solve(ut, rhs, left_side=True, lower=True, unit_diagonal=True)
+    u, w = sol[..., :dv], sol[..., dv:]  # "new values" [.., V]; decayed keys reading the old state [.., K]
     q_dec = q * jnp.exp(cum)[..., None]
     k_dec = k * jnp.exp(cum[..., -1:] - cum)[..., None]
     chunk_decay = jnp.exp(cum[..., -1])                  # [B,H,N]
