@@ -335,8 +335,6 @@ def test_sharded_on_8_fake_devices_equals_one_device(moe_dir, moe_model, tmp_pat
     assert rel(np.load(tmp_path / "out.npy"), ref) <= TOL
 
 
-@pytest.mark.xfail(strict=True, reason="prefjax.checkpoints.hf.load_params must dispatch to the family's "
-                                       "load_params (qwen35 stacks layer subsets); see qwen35.load_params")
 def test_prefjax_load_entry_point(moe_dir, moe_model):
     import prefjax
     model = prefjax.load(moe_dir[0])

@@ -68,6 +68,8 @@ def load_params(family, cfg, src: TensorSource, *, dtype=None, mesh=None, rules=
     Raises :class:`CheckpointError` naming the tensor (and ``where``) when one is missing, has the
     wrong shape, or when the checkpoint holds tensors the port would silently ignore.
     """
+    if hasattr(family, "load_params"):  # families whose layers are not uniform (Qwen-3.5) load themselves
+        return family.load_params(cfg, src, dtype=dtype, mesh=mesh, rules=rules, where=where, extra_skip=extra_skip)
     shapes = family.param_shapes(cfg)
     names = family.hf_names(cfg)
     prefix = find_prefix(src, names["embed"][0], family.HF_PREFIXES)

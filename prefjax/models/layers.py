@@ -44,7 +44,11 @@ def rope_inv_freq(head_dim: int, base: float, *, rotary_dim: int | None = None,
     """
     dim = rotary_dim or head_dim
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv = (1.0 / (np.float32(base) ** exponent)).astype(np.float32)
+    # torch raises to the power in float32 with its own vectorised pow; numpy's float32 pow disagrees
+    # with it in ~19% of entries (1 ulp), the float64 power rounded to float32 in 0.2% (measured over
+    # 6 bases x 6 head dims). The reciprocal is then taken in float32, as torch does.
+    powed = (np.float64(np.float32(base)) ** exponent.astype(np.float64)).astype(np.float32)
+    inv = (np.float32(1.0) / powed).astype(np.float32)
     if rope_type == "default":
         return inv
     if rope_type == "linear":
