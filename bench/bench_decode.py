@@ -30,7 +30,6 @@ import time
 
 def _median_time(fn, repeats):
     fn()  # warm-up / compile
-    fn()
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -68,11 +67,14 @@ def run_jax(args) -> dict:
         v = random_direction(cfg.d_model, 0)
         spec = SteerSpec(layer=cfg.n_layers // 2, direction=v, coef=np.linspace(-4, 4, b), scale=10.0)
         row = {"batch": b}
-        for name, kw in (("prefjax", {}), ("prefjax+steer", {"steer": spec})):
+        variants = [("prefjax", {})] + ([("prefjax+steer", {"steer": spec})] if b in args.steer_batches else [])
+        for name, kw in variants:
             t_full = _median_time(lambda: generate(model, prompts, max_new_tokens=args.new, **common, **kw),
                                   args.repeats)
-            t_one = _median_time(lambda: generate(model, prompts, max_new_tokens=1, **common, **kw), args.repeats)
+            if name == "prefjax":  # the one-token time (prefill + 1 step) is shared by both variants
+                t_one = _median_time(lambda: generate(model, prompts, max_new_tokens=1, **common), args.repeats)
             row[name] = {"t_full": t_full, "t_one": t_one}
+            print(f"[jax] batch {b} {name}: full {t_full:.3f}s one {t_one:.3f}s", file=sys.stderr, flush=True)
         if args.compare_loops:
             row["python_loop"] = {
                 "t_full": _median_time(lambda: generate(model, prompts, max_new_tokens=args.new, loop="python",
@@ -172,16 +174,18 @@ def run_torch(args) -> dict:
                 torch.cuda.synchronize()
             return o
 
-        cache = "static"
-        try:
-            gen(2, cache)
-        except Exception as e:  # noqa: BLE001 - report and fall back to the dynamic cache
-            out["static_cache_error"] = f"{type(e).__name__}: {e}"[:300]
-            cache = None
+        cache = "static" if args.hf_cache == "static" else None
+        if cache:
+            try:
+                gen(2, cache)
+            except Exception as e:  # noqa: BLE001 - report and fall back to the dynamic cache
+                out["static_cache_error"] = f"{type(e).__name__}: {e}"[:300]
+                cache = None
         out["cache"] = cache or "dynamic"
         t_full = _median_time(lambda: gen(args.new, cache), args.repeats)
         t_one = _median_time(lambda: gen(1, cache), args.repeats)
         out["rows"].append({"batch": b, "transformers": {"t_full": t_full, "t_one": t_one}})
+        print(f"[torch] batch {b}: full {t_full:.3f}s one {t_one:.3f}s", file=sys.stderr, flush=True)
     return out
 
 
@@ -189,9 +193,9 @@ def _sub(args, which):
     cmd = [sys.executable, __file__, "--_worker", which] + args.argv
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)  # progress streams through
     if r.returncode:
-        sys.stderr.write(r.stdout[-4000:] + r.stderr[-8000:])
+        sys.stderr.write(r.stdout[-4000:])
         raise SystemExit(f"{which} worker failed (rc={r.returncode})")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -211,6 +215,9 @@ def main():
     ap.add_argument("--hf-weights", choices=("copy", "random"), default="copy",
                     help="copy: transformers loads prefjax's weights (checked); random: its own random weights "
                          "at the same shapes (no 54 GB round trip through disk at 27B)")
+    ap.add_argument("--steer-batches", default="8", help="batch sizes that also time the steered decode")
+    ap.add_argument("--hf-cache", choices=("dynamic", "static"), default="dynamic",
+                    help="transformers' KV cache; 'static' makes transformers torch.compile the step (minutes at 27B)")
     ap.add_argument("--compare-loops", action="store_true", help="also time loop='python' (jitted step)")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     argv = [a for a in sys.argv[1:]]
@@ -220,6 +227,7 @@ def main():
     args = ap.parse_args()
     args.argv = argv
     args.batch = [int(b) for b in str(args.batch).split(",")]
+    args.steer_batches = [int(b) for b in str(args.steer_batches).split(",") if b]
     if args.weights_dir is None:
         args.weights_dir = os.path.join(tempfile.gettempdir(), f"prefjax_bench_decode_{args.preset}")
         args.argv += ["--weights-dir", args.weights_dir]
