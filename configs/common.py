@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-ALL_STAGES = ("tasks", "choices", "utilities", "activations", "probes", "transfer", "steering", "inlp", "report")
+ALL_STAGES = ("tasks", "choices", "utilities", "activations", "probes", "transfer", "steering", "inlp", "patching",
+              "pref_shift", "truefalse", "report")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +82,17 @@ def base_config(arg: str, config_file: str):
                                                "dtype": "float32"})
     c.probes = ml_collections.ConfigDict({"alphas": (1.0, 10.0, 100.0, 1e3, 1e4, 1e5), "position_index": 0,
                                           "n_perm": 100})
+    # Coefficients are fractions of the mean residual norm at the steering layer. Gemma's residual norms
+    # are dominated by a few huge dimensions (6e3 at layer 9 of the 270M), so 0.25 already pushes the
+    # 270M off the answer format; the sweep stays within +-0.1.
     c.steering = ml_collections.ConfigDict({"persona": "default", "layer": "best", "mode": "contrastive",
-                                            "coefs": (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0), "n_pairs": 16})
+                                            "coefs": (-0.1, -0.05, -0.02, 0.0, 0.02, 0.05, 0.1), "n_pairs": 12})
     c.inlp = ml_collections.ConfigDict({"n_iter": 5})
+    c.patching = ml_collections.ConfigDict({"n_pairs": 6, "layers": "every3", "sources": ("swap", "persona"),
+                                            "modes": ("eot", "span"), "min_effect": 0.02, "batch_size": 16})
+    c.pref_shift = ml_collections.ConfigDict({"n_boot": 1000, "n_perm": 1000})
+    c.truefalse = ml_collections.ConfigDict({"n_folds": 5, "reg": 1.0, "n_boot": 1000, "batch_size": 32})
+    c.truth = ""  # a model organism's folder: the report then compares estimates with the planted utilities
     c.progress = True
     if key == "tiny":
         c.tasks.n = 16
@@ -93,6 +102,9 @@ def base_config(arg: str, config_file: str):
         c.steering.n_pairs = 3
         c.steering.coefs = (-1.0, 0.0, 1.0)
         c.inlp.n_iter = 1
+        c.patching.n_pairs = 2
+        c.pref_shift.n_boot = c.pref_shift.n_perm = 100
+        c.truefalse.n_boot = 100
     return c
 
 

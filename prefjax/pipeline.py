@@ -22,11 +22,13 @@ import numpy as np
 from prefjax.progress import log
 from prefjax.stages import Run, atomic_save_npz, atomic_write_json
 
-STAGES = ("tasks", "choices", "utilities", "activations", "probes", "transfer", "steering", "inlp", "report")
+STAGES = ("tasks", "choices", "utilities", "activations", "probes", "transfer", "steering", "inlp", "patching",
+          "pref_shift", "truefalse", "report")
 # What each stage reads: a config's ``stages`` must list a stage's prerequisites too.
 STAGE_DEPS = {"tasks": (), "choices": ("tasks",), "utilities": ("choices",), "activations": ("tasks",),
               "probes": ("utilities", "activations"), "transfer": ("probes",), "steering": ("probes",),
-              "inlp": ("probes",), "report": ("utilities",)}
+              "inlp": ("probes",), "patching": ("tasks",), "pref_shift": ("probes",), "truefalse": ("probes",),
+              "report": ("utilities",)}
 
 
 def check_stages(stages) -> tuple[str, ...]:
@@ -284,8 +286,9 @@ def run_pipeline(cfg, workdir: str, *, model=None) -> str | None:
     # 7. steering ------------------------------------------------------------------------------
     steer_summary = None
     if "steering" in stages and probe_summary:
+        sp_name = _get(cfg, "steering.persona", None) or list(personas)[0]
         steer_summary = run.stage("steering")(lambda: _steering(cfg, run, model, pool, personas, probe_summary,
-                                                                 hooks, layers))()
+                                                                 hooks, layers, act_summ[sp_name]["mean_norms"]))()
 
     # 8. INLP ---------------------------------------------------------------------------------
     inlp_summary = None
@@ -300,13 +303,32 @@ def run_pipeline(cfg, workdir: str, *, model=None) -> str | None:
             return {k: np.asarray(v).tolist() for k, v in res.items() if k != "directions"}
         inlp_summary = inlp_stage()
 
-    # 9. report -------------------------------------------------------------------------------
+    # 9. the seed paper's further experiments -------------------------------------------------
+    extra = {}
+    if "patching" in stages:
+        from prefjax.experiments.patching import run_patching_stage
+        extra["patching"] = run.stage("patching")(
+            lambda: run_patching_stage(cfg, run, model, pool, personas, layers=layers))()
+    if "pref_shift" in stages and probe_summary:
+        from prefjax.experiments.pref_shift import run_pref_shift_stage
+        extra["pref_shift"] = run.stage("pref_shift")(
+            lambda: run_pref_shift_stage(cfg, run, model, pool, personas, probe_summary=probe_summary))()
+    if "truefalse" in stages and probe_summary:
+        from prefjax.experiments.truefalse import run_truefalse_stage
+        extra["truefalse"] = run.stage("truefalse")(
+            lambda: run_truefalse_stage(cfg, run, model, pool, personas, probe_summary=probe_summary))()
+
+    # 10. report ------------------------------------------------------------------------------
     if "report" not in stages:
         return None
+    truth = None
+    if _get(cfg, "truth", None):  # a model organism's folder: compare everything with the planted utilities
+        from prefjax.organism import evaluate_recovery
+        truth = evaluate_recovery(run.workdir, _get(cfg, "truth"))
     from prefjax.report.build import build_report
     return build_report(run, cfg, pool=pool, personas=list(personas), mu=mu, utilities=util_summary,
                         probes=probe_summary, transfer=transfer_summary, steering=steer_summary,
-                        inlp=inlp_summary)
+                        inlp=inlp_summary, extra=extra, truth=truth)
 
 
 def _acts_summary(store) -> dict:
@@ -360,8 +382,15 @@ def _choices(cfg, model, pool, personas, pname, store) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Steering: contrastive dose-response in logit mode, probe direction vs a random direction.
 
-def _steering(cfg, run, model, pool, personas, probe_summary, hooks, layers) -> dict:
-    from prefjax.elicit.prompts import DEFAULT_TEMPLATE, render_choice, shift_spans
+def _steering(cfg, run, model, pool, personas, probe_summary, hooks, layers, mean_norms) -> dict:
+    """Dose-response of P(choose the steered task) over coefficients, probe direction vs random.
+
+    Every sampled pair is shown twice, once steering towards Task A and once towards Task B, so the
+    model's label-position bias cancels at c = 0. ``contrastive`` adds +c on the steered task's tokens
+    and -c on the other's; ``single`` adds +c on the steered task only. The coefficient is in units of
+    the mean residual norm at the steering layer (from the activation stage).
+    """
+    from prefjax.elicit.prompts import DEFAULT_TEMPLATE, choice_messages, render_choice, shift_spans
     from prefjax.elicit.runner import forced_text, label_token_ids
     from prefjax.probes import RidgeProbe
     from prefjax.steering import SteerSpec, random_direction, token_span_mask
@@ -371,31 +400,39 @@ def _steering(cfg, run, model, pool, personas, probe_summary, hooks, layers) -> 
     ps = probe_summary["persona"][pname]
     layer = _get(cfg, "steering.layer", "best")
     layer = ps["best_layer"] if layer in (None, "best") else int(layer)
+    if not 0 <= layer < model.n_layers:
+        raise ValueError(f"steering.layer {layer} is outside the model's layers 0..{model.n_layers - 1}")
+    note = None
+    if layer == model.n_layers - 1:
+        note = ("steering at the last layer adds to the task tokens after every attention layer has read them: "
+                "the answer position cannot see it, so no effect is possible")
+        log("warning: " + note)
     hook = f"blocks.{layer}.hook_resid_post"
     probe_dir = os.path.join(run.workdir, "probes", pname, f"blocks.{ps['best_layer']}.hook_resid_post")
     direction = RidgeProbe.load(probe_dir).direction
-    scale = float(ps["mean_resid_norm"])
-    coefs = [float(c) for c in _get(cfg, "steering.coefs", (-0.5, -0.25, 0.0, 0.25, 0.5))]
+    scale = float(mean_norms.get(hook, ps["mean_resid_norm"]))
+    coefs = [float(c) for c in _get(cfg, "steering.coefs", (-0.1, -0.05, 0.0, 0.05, 0.1))]
     n_pairs = int(_get(cfg, "steering.n_pairs", 8))
+    mode = _get(cfg, "steering.mode", "contrastive")
     rng = np.random.default_rng(int(_get(cfg, "seed", 0)))
     idx = rng.permutation(len(pool))
     pairs = [(pool[int(idx[2 * k])], pool[int(idx[2 * k + 1])]) for k in range(min(n_pairs, len(pool) // 2))]
     tok = model.tokenizer
     ida, idb = label_token_ids(tok, DEFAULT_TEMPLATE)
     persona = personas[pname]
-    from prefjax.elicit.prompts import choice_messages
-    seqs, masks = [], []
+    seqs, masks, toward_a = [], [], []
     for a, b in pairs:
         user, spans = render_choice(DEFAULT_TEMPLATE, a, b)
         full = tok.chat(choice_messages(DEFAULT_TEMPLATE, a, b, persona), add_generation_prompt=True) \
             + forced_text(DEFAULT_TEMPLATE)
         spans_full = shift_spans(full, user, spans)
-        mode = _get(cfg, "steering.mode", "contrastive")
-        signs = {"A": 1.0, "B": -1.0} if mode == "contrastive" else {"A": 1.0, "B": 0.0}
-        s_ids, m = token_span_mask(tok, full, {k: v for k, v in spans_full.items() if signs[k] != 0},
-                                   signs={k: v for k, v in signs.items() if v != 0}, add_bos=False)
-        seqs.append(s_ids)
-        masks.append(m)
+        for steered, other in (("A", "B"), ("B", "A")):
+            signs = {steered: 1.0, other: -1.0} if mode == "contrastive" else {steered: 1.0}
+            s_ids, m = token_span_mask(tok, full, {k: spans_full[k] for k in signs}, signs=signs, add_bos=False)
+            seqs.append(s_ids)
+            masks.append(m)
+            toward_a.append(steered == "A")
+    toward_a = np.asarray(toward_a)
     t = max(len(s) for s in seqs)
     P = len(seqs)
     ids = np.zeros((P, t), np.int32)
@@ -404,22 +441,26 @@ def _steering(cfg, run, model, pool, personas, probe_summary, hooks, layers) -> 
     for r, (s, m) in enumerate(zip(seqs, masks)):
         ids[r, t - len(s):], att[r, t - len(s):], msk[r, t - len(s):] = s, 1, m
     last = np.full((P, 1), t - 1, np.int32)
-    results = {}
+    results, p_a_all = {}, {}
     for name, vec in (("probe", direction), ("random", random_direction(model.d_model, 1234))):
-        rows = []
+        rows, p_a_all[name] = [], []
         for c in coefs:
             spec = SteerSpec(layer=layer, direction=vec, coef=np.full((P,), c, np.float32), scale=scale, tokens=msk)
             logits, _ = model.run(ids, attention_mask=att, positions=last, steer=spec)
             lg = np.asarray(logits[:, 0, :], np.float64)
             pa = np.exp(lg[:, ida] - np.logaddexp(lg[:, ida], lg[:, idb]))
-            k = int((pa >= 0.5).sum())
+            p_steered = np.where(toward_a, pa, 1.0 - pa)
+            p_a_all[name].append(pa)
+            k = int((p_steered >= 0.5).sum())
             lo, hi = wilson_interval(k, P)
             on_label = float(np.isin(lg.argmax(-1), [ida, idb]).mean())
-            rows.append({"coef": c, "p_steered_mean": float(pa.mean()), "k": k, "n": P, "ci": [float(lo), float(hi)],
-                         "on_label_rate": on_label})
+            rows.append({"coef": c, "p_steered_mean": float(p_steered.mean()), "k": k, "n": P,
+                         "ci": [float(lo), float(hi)], "on_label_rate": on_label})
         results[name] = rows
+    atomic_save_npz(os.path.join(run.stage_dir("steering"), "p_a.npz"), coefs=np.asarray(coefs),
+                    toward_a=toward_a, probe=np.asarray(p_a_all["probe"]), random=np.asarray(p_a_all["random"]))
     slope = float(np.polyfit(coefs, [r["p_steered_mean"] for r in results["probe"]], 1)[0])
     slope_rand = float(np.polyfit(coefs, [r["p_steered_mean"] for r in results["random"]], 1)[0])
-    return {"persona": pname, "layer": layer, "scale": scale, "mode": _get(cfg, "steering.mode", "contrastive"),
-            "n_pairs": P, "coefs": coefs, "probe": results["probe"], "random": results["random"],
-            "slope_probe": slope, "slope_random": slope_rand}
+    return {"persona": pname, "layer": layer, "scale": scale, "mode": mode, "n_pairs": len(pairs), "n_prompts": P,
+            "coefs": coefs, "probe": results["probe"], "random": results["random"],
+            "slope_probe": slope, "slope_random": slope_rand, "note": note}

@@ -97,7 +97,7 @@ def test_summary_contents(finished):
     assert st["coefs"] == coefs and st["n_pairs"] == 3
     for name in ("probe", "random"):
         assert [r["coef"] for r in st[name]] == coefs
-        assert all(0 <= r["p_steered_mean"] <= 1 and r["n"] == 3 for r in st[name])
+        assert all(0 <= r["p_steered_mean"] <= 1 and r["n"] == 6 for r in st[name])  # each pair, both ways
     zero = coefs.index(0.0)
     # c = 0 is unsteered whatever the direction: bit-identical P and counts.
     assert st["probe"][zero]["p_steered_mean"] == st["random"][zero]["p_steered_mean"]
@@ -127,7 +127,12 @@ def test_steering_zero_coef_equals_unsteered_forward(finished, tiny_model):
         lg = np.asarray(logits[0, 0], np.float64)
         p.append(np.exp(lg[ida] - np.logaddexp(lg[ida], lg[idb])))
     zero = s["steering"]["coefs"].index(0.0)
-    np.testing.assert_allclose(s["steering"]["probe"][zero]["p_steered_mean"], np.mean(p), rtol=0, atol=1e-5)
+    saved = np.load(wd / "stages" / "steering" / "p_a.npz")
+    assert saved["toward_a"].tolist() == [True, False] * 3  # each pair steered towards A, then towards B
+    for name in ("probe", "random"):  # the same prompt twice per pair; P(A) unsteered at c = 0
+        np.testing.assert_allclose(saved[name][zero], np.repeat(p, 2), rtol=0, atol=1e-5)
+    # balanced design: the label-position bias cancels, P(steered) at c = 0 is exactly one half
+    np.testing.assert_allclose(s["steering"]["probe"][zero]["p_steered_mean"], 0.5, atol=1e-12)
 
 
 def test_unknown_persona_fails_before_compute(tmp_path):

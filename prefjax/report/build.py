@@ -15,7 +15,8 @@ def _fmt(x, nd=3):
     return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
 
 
-def build_report(run, cfg, *, pool, personas, mu, utilities, probes, transfer, steering, inlp) -> str:
+def build_report(run, cfg, *, pool, personas, mu, utilities, probes, transfer, steering, inlp, extra=None,
+                 truth=None) -> str:
     """Write figures + ``summary.json`` + ``report.md`` into the run's workdir; return the report path."""
     wd = run.workdir
     fig_dir = os.path.join(wd, "figures")
@@ -79,9 +80,13 @@ def build_report(run, cfg, *, pool, personas, mu, utilities, probes, transfer, s
             lines.append(f"| {a['coef']:+.2f} | {a['p_steered_mean']:.3f} | {a['k']}/{a['n']} "
                          f"[{a['ci'][0]:.2f}, {a['ci'][1]:.2f}] | {b['p_steered_mean']:.3f} | {a['on_label_rate']:.2f} |")
         sections.append(("Steering", f"Layer {steering['layer']}, persona {steering['persona']}, {steering['mode']} "
-                         f"mask, coefficient in units of the mean residual norm ({steering['scale']:.1f}).\n\n"
+                         f"mask, coefficient in units of the mean residual norm ({steering['scale']:.1f}); each of "
+                         f"{steering['n_pairs']} pairs steered once towards Task A and once towards Task B, so label "
+                         "position bias cancels at c = 0. On-label rate: how often the top next token is one of "
+                         "the two labels (a coherence check: low means the steered model left the format).\n\n"
                          + "\n".join(lines) + f"\n\nSlope of P(steered) per unit coef: probe "
-                         f"{steering['slope_probe']:+.3f}, random {steering['slope_random']:+.3f}."))
+                         f"{steering['slope_probe']:+.3f}, random {steering['slope_random']:+.3f}."
+                         + (f"\n\n**Note:** {steering['note']}." if steering.get("note") else "")))
         headline["steering slope (probe)"] = steering["slope_probe"]
         headline["steering slope (random)"] = steering["slope_random"]
     if inlp:
@@ -90,6 +95,50 @@ def build_report(run, cfg, *, pool, personas, mu, utilities, probes, transfer, s
             figures["INLP"] = inlp_trajectory(k, inlp["test_r"], inlp.get("loto_r") or [np.nan] * len(k),
                                               inlp.get("shuffled_test_r") or [np.nan] * len(k),
                                               os.path.join(fig_dir, "inlp.png"))
-    summary = {"headline": headline, "utilities": utilities, "probes": probes, "transfer": transfer,
+    extra = extra or {}
+    if extra.get("patching"):
+        pt = extra["patching"]
+        lines = ["| source | mode | " + " | ".join(f"L{l}" for l in pt["layers"]) + " |",
+                 "|---|---|" + "---|" * len(pt["layers"])]
+        for kind, res in pt["sources"].items():
+            if "recovered" not in res:
+                continue
+            for mode, curves in res["recovered"].items():
+                lines.append(f"| {kind} | {mode} | " + " | ".join(_fmt(v, 2) for v in curves["pooled"]) + " |")
+        sections.append(("End-of-turn activation patching", "Fraction of the source prompt's P(A) recovered by "
+                         "patching the residual at the end-of-turn token (eot) or the whole turn boundary (span) "
+                         "into the target prompt, per layer (pooled least squares).\n\n" + "\n".join(lines)))
+    if extra.get("pref_shift") and extra["pref_shift"].get("shifts"):
+        lines = ["| base → shift | corr(Δprobe, Δutility) [95% CI] | p | utility corr |", "|---|---|---|---|"]
+        for sp, r in extra["pref_shift"]["shifts"].items():
+            t = r["all"]["tracking"]
+            lines.append(f"| {extra['pref_shift']['base']} → {sp} | {_fmt(t['r'])} [{_fmt(t['ci'][0])}, "
+                         f"{_fmt(t['ci'][1])}] | {_fmt(t['p_value'])} | {_fmt(r['all'].get('utility_corr'))} |")
+            headline[f"preference-shift tracking r [{sp}]"] = t["r"]
+        sections.append(("Preference shift", "Does the base persona's probe score move with the measured "
+                         "utility change when the persona changes? (The content baseline cannot move: it sees "
+                         "only the task text.)\n\n" + "\n".join(lines)))
+    if extra.get("truefalse"):
+        lines = ["| persona | probe AUC (true vs false) | ridge CV AUC | logistic CV AUC |", "|---|---|---|---|"]
+        for p, r in extra["truefalse"]["persona"].items():
+            if "probe_auc" not in r:
+                continue
+            pa = r["probe_auc"]["auc"] if isinstance(r["probe_auc"], dict) else r["probe_auc"]
+            rc = r["ridge_cv"]["auc"] if isinstance(r["ridge_cv"], dict) else r["ridge_cv"]
+            lc = r["logistic_cv"]["auc"] if isinstance(r["logistic_cv"], dict) else r["logistic_cv"]
+            lines.append(f"| {p} | {_fmt(pa)} | {_fmt(rc)} | {_fmt(lc)} |")
+        sections.append(("True/false statements", "AUC of the preference probe's score for true vs false "
+                         "statements, next to classifiers trained on them directly (cross-validated).\n\n"
+                         + "\n".join(lines)))
+    if truth:
+        lines = ["| persona | utilities vs hidden r | probe vs hidden r | content baseline r |", "|---|---|---|---|"]
+        for p, r in truth.get("persona", truth).items():
+            if isinstance(r, dict) and "utility_r" in r:
+                lines.append(f"| {p} | {_fmt(r['utility_r'])} | {_fmt(r.get('probe_r_hidden'))} | "
+                             f"{_fmt(r.get('content_baseline_r'))} |")
+                headline[f"recovered vs planted utility r [{p}]"] = r["utility_r"]
+        sections.insert(0, ("Recovery of the planted preferences", "This model is an organism with planted "
+                            "utilities; the pipeline's estimates are compared with them.\n\n" + "\n".join(lines)))
+    summary = {"headline": headline, "extra": extra, "truth": truth, "utilities": utilities, "probes": probes, "transfer": transfer,
                "steering": steering, "inlp": inlp}
     return write_report(wd, summary, figures, sections, title="prefjax report")
