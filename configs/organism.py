@@ -52,6 +52,7 @@ def get_config(arg: str = ""):
     folder = folder or os.path.join("runs", "organism", "model")
     c = _default_config()
     c.model.source = folder
+    c.truth = folder                   # the report compares every estimate with the planted utilities
     c.tasks.source = os.path.join(folder, "eval_tasks.jsonl")
     c.tasks.n = 0                      # every held-out task
     c.personas = ("default", "evil")   # must match the organism's persona transforms

@@ -57,6 +57,15 @@ def persona_spec(cfg) -> list[str]:
     return out
 
 
+def config_mesh(cfg):
+    """The device mesh named by ``cfg.mesh`` ({data, fsdp, tensor, expert}); None for a single device."""
+    from prefjax.sharding import MESH_AXES, make_mesh
+    shape = {a: int(_get(cfg, f"mesh.{a}", 1) or 1) for a in MESH_AXES}
+    if int(np.prod(list(shape.values()))) <= 1:
+        return None
+    return make_mesh(shape)
+
+
 def _get(cfg, dotted: str, default=None):
     node = cfg
     for part in dotted.split("."):
@@ -157,7 +166,7 @@ def run_pipeline(cfg, workdir: str, *, model=None) -> str | None:
     run = Run(workdir, _to_dict(cfg))  # after the cheap input checks: bad input leaves no workdir behind
     if model is None:
         import prefjax
-        model = prefjax.load(_get(cfg, "model.source"), dtype=_get(cfg, "model.dtype", None))
+        model = prefjax.load(_get(cfg, "model.source"), dtype=_get(cfg, "model.dtype", None), mesh=config_mesh(cfg))
     if model.tokenizer is None:
         raise ValueError(f"model {_get(cfg, 'model.source')!r} has no tokenizer; the pipeline renders chat prompts")
     n = len(pool)

@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefjax.hooks import InterventionContext
 from prefjax.models import layers as L
-from prefjax.models.stack import fold, gather_positions
+from prefjax.models.stack import fold, gather_positions, next_state, step_inputs
 
 FAMILY = "llama"
 SUPPORTS_LORA = True  # forward() reads params["blocks"]["lora"]
@@ -387,37 +386,18 @@ def forward(cfg: LlamaConfig, params, tokens_BxT, valid_BxT, *, capture, pos_BxK
     of [L, B, S, K, H] plus ``valid`` [B, S]) the tokens are written at slots ``start .. start+T-1``.
     Returns ``(logits [B, K|T, V] or None, captured dict, final-normed h, new_state)``.
     """
-    b, t = tokens_BxT.shape
-    valid_BxT = valid_BxT.astype(bool)
-    if state is None:
-        kv_valid = valid_BxT
-        s = t
-        if pos_ids_BxT is None:
-            pos_ids_BxT = jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1
-        layer_state = None
-    else:
-        kv_valid = jax.lax.dynamic_update_slice_in_dim(state["valid"], valid_BxT, start, axis=1)
-        s = kv_valid.shape[1]
-        if pos_ids_BxT is None:
-            before = jnp.sum(state["valid"].astype(jnp.int32) * (jnp.arange(s) < start)[None], axis=1)
-            pos_ids_BxT = before[:, None] + jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1
-        layer_state = {"k": state["k"], "v": state["v"]}
-    q_slot = start + jnp.arange(t, dtype=jnp.int32)
-    kv_slot = jnp.arange(s, dtype=jnp.int32)
-    ctx = InterventionContext(token_pos_BxT=pos_ids_BxT,
-                              is_prompt_BxT=jnp.full((b, t), bool(is_prompt)) if isinstance(is_prompt, bool)
-                              else is_prompt)
+    si = step_inputs(valid_BxT, state=state, start=start, pos_ids_BxT=pos_ids_BxT, is_prompt=is_prompt)
     x = embed(cfg, params, tokens_BxT)
-    block = _block(cfg, kv_valid, q_slot, kv_slot, pos_ids_BxT, start, jnp.asarray(cfg.inv_freq()))
+    block = _block(cfg, si.kv_valid_BxS, si.q_slot_T, si.kv_slot_S, si.pos_ids_BxT, start,
+                   jnp.asarray(cfg.inv_freq()))
     x, captured, layer_state = fold(block, params["blocks"], x, n_layers=cfg.n_layers, aux=None,
-                                    state=layer_state, capture=capture, pos_BxK=pos_BxK,
-                                    intervene=intervene, ctx=ctx, unroll=unroll)
+                                    state=si.layer_state, capture=capture, pos_BxK=pos_BxK,
+                                    intervene=intervene, ctx=si.ctx, unroll=unroll)
     h = gather_positions(x, pos_BxK)
     h = L.rms_norm(h, params["final_norm"], cfg.rms_eps, plus_one=False, cast_before_weight=True)
     if capture.final:
         captured["ln_final.hook_normalized"] = h
-    new_state = None if state is None else {**layer_state, "valid": kv_valid}
-    return (unembed(cfg, params, h) if logits else None), captured, h, new_state
+    return (unembed(cfg, params, h) if logits else None), captured, h, next_state(state, si, layer_state)
 
 
 def init_state(cfg: LlamaConfig, batch: int, max_len: int, dtype) -> dict[str, Any]:

@@ -36,11 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefjax.hooks import InterventionContext
 from prefjax.models import deltanet as DN
 from prefjax.models import layers as L
 from prefjax.models import moe as M
-from prefjax.models.stack import fold, gather_positions
+from prefjax.models.stack import fold, gather_positions, next_state, step_inputs
 
 FAMILY = "qwen35"
 
@@ -714,40 +713,24 @@ def forward(cfg: Qwen35Config, params, tokens_BxT, valid_BxT, *, capture, pos_Bx
     final-normed h, new_state)``. ``blocks.{L}.hook_resid_post`` equals HF ``hidden_states[L+1]``
     except after the last layer (HF applies the final norm there).
     """
-    b, t = tokens_BxT.shape
+    t = tokens_BxT.shape[1]
     valid_BxT = valid_BxT.astype(bool)
-    if state is None:
-        kv_valid, s = valid_BxT, t
-        if pos_ids_BxT is None:
-            pos_ids_BxT = jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1
-        st = None
-    else:
-        kv_valid = jax.lax.dynamic_update_slice_in_dim(state["valid"], valid_BxT, start, axis=1)
-        s = kv_valid.shape[1]
-        if pos_ids_BxT is None:
-            before = jnp.sum(state["valid"].astype(jnp.int32) * (jnp.arange(s) < start)[None], axis=1)
-            pos_ids_BxT = before[:, None] + jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1
-        st = {k: v for k, v in state.items() if k != "valid"}
-    ctx = InterventionContext(token_pos_BxT=pos_ids_BxT,
-                              is_prompt_BxT=jnp.full((b, t), bool(is_prompt)) if isinstance(is_prompt, bool)
-                              else is_prompt)
+    si = step_inputs(valid_BxT, state=state, start=start, pos_ids_BxT=pos_ids_BxT, is_prompt=is_prompt)
     x = jnp.take(params["embed"], tokens_BxT, axis=0)
     inv_freq = L.rope_inv_freq(cfg.head_dim, cfg.rope_base, rotary_dim=cfg.rotary_dim)
-    cos, sin = L.rope_cos_sin(pos_ids_BxT, inv_freq, x.dtype)
-    q_slot = start + jnp.arange(t, dtype=jnp.int32)
-    mask = L.attention_mask(q_slot, jnp.arange(s, dtype=jnp.int32), kv_valid, None)
+    cos, sin = L.rope_cos_sin(si.pos_ids_BxT, inv_freq, x.dtype)
+    mask = L.attention_mask(si.q_slot_T, si.kv_slot_S, si.kv_valid_BxS, None)
     aux = {k: jnp.asarray(v) for k, v in aux_arrays(cfg).items()}
     block = _block(cfg, params.get("lin", {}), params.get("attn", {}), valid_BxT, cos, sin, mask, start,
                    recurrent=(state is not None and t == 1))
-    (x, st), captured, _ = fold(block, params["blocks"], (x, st), n_layers=cfg.n_layers, aux=aux,
-                                state=None, capture=capture, pos_BxK=pos_BxK, intervene=intervene, ctx=ctx,
+    (x, st), captured, _ = fold(block, params["blocks"], (x, si.layer_state), n_layers=cfg.n_layers, aux=aux,
+                                state=None, capture=capture, pos_BxK=pos_BxK, intervene=intervene, ctx=si.ctx,
                                 unroll=unroll)
     h = gather_positions(x, pos_BxK)
     h = _norm(cfg, h, params["final_norm"])
     if capture.final:
         captured["ln_final.hook_normalized"] = h
-    new_state = None if state is None else {**st, "valid": kv_valid}
-    return (unembed(cfg, params, h) if logits else None), captured, h, new_state
+    return (unembed(cfg, params, h) if logits else None), captured, h, next_state(state, si, st)
 
 
 def init_state(cfg: Qwen35Config, batch: int, max_len: int, dtype) -> dict[str, Any]:

@@ -17,7 +17,7 @@ Python loop over the same block function and gives the same numbers.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,50 @@ def gather_positions(x_BxTxD, pos_BxK):
     if pos_BxK is None:
         return x_BxTxD
     return jnp.take_along_axis(x_BxTxD, pos_BxK[:, :, None].astype(jnp.int32), axis=1)
+
+
+class StepInputs(NamedTuple):
+    """What every family derives from (valid mask, decode state, start slot) before its layers run."""
+
+    kv_valid_BxS: Any       # which key slots hold real tokens (the cache's, updated with this call's)
+    pos_ids_BxT: Any        # RoPE positions: count of real tokens before each one
+    q_slot_T: Any           # slot index of each query token
+    kv_slot_S: Any          # slot index of each key
+    layer_state: Any        # the per-layer part of the decode state (None in a plain forward)
+    ctx: InterventionContext
+
+
+def step_inputs(valid_BxT, *, state=None, start=0, pos_ids_BxT=None, is_prompt=True) -> StepInputs:
+    """Shared preamble of every family's ``forward``.
+
+    Without ``state`` the keys are this call's tokens. With ``state`` (a dict holding ``valid`` [B, S]
+    plus per-layer arrays) this call's tokens occupy slots ``start .. start+T-1``. Positions default to
+    ``cumsum(valid) - 1`` counted over everything already in the cache, so left padding never shifts
+    RoPE. ``is_prompt`` (bool or [B, T]) tells interventions which tokens are prompt tokens.
+    """
+    b, t = valid_BxT.shape
+    valid_BxT = valid_BxT.astype(bool)
+    if state is None:
+        kv_valid = valid_BxT
+        layer_state = None
+        if pos_ids_BxT is None:
+            pos_ids_BxT = jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1
+    else:
+        kv_valid = jax.lax.dynamic_update_slice_in_dim(state["valid"], valid_BxT, start, axis=1)
+        layer_state = {k: v for k, v in state.items() if k != "valid"}
+        if pos_ids_BxT is None:
+            s = kv_valid.shape[1]
+            before = jnp.sum(state["valid"].astype(jnp.int32) * (jnp.arange(s) < start)[None], axis=1)
+            pos_ids_BxT = before[:, None] + jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1
+    is_prompt_BxT = jnp.full((b, t), bool(is_prompt)) if isinstance(is_prompt, bool) else is_prompt
+    return StepInputs(kv_valid, pos_ids_BxT, start + jnp.arange(t, dtype=jnp.int32),
+                      jnp.arange(kv_valid.shape[1], dtype=jnp.int32), layer_state,
+                      InterventionContext(token_pos_BxT=pos_ids_BxT, is_prompt_BxT=is_prompt_BxT))
+
+
+def next_state(state, inputs: StepInputs, layer_state):
+    """The decode state after a call (None in a plain forward)."""
+    return None if state is None else {**layer_state, "valid": inputs.kv_valid_BxS}
 
 
 def _layer_slice(tree, l):
