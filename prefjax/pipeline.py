@@ -317,7 +317,7 @@ def run_pipeline(cfg, workdir: str, *, model=None) -> str | None:
     if "patching" in stages:
         from prefjax.experiments.patching import run_patching_stage
         extra["patching"] = run.stage("patching")(
-            lambda: run_patching_stage(cfg, run, model, pool, personas, layers=layers))()
+            lambda: run_patching_stage(cfg, run, model, pool, personas))()  # layers: patching.layers
     if "pref_shift" in stages and probe_summary:
         from prefjax.experiments.pref_shift import run_pref_shift_stage
         extra["pref_shift"] = run.stage("pref_shift")(
