@@ -23,3 +23,17 @@ def maybe_initialize_distributed(force: bool = False) -> bool:
         jax.distributed.initialize()
         return True
     return False
+
+
+def process_info() -> tuple[int, int]:
+    """``(process_index, process_count)``; (0, 1) when JAX runs as a single process."""
+    import jax
+    return jax.process_index(), jax.process_count()
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches ``name`` (no-op for a single process)."""
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

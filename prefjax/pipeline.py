@@ -7,6 +7,12 @@ resume mid-way: choices through the append-only comparisons store, activations t
 store's committed-row counter. Killing the process at any moment and rerunning the same command
 gives the same results as an uninterrupted run.
 
+Several processes (``jax.distributed``, one per host) share the model-heavy stages by jobs: each
+process elicits every ``process_count``-th comparison into its own store segment and captures every
+``process_count``-th task into its own ``activations/<persona>/host_<i>`` store, on its local
+devices; after a barrier, process 0 runs the statistics, steering and report while the others wait.
+The results equal a single-process run (tested with 2 CPU processes).
+
 ``run_pipeline(config, workdir)`` is what ``launch/main.py`` calls; ``config`` is a (locked)
 ml_collections ConfigDict or any nested mapping with the fields of ``configs/default.py``.
 """
@@ -58,12 +64,14 @@ def persona_spec(cfg) -> list[str]:
 
 
 def config_mesh(cfg):
-    """The device mesh named by ``cfg.mesh`` ({data, fsdp, tensor, expert}); None for a single device."""
+    """The device mesh named by ``cfg.mesh`` ({data, fsdp, tensor, expert}) over this process's devices;
+    None for a single device. (Processes split the work by jobs, so each mesh is host-local.)"""
+    import jax
     from prefjax.sharding import MESH_AXES, make_mesh
     shape = {a: int(_get(cfg, f"mesh.{a}", 1) or 1) for a in MESH_AXES}
     if int(np.prod(list(shape.values()))) <= 1:
         return None
-    return make_mesh(shape)
+    return make_mesh(shape, jax.local_devices())
 
 
 def _get(cfg, dotted: str, default=None):
@@ -163,6 +171,10 @@ def run_pipeline(cfg, workdir: str, *, model=None) -> str | None:
             raise ValueError(f"config field {field!r} is {val!r}; expected one of {list(allowed)}")
     pool = load_task_pool(cfg)
     personas = {p.name: p for p in personas_from_spec(persona_spec(cfg))}
+    from prefjax.launching import barrier, process_info
+    pidx, pcount = process_info()
+    multi = pcount > 1
+    host = f"-h{pidx}" if multi else ""  # per-process stage names for the work-sharing stages
     run = Run(workdir, _to_dict(cfg))  # after the cheap input checks: bad input leaves no workdir behind
     if model is None:
         import prefjax
@@ -184,7 +196,10 @@ def run_pipeline(cfg, workdir: str, *, model=None) -> str | None:
     store = ComparisonsStore(os.path.join(run.workdir, "comparisons"))
     if "choices" in stages:
         for pname in personas:
-            run.stage(f"choices-{pname}")(lambda p=pname: _choices(cfg, model, pool, personas, p, store))()
+            run.stage(f"choices-{pname}{host}")(
+                lambda p=pname: _choices(cfg, model, pool, personas, p, store, share=(pidx, pcount)))()
+        barrier("prefjax-choices")
+        store.reload()
 
     # 3. utilities ----------------------------------------------------------------------------
     @run.stage("utilities")
@@ -209,23 +224,46 @@ def run_pipeline(cfg, workdir: str, *, model=None) -> str | None:
 
     # 4. activations --------------------------------------------------------------------------
     from prefjax.activations import extract
-    from prefjax.store import open_existing
+    from prefjax.store import mean_norms_all_hosts, open_existing, read_all_hosts
+    from prefjax.tasks.pool import TaskPool
     layers = resolve_layers(_get(cfg, "activations.layers", "all"), model.n_layers)
     hooks = [f"blocks.{l}.hook_resid_post" for l in layers]
     n_after = int(_get(cfg, "activations.n_after", 0))
     acts_dir = os.path.join(run.workdir, "activations")
 
+    mine = pool if not multi else TaskPool([pool[i] for i in range(pidx, n, pcount)])
+
     def acts_for(pname):
-        return run.stage(f"activations-{pname}")(lambda: _acts_summary(extract(
-            model, pool, os.path.join(acts_dir, pname), hooks=hooks, persona=personas[pname], n_after=n_after,
-            batch_size=int(_get(cfg, "activations.batch_size", 8)),
+        return run.stage(f"activations-{pname}{host}")(lambda: _acts_summary(extract(
+            model, mine, os.path.join(acts_dir, pname), hooks=hooks, persona=personas[pname], n_after=n_after,
+            batch_size=int(_get(cfg, "activations.batch_size", 8)), per_host=multi,
             dtype=_get(cfg, "activations.dtype", "float32"), desc=f"activations[{pname}]")))()
     act_summ = {p: acts_for(p) for p in personas} if "activations" in stages else {}
     pos_index = int(_get(cfg, "probes.position_index", 0))
+    if multi:
+        barrier("prefjax-activations")
+        if "activations" in stages:
+            act_summ = {p: {"rows": n, "mean_norms": mean_norms_all_hosts(os.path.join(acts_dir, p))}
+                        for p in personas}
+        if pidx != 0:  # the rest is statistics, a little steering and the report: process 0 alone
+            barrier("prefjax-done")
+            return None
 
-    def X_of(pname):  # [L, n, d] at the configured turn-boundary position
-        st = open_existing(os.path.join(acts_dir, pname))
-        return np.stack([st.read(hook=h)[:, pos_index, :] for h in hooks]).astype(np.float32)
+    def X_of(pname):  # [L, n, d] at the configured turn-boundary position, rows in pool order
+        path = os.path.join(acts_dir, pname)
+        if not multi:
+            st = open_existing(path)
+            return np.stack([st.read(hook=h)[:, pos_index, :] for h in hooks]).astype(np.float32)
+        out = []
+        for h in hooks:
+            acts, row_ids = read_all_hosts(path, hook=h)
+            where = {r: k for k, r in enumerate(row_ids)}
+            missing = [t for t in ids if t not in where]
+            if missing:
+                raise ValueError(f"activations for persona {pname!r} lack tasks {missing[:5]} (host stores "
+                                 f"under {path})")
+            out.append(acts[[where[t] for t in ids], pos_index, :])
+        return np.stack(out).astype(np.float32)
 
     # 5. probes -------------------------------------------------------------------------------
     alphas = tuple(float(a) for a in _get(cfg, "probes.alphas", (0.1, 1, 10, 100, 1e3, 1e4, 1e5)))
@@ -329,15 +367,20 @@ def run_pipeline(cfg, workdir: str, *, model=None) -> str | None:
 
     # 10. report ------------------------------------------------------------------------------
     if "report" not in stages:
+        if multi:
+            barrier("prefjax-done")
         return None
     truth = None
     if _get(cfg, "truth", None):  # a model organism's folder: compare everything with the planted utilities
         from prefjax.organism import evaluate_recovery
         truth = evaluate_recovery(run.workdir, _get(cfg, "truth"))
     from prefjax.report.build import build_report
-    return build_report(run, cfg, pool=pool, personas=list(personas), mu=mu, utilities=util_summary,
-                        probes=probe_summary, transfer=transfer_summary, steering=steer_summary,
-                        inlp=inlp_summary, extra=extra, truth=truth)
+    report = build_report(run, cfg, pool=pool, personas=list(personas), mu=mu, utilities=util_summary,
+                          probes=probe_summary, transfer=transfer_summary, steering=steer_summary,
+                          inlp=inlp_summary, extra=extra, truth=truth)
+    if multi:
+        barrier("prefjax-done")
+    return report
 
 
 def _acts_summary(store) -> dict:
@@ -347,7 +390,7 @@ def _acts_summary(store) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Choices: an initial regular comparison graph, then optional active-learning rounds.
 
-def _choices(cfg, model, pool, personas, pname, store) -> dict:
+def _choices(cfg, model, pool, personas, pname, store, share=(0, 1)) -> dict:
     from prefjax.elicit.prompts import template_from_dict
     from prefjax.elicit.runner import ElicitConfig, make_jobs, run_choices
     from prefjax.utility import ActiveConfig, ActiveLearner
@@ -377,7 +420,12 @@ def _choices(cfg, model, pool, personas, pname, store) -> dict:
             break
         pairs = [(ids[a], ids[b]) for a, b in zip(pi, pj)]
         jobs = make_jobs(pairs, [pname], samples=samples, orders=orders, seed=ecfg.seed)
-        run_choices(model, pool, jobs, personas, store, ecfg, desc=f"choices[{pname}] round {r}")
+        pidx, pcount = share
+        run_choices(model, pool, jobs[pidx::pcount], personas, store, ecfg, desc=f"choices[{pname}] round {r}")
+        if pcount > 1:  # every process refits on everyone's rows, so all propose the same next round
+            from prefjax.launching import barrier
+            barrier(f"prefjax-choices-{pname}-{r}")
+            store.reload()
         sub = {(ids[a], ids[b]) for a, b in zip(pi, pj)}
         i, j, wi, wj = store.to_arrays(ids, pname, soft=soft, strict=False)
         keep = np.array([(ids[a], ids[b]) in sub or (ids[b], ids[a]) in sub for a, b in zip(i, j)], bool)

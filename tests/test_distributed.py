@@ -62,3 +62,60 @@ def test_two_process_forward_equals_single_process(tmp_path):
         assert a[k].shape == b[k].shape, k
         assert np.isfinite(a[k]).all(), k
         np.testing.assert_array_equal(b[k], a[k], err_msg=k)  # same math per row: bit-identical on CPU
+
+
+def _pipeline_cmd(workdir):
+    return [sys.executable, os.path.join(ROOT, "launch", "main.py"), "--config", "configs/default.py:tiny",
+            "--workdir", str(workdir), "--config.tasks.n=16", "--config.choices.degree=4",
+            "--config.steering.n_pairs=3", "--config.inlp.n_iter=1", "--config.probes.n_perm=5",
+            "--config.stages=('tasks','choices','utilities','activations','probes','transfer','steering','report')"]
+
+
+@pytest.mark.slow
+def test_two_process_pipeline_equals_single_process(tmp_path):
+    """The launcher as 2 jax.distributed processes shares choices and activations by jobs, process 0 does
+    the rest; comparisons, utilities, activations and the summary equal a 1-process run."""
+    import json
+
+    from prefjax.store import ComparisonsStore
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = subprocess.run(_pipeline_cmd(one), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    port = _free_port()
+    procs, logs = [], []
+    for pid in (0, 1):
+        log = open(tmp_path / f"pipe{pid}.log", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            _pipeline_cmd(two), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env=_env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))))
+    try:
+        rcs = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for log in logs:
+            log.close()
+    out = "\n".join((tmp_path / f"pipe{i}.log").read_text()[-2500:] for i in (0, 1))
+    assert rcs == [0, 0], out
+    assert "report:" in (tmp_path / "pipe0.log").read_text() and "report:" not in (tmp_path / "pipe1.log").read_text()
+    # both processes did elicitation work, in their own segments, and the union equals the 1-process run
+    segs = sorted(p.name.split("-")[1] for p in (two / "comparisons").glob("seg-p*-*.jsonl"))
+    assert set(segs) == {"p0", "p1"}, segs
+    a, b = ComparisonsStore(one / "comparisons", readonly=True), ComparisonsStore(two / "comparisons", readonly=True)
+    assert a.keys() == b.keys() and len(a) == len(b)
+    for ra, rb in zip(sorted(a.rows(), key=lambda r: str(sorted(r.items()))),
+                      sorted(b.rows(), key=lambda r: str(sorted(r.items())))):
+        assert ra["choice"] == rb["choice"] and abs(ra["p_a"] - rb["p_a"]) <= 1e-6
+    assert sorted(p.name for p in (two / "activations" / "default").iterdir()) == ["host_0", "host_1"]
+    for p in ("default", "evil"):
+        ua, ub = np.load(one / "stages" / "utilities" / f"{p}.npz"), np.load(two / "stages" / "utilities" / f"{p}.npz")
+        np.testing.assert_allclose(ua["mu"], ub["mu"], rtol=0, atol=1e-5)
+    sa, sb = json.loads((one / "summary.json").read_text()), json.loads((two / "summary.json").read_text())
+    for p in ("default", "evil"):
+        la, lb = sa["probes"]["persona"][p]["per_layer"], sb["probes"]["persona"][p]["per_layer"]
+        for da, db in zip(la, lb):
+            assert da["layer"] == db["layer"]
+            np.testing.assert_allclose(da["heldout_r"], db["heldout_r"], atol=1e-4)
+    np.testing.assert_allclose(sa["steering"]["slope_probe"], sb["steering"]["slope_probe"], atol=1e-4)
