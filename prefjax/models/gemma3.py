@@ -30,6 +30,7 @@ from prefjax.models import layers as L
 from prefjax.models.stack import fold, gather_positions, next_state, step_inputs
 
 FAMILY = "gemma3"
+SUPPORTS_LORA = True  # forward() reads params["blocks"]["lora"] (PEFT adapters applied on the fly)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,11 +275,12 @@ def _block(cfg: Gemma3Config, kv_valid_BxS, q_slot_T, kv_slot_S, pos_BxT, start)
     norm = lambda x, w: L.rms_norm(x, w, cfg.rms_eps, plus_one=True)
 
     def block(p, x, layer, aux, hook, state):
+        lora = p.get("lora")  # on-the-fly LoRA factors (prefjax.lora), or None
         x = hook("hook_resid_pre", x)
         h = norm(x, p["ln_attn"])
-        q = jnp.einsum("btd,dnh->btnh", h, p["q"])
-        k = jnp.einsum("btd,dkh->btkh", h, p["k"])
-        v = jnp.einsum("btd,dkh->btkh", h, p["v"])
+        q = L.linear(h, p, lora, "q", "btd,dnh->btnh", "btd,dr->btr", "btr,rnh->btnh")
+        k = L.linear(h, p, lora, "k", "btd,dkh->btkh", "btd,dr->btr", "btr,rkh->btkh")
+        v = L.linear(h, p, lora, "v", "btd,dkh->btkh", "btd,dr->btr", "btr,rkh->btkh")
         q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
         cos, sin = L.rope_cos_sin(pos_BxT, aux["inv_freq"], x.dtype)
         q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
@@ -291,11 +293,13 @@ def _block(cfg: Gemma3Config, kv_valid_BxS, q_slot_T, kv_slot_S, pos_BxT, start)
         window = jnp.where(aux["is_global"] > 0, 0, cfg.sliding_window)
         mask = L.attention_mask(q_slot_T, kv_slot_S, kv_valid_BxS, window)
         o = L.dot_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, scale)
-        attn = jnp.einsum("btnh,nhd->btd", o, p["o"])
+        attn = L.linear(o, p, lora, "o", "btnh,nhd->btd", "btnh,nhr->btr", "btr,rd->btd")
         attn = hook("hook_attn_out", norm(attn, p["ln_post_attn"]))
         x = hook("hook_resid_mid", x + attn)
         h = norm(x, p["ln_pre_mlp"])
-        mlp = jnp.einsum("btf,fd->btd", act(h @ p["gate"]) * (h @ p["up"]), p["down"])
+        g = L.linear(h, p, lora, "gate", "btd,df->btf", "btd,dr->btr", "btr,rf->btf")
+        u = L.linear(h, p, lora, "up", "btd,df->btf", "btd,dr->btr", "btr,rf->btf")
+        mlp = L.linear(act(g) * u, p, lora, "down", "btf,fd->btd", "btf,fr->btr", "btr,rd->btd")
         mlp = hook("hook_mlp_out", norm(mlp, p["ln_post_mlp"]))
         x = hook("hook_resid_post", x + mlp)
         return x, state

@@ -125,6 +125,24 @@ def dot_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale: float):
     return out.reshape(b, t, n, h)
 
 
+def lora_delta(x, lora, name, eq_a, eq_b):
+    """``scale * ((x @ A) @ B)`` for LoRA target ``name``, or None when the adapter does not touch it.
+
+    ``lora`` is the per-layer ``params["blocks"]["lora"]`` subtree built by :mod:`prefjax.lora`.
+    """
+    if lora is None or name not in lora:
+        return None
+    t = lora[name]
+    return jnp.einsum(eq_b, jnp.einsum(eq_a, x, t["A"]), t["B"]) * t["scale"].astype(x.dtype)
+
+
+def linear(x, p, lora, name, eq, eq_a, eq_b):
+    """``einsum(eq, x, p[name])`` plus the LoRA update for ``name`` if an adapter targets it."""
+    y = jnp.einsum(eq, x, p[name])
+    delta = lora_delta(x, lora, name, eq_a, eq_b)
+    return y if delta is None else y + delta
+
+
 def gelu_tanh(x):
     """GELU with the tanh approximation (``gelu_pytorch_tanh``)."""
     return jax.nn.gelu(x, approximate=True)

@@ -311,20 +311,6 @@ HF_SKIP_PREFIXES = ("lm_head.",)
 # --------------------------------------------------------------------------------------------
 # Forward.
 
-def _lora(x, lora, name, eq_a, eq_b):
-    """``scale * ((x @ A) @ B)`` for target ``name``, or None when the adapter does not touch it."""
-    if lora is None or name not in lora:
-        return None
-    t = lora[name]
-    return jnp.einsum(eq_b, jnp.einsum(eq_a, x, t["A"]), t["B"]) * t["scale"].astype(x.dtype)
-
-
-def _linear(x, p, lora, name, eq, eq_a, eq_b):
-    y = jnp.einsum(eq, x, p[name])
-    delta = _lora(x, lora, name, eq_a, eq_b)
-    return y if delta is None else y + delta
-
-
 def _block(cfg: LlamaConfig, kv_valid_BxS, q_slot_T, kv_slot_S, pos_BxT, start, inv_freq):
     act = L.ACTIVATIONS[cfg.hidden_activation]
     scale = cfg.head_dim ** -0.5
@@ -334,9 +320,9 @@ def _block(cfg: LlamaConfig, kv_valid_BxS, q_slot_T, kv_slot_S, pos_BxT, start, 
         lora = p.get("lora")
         x = hook("hook_resid_pre", x)
         h = norm(x, p["ln_attn"])
-        q = _linear(h, p, lora, "q", "btd,dnh->btnh", "btd,dr->btr", "btr,rnh->btnh")
-        k = _linear(h, p, lora, "k", "btd,dkh->btkh", "btd,dr->btr", "btr,rkh->btkh")
-        v = _linear(h, p, lora, "v", "btd,dkh->btkh", "btd,dr->btr", "btr,rkh->btkh")
+        q = L.linear(h, p, lora, "q", "btd,dnh->btnh", "btd,dr->btr", "btr,rnh->btnh")
+        k = L.linear(h, p, lora, "k", "btd,dkh->btkh", "btd,dr->btr", "btr,rkh->btkh")
+        v = L.linear(h, p, lora, "v", "btd,dkh->btkh", "btd,dr->btr", "btr,rkh->btkh")
         if cfg.qk_norm:
             q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
         cos, sin = L.rope_cos_sin(pos_BxT, inv_freq, x.dtype)
@@ -349,13 +335,13 @@ def _block(cfg: LlamaConfig, kv_valid_BxS, q_slot_T, kv_slot_S, pos_BxT, start, 
             k_all, v_all = k, v
         mask = L.attention_mask(q_slot_T, kv_slot_S, kv_valid_BxS, None)
         o = L.dot_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, scale)
-        attn = _linear(o, p, lora, "o", "btnh,nhd->btd", "btnh,nhr->btr", "btr,rd->btd")
+        attn = L.linear(o, p, lora, "o", "btnh,nhd->btd", "btnh,nhr->btr", "btr,rd->btd")
         attn = hook("hook_attn_out", attn)
         x = hook("hook_resid_mid", x + attn)
         h = norm(x, p["ln_mlp"])
-        g = _linear(h, p, lora, "gate", "btd,df->btf", "btd,dr->btr", "btr,rf->btf")
-        u = _linear(h, p, lora, "up", "btd,df->btf", "btd,dr->btr", "btr,rf->btf")
-        mlp = _linear(act(g) * u, p, lora, "down", "btf,fd->btd", "btf,fr->btr", "btr,rd->btd")
+        g = L.linear(h, p, lora, "gate", "btd,df->btf", "btd,dr->btr", "btr,rf->btf")
+        u = L.linear(h, p, lora, "up", "btd,df->btf", "btd,dr->btr", "btr,rf->btf")
+        mlp = L.linear(act(g) * u, p, lora, "down", "btf,fd->btd", "btf,fr->btr", "btr,rd->btd")
         mlp = hook("hook_mlp_out", mlp)
         x = hook("hook_resid_post", x + mlp)
         return x, state
