@@ -227,12 +227,21 @@ def test_moe_dense_and_grouped_agree(moe_model):
     a = M.experts_dense(x, w, i, gate, up, down)
     b = M.experts_grouped(x, w, i, gate, up, down)
     assert rel(b, a) <= TOL
+    for block, chunk in ((4, 2), (8, 3), (64, 1)):  # blocks spanning chunk edges, one block per expert
+        c = M.experts_blocked(x, w, i, gate, up, down, block=block, chunk=chunk)
+        assert rel(c, a) <= TOL, (block, chunk)
+    skew = jnp.zeros_like(i).at[:, 0].set(3)  # every token's first slot on one expert: a group > block
+    c = M.experts_blocked(x, w, skew, gate, up, down, block=4, chunk=2)
+    assert rel(c, M.experts_dense(x, w, skew, gate, up, down)) <= TOL
     # whole model: moe_impl="dense" gives the same logits as the default grouped path
     ids = np.random.RandomState(4).randint(0, TEXT["vocab_size"], (2, 30))
     lg_g, _ = moe_model.run(ids)
     dense = dataclasses.replace(moe_model, config=dataclasses.replace(moe_model.config, moe_impl="dense"))
     lg_d, _ = dense.run(ids)
     assert rel(lg_d, lg_g) <= TOL
+    blocked = dataclasses.replace(moe_model, config=dataclasses.replace(moe_model.config, moe_impl="blocked"))
+    lg_b, _ = blocked.run(ids)
+    assert rel(lg_b, lg_g) <= TOL
 
 
 def test_left_padding_equals_each_example_alone(moe_model):

@@ -98,8 +98,8 @@ class Qwen35Config:
                              f"lin_n_k_heads={self.lin_n_k_heads}")
         if self.hidden_activation not in L.ACTIVATIONS:
             raise ValueError(f"hidden_activation {self.hidden_activation!r} is not supported")
-        if self.moe_impl not in ("grouped", "dense"):
-            raise ValueError(f"moe_impl must be 'grouped' or 'dense', got {self.moe_impl!r}")
+        if self.moe_impl not in ("grouped", "dense", "blocked"):
+            raise ValueError(f"moe_impl must be 'grouped', 'dense' or 'blocked', got {self.moe_impl!r}")
         if self.n_experts:
             if not (0 < self.top_k <= self.n_experts) or self.d_expert <= 0:
                 raise ValueError(f"MoE config needs 0 < top_k <= n_experts and d_expert > 0 "
@@ -652,7 +652,10 @@ def mlp(cfg: Qwen35Config, p, h_BxTxD, *, impl: str | None = None):
     """The MoE block (``qwen3_5_moe``) or the dense SwiGLU MLP (``qwen3_5``)."""
     act = L.ACTIVATIONS[cfg.hidden_activation]
     if cfg.is_moe:
-        return M.moe_block(h_BxTxD, p, cfg.top_k, impl=impl or cfg.moe_impl, act=act)
+        impl = impl or cfg.moe_impl
+        if impl == "grouped" and jax.default_backend() == "gpu":
+            impl = "blocked"  # ragged_dot has no grouped GPU kernel in JAX 0.11 (see prefjax.models.moe)
+        return M.moe_block(h_BxTxD, p, cfg.top_k, impl=impl, act=act)
     return M.swiglu(h_BxTxD, p["gate"], p["up"], p["down"], act)
 
 
