@@ -250,3 +250,35 @@ def test_270m_config_equals_transformers(hf_gemma, ck270m):
                                                "torch_dtype")}).to_dict()
     for field in CONFIG_FIELDS:
         assert rebuilt[field] == theirs[field], field
+
+
+@pytest.mark.slow
+def test_270m_forward_matches_transformers_past_the_window(hf_gemma):
+    """Real Gemma-3-270M weights: prefjax and transformers (loading the same GGUF) agree on logits and
+    every hook for a chat prompt longer than the 512-token sliding window, in float32."""
+    import jax
+
+    import prefjax
+    from hf_reference import collect, rel_err
+    from prefjax.hooks import BLOCK_POINTS, hook_name
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    hf_gemma.config._attn_implementation = "eager"
+    model = prefjax.load("gemma3-270m")
+    words = ("the river carried small boats past old stone houses while children counted clouds "
+             "and a baker sang about bread and rain ").split()
+    text = " ".join(words[i % len(words)] + (str(i) if i % 7 == 0 else "") for i in range(520))
+    ids = model.tokenizer.encode_chat([{"role": "user", "content": "Summarise this: " + text}])
+    assert len(ids) > 600
+    names = tuple(hook_name(l, p) for l in range(model.n_layers) for p in BLOCK_POINTS) + ("ln_final.hook_normalized",)
+    logits, cache = model.run(np.asarray([ids]), capture=names)
+    ref_logits, ref = collect(hf_gemma, np.asarray([ids]), layers=hf_gemma.model.layers,
+                              final_norm=hf_gemma.model.norm)
+    errs = {"logits": rel_err(logits, ref_logits), **{n: rel_err(cache[n], ref[n]) for n in names}}
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= 1e-5, (worst, errs[worst])
+    # the end-of-turn capture used by the pipeline is the same activation
+    eot = model.tokenizer.end_of_turn_index(ids)
+    _, at_eot = model.run(np.asarray([ids]), capture=("blocks.9.hook_resid_post",), positions=np.asarray([[eot]]))
+    np.testing.assert_array_equal(np.asarray(at_eot["blocks.9.hook_resid_post"])[0, 0],
+                                  np.asarray(cache["blocks.9.hook_resid_post"])[0, eot])
