@@ -203,7 +203,7 @@ def run_pref_shift_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, 
     bl = fit_ridge(emb, mu_b, alphas=alphas, eval_idx=ev, train_idx=train).predict(emb)
     kw = dict(n_boot=int(_get(cfg, "pref_shift.n_boot", 1000)), n_perm=int(_get(cfg, "pref_shift.n_perm", 1000)),
               seed=seed)
-    out = {"base": base, "probe": pdir, "hook": hook, "position": position, "shifts": {}}
+    out = {"base": base, "probe": os.path.relpath(pdir, run.workdir), "hook": hook, "position": position, "shifts": {}}
     for sp in shifts:
         mu_s = _mu(run, sp)
         s_s = probe.predict(_acts(run, sp, hook, position))

@@ -286,7 +286,7 @@ def run_truefalse_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, p
             per_topic[t] = auc(s[m], y[m])
         atomic_save_npz(os.path.join(run.stage_dir("truefalse"), f"{pname}.npz"), score=s, label=y)
         out["persona"][pname] = to_jsonable({
-            "probe": pdir, "hook": hook, "position": position, "probe_auc": res, "probe_auc_per_topic": per_topic,
+            "probe": os.path.relpath(pdir, run.workdir), "hook": hook, "position": position, "probe_auc": res, "probe_auc_per_topic": per_topic,
             "ridge_cv": cv_classifier_auc(X, y, kind="ridge", n_folds=n_folds, reg=reg, seed=seed),
             "logistic_cv": cv_classifier_auc(X, y, kind="logistic", n_folds=n_folds, reg=reg, seed=seed)},
             nan_to_none=True)
