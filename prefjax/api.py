@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import jax
@@ -10,8 +9,6 @@ import jax
 from prefjax.checkpoints.hf import CheckpointError, load_params, read_config, resolve_dtype
 from prefjax.model import Model
 from prefjax.models import family_for_model_type, family_for_preset
-
-log = logging.getLogger("prefjax")
 
 # Presets backed by real weights (everything else named like a preset is random-init).
 REAL_PRESETS = {"gemma3-270m": "packaged-gguf"}
@@ -84,12 +81,8 @@ def _load_hf_dir(folder: Path, *, dtype, mesh) -> Model:
     cfg = fam.config_from_hf(hf_cfg, source=str(folder / "config.json"))
     src = SafetensorsDir(folder)
     params = load_params(fam, cfg, src, dtype=dtype, mesh=mesh, where=str(folder))
-    tok = None
-    try:
-        from prefjax.tokenize import Tokenizer
-        tok = Tokenizer.maybe_from_dir(folder)
-    except ImportError:
-        tok = None
+    from prefjax.tokenize import Tokenizer
+    tok = Tokenizer.maybe_from_dir(folder)
     return Model(fam, cfg, params, tokenizer=tok, mesh=mesh, source=str(folder))
 
 

@@ -492,7 +492,6 @@ def evaluate_recovery(workdir: str, organism_dir: str) -> dict:
     the train/eval splits *against hidden u*, test split r: where the truth is linearly readable);
     and globally ``transfer`` (the pipeline's persona transfer matrix) and ``steering`` slopes.
     """
-    from prefjax.pipeline import STAGES  # noqa: F401  (import check: pipeline importable)
     from prefjax.probes import RidgeProbe, default_splits, evaluate_probe, fit_ridge
     from prefjax.stages import _read_json
     from prefjax.store import open_existing

@@ -22,7 +22,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from prefjax.hooks import BLOCK_POINTS, CaptureSpec, InterventionContext, hook_name
+from prefjax.hooks import CaptureSpec, InterventionContext, hook_name
 
 
 def gather_positions(x_BxTxD, pos_BxK):
@@ -130,10 +130,3 @@ def fold(block_fn: Callable, blocks, x_BxTxD, *, n_layers: int, aux=None, state=
         for l in wanted:
             captured[hook_name(l, point)] = stacked[l]
     return x_BxTxD, captured, new_state
-
-
-def check_block_points(called: set[str]):
-    """Used by family tests: every family must call every block point exactly once per block."""
-    missing = set(BLOCK_POINTS) - called
-    if missing:
-        raise AssertionError(f"block never called hook points {sorted(missing)}")
