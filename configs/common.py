@@ -86,7 +86,8 @@ def base_config(arg: str, config_file: str):
     # are dominated by a few huge dimensions (6e3 at layer 9 of the 270M), so 0.25 already pushes the
     # 270M off the answer format; the sweep stays within +-0.1.
     c.steering = ml_collections.ConfigDict({"persona": "default", "layer": "best", "mode": "contrastive",
-                                            "coefs": (-0.1, -0.05, -0.02, 0.0, 0.02, 0.05, 0.1), "n_pairs": 12})
+                                            "coefs": (-0.1, -0.05, -0.02, 0.0, 0.02, 0.05, 0.1), "n_pairs": 12,
+                                            "generate_tokens": 12})  # 0: logit mode only
     c.inlp = ml_collections.ConfigDict({"n_iter": 5})
     c.patching = ml_collections.ConfigDict({"n_pairs": 6, "layers": "every3", "sources": ("swap", "persona"),
                                             "modes": ("eot", "span"), "min_effect": 0.02, "batch_size": 16})

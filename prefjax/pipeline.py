@@ -516,8 +516,67 @@ def _steering(cfg, run, model, pool, personas, probe_summary, hooks, layers, mea
         results[name] = rows
     atomic_save_npz(os.path.join(run.stage_dir("steering"), "p_a.npz"), coefs=np.asarray(coefs),
                     toward_a=toward_a, probe=np.asarray(p_a_all["probe"]), random=np.asarray(p_a_all["random"]))
+    sampled = None
+    n_new = int(_get(cfg, "steering.generate_tokens", 0) or 0)
+    if n_new > 0:
+        sampled = _steered_completions(cfg, run, model, pairs, persona, mode, layer, scale, coefs, n_new,
+                                       {"probe": direction, "random": random_direction(model.d_model, 1234)})
     slope = float(np.polyfit(coefs, [r["p_steered_mean"] for r in results["probe"]], 1)[0])
     slope_rand = float(np.polyfit(coefs, [r["p_steered_mean"] for r in results["random"]], 1)[0])
     return {"persona": pname, "layer": layer, "scale": scale, "mode": mode, "n_pairs": len(pairs), "n_prompts": P,
             "coefs": coefs, "probe": results["probe"], "random": results["random"],
-            "slope_probe": slope, "slope_random": slope_rand, "note": note}
+            "slope_probe": slope, "slope_random": slope_rand, "note": note, "sampled": sampled}
+
+
+def _steered_completions(cfg, run, model, pairs, persona, mode, layer, scale, coefs, n_new, directions) -> dict:
+    """The steering sweep with sampled completions: choice, refusal and coherence per coefficient.
+
+    Each pair is shown twice (steered towards A, then towards B) without the forced prefix; the model
+    writes ``n_new`` tokens (greedy), which are parsed like elicitation replies. Coherence is the mean
+    per-token log-likelihood of the steered completion under the unsteered model.
+    """
+    from prefjax.elicit.parse import parse_choice
+    from prefjax.elicit.prompts import DEFAULT_TEMPLATE, choice_messages, render_choice, shift_spans
+    from prefjax.generation import generate
+    from prefjax.steering import SteerSpec, completion_loglik, token_span_mask
+    from prefjax.stats_small import wilson_interval
+
+    tok = model.tokenizer
+    prompts, masks, toward = [], [], []
+    for a, b in pairs:
+        user, spans = render_choice(DEFAULT_TEMPLATE, a, b)
+        full = tok.chat(choice_messages(DEFAULT_TEMPLATE, a, b, persona), add_generation_prompt=True)
+        spans_full = shift_spans(full, user, spans)
+        for steered, other in (("A", "B"), ("B", "A")):
+            signs = {steered: 1.0, other: -1.0} if mode == "contrastive" else {steered: 1.0}
+            ids, m = token_span_mask(tok, full, {k: spans_full[k] for k in signs}, signs=signs, add_bos=False)
+            prompts.append(ids)
+            masks.append(m)
+            toward.append(steered)
+    width = max(len(p) for p in prompts)
+    mask = np.zeros((len(prompts), width), np.float32)
+    for r, m in enumerate(masks):
+        mask[r, :len(m)] = m
+    out, raw = {}, {}
+    for name, vec in directions.items():
+        rows = []
+        for c in coefs:
+            spec = SteerSpec(layer=layer, direction=vec, coef=np.full((len(prompts),), c, np.float32),
+                             scale=scale, tokens=mask)
+            gen = generate(model, prompts, max_new_tokens=n_new, temperature=0.0, steer=spec)
+            parsed = [parse_choice(t, DEFAULT_TEMPLATE) for t in gen.texts]
+            chose = [p.choice for p in parsed]
+            k = sum(ch == st for ch, st in zip(chose, toward))
+            n = sum(ch in ("A", "B") for ch in chose)
+            lo, hi = wilson_interval(k, n)
+            ll = completion_loglik(model, prompts, gen.token_ids)
+            rows.append({"coef": c, "k": int(k), "n": int(n), "ci": [float(lo), float(hi)],
+                         "refusal_rate": float(np.mean([p.refusal for p in parsed])),
+                         "unparseable_rate": float(np.mean([p.status in ("unparseable", "both") for p in parsed])),
+                         "coherence_loglik": float(np.nanmean(ll)) if np.isfinite(ll).any() else None})
+            raw[f"{name}_{c:+g}"] = list(gen.texts)
+        out[name] = rows
+    from prefjax.stages import atomic_write_json
+    atomic_write_json(os.path.join(run.stage_dir("steering"), "completions.json"),
+                      {"toward": toward, "texts": raw})
+    return {"n_prompts": len(prompts), "new_tokens": n_new, **out}

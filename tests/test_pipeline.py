@@ -61,7 +61,7 @@ def test_outputs_exist(finished):
     assert len(text) > 200 and "Probes" in text and "Steering" in text
     figs = sorted(os.listdir(wd / "figures"))
     assert figs == sorted(["utilities_by_topic.png", "probe_r_default.png", "probe_r_evil.png", "transfer_persona.png",
-                           "transfer_layer.png", "steering.png", "inlp.png"])
+                           "transfer_layer.png", "steering.png", "steering_sampled.png", "inlp.png"])
     for f in figs:
         data = (wd / "figures" / f).read_bytes()
         assert len(data) > 1000 and data.startswith(PNG_MAGIC), f
@@ -98,6 +98,13 @@ def test_summary_contents(finished):
     for name in ("probe", "random"):
         assert [r["coef"] for r in st[name]] == coefs
         assert all(0 <= r["p_steered_mean"] <= 1 and r["n"] == 6 for r in st[name])  # each pair, both ways
+    sm = st["sampled"]  # the sampled-completion arm: every coef, both directions, rates in [0, 1]
+    assert sm["n_prompts"] == 6 and [r["coef"] for r in sm["probe"]] == coefs
+    for name in ("probe", "random"):
+        for r in sm[name]:
+            assert 0 <= r["refusal_rate"] <= 1 and 0 <= r["unparseable_rate"] <= 1 and r["n"] <= 6
+    texts = json.loads((wd / "stages" / "steering" / "completions.json").read_text())["texts"]
+    assert texts["probe_+0"] == texts["random_+0"]  # c = 0: the same greedy completions
     zero = coefs.index(0.0)
     # c = 0 is unsteered whatever the direction: bit-identical P and counts.
     assert st["probe"][zero]["p_steered_mean"] == st["random"][zero]["p_steered_mean"]

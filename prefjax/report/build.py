@@ -87,6 +87,26 @@ def build_report(run, cfg, *, pool, personas, mu, utilities, probes, transfer, s
                          + "\n".join(lines) + f"\n\nSlope of P(steered) per unit coef: probe "
                          f"{steering['slope_probe']:+.3f}, random {steering['slope_random']:+.3f}."
                          + (f"\n\n**Note:** {steering['note']}." if steering.get("note") else "")))
+        if steering.get("sampled"):
+            sm = steering["sampled"]
+            lines = ["| coef | chose steered (probe) [95% CI] | refusal | unparseable | coherence (loglik/token) | "
+                     "chose steered (random) | coherence (random) |", "|---|---|---|---|---|---|---|"]
+            for a, b in zip(sm["probe"], sm["random"]):
+                lines.append(f"| {a['coef']:+.2f} | {a['k']}/{a['n']} [{a['ci'][0]:.2f}, {a['ci'][1]:.2f}] | "
+                             f"{a['refusal_rate']:.2f} | {a['unparseable_rate']:.2f} | {_fmt(a['coherence_loglik'], 2)} | "
+                             f"{b['k']}/{b['n']} | {_fmt(b['coherence_loglik'], 2)} |")
+            sections.append(("Steering: sampled completions", f"The same sweep with {sm['new_tokens']} greedy "
+                             f"tokens per prompt ({sm['n_prompts']} prompts), parsed like elicitation replies. "
+                             "Refusal and unparseable rates are over all prompts; the choice rate over parsed "
+                             "replies. Coherence: mean log-likelihood per token of the steered completion under "
+                             "the unsteered model (lower = less coherent).\n\n" + "\n".join(lines)))
+            figures["steering (sampled)"] = dose_response(
+                coefs, [r["k"] for r in sm["probe"]], [r["n"] for r in sm["probe"]],
+                os.path.join(fig_dir, "steering_sampled.png"),
+                refusal={"k": [round(r["refusal_rate"] * sm["n_prompts"]) for r in sm["probe"]],
+                         "n": [sm["n_prompts"]] * len(coefs), "label": "refusal"},
+                control={"k": [r["k"] for r in sm["random"]], "n": [r["n"] for r in sm["random"]],
+                         "label": "random direction"}, title="Steering dose-response (sampled completions)")
         headline["steering slope (probe)"] = steering["slope_probe"]
         headline["steering slope (random)"] = steering["slope_random"]
     if inlp:
