@@ -26,6 +26,27 @@ def _env(**extra):
     return env
 
 
+def _run_two(cmd, tmp_path, name: str, timeout: int):
+    """Start ``cmd`` as processes 0 and 1 of a 2-process jax.distributed job; return (rcs, [log texts])."""
+    port = _free_port()
+    procs, logs = [], []
+    for pid in (0, 1):
+        log = open(tmp_path / f"{name}{pid}.log", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            env=_env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))))
+    try:
+        rcs = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for log in logs:
+            log.close()
+    return rcs, [(tmp_path / f"{name}{i}.log").read_text() for i in (0, 1)]
+
+
 @pytest.mark.slow
 def test_two_process_forward_equals_single_process(tmp_path):
     single, multi = tmp_path / "single.npz", tmp_path / "multi.npz"
@@ -33,24 +54,8 @@ def test_two_process_forward_equals_single_process(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
 
-    port = _free_port()
-    procs, logs = [], []
-    for pid in (0, 1):
-        log = open(tmp_path / f"p{pid}.log", "w")
-        logs.append(log)
-        procs.append(subprocess.Popen(
-            [sys.executable, WORKER, str(multi)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env=_env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))))
-    try:
-        rcs = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        for log in logs:
-            log.close()
-    out = "\n".join((tmp_path / f"p{i}.log").read_text()[-2000:] for i in (0, 1))
-    assert rcs == [0, 0], out
+    rcs, texts = _run_two([sys.executable, WORKER, str(multi)], tmp_path, "p", 300)
+    assert rcs == [0, 0], "\n".join(t[-2000:] for t in texts)
 
     a, b = np.load(single), np.load(multi)
     assert list(a["info"]) == [1, 1, 1]
@@ -81,25 +86,9 @@ def test_two_process_pipeline_equals_single_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     r = subprocess.run(_pipeline_cmd(one), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    port = _free_port()
-    procs, logs = [], []
-    for pid in (0, 1):
-        log = open(tmp_path / f"pipe{pid}.log", "w")
-        logs.append(log)
-        procs.append(subprocess.Popen(
-            _pipeline_cmd(two), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-            env=_env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))))
-    try:
-        rcs = [p.wait(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        for log in logs:
-            log.close()
-    out = "\n".join((tmp_path / f"pipe{i}.log").read_text()[-2500:] for i in (0, 1))
-    assert rcs == [0, 0], out
-    assert "report:" in (tmp_path / "pipe0.log").read_text() and "report:" not in (tmp_path / "pipe1.log").read_text()
+    rcs, texts = _run_two(_pipeline_cmd(two), tmp_path, "pipe", 600)
+    assert rcs == [0, 0], "\n".join(t[-2500:] for t in texts)
+    assert "report:" in texts[0] and "report:" not in texts[1]
     # both processes did elicitation work, in their own segments, and the union equals the 1-process run
     segs = sorted(p.name.split("-")[1] for p in (two / "comparisons").glob("seg-p*-*.jsonl"))
     assert set(segs) == {"p0", "p1"}, segs

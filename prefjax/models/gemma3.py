@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefjax.models import layers as L
-from prefjax.models.stack import fold, gather_positions, next_state, step_inputs
+from prefjax.models.stack import fold, gather_positions, kv_state, next_state, step_inputs
 
 FAMILY = "gemma3"
 SUPPORTS_LORA = True  # forward() reads params["blocks"]["lora"] (PEFT adapters applied on the fly)
@@ -344,9 +344,7 @@ def forward(cfg: Gemma3Config, params, tokens_BxT, valid_BxT, *, capture, pos_Bx
 
 def init_state(cfg: Gemma3Config, batch: int, max_len: int, dtype) -> dict[str, Any]:
     """An empty KV cache for ``max_len`` slots (every layer keeps the full length)."""
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "valid": jnp.zeros((batch, max_len), bool)}
+    return kv_state(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype)
 
 
 def init_params(cfg: Gemma3Config, key, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Any]:

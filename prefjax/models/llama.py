@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefjax.models import layers as L
-from prefjax.models.stack import fold, gather_positions, next_state, step_inputs
+from prefjax.models.stack import fold, gather_positions, kv_state, next_state, step_inputs
 
 FAMILY = "llama"
 SUPPORTS_LORA = True  # forward() reads params["blocks"]["lora"]
@@ -388,9 +388,7 @@ def forward(cfg: LlamaConfig, params, tokens_BxT, valid_BxT, *, capture, pos_BxK
 
 def init_state(cfg: LlamaConfig, batch: int, max_len: int, dtype) -> dict[str, Any]:
     """An empty KV cache for ``max_len`` slots."""
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "valid": jnp.zeros((batch, max_len), bool)}
+    return kv_state(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype)
 
 
 def init_params(cfg: LlamaConfig, key, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Any]:

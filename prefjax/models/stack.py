@@ -76,6 +76,12 @@ def next_state(state, inputs: StepInputs, layer_state):
     return None if state is None else {**layer_state, "valid": inputs.kv_valid_BxS}
 
 
+def kv_state(n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype) -> dict[str, Any]:
+    """An empty KV cache of ``max_len`` slots for every layer, plus the slot-validity mask."""
+    shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "valid": jnp.zeros((batch, max_len), bool)}
+
+
 def _layer_slice(tree, l):
     return jax.tree_util.tree_map(lambda a: a[l], tree)
 
