@@ -217,7 +217,7 @@ def test_config_typo_on_command_line_is_an_absl_error(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Experiment configs: every config x every model argument.
 
-EXPERIMENTS = ("utilities", "extract", "probes", "transfer", "steering", "inlp")
+EXPERIMENTS = ("utilities", "extract", "probes", "transfer", "steering", "inlp", "patching", "pref_shift", "truefalse")
 MODEL_ARGS = ("", "tiny", "gemma3-270m", "gemma3-27b", "qwen35-122b-a10b", "llama31-8b")
 
 
