@@ -87,27 +87,14 @@ def run_jax(args) -> dict:
 
     if not args.no_hf and args.hf_weights == "copy":  # weights in HF layout for the torch process
         os.makedirs(args.weights_dir, exist_ok=True)
-        from prefjax.models.gemma3 import hf_names
-        h, kv, hd, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
-        inverse = {  # prefjax layout -> torch Linear [out, in]
-            "blocks/q": lambda w: w.reshape(d, h * hd).T, "blocks/k": lambda w: w.reshape(d, kv * hd).T,
-            "blocks/v": lambda w: w.reshape(d, kv * hd).T, "blocks/o": lambda w: w.reshape(h * hd, d).T,
-            "blocks/gate": lambda w: w.T, "blocks/up": lambda w: w.T, "blocks/down": lambda w: w.T}
+        from prefjax.models.gemma3 import params_to_hf
         index = {}
-        for path, (hf_name, _) in hf_names(cfg).items():
-            node = model.params
-            for p in path.split("/"):
-                node = node[p]
-            inv = inverse.get(path, lambda w: w)
-            layers = range(cfg.n_layers) if path.startswith("blocks/") else [None]
-            for l in layers:
-                w = node[l] if l is not None else node
-                arr = np.asarray(jax.device_get(inv(w)))
-                if args.dtype == "bfloat16":
-                    arr = arr.view(np.uint16)
-                fname = hf_name.format(l=l) + ".npy"
-                np.save(os.path.join(args.weights_dir, fname), np.ascontiguousarray(arr))
-                index[hf_name.format(l=l)] = fname
+        host = jax.device_get(model.params)
+        for name, arr in params_to_hf(cfg, host, dtype=np.float32 if args.dtype == "float32" else jnp.bfloat16):
+            if args.dtype == "bfloat16":
+                arr = arr.view(np.uint16)
+            np.save(os.path.join(args.weights_dir, name + ".npy"), arr)
+            index[name] = name + ".npy"
         ids = rs.randint(10, cfg.vocab_size, size=(2, 12)).astype(np.int32)
         lg, _ = model.run(ids)
         np.save(os.path.join(args.weights_dir, "check_ids.npy"), ids)
@@ -121,17 +108,11 @@ def run_torch(args) -> dict:
     import numpy as np
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-    from prefjax.models.gemma3 import PRESETS
+    from prefjax.models.gemma3 import PRESETS, hf_config
     cfg = PRESETS[args.preset]
     dev = "cuda" if args.device == "gpu" else "cpu"
-    hf_cfg = Gemma3TextConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim, sliding_window=cfg.sliding_window,
-        query_pre_attn_scalar=int(cfg.query_pre_attn_scalar), layer_types=list(cfg.layer_types),
-        max_position_embeddings=cfg.max_position_embeddings,
-        rope_scaling={"rope_type": "linear", "factor": cfg.rope_global_factor} if cfg.rope_global_factor != 1 else None,
-        attn_implementation="sdpa", pad_token_id=cfg.pad_id, bos_token_id=cfg.bos_id, eos_token_id=list(cfg.eos_ids))
+    hf_cfg = Gemma3TextConfig(**{k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "model_type")},
+                              attn_implementation="sdpa")
     prev = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, args.dtype))
     with torch.device(dev):

@@ -66,16 +66,11 @@ def run_jax(args) -> dict:
 def run_torch(args) -> dict:
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-    from prefjax.models.gemma3 import PRESETS
+    from prefjax.models.gemma3 import PRESETS, hf_config
     cfg = PRESETS[args.preset]
     dev = "cuda" if args.device == "gpu" else "cpu"
-    hf_cfg = Gemma3TextConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_dim, sliding_window=cfg.sliding_window, query_pre_attn_scalar=int(cfg.query_pre_attn_scalar),
-        layer_types=list(cfg.layer_types), max_position_embeddings=cfg.max_position_embeddings,
-        rope_scaling={"rope_type": "linear", "factor": cfg.rope_global_factor} if cfg.rope_global_factor != 1 else None,
-        attn_implementation="sdpa")
+    hf_cfg = Gemma3TextConfig(**{k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "model_type")},
+                              attn_implementation="sdpa")
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: a float32 27B would not fit the card
     with torch.device(dev):

@@ -374,54 +374,15 @@ def pair_fit(spec, cfg, params, tokenizer, pool, util, *, n: int = 256, seed: in
 # ---------------------------------------------------------------------------------------------
 # Saving as an HF-style folder (the inverse of gemma3.hf_names' transforms).
 
-def to_hf_tensors(cfg: gemma3.Gemma3Config, params) -> dict[str, np.ndarray]:
-    """prefjax Gemma-3 params -> ``{HF tensor name: array}`` (torch Linear layout [out, in])."""
-    d = cfg.d_model
-    inverse = {
-        "blocks/q": lambda w: w.reshape(d, -1).T, "blocks/k": lambda w: w.reshape(d, -1).T,
-        "blocks/v": lambda w: w.reshape(d, -1).T, "blocks/o": lambda w: w.reshape(-1, d).T,
-        "blocks/gate": lambda w: w.T, "blocks/up": lambda w: w.T, "blocks/down": lambda w: w.T,
-    }
-    out = {}
-    for path, (template, _) in gemma3.hf_names(cfg).items():
-        node = params
-        for part in path.split("/"):
-            node = node[part]
-        arr = np.asarray(node, np.float32)
-        f = inverse.get(path, lambda w: w)
-        if path.startswith("blocks/"):
-            for l in range(cfg.n_layers):
-                out[template.format(l=l)] = np.ascontiguousarray(f(arr[l]))
-        else:
-            out[template] = np.ascontiguousarray(f(arr))
-    return out
-
-
-def hf_config_dict(cfg: gemma3.Gemma3Config) -> dict:
-    """``config.json`` contents that :func:`gemma3.config_from_hf` maps back to ``cfg``."""
-    return {
-        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "torch_dtype": "float32",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-        "intermediate_size": cfg.d_ff, "layer_types": list(cfg.layer_types), "sliding_window": cfg.sliding_window,
-        "query_pre_attn_scalar": cfg.query_pre_attn_scalar, "rope_theta": cfg.rope_global_base,
-        "rope_local_base_freq": cfg.rope_local_base, "rope_scaling": None, "rms_norm_eps": cfg.rms_eps,
-        "max_position_embeddings": cfg.max_position_embeddings, "final_logit_softcapping": None,
-        "attn_logit_softcapping": None, "attention_bias": False, "hidden_activation": cfg.hidden_activation,
-        "pad_token_id": cfg.pad_id, "bos_token_id": cfg.bos_id, "eos_token_id": list(cfg.eos_ids),
-        "tie_word_embeddings": True,
-    }
-
-
 def save_checkpoint(folder: str, cfg: gemma3.Gemma3Config, params, tokenizer) -> None:
     """Write ``config.json``, ``model.safetensors`` and the tokenizer files into ``folder``."""
     from safetensors.numpy import save_file
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, ".model.safetensors.tmp")
-    save_file(to_hf_tensors(cfg, params), tmp, metadata={"format": "pt"})
+    save_file(dict(gemma3.params_to_hf(cfg, params)), tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(folder, "model.safetensors"))
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(hf_config_dict(cfg), f, indent=1)
+        json.dump({**gemma3.hf_config(cfg), "torch_dtype": "float32"}, f, indent=1)
     tokenizer.save(folder)
 
 

@@ -241,3 +241,28 @@ def test_sharded_2x4_equals_single_device(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", ["gemma3-tiny", "gemma3-270m", "gemma3-4b", "gemma3-27b"])
+def test_hf_config_round_trip(name):
+    """hf_config (used by the organism writer and the benchmarks) maps back to the same config, and
+    transformers reads the same RoPE scaling from it (linear x8 on the global layers of 4B+)."""
+    import dataclasses
+    from prefjax.models import gemma3
+    cfg = gemma3.PRESETS[name]
+    hf = gemma3.hf_config(cfg)
+    assert dataclasses.replace(gemma3.config_from_hf(hf), name=cfg.name) == cfg
+    t = Gemma3TextConfig(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")})
+    assert t.rope_parameters["full_attention"].get("factor", 1.0) == cfg.rope_global_factor
+    assert t.query_pre_attn_scalar == cfg.query_pre_attn_scalar and list(t.layer_types) == list(cfg.layer_types)
+
+
+def test_params_to_hf_round_trip(tmp_path):
+    from safetensors.numpy import save_file
+    from prefjax.models import gemma3
+    src = prefjax.load("gemma3-tiny")
+    (tmp_path / "config.json").write_text(json.dumps(gemma3.hf_config(src.config)))
+    save_file(dict(gemma3.params_to_hf(src.config, src.params)), tmp_path / "model.safetensors")
+    back = prefjax.load(tmp_path)
+    for a, b in zip(jax.tree_util.tree_leaves(src.params), jax.tree_util.tree_leaves(back.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -250,6 +250,48 @@ def hf_names(cfg: Gemma3Config) -> dict[str, Any]:
     }
 
 
+def hf_config(cfg: Gemma3Config) -> dict[str, Any]:
+    """The ``config.json`` of a ``Gemma3ForCausalLM`` with this shape; :func:`config_from_hf` maps it back
+    to ``cfg`` (up to ``name``), and ``transformers.Gemma3TextConfig(**hf_config(cfg))`` builds the same model."""
+    scaled = cfg.rope_global_type != "default"
+    qpas = cfg.query_pre_attn_scalar
+    return {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.d_ff, "layer_types": list(cfg.layer_types), "sliding_window": cfg.sliding_window,
+        "query_pre_attn_scalar": int(qpas) if float(qpas).is_integer() else qpas,
+        "rope_parameters": {
+            "full_attention": {"rope_type": cfg.rope_global_type, "rope_theta": cfg.rope_global_base,
+                               **({"factor": cfg.rope_global_factor} if scaled else {})},
+            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_base}},
+        "rms_norm_eps": cfg.rms_eps, "max_position_embeddings": cfg.max_position_embeddings,
+        "final_logit_softcapping": cfg.final_logit_softcap, "attn_logit_softcapping": None,
+        "attention_bias": False, "hidden_activation": cfg.hidden_activation,
+        "pad_token_id": cfg.pad_id, "bos_token_id": cfg.bos_id, "eos_token_id": list(cfg.eos_ids),
+        "tie_word_embeddings": True,
+    }
+
+
+def params_to_hf(cfg: Gemma3Config, params, *, dtype=np.float32):
+    """Yield ``(HF tensor name, array in torch Linear layout [out, in])`` for every tensor, one at a time
+    (the inverse of :func:`hf_names`' transforms; the tied ``lm_head`` is not written)."""
+    h, kv, hd, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+    inverse = {"blocks/q": lambda w: w.reshape(d, h * hd).T, "blocks/k": lambda w: w.reshape(d, kv * hd).T,
+               "blocks/v": lambda w: w.reshape(d, kv * hd).T, "blocks/o": lambda w: w.reshape(h * hd, d).T,
+               "blocks/gate": lambda w: w.T, "blocks/up": lambda w: w.T, "blocks/down": lambda w: w.T}
+    for path, (template, _) in hf_names(cfg).items():
+        node = params
+        for part in path.split("/"):
+            node = node[part]
+        inv = inverse.get(path, lambda w: w)
+        if path.startswith("blocks/"):
+            for l in range(cfg.n_layers):
+                yield template.format(l=l), np.ascontiguousarray(np.asarray(inv(node[l])).astype(dtype))
+        else:
+            yield template, np.ascontiguousarray(np.asarray(inv(node)).astype(dtype))
+
+
 # Prefixes under which checkpoints store the text decoder ("model." is replaced by the prefix).
 HF_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
 HF_SKIP_PREFIXES = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.",
