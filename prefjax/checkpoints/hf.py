@@ -32,6 +32,35 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match what the model config says."""
 
 
+# Fields every transformers config.json may carry that change nothing in a forward pass.
+HF_COMMON_FIELDS = frozenset({
+    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "use_cache",
+    "initializer_range", "attention_dropout", "_name_or_path", "output_hidden_states",
+    "output_attentions", "return_dict", "id2label", "label2id", "problem_type", "is_encoder_decoder",
+    "chunk_size_feed_forward", "tokenizer_class", "pruned_heads", "finetuning_task",
+    "task_specific_params", "prefix", "sep_token_id", "decoder_start_token_id", "add_cross_attention",
+    "tf_legacy_loss", "use_return_dict", "torchscript", "is_decoder", "cross_attention_hidden_size",
+    "max_length", "min_length", "unk_token_id", "tie_word_embeddings",
+})
+
+
+def check_hf_fields(hf: dict[str, Any], *, handled, pinned: dict[str, Any] | None = None, ignored=(),
+                    source: str, port: str) -> None:
+    """Refuse every config field that is neither read by the port (``handled``), harmless
+    (:data:`HF_COMMON_FIELDS` or ``ignored``), nor at the one value the port implements (``pinned``;
+    None counts as False). The error names the file, the field and its value."""
+    pinned = pinned or {}
+    for k, v in hf.items():
+        if k in pinned:
+            ok = pinned[k]
+            if v != ok and not (v is None and ok is False):
+                raise ValueError(f"{source}: field {k}={v!r} is not supported by the prefjax {port} port "
+                                 f"(only {ok!r})")
+        elif k not in handled and k not in HF_COMMON_FIELDS and k not in ignored:
+            raise ValueError(f"{source}: config field {k!r} (= {v!r}) is not handled by the prefjax {port} "
+                             "port; refusing to ignore it")
+
+
 def resolve_dtype(dtype) -> Any:
     """Map a user dtype (string or jnp dtype) to a floating jnp dtype the ports can hold."""
     if dtype is None:

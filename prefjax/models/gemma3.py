@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prefjax.checkpoints.hf import check_hf_fields
 from prefjax.models import layers as L
 from prefjax.models.stack import fold, gather_positions, kv_state, next_state, step_inputs
 
@@ -108,16 +109,8 @@ PRESETS: dict[str, Gemma3Config] = {
 # --------------------------------------------------------------------------------------------
 # HF config mapping. Unknown fields are refused, never ignored.
 
-_HF_IGNORED = {
-    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "use_cache",
-    "initializer_range", "attention_dropout", "_name_or_path", "output_hidden_states",
-    "output_attentions", "return_dict", "tie_word_embeddings", "cache_implementation",
-    "sliding_window_pattern", "_sliding_window_pattern", "id2label", "label2id", "problem_type",
-    "is_encoder_decoder", "chunk_size_feed_forward", "tokenizer_class", "pruned_heads",
-    "finetuning_task", "task_specific_params", "prefix", "sep_token_id", "decoder_start_token_id",
-    "add_cross_attention", "tf_legacy_loss", "use_return_dict", "torchscript", "is_decoder",
-    "cross_attention_hidden_size", "max_length", "min_length", "unk_token_id",
-}
+# Gemma-specific fields that change nothing here (the pattern is read from layer_types when present).
+_HF_IGNORED = {"cache_implementation", "sliding_window_pattern", "_sliding_window_pattern"}
 # Fields accepted only at the value the port implements.
 _HF_PINNED = {
     "attention_bias": False,
@@ -143,14 +136,7 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> Gemma3
         "max_position_embeddings", "final_logit_softcapping", "hidden_activation", "hidden_act",
         "pad_token_id", "bos_token_id", "eos_token_id",
     }
-    for k, v in hf.items():
-        if k in _HF_PINNED:
-            if v != _HF_PINNED[k] and not (v is None and _HF_PINNED[k] is False):
-                raise ValueError(f"{source}: field {k}={v!r} is not supported by the prefjax Gemma-3 port "
-                                 f"(only {_HF_PINNED[k]!r})")
-        elif k not in handled and k not in _HF_IGNORED:
-            raise ValueError(f"{source}: config field {k!r} (= {v!r}) is not handled by the prefjax Gemma-3 "
-                             "port; refusing to ignore it")
+    check_hf_fields(hf, handled=handled, pinned=_HF_PINNED, ignored=_HF_IGNORED, source=source, port="Gemma-3")
     if hf.get("tie_word_embeddings", True) is False:
         raise ValueError(f"{source}: tie_word_embeddings=false is not supported (Gemma-3 ties them)")
     n = int(hf["num_hidden_layers"])

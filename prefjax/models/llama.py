@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prefjax.checkpoints.hf import check_hf_fields as _check_hf_fields
 from prefjax.models import layers as L
 from prefjax.models.stack import fold, gather_positions, kv_state, next_state, step_inputs
 
@@ -110,17 +111,8 @@ PRESETS: dict[str, LlamaConfig] = {
 # --------------------------------------------------------------------------------------------
 # HF config mapping. Unknown fields are refused, never ignored.
 
-HF_IGNORED = {
-    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "use_cache",
-    "initializer_range", "attention_dropout", "_name_or_path", "output_hidden_states",
-    "output_attentions", "return_dict", "tie_word_embeddings", "id2label", "label2id", "problem_type",
-    "is_encoder_decoder", "chunk_size_feed_forward", "tokenizer_class", "pruned_heads",
-    "finetuning_task", "task_specific_params", "prefix", "sep_token_id", "decoder_start_token_id",
-    "add_cross_attention", "tf_legacy_loss", "use_return_dict", "torchscript", "is_decoder",
-    "cross_attention_hidden_size", "max_length", "min_length",
-    # pretraining_tp only split matmuls in old transformers (numerically the same product).
-    "pretraining_tp",
-}
+# pretraining_tp only split matmuls in old transformers (numerically the same product).
+HF_IGNORED = {"pretraining_tp"}
 _HANDLED = {
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "head_dim", "intermediate_size", "rope_theta", "rope_scaling", "rope_parameters", "rms_norm_eps",
@@ -129,16 +121,9 @@ _HANDLED = {
 
 
 def check_hf_fields(hf: dict[str, Any], *, pinned: dict[str, Any], extra_handled=(), source: str, port: str):
-    """Refuse every HF config field that is neither handled, ignorable, nor at its pinned value."""
-    for k, v in hf.items():
-        if k in pinned:
-            ok = pinned[k]
-            if v != ok and not (v is None and ok is False):
-                raise ValueError(f"{source}: field {k}={v!r} is not supported by the prefjax {port} port "
-                                 f"(only {ok!r})")
-        elif k not in _HANDLED and k not in HF_IGNORED and k not in extra_handled:
-            raise ValueError(f"{source}: config field {k!r} (= {v!r}) is not handled by the prefjax {port} "
-                             "port; refusing to ignore it")
+    """The shared field check (:func:`prefjax.checkpoints.hf.check_hf_fields`) with the Llama-family fields."""
+    _check_hf_fields(hf, handled=_HANDLED | set(extra_handled), pinned=pinned, ignored=HF_IGNORED, source=source,
+                     port=port)
 
 
 def rope_from_hf(hf: dict[str, Any], *, default_theta: float, source: str) -> dict[str, Any]:

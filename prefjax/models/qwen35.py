@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prefjax.checkpoints.hf import check_hf_fields
 from prefjax.models import deltanet as DN
 from prefjax.models import layers as L
 from prefjax.models import moe as M
@@ -150,17 +151,9 @@ PRESETS: dict[str, Qwen35Config] = {
 # --------------------------------------------------------------------------------------------
 # HF config mapping. Unknown fields are refused, never ignored.
 
-_HF_IGNORED = {
-    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "use_cache",
-    "initializer_range", "attention_dropout", "_name_or_path", "output_hidden_states",
-    "output_attentions", "return_dict", "id2label", "label2id", "problem_type", "is_encoder_decoder",
-    "chunk_size_feed_forward", "tokenizer_class", "pruned_heads", "finetuning_task",
-    "task_specific_params", "prefix", "sep_token_id", "decoder_start_token_id", "add_cross_attention",
-    "tf_legacy_loss", "use_return_dict", "torchscript", "is_decoder", "cross_attention_hidden_size",
-    "max_length", "min_length", "output_router_logits", "router_aux_loss_coef", "tie_word_embeddings",
-    # multi-token-prediction head (weights under mtp.*, skipped)
-    "mtp_num_hidden_layers", "mtp_use_dedicated_embeddings",
-}
+# Qwen-3.5 fields that change nothing in inference.
+_HF_IGNORED = {"output_router_logits", "router_aux_loss_coef",
+               "mtp_num_hidden_layers", "mtp_use_dedicated_embeddings"}  # MTP head (weights under mtp.*, skipped)
 # Fields accepted only at the value the port implements.
 _HF_PINNED = {"attention_bias": False, "hidden_act": "silu", "linear_conv_kernel_dim": 4}
 # Multimodal wrapper fields (the vision tower is not ported; its config is not read).
@@ -195,14 +188,7 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> Qwen35
     }
     handled |= ({"num_experts", "num_experts_per_tok", "moe_intermediate_size",
                  "shared_expert_intermediate_size"} if moe else {"intermediate_size"})
-    for k, v in hf.items():
-        if k in _HF_PINNED:
-            if v != _HF_PINNED[k] and not (v is None and _HF_PINNED[k] is False):
-                raise ValueError(f"{source}: field {k}={v!r} is not supported by the prefjax Qwen-3.5 port "
-                                 f"(only {_HF_PINNED[k]!r})")
-        elif k not in handled and k not in _HF_IGNORED:
-            raise ValueError(f"{source}: config field {k!r} (= {v!r}) is not handled by the prefjax Qwen-3.5 "
-                             "port; refusing to ignore it")
+    check_hf_fields(hf, handled=handled, pinned=_HF_PINNED, ignored=_HF_IGNORED, source=source, port="Qwen-3.5")
     n = int(hf["num_hidden_layers"])
     layer_types = tuple(hf["layer_types"]) if hf.get("layer_types") else \
         _pattern(n, int(hf.get("full_attention_interval", 4)))
