@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prefjax.stats_small import wilson_interval
+
 TOKEN_MODES = ("all", "prompt", "generated")
 STEER_POINT = "hook_resid_post"
 
@@ -286,17 +288,6 @@ def token_span_mask(tokenizer, text: str, char_spans, *, signs=None, within: str
 
 # --------------------------------------------------------------------------------------------
 # Experiment core.
-
-def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval for ``k`` successes in ``n`` trials (NaNs when n == 0)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    den = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
 
 def _classify(rec) -> str:
     """'A', 'B', 'refusal' or 'unparsed' for one record."""

@@ -300,11 +300,11 @@ def test_wilson_known_values():
         assert lo < k / n < hi
         for b in (lo, hi):
             assert (k / n - b) ** 2 == pytest.approx(z * z * b * (1 - b) / n, rel=1e-10)
-    lo, hi = wilson_interval(5, 10)
+    lo, hi = wilson_interval(5, 10, z=z)
     assert (lo, hi) == pytest.approx((0.2365895936, 0.7634104064), abs=1e-9)  # hand-computed
-    lo, hi = wilson_interval(0, 10)
+    lo, hi = wilson_interval(0, 10, z=z)
     assert lo == 0.0 and hi == pytest.approx(z * z / (10 + z * z), rel=1e-12)
-    lo, hi = wilson_interval(10, 10)
+    lo, hi = wilson_interval(10, 10, z=z)
     assert hi == 1.0 and lo == pytest.approx(10 / (10 + z * z), rel=1e-12)
     assert wilson_interval(0, 0) == (0.0, 1.0)
     assert isinstance(wilson_interval(3, 7)[0], float)

@@ -8,7 +8,7 @@ types, writes non-finite numbers as null (with a warning naming them), and lays 
 3. the caller's sections (title, markdown),
 4. the remaining summary values (nested dicts flattened to dotted keys, lists truncated).
 
-Also here: ``wilson_interval`` (95% CI for a binomial rate), used by the dose-response figure.
+``wilson_interval`` is re-exported from :mod:`prefjax.stats_small` for the dose-response figure.
 """
 
 from __future__ import annotations
@@ -19,27 +19,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from prefjax.stats_small import wilson_interval
+
 __all__ = ["wilson_interval", "write_report", "format_value"]
-
-
-def wilson_interval(k, n, z: float = 1.959963984540054) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval for ``k`` successes out of ``n`` (arrays broadcast); NaN where n == 0.
-
-    Returns ``(lo, hi)`` as float64 arrays.
-    """
-    k = np.asarray(k, dtype=np.float64)
-    n = np.asarray(n, dtype=np.float64)
-    if np.any(k < 0) or np.any(k > n):
-        raise ValueError("wilson_interval needs 0 <= k <= n")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = k / n
-        z2 = z * z
-        denom = 1.0 + z2 / n
-        centre = (p + z2 / (2 * n)) / denom
-        half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-        lo = np.where(n > 0, np.clip(centre - half, 0.0, 1.0), np.nan)
-        hi = np.where(n > 0, np.clip(centre + half, 0.0, 1.0), np.nan)
-    return lo, hi
 
 
 def format_value(v: Any) -> str:
