@@ -269,6 +269,7 @@ def token_span_mask(tokenizer, text: str, char_spans, *, signs=None, within: str
         if not 0 <= s < e <= limit:
             raise SteeringError(f"token_span_mask: span #{i} ({s}, {e}) is empty or outside the text "
                                 f"of length {limit}")
+    from prefjax.tokenize import char_span_to_token_mask
     ids, offsets = tokenizer.encode_with_offsets(text, **encode_kw)
     ids = [int(t) for t in ids]
     off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
@@ -277,7 +278,7 @@ def token_span_mask(tokenizer, text: str, char_spans, *, signs=None, within: str
     mask = np.zeros(len(ids), np.float32)
     for i, ((s, e), sign) in enumerate(zip(spans, sg)):
         s, e = s + base, e + base
-        hit = (off[:, 1] > off[:, 0]) & (off[:, 0] < e) & (off[:, 1] > s)
+        hit = char_span_to_token_mask(off, s, e, len(ids))
         if not hit.any():
             raise SteeringError(f"token_span_mask: span #{i} ({s}, {e}) covers no token")
         if np.any(mask[hit] != 0):

@@ -209,11 +209,12 @@ def span_token_mask(offsets_Tx2, span: Span):
     """
     import numpy as np
 
+    from prefjax.tokenize import char_span_to_token_mask
+
     off_Tx2 = np.asarray(offsets_Tx2)
     if off_Tx2.ndim != 2 or off_Tx2.shape[1] != 2:
         raise ValueError(f"offsets must have shape [T, 2], got {off_Tx2.shape}")
     s, e = span
     if not 0 <= s <= e:
         raise ValueError(f"bad span {span}: need 0 <= start <= end")
-    start_T, end_T = off_Tx2[:, 0], off_Tx2[:, 1]
-    return (end_T > start_T) & (start_T < e) & (end_T > s)
+    return char_span_to_token_mask(off_Tx2, s, e, len(off_Tx2))
