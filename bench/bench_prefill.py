@@ -35,7 +35,6 @@ def model_flops_per_token(cfg, seq: int) -> float:
 
 def run_jax(args) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
     import prefjax
     model = prefjax.load(args.preset, dtype="bfloat16")

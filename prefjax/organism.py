@@ -35,7 +35,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 
@@ -439,6 +439,28 @@ def _choices(cfg, model, pool, personas, pname, store, share=(0, 1)) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Steering: contrastive dose-response in logit mode, probe direction vs a random direction.
 
+def steering_prompts(tok, pairs, persona, mode: str, *, forced: bool):
+    """Token ids, signed task-span masks and steered label for each pair shown twice (steered towards
+    Task A, then towards Task B). ``forced`` appends logit mode's forced prefix to the prompt."""
+    from prefjax.elicit.prompts import DEFAULT_TEMPLATE, choice_messages, render_choice, shift_spans
+    from prefjax.elicit.runner import forced_text
+    from prefjax.steering import token_span_mask
+    seqs, masks, toward = [], [], []
+    for a, b in pairs:
+        user, spans = render_choice(DEFAULT_TEMPLATE, a, b)
+        full = tok.chat(choice_messages(DEFAULT_TEMPLATE, a, b, persona), add_generation_prompt=True)
+        if forced:
+            full += forced_text(DEFAULT_TEMPLATE)
+        spans_full = shift_spans(full, user, spans)
+        for steered, other in (("A", "B"), ("B", "A")):
+            signs = {steered: 1.0, other: -1.0} if mode == "contrastive" else {steered: 1.0}
+            ids, m = token_span_mask(tok, full, {k: spans_full[k] for k in signs}, signs=signs, add_bos=False)
+            seqs.append(ids)
+            masks.append(m)
+            toward.append(steered)
+    return seqs, masks, toward
+
+
 def _steering(cfg, run, model, pool, personas, probe_summary, hooks, layers, mean_norms) -> dict:
     """Dose-response of P(choose the steered task) over coefficients, probe direction vs random.
 
@@ -447,10 +469,10 @@ def _steering(cfg, run, model, pool, personas, probe_summary, hooks, layers, mea
     and -c on the other's; ``single`` adds +c on the steered task only. The coefficient is in units of
     the mean residual norm at the steering layer (from the activation stage).
     """
-    from prefjax.elicit.prompts import DEFAULT_TEMPLATE, choice_messages, render_choice, shift_spans
-    from prefjax.elicit.runner import forced_text, label_token_ids
+    from prefjax.elicit.prompts import DEFAULT_TEMPLATE
+    from prefjax.elicit.runner import label_token_ids
     from prefjax.probes import RidgeProbe
-    from prefjax.steering import SteerSpec, random_direction, token_span_mask
+    from prefjax.steering import SteerSpec, random_direction
     from prefjax.stats_small import wilson_interval
 
     pname = _get(cfg, "steering.persona", None) or list(personas)[0]
@@ -477,19 +499,8 @@ def _steering(cfg, run, model, pool, personas, probe_summary, hooks, layers, mea
     tok = model.tokenizer
     ida, idb = label_token_ids(tok, DEFAULT_TEMPLATE)
     persona = personas[pname]
-    seqs, masks, toward_a = [], [], []
-    for a, b in pairs:
-        user, spans = render_choice(DEFAULT_TEMPLATE, a, b)
-        full = tok.chat(choice_messages(DEFAULT_TEMPLATE, a, b, persona), add_generation_prompt=True) \
-            + forced_text(DEFAULT_TEMPLATE)
-        spans_full = shift_spans(full, user, spans)
-        for steered, other in (("A", "B"), ("B", "A")):
-            signs = {steered: 1.0, other: -1.0} if mode == "contrastive" else {steered: 1.0}
-            s_ids, m = token_span_mask(tok, full, {k: spans_full[k] for k in signs}, signs=signs, add_bos=False)
-            seqs.append(s_ids)
-            masks.append(m)
-            toward_a.append(steered == "A")
-    toward_a = np.asarray(toward_a)
+    seqs, masks, toward = steering_prompts(tok, pairs, persona, mode, forced=True)
+    toward_a = np.asarray([t == "A" for t in toward])
     t = max(len(s) for s in seqs)
     P = len(seqs)
     ids = np.zeros((P, t), np.int32)
@@ -536,23 +547,12 @@ def _steered_completions(cfg, run, model, pairs, persona, mode, layer, scale, co
     per-token log-likelihood of the steered completion under the unsteered model.
     """
     from prefjax.elicit.parse import parse_choice
-    from prefjax.elicit.prompts import DEFAULT_TEMPLATE, choice_messages, render_choice, shift_spans
+    from prefjax.elicit.prompts import DEFAULT_TEMPLATE
     from prefjax.generation import generate
-    from prefjax.steering import SteerSpec, completion_loglik, token_span_mask
+    from prefjax.steering import SteerSpec, completion_loglik
     from prefjax.stats_small import wilson_interval
 
-    tok = model.tokenizer
-    prompts, masks, toward = [], [], []
-    for a, b in pairs:
-        user, spans = render_choice(DEFAULT_TEMPLATE, a, b)
-        full = tok.chat(choice_messages(DEFAULT_TEMPLATE, a, b, persona), add_generation_prompt=True)
-        spans_full = shift_spans(full, user, spans)
-        for steered, other in (("A", "B"), ("B", "A")):
-            signs = {steered: 1.0, other: -1.0} if mode == "contrastive" else {steered: 1.0}
-            ids, m = token_span_mask(tok, full, {k: spans_full[k] for k in signs}, signs=signs, add_bos=False)
-            prompts.append(ids)
-            masks.append(m)
-            toward.append(steered)
+    prompts, masks, toward = steering_prompts(model.tokenizer, pairs, persona, mode, forced=False)
     width = max(len(p) for p in prompts)
     mask = np.zeros((len(prompts), width), np.float32)
     for r, m in enumerate(masks):
@@ -576,7 +576,6 @@ def _steered_completions(cfg, run, model, pairs, persona, mode, layer, scale, co
                          "coherence_loglik": float(np.nanmean(ll)) if np.isfinite(ll).any() else None})
             raw[f"{name}_{c:+g}"] = list(gen.texts)
         out[name] = rows
-    from prefjax.stages import atomic_write_json
     atomic_write_json(os.path.join(run.stage_dir("steering"), "completions.json"),
                       {"toward": toward, "texts": raw})
     return {"n_prompts": len(prompts), "new_tokens": n_new, **out}

@@ -12,7 +12,7 @@ import functools
 import importlib.resources
 import json
 import os
-from typing import Iterable, Sequence
+from typing import Sequence
 
 ADAPTER_PREFIX = "adapter:"
 

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from prefjax.elicit.parse import detect_refusal, judge_refusal, parse_choice
+from prefjax.elicit.parse import judge_refusal, parse_choice
 from prefjax.elicit.personas import Persona
 from prefjax.elicit.prompts import DEFAULT_TEMPLATE, ChoiceTemplate, choice_messages
 from prefjax.progress import log, progress
