@@ -9,6 +9,11 @@ layers (keeps the 3:1 DeltaNet/attention pattern). Measures
   jitted single-token step with temperature sampling and donated state; transformers the same
   loop with its ``DynamicCache`` (``model(next, cache=...)`` + ``torch.multinomial``).
 
+Each side runs in its own subprocess (so the GPU is all theirs in turn); ``--impls`` lists the
+prefjax MoE paths to time (``pallas``: the Triton kernels, ``blocked``: plain XLA). Layers are
+unrolled on GPU (a layer scan copies each layer's weight slice). The ``pallas`` worker also checks
+its MoE output against ``blocked`` on the first layer's weights (max relative difference, bf16).
+
 Both models get independent random weights of the same shapes (speed does not depend on the
 values beyond routing, which is near-uniform for both). Prints tokens/s and the prefjax/reference
 ratio. ``--smoke`` runs the tiny preset on the CPU (a correctness-of-plumbing check, not a
@@ -22,6 +27,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -60,6 +70,7 @@ def bench_prefjax(cfg, batch, prompt, new, repeats, seed=0):
     from prefjax.hooks import CaptureSpec, all_resid_post
     from prefjax.models import qwen35 as Q
 
+    unroll = jax.default_backend() == "gpu"
     params = jax.jit(lambda k: Q.init_params(cfg, k, jnp.bfloat16))(jax.random.PRNGKey(seed))
     rs = np.random.RandomState(seed)
     tokens = jnp.asarray(rs.randint(0, cfg.vocab_size, (batch, prompt)).astype(np.int32))
@@ -69,7 +80,7 @@ def bench_prefjax(cfg, batch, prompt, new, repeats, seed=0):
 
     @jax.jit
     def prefill_capture(params, tokens, valid, pos):
-        logits, cap, _, _ = Q.forward(cfg, params, tokens, valid, capture=spec, pos_BxK=pos)
+        logits, cap, _, _ = Q.forward(cfg, params, tokens, valid, capture=spec, pos_BxK=pos, unroll=unroll)
         return logits, cap
 
     t_prefill = _timeit(lambda: jax.block_until_ready(prefill_capture(params, tokens, valid, last)), repeats)
@@ -80,7 +91,7 @@ def bench_prefjax(cfg, batch, prompt, new, repeats, seed=0):
     def prefill_state(params, tokens, valid):
         st = Q.init_state(cfg, batch, max_len, jnp.bfloat16)
         lg, _, _, st = Q.forward(cfg, params, tokens, valid, capture=CaptureSpec(), state=st, start=0,
-                                 pos_BxK=last)
+                                 pos_BxK=last, unroll=unroll)
         return lg[:, -1], st
 
     @functools_partial_donate
@@ -88,7 +99,7 @@ def bench_prefjax(cfg, batch, prompt, new, repeats, seed=0):
         key, sub = jax.random.split(key)
         nxt = jax.random.categorical(sub, lg.astype(jnp.float32) / 0.7, axis=-1).astype(jnp.int32)
         out, _, _, st = Q.forward(cfg, params, nxt[:, None], jnp.ones((batch, 1), bool), capture=CaptureSpec(),
-                                  state=st, start=start, is_prompt=False)
+                                  state=st, start=start, is_prompt=False, unroll=unroll)
         return out[:, -1], st, key, nxt
 
     def decode():
@@ -102,8 +113,27 @@ def bench_prefjax(cfg, batch, prompt, new, repeats, seed=0):
 
     decode()  # compile
     t_decode = float(np.median([decode() for _ in range(max(1, repeats // 2))]))
-    return {"prefill_tok_s": batch * prompt / t_prefill, "decode_tok_s": batch * new / t_decode,
-            "prefill_s": t_prefill, "decode_s": t_decode}
+    out = {"prefill_tok_s": batch * prompt / t_prefill, "decode_tok_s": batch * new / t_decode,
+           "prefill_s": t_prefill, "decode_s": t_decode}
+    if cfg.moe_impl == "pallas":
+        out["check_rel_vs_blocked"] = check_moe(cfg, params, tokens, seed)
+    return out
+
+
+def check_moe(cfg, params, tokens, seed):
+    """Max |pallas - blocked| / max |blocked| of layer 0's routed experts on embedded tokens."""
+    import jax
+    import jax.numpy as jnp
+
+    from prefjax.models import moe as M
+    from prefjax.models import moe_pallas as MP
+    p0 = jax.tree.map(lambda a: a[0], params["blocks"])
+    x = jnp.take(params["embed"], tokens.reshape(-1)[:1024], axis=0) * 30.0
+    w, i = M.route(x, p0["router"], cfg.top_k)
+    args = (x, w, i, p0["experts_gate"], p0["experts_up"], p0["experts_down"])
+    a = jax.jit(M.experts_blocked)(*args)
+    b = jax.jit(MP.experts_pallas)(*args)
+    return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))) / jnp.max(jnp.abs(a.astype(jnp.float32))))
 
 
 def functools_partial_donate(fn):
@@ -133,18 +163,21 @@ def bench_hf(cfg, batch, prompt, new, repeats, device, seed=0):
             _ = [h[:, -1] for h in out.hidden_states]
         sync()
 
+    # transformers renamed past_key_values to cache after 5.17
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     def decode():
         """Manual cached decode with sampling (same work as prefjax's loop); returns seconds."""
         with torch.no_grad():
             out = model(ids, use_cache=True, logits_to_keep=1)
-            cache, lg = out.cache, out.logits[:, -1]
+            cache, lg = getattr(out, cache_kw), out.logits[:, -1]
             sync()
             t0 = time.perf_counter()
             for _ in range(new):
                 probs = torch.softmax(lg.float() / 0.7, dim=-1)
                 nxt = torch.multinomial(probs, 1)
-                out = model(nxt, cache=cache, use_cache=True)
-                cache, lg = out.cache, out.logits[:, -1]
+                out = model(nxt, use_cache=True, **{cache_kw: cache})
+                cache, lg = getattr(out, cache_kw), out.logits[:, -1]
             sync()
             return time.perf_counter() - t0
 
@@ -152,7 +185,22 @@ def bench_hf(cfg, batch, prompt, new, repeats, device, seed=0):
     decode()  # warm-up
     t_decode = float(np.median([decode() for _ in range(max(1, repeats // 2))]))
     return {"prefill_tok_s": batch * prompt / t_prefill, "decode_tok_s": batch * new / t_decode,
-            "prefill_s": t_prefill, "decode_s": t_decode}
+            "prefill_s": t_prefill, "decode_s": t_decode,
+            "experts_implementation": str(getattr(model.config, "_experts_implementation", None))}
+
+
+def _worker(args, cfg, side):
+    """Run one side in this process and print its result as one JSON line."""
+    import jax
+    if side == "hf":
+        import torch
+        import transformers
+        res = bench_hf(cfg, args.batch, args.prompt, args.new, args.repeats, args.device)
+        res["versions"] = f"transformers {transformers.__version__} torch {torch.__version__}"
+    else:
+        res = bench_prefjax(dataclasses.replace(cfg, moe_impl=side), args.batch, args.prompt, args.new, args.repeats)
+        res["versions"] = f"jax {jax.__version__} {jax.devices()[0].device_kind}"
+    print("RESULT " + json.dumps(res), flush=True)
 
 
 def main(argv=None):
@@ -164,36 +212,52 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda", help="torch device for the reference")
+    ap.add_argument("--impls", default="pallas,blocked", help="prefjax MoE paths to time, comma-separated")
     ap.add_argument("--smoke", action="store_true", help="tiny preset on the CPU")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--side-timeout", type=float, default=None, help="seconds allowed to each side")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.smoke:
         args.preset, args.layers, args.batch, args.prompt, args.new, args.device = \
             "qwen35-moe-tiny", 4, 2, 96, 4, "cpu"
         args.repeats = min(args.repeats, 2)
-
-    import jax
+        args.impls = "blocked"
 
     from prefjax.models import qwen35 as Q
     base = Q.PRESETS[args.preset]
     cfg = dataclasses.replace(base, n_layers=args.layers, layer_types=Q._pattern(args.layers))
+    if args.worker:
+        return _worker(args, cfg, args.worker)
     print(f"preset={args.preset} layers={cfg.n_layers} params={Q.param_count(cfg) / 1e9:.2f}B "
-          f"batch={args.batch} prompt={args.prompt} new={args.new} jax={jax.__version__} "
-          f"backend={jax.default_backend()} devices={jax.devices()}")
-    ours = bench_prefjax(cfg, args.batch, args.prompt, args.new, args.repeats)
-    ref = None
-    if not args.skip_reference:
-        import torch
-        import transformers
-        print(f"reference: transformers {transformers.__version__} torch {torch.__version__} device={args.device}")
-        ref = bench_hf(cfg, args.batch, args.prompt, args.new, args.repeats, args.device)
-    print(f"{'':24s}{'prefill tok/s':>16s}{'decode tok/s':>16s}")
-    print(f"{'prefjax':24s}{ours['prefill_tok_s']:16.1f}{ours['decode_tok_s']:16.1f}")
-    if ref is not None:
-        print(f"{'transformers':24s}{ref['prefill_tok_s']:16.1f}{ref['decode_tok_s']:16.1f}")
-        print(f"{'ratio prefjax/ref':24s}{ours['prefill_tok_s'] / ref['prefill_tok_s']:16.2f}"
-              f"{ours['decode_tok_s'] / ref['decode_tok_s']:16.2f}")
-    return ours, ref
+          f"batch={args.batch} prompt={args.prompt} new={args.new}", flush=True)
+    impls = args.impls.split(",")
+    sides = impls[:1] + ([] if args.skip_reference else ["hf"]) + impls[1:]
+    results = {}
+    argv = [a for a in (sys.argv[1:] if argv is None else argv)]
+    for side in sides:
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--worker", side],
+                                  capture_output=True, text=True, timeout=args.side_timeout)
+        except subprocess.TimeoutExpired as e:
+            print(f"[{side}] timed out after {args.side_timeout}s:\n" + str(e.stderr or "")[-2000:], flush=True)
+            continue
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            print(f"[{side}] failed (rc={proc.returncode}) after {time.perf_counter() - t0:.0f}s:\n"
+                  + "\n".join((proc.stdout + proc.stderr).splitlines()[-25:]), flush=True)
+            continue
+        results[side] = json.loads(lines[-1][len("RESULT "):])
+        print(f"[{side}] {time.perf_counter() - t0:.0f}s {results[side]}", flush=True)
+    ref = results.get("hf")
+    print(f"{'':24s}{'prefill tok/s':>16s}{'decode tok/s':>16s}{'prefill x':>10s}{'decode x':>10s}")
+    for side, r in results.items():
+        ratio = (f"{r['prefill_tok_s'] / ref['prefill_tok_s']:10.2f}{r['decode_tok_s'] / ref['decode_tok_s']:10.2f}"
+                 if ref and side != "hf" else "")
+        name = "transformers" if side == "hf" else f"prefjax/{side}"
+        print(f"{name:24s}{r['prefill_tok_s']:16.1f}{r['decode_tok_s']:16.1f}{ratio}")
+    return results
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ transformers = pytest.importorskip("transformers")
 from prefjax.hooks import BLOCK_POINTS, FINAL_HOOK, CaptureSpec, hook_name  # noqa: E402
 from prefjax.models import deltanet as DN  # noqa: E402
 from prefjax.models import moe as M  # noqa: E402
+from prefjax.models import moe_pallas as MP  # noqa: E402
 from prefjax.models import qwen35 as Q  # noqa: E402
 
 TOL = 1e-5
@@ -233,6 +234,16 @@ def test_moe_dense_and_grouped_agree(moe_model):
     skew = jnp.zeros_like(i).at[:, 0].set(3)  # every token's first slot on one expert: a group > block
     c = M.experts_blocked(x, w, skew, gate, up, down, block=4, chunk=2)
     assert rel(c, M.experts_dense(x, w, skew, gate, up, down)) <= TOL
+    # the Pallas kernels (interpreted here), at the decode block size and a larger one, and skewed
+    for block in (16, 32):
+        c = MP.experts_pallas(x, w, i, gate, up, down, block=block, interpret=True)
+        assert rel(c, a) <= TOL, block
+    c = MP.experts_pallas(x, w, skew, gate, up, down, block=16, interpret=True)
+    assert rel(c, M.experts_dense(x, w, skew, gate, up, down)) <= TOL
+    # the tight block bound: every row on its own expert still fits (n*k rows, n*k experts hit)
+    lay = M.block_layout(w, i, e, 16)
+    assert lay.n_blocks == -(-(i.size + min(e, i.size) * 15) // 16)
+    assert int(lay.n_used) <= lay.n_blocks
     # whole model: moe_impl="dense" gives the same logits as the default grouped path
     ids = np.random.RandomState(4).randint(0, TEXT["vocab_size"], (2, 30))
     lg_g, _ = moe_model.run(ids)
@@ -242,6 +253,9 @@ def test_moe_dense_and_grouped_agree(moe_model):
     blocked = dataclasses.replace(moe_model, config=dataclasses.replace(moe_model.config, moe_impl="blocked"))
     lg_b, _ = blocked.run(ids)
     assert rel(lg_b, lg_g) <= TOL
+    pallas = dataclasses.replace(moe_model, config=dataclasses.replace(moe_model.config, moe_impl="pallas"))
+    lg_p, _ = pallas.run(ids)
+    assert rel(lg_p, lg_g) <= TOL
 
 
 def test_left_padding_equals_each_example_alone(moe_model):

@@ -4,7 +4,7 @@ Router: ``softmax(x @ W_router)`` in float32, top-k, renormalised to sum to one,
 activation dtype. Experts: SwiGLU ``down(silu(x @ gate) * (x @ up))``. A shared expert is added,
 scaled by ``sigmoid(x @ w_shared_gate)``.
 
-Two expert paths give the same numbers:
+Four expert paths give the same numbers (``moe_block(impl=...)``):
 
 * :func:`experts_dense` -- every expert on every token, weighted by the (mostly zero) routing
   weights. A reference; cost grows with the number of experts.
@@ -15,9 +15,13 @@ Two expert paths give the same numbers:
 * :func:`experts_blocked` -- the same sort, each expert's rows padded to a multiple of ``block``
   rows, and every block multiplied by its own expert's weights (gathered per block, a chunk of blocks
   at a time). Static shapes, memory bounded by the chunk, weights read about once per block.
+* ``"pallas"`` (:mod:`prefjax.models.moe_pallas`) -- the same layout through Pallas/Triton kernels
+  that read each block's expert weights in place (the GPU default; the Pallas interpreter elsewhere).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,17 +60,32 @@ def experts_grouped(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFx
     return jnp.zeros_like(x_NxD).at[token_of].add(y.astype(x_NxD.dtype))
 
 
-def experts_blocked(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFxD, act=jax.nn.silu, *,
-                    block: int = 64, chunk: int = 16):
-    """Expert-sorted, block-padded grouped matmul without ``ragged_dot``.
+class BlockLayout(NamedTuple):
+    """Where each (token, slot) row goes in an expert-sorted, block-padded buffer.
 
-    The ``N*k`` (token, slot) rows are sorted by expert; expert e's rows start at a multiple of
-    ``block`` in a padded buffer of static length ``N*k + E*(block-1)`` (rounded up to whole
-    blocks), so every block belongs to one expert. Blocks are processed ``chunk`` at a time with their
-    expert's weights gathered per block; padding rows read a zero row and are dropped on the way back.
+    ``src[r]`` is the sorted row held at padded slot ``r`` (``m`` = an empty slot, reading a zero row),
+    ``token_of[i]`` the token of sorted row ``i`` (with a trailing 0 for the empty slot),
+    ``weight[i]`` its routing weight (trailing 0), ``block_e[b]`` the expert of block ``b`` and
+    ``n_used`` how many leading blocks hold rows (the rest are padding).
+    """
+
+    src: jax.Array
+    token_of: jax.Array
+    weight: jax.Array
+    block_e: jax.Array
+    n_used: jax.Array
+    n_blocks: int
+    block: int
+
+
+def block_layout(top_w_NxK, top_i_NxK, n_exp: int, block: int, multiple: int = 1) -> BlockLayout:
+    """Sort the ``N*k`` (token, slot) rows by expert and start each expert at a multiple of ``block``.
+
+    The static number of blocks is the tight bound ``ceil((m + u*(block-1)) / block)`` with
+    ``u = min(n_exp, m)`` experts that can be hit (rounded up to ``multiple``): empty experts take no
+    block, so a decode step with 64 rows needs at most 64 blocks however many experts exist.
     """
     n, k = top_i_NxK.shape
-    n_exp = gate_ExDxF.shape[0]
     m = n * k
     flat_e = top_i_NxK.reshape(-1)
     order = jnp.argsort(flat_e, stable=True)
@@ -75,17 +94,44 @@ def experts_blocked(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFx
     padded = (sizes + block - 1) // block * block
     pad_start = jnp.cumsum(padded) - padded                        # where expert e's rows begin
     row_start = jnp.cumsum(sizes) - sizes                          # where they begin in sorted order
-    n_blocks = -(-(m + n_exp * (block - 1)) // block)
-    n_blocks = -(-n_blocks // chunk) * chunk
-    length = n_blocks * block
+    n_blocks = -(-(m + min(n_exp, m) * (block - 1)) // block)
+    n_blocks = -(-n_blocks // multiple) * multiple
     dest = pad_start[sorted_e] + (jnp.arange(m, dtype=jnp.int32) - row_start[sorted_e])  # slot of each row
-    src = jnp.full((length,), m, jnp.int32).at[dest].set(jnp.arange(m, dtype=jnp.int32))  # m = the zero row
-    token_of = jnp.concatenate([order // k, jnp.zeros((1,), order.dtype)])
-    x_pad = jnp.concatenate([x_NxD, jnp.zeros((1, x_NxD.shape[1]), x_NxD.dtype)])
-    rows = jnp.where((src < m)[:, None], jnp.take(x_pad, token_of[src], axis=0), 0)
+    src = jnp.full((n_blocks * block,), m, jnp.int32).at[dest].set(jnp.arange(m, dtype=jnp.int32))
+    token_of = jnp.concatenate([order // k, jnp.zeros((1,), order.dtype)]).astype(jnp.int32)
+    weight = jnp.concatenate([jnp.take(top_w_NxK.reshape(-1), order), jnp.zeros((1,), top_w_NxK.dtype)])
     # expert of each block: the last expert whose padded range starts at or before the block
     block_e = jnp.clip(jnp.searchsorted(pad_start + padded, jnp.arange(n_blocks) * block, side="right"),
                        0, n_exp - 1).astype(jnp.int32)
+    n_used = (jnp.sum(padded) // block).astype(jnp.int32)
+    return BlockLayout(src, token_of, weight, block_e, n_used, n_blocks, block)
+
+
+def gather_rows(x_NxD, lay: BlockLayout):
+    """The padded row buffer ``[n_blocks*block, D]`` (zeros in empty slots)."""
+    m = lay.token_of.shape[0] - 1
+    x_pad = jnp.concatenate([x_NxD, jnp.zeros((1, x_NxD.shape[1]), x_NxD.dtype)])
+    return jnp.where((lay.src < m)[:, None], jnp.take(x_pad, lay.token_of[lay.src], axis=0), 0)
+
+
+def combine_rows(y_LxD, lay: BlockLayout, like_NxD):
+    """Weight each padded row by its routing weight and add it back to its token."""
+    m = lay.token_of.shape[0] - 1
+    y = y_LxD * lay.weight[lay.src][:, None]
+    y = jnp.where((lay.src < m)[:, None], y, 0).astype(like_NxD.dtype)
+    return jnp.zeros_like(like_NxD).at[lay.token_of[lay.src]].add(y)
+
+
+def experts_blocked(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFxD, act=jax.nn.silu, *,
+                    block: int = 64, chunk: int = 16):
+    """Expert-sorted, block-padded grouped matmul without ``ragged_dot`` (plain XLA).
+
+    Rows are laid out by :func:`block_layout`, so every block belongs to one expert. Blocks are
+    processed ``chunk`` at a time with their expert's weights gathered per block; padding rows read
+    a zero row and are dropped on the way back.
+    """
+    lay = block_layout(top_w_NxK, top_i_NxK, gate_ExDxF.shape[0], block, multiple=chunk)
+    rows = gather_rows(x_NxD, lay)
 
     def run(args):
         xb_CxBxD, e_C = args
@@ -93,11 +139,13 @@ def experts_blocked(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFx
             * jnp.einsum("cbd,cdf->cbf", xb_CxBxD, jnp.take(up_ExDxF, e_C, axis=0))
         return jnp.einsum("cbf,cfd->cbd", h, jnp.take(down_ExFxD, e_C, axis=0))
 
-    xb = rows.reshape(n_blocks // chunk, chunk, block, -1)
-    y = jax.lax.map(run, (xb, block_e.reshape(n_blocks // chunk, chunk))).reshape(length, -1)
-    w_sorted = jnp.concatenate([jnp.take(top_w_NxK.reshape(-1), order), jnp.zeros((1,), top_w_NxK.dtype)])
-    y = y * w_sorted[src][:, None]
-    return jnp.zeros_like(x_NxD).at[token_of[src]].add(jnp.where((src < m)[:, None], y, 0).astype(x_NxD.dtype))
+    n_chunks = lay.n_blocks // chunk
+    xb = rows.reshape(n_chunks, chunk, block, -1)
+    y = jax.lax.map(run, (xb, lay.block_e.reshape(n_chunks, chunk))).reshape(lay.n_blocks * block, -1)
+    return combine_rows(y, lay, x_NxD)
+
+
+IMPLS = ("grouped", "dense", "blocked", "pallas")
 
 
 def swiglu(x, gate_DxF, up_DxF, down_FxD, act=jax.nn.silu):
@@ -111,7 +159,10 @@ def moe_block(x_BxTxD, p, top_k: int, *, impl: str = "grouped", act=jax.nn.silu)
     x = x_BxTxD.reshape(b * t, d)
     shared = swiglu(x, p["shared_gate"], p["shared_up"], p["shared_down"], act)
     top_w, top_i = route(x, p["router"], top_k)
-    fn = {"grouped": experts_grouped, "dense": experts_dense, "blocked": experts_blocked}[impl]
+    if impl == "pallas":
+        from prefjax.models.moe_pallas import experts_pallas as fn
+    else:
+        fn = {"grouped": experts_grouped, "dense": experts_dense, "blocked": experts_blocked}[impl]
     routed = fn(x, top_w, top_i, p["experts_gate"], p["experts_up"], p["experts_down"], act)
     gate = jax.nn.sigmoid(x @ p["shared_expert_gate"][:, None].astype(x.dtype))
     out = routed + gate * shared

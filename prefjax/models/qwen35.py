@@ -40,6 +40,7 @@ from prefjax.checkpoints.hf import check_hf_fields
 from prefjax.models import deltanet as DN
 from prefjax.models import layers as L
 from prefjax.models import moe as M
+from prefjax.models import moe_pallas as MP
 from prefjax.models.stack import fold, gather_positions, next_state, step_inputs
 
 FAMILY = "qwen35"
@@ -99,8 +100,8 @@ class Qwen35Config:
                              f"lin_n_k_heads={self.lin_n_k_heads}")
         if self.hidden_activation not in L.ACTIVATIONS:
             raise ValueError(f"hidden_activation {self.hidden_activation!r} is not supported")
-        if self.moe_impl not in ("grouped", "dense", "blocked"):
-            raise ValueError(f"moe_impl must be 'grouped', 'dense' or 'blocked', got {self.moe_impl!r}")
+        if self.moe_impl not in M.IMPLS:
+            raise ValueError(f"moe_impl must be one of {sorted(M.IMPLS)}, got {self.moe_impl!r}")
         if self.n_experts:
             if not (0 < self.top_k <= self.n_experts) or self.d_expert <= 0:
                 raise ValueError(f"MoE config needs 0 < top_k <= n_experts and d_expert > 0 "
@@ -640,7 +641,8 @@ def mlp(cfg: Qwen35Config, p, h_BxTxD, *, impl: str | None = None):
     if cfg.is_moe:
         impl = impl or cfg.moe_impl
         if impl == "grouped" and jax.default_backend() == "gpu":
-            impl = "blocked"  # ragged_dot has no grouped GPU kernel in JAX 0.11 (see prefjax.models.moe)
+            # ragged_dot has no grouped GPU kernel in JAX 0.11 (see prefjax.models.moe): use ours
+            impl = "pallas" if MP.supported(cfg.d_model, cfg.d_expert) else "blocked"
         return M.moe_block(h_BxTxD, p, cfg.top_k, impl=impl, act=act)
     return M.swiglu(h_BxTxD, p["gate"], p["up"], p["down"], act)
 

@@ -1,0 +1,149 @@
+"""Grouped expert matmuls as Pallas (Triton) GPU kernels.
+
+XLA in JAX 0.11 has no grouped-matmul kernel for GPUs: ``jax.lax.ragged_dot`` runs every expert on
+every row, and gathering each block's expert weights (:func:`prefjax.models.moe.experts_blocked`)
+writes and re-reads a copy of them. These kernels read the weights in place.
+
+The rows come in the expert-sorted, block-padded layout of :func:`prefjax.models.moe.block_layout`:
+block ``b`` (``block`` rows) belongs to expert ``block_e[b]``, and blocks from ``n_used`` on are
+padding. Two kernels, each over a grid of (row block, output tile):
+
+* :func:`gate_up` -- ``act(x @ gate[e]) * (x @ up[e])`` with both products accumulated in float32
+  from the same loaded rows;
+* :func:`down` -- ``h @ down[e]``.
+
+Padding blocks store zeros and read no weights, so a decode step reads only the experts it hits.
+``interpret=True`` runs the same kernels through the Pallas interpreter (the CPU tests use this).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from prefjax.models import moe as M
+
+
+def _tile(n: int, pref: int) -> int:
+    """Largest power of two <= ``pref`` that divides ``n``."""
+    t = pref
+    while t > 1 and n % t:
+        t //= 2
+    return t
+
+
+def supported(d_model: int, d_expert: int) -> bool:
+    """Whether the kernels tile these widths (Triton needs power-of-two tiles of at least 16)."""
+    return _tile(d_model, 64) >= 16 and _tile(d_expert, 64) >= 16
+
+
+def _call(kernel, out_shape, grid, in_specs, out_spec, interpret, num_warps, num_stages):
+    from jax.experimental import pallas as pl
+    kw = {}
+    if not interpret:
+        from jax.experimental.pallas import triton as pltriton
+        kw["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_spec,
+                          interpret=interpret, **kw)
+
+
+def gate_up(rows_LxD, block_e, n_used, w_gate_ExDxF, w_up_ExDxF, *, block: int, act=jax.nn.silu,
+            interpret: bool = False, bn: int = 128, bk: int = 64, num_warps: int = 4, num_stages: int = 3):
+    """``act(rows @ gate[e]) * (rows @ up[e])`` per block of ``block`` rows; ``[L, F]`` in rows' dtype."""
+    from jax.experimental import pallas as pl
+    length, d = rows_LxD.shape
+    f = w_gate_ExDxF.shape[2]
+    bn, bk = _tile(f, bn), _tile(d, bk)
+    n_k = d // bk
+
+    def kernel(be_ref, nu_ref, x_ref, wg_ref, wu_ref, o_ref):
+        b, j = pl.program_id(0), pl.program_id(1)
+        cols = pl.ds(j * bn, bn)
+
+        @pl.when(b < nu_ref[0])
+        def _():
+            e = be_ref[b]
+
+            def step(kk, acc):
+                ks = pl.ds(kk * bk, bk)
+                x = x_ref[:, ks]
+                return (acc[0] + pl.dot(x, wg_ref[e, ks, cols]), acc[1] + pl.dot(x, wu_ref[e, ks, cols]))
+
+            zero = jnp.zeros((block, bn), jnp.float32)
+            g, u = jax.lax.fori_loop(0, n_k, step, (zero, zero))
+            o_ref[...] = (act(g) * u).astype(o_ref.dtype)
+
+        @pl.when(b >= nu_ref[0])
+        def _():
+            o_ref[...] = jnp.zeros((block, bn), o_ref.dtype)
+
+    return _call(
+        kernel, jax.ShapeDtypeStruct((length, f), rows_LxD.dtype), (length // block, f // bn),
+        [pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec((block, d), lambda b, j: (b, 0)), pl.BlockSpec(),
+         pl.BlockSpec()],
+        pl.BlockSpec((block, bn), lambda b, j: (b, j)), interpret, num_warps, num_stages,
+    )(block_e, n_used.reshape(1), rows_LxD, w_gate_ExDxF, w_up_ExDxF)
+
+
+def down(h_LxF, block_e, n_used, w_down_ExFxD, *, block: int, interpret: bool = False, bn: int = 128,
+         bk: int = 64, num_warps: int = 4, num_stages: int = 3):
+    """``h @ down[e]`` per block of ``block`` rows; ``[L, D]`` in h's dtype."""
+    from jax.experimental import pallas as pl
+    length, f = h_LxF.shape
+    d = w_down_ExFxD.shape[2]
+    bn, bk = _tile(d, bn), _tile(f, bk)
+    n_k = f // bk
+
+    def kernel(be_ref, nu_ref, h_ref, wd_ref, o_ref):
+        b, j = pl.program_id(0), pl.program_id(1)
+        cols = pl.ds(j * bn, bn)
+
+        @pl.when(b < nu_ref[0])
+        def _():
+            e = be_ref[b]
+
+            def step(kk, acc):
+                ks = pl.ds(kk * bk, bk)
+                return acc + pl.dot(h_ref[:, ks], wd_ref[e, ks, cols])
+
+            acc = jax.lax.fori_loop(0, n_k, step, jnp.zeros((block, bn), jnp.float32))
+            o_ref[...] = acc.astype(o_ref.dtype)
+
+        @pl.when(b >= nu_ref[0])
+        def _():
+            o_ref[...] = jnp.zeros((block, bn), o_ref.dtype)
+
+    return _call(
+        kernel, jax.ShapeDtypeStruct((length, d), h_LxF.dtype), (length // block, d // bn),
+        [pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec((block, f), lambda b, j: (b, 0)), pl.BlockSpec()],
+        pl.BlockSpec((block, bn), lambda b, j: (b, j)), interpret, num_warps, num_stages,
+    )(block_e, n_used.reshape(1), h_LxF, w_down_ExFxD)
+
+
+def pick_block(m: int, n_exp: int) -> int:
+    """Rows per block: about the mean rows per expert, a power of two in [16, 128]."""
+    mean = max(1, m // n_exp)
+    b = 16
+    while b < 128 and b < mean:
+        b *= 2
+    return b
+
+
+def experts_pallas(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFxD, act=jax.nn.silu, *,
+                   block: int | None = None, interpret: bool | None = None):
+    """Routed experts through the Pallas kernels; same numbers as :func:`prefjax.models.moe.experts_dense`."""
+    n, k = top_i_NxK.shape
+    n_exp = gate_ExDxF.shape[0]
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    block = block or pick_block(n * k, n_exp)
+    lay = M.block_layout(top_w_NxK, top_i_NxK, n_exp, block)
+    rows = M.gather_rows(x_NxD, lay)
+    h = gate_up(rows, lay.block_e, lay.n_used, gate_ExDxF, up_ExDxF, block=block, act=act, interpret=interpret)
+    y = down(h, lay.block_e, lay.n_used, down_ExFxD, block=block, interpret=interpret)
+    return M.combine_rows(y, lay, x_NxD)
+
+
+experts_pallas_interpret = functools.partial(experts_pallas, interpret=True)
