@@ -116,24 +116,36 @@ def bench_prefjax(cfg, batch, prompt, new, repeats, seed=0):
     out = {"prefill_tok_s": batch * prompt / t_prefill, "decode_tok_s": batch * new / t_decode,
            "prefill_s": t_prefill, "decode_s": t_decode}
     if cfg.moe_impl == "pallas":
-        out["check_rel_vs_blocked"] = check_moe(cfg, params, tokens, seed)
+        out.update(check_moe(cfg, params, tokens, seed))
     return out
 
 
 def check_moe(cfg, params, tokens, seed):
-    """Max |pallas - blocked| / max |blocked| of layer 0's routed experts on embedded tokens."""
+    """Layer 0's routed experts, pallas vs blocked, on a standalone (unsliced) copy of its weights.
+
+    Returns the max relative difference on 1024 embedded tokens and the time of each path at the
+    decode size (``batch`` tokens) and the prefill size (all prompt tokens), in ms.
+    """
     import jax
     import jax.numpy as jnp
 
     from prefjax.models import moe as M
     from prefjax.models import moe_pallas as MP
-    p0 = jax.tree.map(lambda a: a[0], params["blocks"])
-    x = jnp.take(params["embed"], tokens.reshape(-1)[:1024], axis=0) * 30.0
-    w, i = M.route(x, p0["router"], cfg.top_k)
-    args = (x, w, i, p0["experts_gate"], p0["experts_up"], p0["experts_down"])
-    a = jax.jit(M.experts_blocked)(*args)
-    b = jax.jit(MP.experts_pallas)(*args)
-    return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))) / jnp.max(jnp.abs(a.astype(jnp.float32))))
+    p0 = jax.tree.map(lambda a: a[0] + 0, params["blocks"])
+    w3 = (p0["experts_gate"], p0["experts_up"], p0["experts_down"])
+    out = {}
+    flat = tokens.reshape(-1)
+    for name, n in (("check", min(1024, flat.shape[0])), ("decode", tokens.shape[0]), ("prefill", flat.shape[0])):
+        x = jnp.take(params["embed"], flat[:n], axis=0) * 30.0
+        w, i = M.route(x, p0["router"], cfg.top_k)
+        fb, fp = jax.jit(M.experts_blocked), jax.jit(MP.experts_pallas)
+        if name == "check":
+            a, b = (f(x, w, i, *w3).astype(jnp.float32) for f in (fb, fp))
+            out["check_rel_vs_blocked"] = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
+            continue
+        for tag, f in (("pallas", fp), ("blocked", fb)):
+            out[f"moe_ms_{name}_{tag}"] = 1e3 * _timeit(lambda: jax.block_until_ready(f(x, w, i, *w3)), 5)
+    return out
 
 
 def functools_partial_donate(fn):
