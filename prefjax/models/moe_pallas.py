@@ -34,6 +34,10 @@ def _tile(n: int, pref: int) -> int:
     return t
 
 
+def _dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
 def supported(d_model: int, d_expert: int) -> bool:
     """Whether the kernels tile these widths (Triton needs power-of-two tiles of at least 16)."""
     return _tile(d_model, 64) >= 16 and _tile(d_expert, 64) >= 16
@@ -69,7 +73,7 @@ def gate_up(rows_LxD, block_e, n_used, w_gate_ExDxF, w_up_ExDxF, *, block: int, 
             def step(kk, acc):
                 ks = pl.ds(kk * bk, bk)
                 x = x_ref[:, ks]
-                return (acc[0] + pl.dot(x, wg_ref[e, ks, cols]), acc[1] + pl.dot(x, wu_ref[e, ks, cols]))
+                return (acc[0] + _dot(x, wg_ref[e, ks, cols]), acc[1] + _dot(x, wu_ref[e, ks, cols]))
 
             zero = jnp.zeros((block, bn), jnp.float32)
             g, u = jax.lax.fori_loop(0, n_k, step, (zero, zero))
@@ -106,7 +110,7 @@ def down(h_LxF, block_e, n_used, w_down_ExFxD, *, block: int, interpret: bool = 
 
             def step(kk, acc):
                 ks = pl.ds(kk * bk, bk)
-                return acc + pl.dot(h_ref[:, ks], wd_ref[e, ks, cols])
+                return acc + _dot(h_ref[:, ks], wd_ref[e, ks, cols])
 
             acc = jax.lax.fori_loop(0, n_k, step, jnp.zeros((block, bn), jnp.float32))
             o_ref[...] = acc.astype(o_ref.dtype)
@@ -123,26 +127,33 @@ def down(h_LxF, block_e, n_used, w_down_ExFxD, *, block: int, interpret: bool = 
 
 
 def pick_block(m: int, n_exp: int) -> int:
-    """Rows per block: about the mean rows per expert, a power of two in [16, 128]."""
-    mean = max(1, m // n_exp)
+    """Rows per block: twice the mean rows per expert (so most experts fit one block and their
+    weights are read once), a power of two in [16, 128]."""
+    want = 2 * m / n_exp
     b = 16
-    while b < 128 and b < mean:
+    while b < 128 and b < want:
         b *= 2
     return b
 
 
 def experts_pallas(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFxD, act=jax.nn.silu, *,
-                   block: int | None = None, interpret: bool | None = None):
-    """Routed experts through the Pallas kernels; same numbers as :func:`prefjax.models.moe.experts_dense`."""
+                   block: int | None = None, interpret: bool | None = None, **tiles):
+    """Routed experts through the Pallas kernels; same numbers as :func:`prefjax.models.moe.experts_dense`.
+
+    ``tiles`` (``bn``, ``bk``, ``num_warps``, ``num_stages``) go to both kernels; by default 8 warps
+    for blocks of 128 rows, else 4.
+    """
     n, k = top_i_NxK.shape
     n_exp = gate_ExDxF.shape[0]
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     block = block or pick_block(n * k, n_exp)
+    tiles.setdefault("num_warps", 8 if block >= 128 else 4)
     lay = M.block_layout(top_w_NxK, top_i_NxK, n_exp, block)
     rows = M.gather_rows(x_NxD, lay)
-    h = gate_up(rows, lay.block_e, lay.n_used, gate_ExDxF, up_ExDxF, block=block, act=act, interpret=interpret)
-    y = down(h, lay.block_e, lay.n_used, down_ExFxD, block=block, interpret=interpret)
+    h = gate_up(rows, lay.block_e, lay.n_used, gate_ExDxF, up_ExDxF, block=block, act=act, interpret=interpret,
+                **tiles)
+    y = down(h, lay.block_e, lay.n_used, down_ExFxD, block=block, interpret=interpret, **tiles)
     return M.combine_rows(y, lay, x_NxD)
 
 
