@@ -211,6 +211,8 @@ def test_delta_rule_chunked_equals_recurrent_and_transformers():
     ref_o, ref_s = HM.torch_chunk_gated_delta_rule(T(q), T(kk), T(vv), g=T(g), beta=T(beta), initial_state=T(s0),
                                                    output_final_state=True, use_qk_l2norm_in_kernel=True)
     assert rel(oc, ref_o.numpy()) <= TOL and rel(sc, ref_s.numpy()) <= TOL
+    ot, st_ = DN.chunk_gated_delta_rule(q, kk, vv, g, beta, s0, solve="triangular")  # the other solver
+    assert rel(ot, ref_o.numpy()) <= TOL and rel(st_, ref_s.numpy()) <= TOL
     # the chunked form continues from its own state
     o1, s1 = DN.chunk_gated_delta_rule(q[:, :100], kk[:, :100], vv[:, :100], g[:, :100], beta[:, :100], s0)
     o2, s2 = DN.chunk_gated_delta_rule(q[:, 100:], kk[:, 100:], vv[:, 100:], g[:, 100:], beta[:, 100:], s1)
@@ -254,8 +256,15 @@ def test_moe_dense_and_grouped_agree(moe_model):
     lg_b, _ = blocked.run(ids)
     assert rel(lg_b, lg_g) <= TOL
     pallas = dataclasses.replace(moe_model, config=dataclasses.replace(moe_model.config, moe_impl="pallas"))
-    lg_p, _ = pallas.run(ids)
+    lg_p, _ = pallas.run(ids)  # a layer scan: the kernels index the expert stacks with a traced layer
     assert rel(lg_p, lg_g) <= TOL
+    from prefjax.hooks import CaptureSpec
+    tok = jnp.asarray(ids, jnp.int32)
+    for impl in ("pallas", "blocked"):  # unrolled: a static layer index
+        cfg = dataclasses.replace(moe_model.config, moe_impl=impl)
+        lg_u = Q.forward(cfg, moe_model.params, tok, jnp.ones(tok.shape, bool), capture=CaptureSpec(),
+                         unroll=True)[0]
+        assert rel(lg_u, lg_g) <= TOL, impl
 
 
 def test_left_padding_equals_each_example_alone(moe_model):

@@ -61,8 +61,25 @@ def recurrent_gated_delta_rule(q_BxTxHxK, k_BxTxHxK, v_BxTxHxV, g_BxTxH, beta_Bx
     return jnp.moveaxis(o, 0, 1).astype(dtype), s
 
 
+def unit_lower_inverse(a_NxCxC):
+    """``(I + A)^-1`` for strictly lower-triangular ``A`` (nilpotent: ``A^C = 0``) by doubling:
+    ``(I - A)(I + A^2)(I + A^4)...``, log2(C) rounds of two batched matmuls (tensor-core friendly,
+    where a batched triangular solve of many small systems is slow on GPUs)."""
+    c = a_NxCxC.shape[-1]
+    hi = jax.lax.Precision.HIGHEST
+    eye = jnp.eye(c, dtype=a_NxCxC.dtype)
+    inv = eye - a_NxCxC
+    p = a_NxCxC
+    span = 2
+    while span < c:
+        p = jnp.matmul(p, p, precision=hi)
+        inv = jnp.matmul(inv, eye + p, precision=hi)
+        span *= 2
+    return inv
+
+
 def chunk_gated_delta_rule(q_BxTxHxK, k_BxTxHxK, v_BxTxHxV, g_BxTxH, beta_BxTxH, state_BxHxKxV=None,
-                           *, chunk: int = 64, use_qk_l2norm: bool = True):
+                           *, chunk: int = 64, use_qk_l2norm: bool = True, solve: str = "doubling"):
     """Chunked-parallel gated delta rule (same result as the recurrent form up to float32 rounding).
 
     The sequence is zero-padded to a multiple of ``chunk`` (zero g, beta, k: the padded tail neither
@@ -90,7 +107,16 @@ def chunk_gated_delta_rule(q_BxTxHxK, k_BxTxHxK, v_BxTxHxV, g_BxTxH, beta_BxTxH,
     # (I + strict_lower(ut)) X = rhs; the diagonal is ignored (unit_diagonal), as torch's unitriangular.
     # One solve for both right-hand sides (XLA:CPU's batched triangular solve is slow per call).
     rhs = jnp.concatenate([v_beta, k_beta * jnp.exp(cum)[..., None]], axis=-1)
-    sol = jax.lax.linalg.triangular_solve(ut, rhs, left_side=True, lower=True, unit_diagonal=True)
+    if solve == "doubling":
+        # the inverse by doubling, then one step of iterative refinement with it
+        hi = jax.lax.Precision.HIGHEST
+        a = jnp.where(lower & ~jnp.eye(chunk, dtype=bool), ut, 0.0)
+        inv = unit_lower_inverse(a)
+        sol = jnp.matmul(inv, rhs, precision=hi)
+        resid = rhs - sol - jnp.matmul(a, sol, precision=hi)
+        sol = sol + jnp.matmul(inv, resid, precision=hi)
+    else:
+        sol = jax.lax.linalg.triangular_solve(ut, rhs, left_side=True, lower=True, unit_diagonal=True)
     u, w = sol[..., :dv], sol[..., dv:]  # "new values" [.., V]; decayed keys reading the old state [.., K]
     q_dec = q * jnp.exp(cum)[..., None]
     k_dec = k * jnp.exp(cum[..., -1:] - cum)[..., None]

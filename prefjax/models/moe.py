@@ -153,17 +153,32 @@ def swiglu(x, gate_DxF, up_DxF, down_FxD, act=jax.nn.silu):
     return (act(x @ gate_DxF) * (x @ up_DxF)) @ down_FxD
 
 
-def moe_block(x_BxTxD, p, top_k: int, *, impl: str = "grouped", act=jax.nn.silu):
-    """Routed experts + gated shared expert on [B, T, D]. ``p`` holds router, experts_*, shared_*."""
+EXPERT_WEIGHTS = ("experts_gate", "experts_up", "experts_down")
+
+
+def moe_block(x_BxTxD, p, top_k: int, *, impl: str = "grouped", act=jax.nn.silu, experts=None, layer=None):
+    """Routed experts + gated shared expert on [B, T, D]. ``p`` holds router, experts_*, shared_*.
+
+    ``experts`` may instead hold the three expert weights stacked over layers (``[n_layers, E, ...]``)
+    with ``layer`` (an int, or a traced scalar under a layer scan) the one to use: the Pallas path
+    reads it in place, the others take the layer's slice.
+    """
     b, t, d = x_BxTxD.shape
     x = x_BxTxD.reshape(b * t, d)
     shared = swiglu(x, p["shared_gate"], p["shared_up"], p["shared_down"], act)
     top_w, top_i = route(x, p["router"], top_k)
+    kw = {}
+    if experts is None:
+        weights = tuple(p[k] for k in EXPERT_WEIGHTS)
+    elif impl == "pallas":
+        weights, kw = tuple(experts[k] for k in EXPERT_WEIGHTS), {"layer": layer}
+    else:
+        weights = tuple(jax.lax.dynamic_index_in_dim(experts[k], layer, 0, keepdims=False) for k in EXPERT_WEIGHTS)
     if impl == "pallas":
         from prefjax.models.moe_pallas import experts_pallas as fn
     else:
         fn = {"grouped": experts_grouped, "dense": experts_dense, "blocked": experts_blocked}[impl]
-    routed = fn(x, top_w, top_i, p["experts_gate"], p["experts_up"], p["experts_down"], act)
+    routed = fn(x, top_w, top_i, *weights, act, **kw)
     gate = jax.nn.sigmoid(x @ p["shared_expert_gate"][:, None].astype(x.dtype))
     out = routed + gate * shared
     return out.reshape(b, t, d)

@@ -53,27 +53,41 @@ def _call(kernel, out_shape, grid, in_specs, out_spec, interpret, num_warps, num
                           interpret=interpret, **kw)
 
 
-def gate_up(rows_LxD, block_e, n_used, w_gate_ExDxF, w_up_ExDxF, *, block: int, act=jax.nn.silu,
+def _stacked(w, layer):
+    """Weights as ``[n_layers, E, ...]`` and the layer to read as a ``[1]`` int32 array."""
+    if w.ndim == 3:
+        return w[None], jnp.zeros((1,), jnp.int32)
+    return w, jnp.asarray(layer, jnp.int32).reshape(1)
+
+
+def gate_up(rows_LxD, block_e, n_used, w_gate, w_up, *, block: int, layer=None, act=jax.nn.silu,
             interpret: bool = False, bn: int = 128, bk: int = 64, num_warps: int = 4, num_stages: int = 3):
-    """``act(rows @ gate[e]) * (rows @ up[e])`` per block of ``block`` rows; ``[L, F]`` in rows' dtype."""
+    """``act(rows @ gate[e]) * (rows @ up[e])`` per block of ``block`` rows; ``[L, F]`` in rows' dtype.
+
+    The weights are ``[E, D, F]``, or ``[n_layers, E, D, F]`` with ``layer`` (an int or a traced
+    scalar) saying which layer to read: the kernel indexes the stack in place, so an unrolled or
+    scanned layer loop never copies a layer's experts out of it.
+    """
     from jax.experimental import pallas as pl
+    w_gate, lidx = _stacked(w_gate, layer)
+    w_up, _ = _stacked(w_up, layer)
     length, d = rows_LxD.shape
-    f = w_gate_ExDxF.shape[2]
+    f = w_gate.shape[3]
     bn, bk = _tile(f, bn), _tile(d, bk)
     n_k = d // bk
 
-    def kernel(be_ref, nu_ref, x_ref, wg_ref, wu_ref, o_ref):
+    def kernel(li_ref, be_ref, nu_ref, x_ref, wg_ref, wu_ref, o_ref):
         b, j = pl.program_id(0), pl.program_id(1)
         cols = pl.ds(j * bn, bn)
 
         @pl.when(b < nu_ref[0])
         def _():
-            e = be_ref[b]
+            li, e = li_ref[0], be_ref[b]
 
             def step(kk, acc):
                 ks = pl.ds(kk * bk, bk)
                 x = x_ref[:, ks]
-                return (acc[0] + _dot(x, wg_ref[e, ks, cols]), acc[1] + _dot(x, wu_ref[e, ks, cols]))
+                return (acc[0] + _dot(x, wg_ref[li, e, ks, cols]), acc[1] + _dot(x, wu_ref[li, e, ks, cols]))
 
             zero = jnp.zeros((block, bn), jnp.float32)
             g, u = jax.lax.fori_loop(0, n_k, step, (zero, zero))
@@ -85,32 +99,33 @@ def gate_up(rows_LxD, block_e, n_used, w_gate_ExDxF, w_up_ExDxF, *, block: int, 
 
     return _call(
         kernel, jax.ShapeDtypeStruct((length, f), rows_LxD.dtype), (length // block, f // bn),
-        [pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec((block, d), lambda b, j: (b, 0)), pl.BlockSpec(),
-         pl.BlockSpec()],
+        [pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec((block, d), lambda b, j: (b, 0)),
+         pl.BlockSpec(), pl.BlockSpec()],
         pl.BlockSpec((block, bn), lambda b, j: (b, j)), interpret, num_warps, num_stages,
-    )(block_e, n_used.reshape(1), rows_LxD, w_gate_ExDxF, w_up_ExDxF)
+    )(lidx, block_e, n_used.reshape(1), rows_LxD, w_gate, w_up)
 
 
-def down(h_LxF, block_e, n_used, w_down_ExFxD, *, block: int, interpret: bool = False, bn: int = 128,
+def down(h_LxF, block_e, n_used, w_down, *, block: int, layer=None, interpret: bool = False, bn: int = 128,
          bk: int = 64, num_warps: int = 4, num_stages: int = 3):
-    """``h @ down[e]`` per block of ``block`` rows; ``[L, D]`` in h's dtype."""
+    """``h @ down[e]`` per block of ``block`` rows; ``[L, D]`` in h's dtype (weights as in :func:`gate_up`)."""
     from jax.experimental import pallas as pl
+    w_down, lidx = _stacked(w_down, layer)
     length, f = h_LxF.shape
-    d = w_down_ExFxD.shape[2]
+    d = w_down.shape[3]
     bn, bk = _tile(d, bn), _tile(f, bk)
     n_k = f // bk
 
-    def kernel(be_ref, nu_ref, h_ref, wd_ref, o_ref):
+    def kernel(li_ref, be_ref, nu_ref, h_ref, wd_ref, o_ref):
         b, j = pl.program_id(0), pl.program_id(1)
         cols = pl.ds(j * bn, bn)
 
         @pl.when(b < nu_ref[0])
         def _():
-            e = be_ref[b]
+            li, e = li_ref[0], be_ref[b]
 
             def step(kk, acc):
                 ks = pl.ds(kk * bk, bk)
-                return acc + _dot(h_ref[:, ks], wd_ref[e, ks, cols])
+                return acc + _dot(h_ref[:, ks], wd_ref[li, e, ks, cols])
 
             acc = jax.lax.fori_loop(0, n_k, step, jnp.zeros((block, bn), jnp.float32))
             o_ref[...] = acc.astype(o_ref.dtype)
@@ -121,15 +136,16 @@ def down(h_LxF, block_e, n_used, w_down_ExFxD, *, block: int, interpret: bool = 
 
     return _call(
         kernel, jax.ShapeDtypeStruct((length, d), h_LxF.dtype), (length // block, d // bn),
-        [pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec((block, f), lambda b, j: (b, 0)), pl.BlockSpec()],
+        [pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec((block, f), lambda b, j: (b, 0)),
+         pl.BlockSpec()],
         pl.BlockSpec((block, bn), lambda b, j: (b, j)), interpret, num_warps, num_stages,
-    )(block_e, n_used.reshape(1), h_LxF, w_down_ExFxD)
+    )(lidx, block_e, n_used.reshape(1), h_LxF, w_down)
 
 
 def pick_block(m: int, n_exp: int) -> int:
-    """Rows per block: twice the mean rows per expert (so most experts fit one block and their
-    weights are read once), a power of two in [16, 128]."""
-    want = 2 * m / n_exp
+    """Rows per block: the mean rows per expert, a power of two in [16, 128] (on an H100, 64-row
+    blocks beat 128 at 64 rows per expert: 5.2 vs 7.1 ms for a Qwen-3.5-122B layer at 2048 tokens)."""
+    want = m / n_exp
     b = 16
     while b < 128 and b < want:
         b *= 2
@@ -137,23 +153,24 @@ def pick_block(m: int, n_exp: int) -> int:
 
 
 def experts_pallas(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFxD, act=jax.nn.silu, *,
-                   block: int | None = None, interpret: bool | None = None, **tiles):
+                   block: int | None = None, interpret: bool | None = None, layer=None, **tiles):
     """Routed experts through the Pallas kernels; same numbers as :func:`prefjax.models.moe.experts_dense`.
 
-    ``tiles`` (``bn``, ``bk``, ``num_warps``, ``num_stages``) go to both kernels; by default 8 warps
+    The expert weights may be whole layer stacks ``[n_layers, E, ...]`` with ``layer`` the one to
+    use (read in place). ``tiles`` (``bn``, ``bk``, ``num_warps``, ``num_stages``) go to both kernels; by default 8 warps
     for blocks of 128 rows, else 4.
     """
     n, k = top_i_NxK.shape
-    n_exp = gate_ExDxF.shape[0]
+    n_exp = gate_ExDxF.shape[-3]
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     block = block or pick_block(n * k, n_exp)
     tiles.setdefault("num_warps", 8 if block >= 128 else 4)
     lay = M.block_layout(top_w_NxK, top_i_NxK, n_exp, block)
     rows = M.gather_rows(x_NxD, lay)
-    h = gate_up(rows, lay.block_e, lay.n_used, gate_ExDxF, up_ExDxF, block=block, act=act, interpret=interpret,
-                **tiles)
-    y = down(h, lay.block_e, lay.n_used, down_ExFxD, block=block, interpret=interpret, **tiles)
+    h = gate_up(rows, lay.block_e, lay.n_used, gate_ExDxF, up_ExDxF, block=block, layer=layer, act=act,
+                interpret=interpret, **tiles)
+    y = down(h, lay.block_e, lay.n_used, down_ExFxD, block=block, layer=layer, interpret=interpret, **tiles)
     return M.combine_rows(y, lay, x_NxD)
 
 

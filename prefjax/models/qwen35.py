@@ -635,22 +635,28 @@ def attention_mixer(cfg: Qwen35Config, p, h_BxTxD, cos, sin, mask, st=None, star
     return jnp.einsum("btnh,nhd->btd", o, p["o"]), new
 
 
-def mlp(cfg: Qwen35Config, p, h_BxTxD, *, impl: str | None = None):
-    """The MoE block (``qwen3_5_moe``) or the dense SwiGLU MLP (``qwen3_5``)."""
+def moe_impl(cfg: Qwen35Config) -> str:
+    """The expert path to run: ``cfg.moe_impl``, except that "grouped" means the Pallas kernels on GPUs
+    (``ragged_dot`` has no grouped GPU kernel in JAX 0.11; see :mod:`prefjax.models.moe`)."""
+    if cfg.moe_impl == "grouped" and jax.default_backend() == "gpu":
+        return "pallas" if MP.supported(cfg.d_model, cfg.d_expert) else "blocked"
+    return cfg.moe_impl
+
+
+def mlp(cfg: Qwen35Config, p, h_BxTxD, *, impl: str | None = None, experts=None, layer=None):
+    """The MoE block (``qwen3_5_moe``) or the dense SwiGLU MLP (``qwen3_5``). ``experts``/``layer``:
+    the stacked expert weights and this layer's index (see :func:`prefjax.models.moe.moe_block`)."""
     act = L.ACTIVATIONS[cfg.hidden_activation]
     if cfg.is_moe:
-        impl = impl or cfg.moe_impl
-        if impl == "grouped" and jax.default_backend() == "gpu":
-            # ragged_dot has no grouped GPU kernel in JAX 0.11 (see prefjax.models.moe): use ours
-            impl = "pallas" if MP.supported(cfg.d_model, cfg.d_expert) else "blocked"
-        return M.moe_block(h_BxTxD, p, cfg.top_k, impl=impl, act=act)
+        return M.moe_block(h_BxTxD, p, cfg.top_k, impl=impl or moe_impl(cfg), act=act, experts=experts,
+                           layer=layer)
     return M.swiglu(h_BxTxD, p["gate"], p["up"], p["down"], act)
 
 
 _LIN_STATE = ("conv_q", "conv_k", "conv_v", "rec")
 
 
-def _block(cfg: Qwen35Config, lin_p, attn_p, valid_BxT, cos, sin, mask, start, recurrent):
+def _block(cfg: Qwen35Config, lin_p, attn_p, experts, valid_BxT, cos, sin, mask, start, recurrent):
     def block(p, carry, layer, aux, hook, _unused_state):
         x, st = carry
         x = hook("hook_resid_pre", x)
@@ -681,7 +687,7 @@ def _block(cfg: Qwen35Config, lin_p, attn_p, valid_BxT, cos, sin, mask, start, r
             mixed, st = jax.lax.cond(aux["is_full"] > 0, run_full, run_lin, h, st, aux["idx"])
         mixed = hook("hook_attn_out", mixed)
         x = hook("hook_resid_mid", x + mixed)
-        y = hook("hook_mlp_out", mlp(cfg, p, _norm(cfg, x, p["ln_mlp"])))
+        y = hook("hook_mlp_out", mlp(cfg, p, _norm(cfg, x, p["ln_mlp"]), experts=experts, layer=layer))
         x = hook("hook_resid_post", x + y)
         return (x, st), None
 
@@ -712,9 +718,12 @@ def forward(cfg: Qwen35Config, params, tokens_BxT, valid_BxT, *, capture, pos_Bx
     cos, sin = L.rope_cos_sin(si.pos_ids_BxT, inv_freq, x.dtype)
     mask = L.attention_mask(si.q_slot_T, si.kv_slot_S, si.kv_valid_BxS, None)
     aux = {k: jnp.asarray(v) for k, v in aux_arrays(cfg).items()}
-    block = _block(cfg, params.get("lin", {}), params.get("attn", {}), valid_BxT, cos, sin, mask, start,
+    # the expert stacks stay whole (each layer indexes them; slicing would copy a layer's experts)
+    blocks = {k: v for k, v in params["blocks"].items() if k not in M.EXPERT_WEIGHTS}
+    experts = {k: params["blocks"][k] for k in M.EXPERT_WEIGHTS if k in params["blocks"]} or None
+    block = _block(cfg, params.get("lin", {}), params.get("attn", {}), experts, valid_BxT, cos, sin, mask, start,
                    recurrent=(state is not None and t == 1))
-    (x, st), captured, _ = fold(block, params["blocks"], (x, si.layer_state), n_layers=cfg.n_layers, aux=aux,
+    (x, st), captured, _ = fold(block, blocks, (x, si.layer_state), n_layers=cfg.n_layers, aux=aux,
                                 state=None, capture=capture, pos_BxK=pos_BxK, intervene=intervene, ctx=si.ctx,
                                 unroll=unroll)
     h = gather_positions(x, pos_BxK)
