@@ -33,11 +33,11 @@ def _ms(fn, *args, repeats=10):
     return 1e3 * float(np.median(ts))
 
 
-TUNE_DECODE = [dict(block=16), dict(block=16, bk=128), dict(block=16, bn=64), dict(block=16, num_stages=4),
-               dict(block=16, bk=128, bn=64, num_stages=4), dict(block=16, num_warps=2), dict(block=32)]
-TUNE_PREFILL = [dict(block=64), dict(block=128), dict(block=128, num_warps=4), dict(block=128, bk=32),
-                dict(block=64, bn=64), dict(block=128, bn=64), dict(block=64, num_stages=4),
-                dict(block=128, num_stages=4)]
+TUNE_DECODE = [dict(block=16), dict(block=16, bk=256), dict(block=16, bn=256, num_warps=8),
+               dict(block=16, bk=128, num_stages=4), dict(block=16, bn=64, bk=256)]
+TUNE_PREFILL = [dict(block=64), dict(block=32), dict(block=64, num_warps=8), dict(block=64, bk=128),
+                dict(block=64, bn=256, num_warps=8), dict(block=64, bk=32, num_stages=4), dict(block=128),
+                dict(block=64, num_stages=5)]
 
 
 def tune(cfg, p0, h_p, h_d):
@@ -140,10 +140,11 @@ def main(argv=None):
             g = -jax.random.uniform(ks[3], (b, t, hv))
             beta = jax.random.uniform(ks[4], (b, t, hv))
             s0 = jnp.zeros((b, hv, dk, dv), jnp.float32)
-            ch = jax.jit(lambda *a: DN.chunk_gated_delta_rule(*a, chunk=cfg.chunk_size))
             rec = jax.jit(DN.recurrent_gated_delta_rule)
-            rows["rule"] = (_ms(ch, q, kk, v, g, beta, s0),
-                            _ms(rec, q[:, :1], kk[:, :1], v[:, :1], g[:, :1], beta[:, :1], s0))
+            t_rec = _ms(rec, q[:, :1], kk[:, :1], v[:, :1], g[:, :1], beta[:, :1], s0)
+            for solve in ("doubling", "triangular"):
+                ch = jax.jit(lambda *a, solve=solve: DN.chunk_gated_delta_rule(*a, chunk=cfg.chunk_size, solve=solve))
+                rows[f"rule_{solve}"] = (_ms(ch, q, kk, v, g, beta, s0), t_rec)
             head = jax.jit(lambda params, h: Q.unembed(cfg, params, h))
             rows["head"] = (float("nan"), _ms(head, params, h_d))
         del params
