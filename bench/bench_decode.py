@@ -58,7 +58,7 @@ def run_jax(args) -> dict:
     f = jax.jit(lambda a: a + jnp.bfloat16(1))
     t = _median_time(lambda: f(x).block_until_ready(), 20)
     out["copy_GBps"] = 2 * n * 2 / t / 1e9
-    del x
+    x = None  # free it
 
     rs = np.random.RandomState(0)
     for b in args.batch:

@@ -65,6 +65,8 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--impl", default=None, help="MoE path (default: the backend's default)")
     ap.add_argument("--tune", action="store_true", help="also time the Pallas expert kernels over tile choices")
+    ap.add_argument("--trace", default=None, help="write a profiler trace (perfetto json.gz) of the DeltaNet "
+                    "layer's prompt and decode calls to this folder")
     args = ap.parse_args(argv)
 
     import jax
@@ -106,6 +108,12 @@ def main(argv=None):
 
         st = prefill_state(params, tokens)
         rows[tag] = (_ms(prefill, params, tokens), _ms(step, params, st, tokens[:, :1]))
+        if args.trace and kind == "linear_attention":
+            with jax.profiler.trace(args.trace, create_perfetto_trace=True):
+                for _ in range(2):
+                    jax.block_until_ready(prefill(params, tokens))
+                for _ in range(2):
+                    jax.block_until_ready(step(params, st, tokens[:, :1]))
         p0 = jax.tree.map(lambda a: a[0], params["blocks"])
         h_p = jnp.take(params["embed"], tokens, axis=0) * 30.0
         h_d = h_p[:, :1]

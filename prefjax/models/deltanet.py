@@ -63,8 +63,11 @@ def recurrent_gated_delta_rule(q_BxTxHxK, k_BxTxHxK, v_BxTxHxV, g_BxTxH, beta_Bx
 
 def unit_lower_inverse(a_NxCxC):
     """``(I + A)^-1`` for strictly lower-triangular ``A`` (nilpotent: ``A^C = 0``) by doubling:
-    ``(I - A)(I + A^2)(I + A^4)...``, log2(C) rounds of two batched matmuls (tensor-core friendly,
-    where a batched triangular solve of many small systems is slow on GPUs)."""
+    ``(I - A)(I + A^2)(I + A^4)...``, log2(C) rounds of two batched matmuls.
+
+    ``chunk_gated_delta_rule(solve="doubling")`` uses it (plus one refinement step) in place of a
+    batched triangular solve; it is as exact, but in float32 at HIGHEST precision it measured slower
+    than the solve on an H100 (2.9 vs 2.6 ms for 8 x 256 tokens of the 122B shape) and on the CPU."""
     c = a_NxCxC.shape[-1]
     hi = jax.lax.Precision.HIGHEST
     eye = jnp.eye(c, dtype=a_NxCxC.dtype)
@@ -79,7 +82,7 @@ def unit_lower_inverse(a_NxCxC):
 
 
 def chunk_gated_delta_rule(q_BxTxHxK, k_BxTxHxK, v_BxTxHxV, g_BxTxH, beta_BxTxH, state_BxHxKxV=None,
-                           *, chunk: int = 64, use_qk_l2norm: bool = True, solve: str = "doubling"):
+                           *, chunk: int = 64, use_qk_l2norm: bool = True, solve: str = "triangular"):
     """Chunked-parallel gated delta rule (same result as the recurrent form up to float32 rounding).
 
     The sequence is zero-padded to a multiple of ``chunk`` (zero g, beta, k: the padded tail neither

@@ -143,9 +143,10 @@ def down(h_LxF, block_e, n_used, w_down, *, block: int, layer=None, interpret: b
 
 
 def pick_block(m: int, n_exp: int) -> int:
-    """Rows per block: the mean rows per expert, a power of two in [16, 128] (on an H100, 64-row
-    blocks beat 128 at 64 rows per expert: 5.2 vs 7.1 ms for a Qwen-3.5-122B layer at 2048 tokens)."""
-    want = m / n_exp
+    """Rows per block: half the mean rows per expert, a power of two in [16, 128]. On an H100, for a
+    Qwen-3.5-122B layer at 2048 tokens (64 rows per expert), 32-row blocks took 4.4 ms, 64-row 5.2 and
+    128-row 8.3 (bench/qwen35_layer_probe.py --tune)."""
+    want = m / (2 * n_exp)
     b = 16
     while b < 128 and b < want:
         b *= 2
