@@ -350,7 +350,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 1.0, t
     static = dict(family_name=model.family.FAMILY, cfg=model.config, spec=cap_spec, n_new=int(max_new_tokens),
                   greedy=greedy, top_k=0 if greedy else top_k, use_top_p=use_top_p, state_dtype=model.dtype,
                   mesh=mesh)
-    from prefjax.sharding import batch_sharding
+    from prefjax.sharding import batch_sharding, mesh_context
 
     def put(a):
         a = np.asarray(a)
@@ -379,16 +379,17 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 1.0, t
             iv = spec_intervention(_chunk_specs(specs, lo, lo + bs, rows, p_pad, lens, n), model, batch=bs,
                                    seq=p_pad, prompt_len=p_pad)
         args = (put(toks), put(valid), put(np.asarray(keys)), temp_arr, top_p_arr, stop_arr, iv)
-        if loop == "while":
-            out, bufs, fin = _generate_while(params, *args, **static)
-        else:
-            state, out, bufs, fin, prev = _python_prefill(params, *args, **static)
-            for i in range(1, max_new_tokens):
-                if i % 8 == 0 and bool(jnp.all(fin)):
-                    break
-                state, out, bufs, fin, prev = _python_step(
-                    params, state, out, bufs, fin, prev, jnp.int32(i), jnp.int32(p_pad), args[2], temp_arr,
-                    top_p_arr, stop_arr, iv, **static)
+        with mesh_context(mesh):
+            if loop == "while":
+                out, bufs, fin = _generate_while(params, *args, **static)
+            else:
+                state, out, bufs, fin, prev = _python_prefill(params, *args, **static)
+                for i in range(1, max_new_tokens):
+                    if i % 8 == 0 and bool(jnp.all(fin)):
+                        break
+                    state, out, bufs, fin, prev = _python_step(
+                        params, state, out, bufs, fin, prev, jnp.int32(i), jnp.int32(p_pad), args[2], temp_arr,
+                        top_p_arr, stop_arr, iv, **static)
         out, fin = np.asarray(out), np.asarray(fin)
         bufs = {k: np.asarray(v) for k, v in bufs.items()}
         stop_set = set(stops)

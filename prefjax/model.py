@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefjax import hooks as H
-from prefjax.sharding import batch_sharding
+from prefjax.sharding import batch_sharding, mesh_context
 
 
 def auto_unroll() -> bool:
@@ -134,10 +134,11 @@ class Model:
             iv = sv if iv is None else _chain(iv, sv)
         shard = lambda a: jax.device_put(a, batch_sharding(self.mesh, a.ndim, b)) if self.mesh is not None \
             and b % _data_size(self.mesh) == 0 else jnp.asarray(a)
-        out_logits, captured = _run_jit(
-            self._params_for_run(), shard(tokens.astype(np.int32)), shard(valid),
-            None if pos is None else shard(pos), iv, family_name=self.family.FAMILY, cfg=self.config,
-            spec=spec, unroll=unroll, want_logits=logits)
+        with mesh_context(self.mesh):
+            out_logits, captured = _run_jit(
+                self._params_for_run(), shard(tokens.astype(np.int32)), shard(valid),
+                None if pos is None else shard(pos), iv, family_name=self.family.FAMILY, cfg=self.config,
+                spec=spec, unroll=unroll, want_logits=logits)
         return out_logits, H.order_cache(spec, captured)
 
     def encode_chat(self, messages, add_generation_prompt: bool = True) -> list[int]:

@@ -56,6 +56,13 @@ def make_mesh(shape: dict[str, int] | Sequence[int] | None = None, devices=None)
     return Mesh(np.array(devices).reshape(dims), MESH_AXES)
 
 
+def mesh_context(mesh: Mesh | None):
+    """``jax.set_mesh(mesh)`` (a no-op context without one): traces inside see the mesh, which the
+    Qwen-3.5 MoE uses to run its experts expert-parallel under ``shard_map``."""
+    import contextlib
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
 def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh, rules=DEFAULT_RULES) -> P:
     """PartitionSpec for an array with logical ``axes``; non-divisible axes are replicated."""
     table = dict(rules)

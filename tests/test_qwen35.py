@@ -336,35 +336,47 @@ def test_122b_preset_parameter_count():
 
 
 _SHARDED = textwrap.dedent("""
-    import json, sys
+    import dataclasses, json, sys
     import numpy as np, jax
     jax.config.update("jax_default_matmul_precision", "highest")
     assert len(jax.devices()) == 8, jax.devices()
     from prefjax.sharding import make_mesh
-    from prefjax.models import qwen35 as Q
+    from prefjax.models import moe as M, qwen35 as Q
+    calls = []
+    ep = M.experts_parallel
+    M.experts_parallel = lambda *a, **k: calls.append(k["impl"]) or ep(*a, **k)
     mesh = make_mesh({"data": 2, "tensor": 2, "expert": 2})
     model = Q.load_dir(sys.argv[1], mesh=mesh)
     spec = model.params["blocks"]["experts_gate"].sharding.spec
     assert "expert" in str(spec) and "tensor" in str(spec), spec
     ids = np.load(sys.argv[2])
-    # unroll: XLA:CPU's in-process collectives deadlock inside scan/cond on a 2-core host
-    lg, cache = model.run(ids, capture=["blocks.5.hook_resid_post"], unroll=True)
-    np.save(sys.argv[3], np.asarray(lg))
+    out = {}
+    for impl in ("grouped", "blocked", "pallas"):
+        m = dataclasses.replace(model, config=dataclasses.replace(model.config, moe_impl=impl))
+        # unroll: XLA:CPU's in-process collectives deadlock inside scan/cond on a 2-core host
+        lg, cache = m.run(ids, capture=["blocks.5.hook_resid_post"], unroll=True)
+        out[impl] = np.asarray(lg)
+    assert set(calls) == {"grouped", "blocked", "pallas"}, calls  # each ran expert-parallel
+    np.savez(sys.argv[3], **out)
 """)
 
 
 def test_sharded_on_8_fake_devices_equals_one_device(moe_dir, moe_model, tmp_path):
+    """A 2 x 2 x 2 (data, tensor, expert) mesh: the experts run expert- and tensor-parallel under
+    shard_map for every expert path (Pallas interpreted) and equal one device."""
     ids = np.random.RandomState(7).randint(0, TEXT["vocab_size"], (4, 70)).astype(np.int32)
     np.save(tmp_path / "ids.npy", ids)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     script = tmp_path / "run.py"
     script.write_text(_SHARDED)
     r = subprocess.run([sys.executable, str(script), str(moe_dir[0]), str(tmp_path / "ids.npy"),
-                        str(tmp_path / "out.npy")], env=env, capture_output=True, text=True, timeout=240,
+                        str(tmp_path / "out.npz")], env=env, capture_output=True, text=True, timeout=600,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 0, r.stderr[-3000:]
     ref, _ = moe_model.run(ids)
-    assert rel(np.load(tmp_path / "out.npy"), ref) <= TOL
+    got = np.load(tmp_path / "out.npz")
+    for impl in ("grouped", "blocked", "pallas"):
+        assert rel(got[impl], ref) <= TOL, impl
 
 
 def test_prefjax_load_entry_point(moe_dir, moe_model):

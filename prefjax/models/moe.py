@@ -80,8 +80,11 @@ class BlockLayout(NamedTuple):
     block: int
 
 
-def block_layout(top_w_NxK, top_i_NxK, n_exp: int, block: int, multiple: int = 1) -> BlockLayout:
+def block_layout(top_w_NxK, top_i_NxK, n_exp: int, block: int, multiple: int = 1, valid_NxK=None) -> BlockLayout:
     """Sort the ``N*k`` (token, slot) rows by expert and start each expert at a multiple of ``block``.
+
+    ``valid_NxK`` (optional) marks the rows to run; the others (another device's experts) take no
+    slot and add nothing.
 
     The static number of blocks is the tight bound ``ceil((m + u*(block-1)) / block)`` with
     ``u = min(n_exp, m)`` experts that can be hit (rounded up to ``multiple``): empty experts take no
@@ -90,18 +93,24 @@ def block_layout(top_w_NxK, top_i_NxK, n_exp: int, block: int, multiple: int = 1
     n, k = top_i_NxK.shape
     m = n * k
     flat_e = top_i_NxK.reshape(-1)
+    if valid_NxK is not None:  # invalid rows sort last, under a sentinel expert id
+        flat_e = jnp.where(valid_NxK.reshape(-1), flat_e, n_exp)
+        top_w_NxK = jnp.where(valid_NxK, top_w_NxK, 0)
     order = jnp.argsort(flat_e, stable=True)
     sorted_e = flat_e[order]
-    sizes = jnp.bincount(flat_e, length=n_exp).astype(jnp.int32)
+    sizes = jnp.bincount(flat_e, length=n_exp + 1)[:n_exp].astype(jnp.int32)
     padded = (sizes + block - 1) // block * block
     pad_start = jnp.cumsum(padded) - padded                        # where expert e's rows begin
     row_start = jnp.cumsum(sizes) - sizes                          # where they begin in sorted order
     n_blocks = -(-(m + min(n_exp, m) * (block - 1)) // block)
     n_blocks = -(-n_blocks // multiple) * multiple
-    dest = pad_start[sorted_e] + (jnp.arange(m, dtype=jnp.int32) - row_start[sorted_e])  # slot of each row
-    src = jnp.full((n_blocks * block,), m, jnp.int32).at[dest].set(jnp.arange(m, dtype=jnp.int32))
+    length = n_blocks * block
+    e_c = jnp.minimum(sorted_e, n_exp - 1)
+    dest = pad_start[e_c] + (jnp.arange(m, dtype=jnp.int32) - row_start[e_c])  # slot of each row
+    dest = jnp.where(sorted_e < n_exp, dest, length)                             # invalid: no slot
+    src = jnp.full((length,), m, jnp.int32).at[dest].set(jnp.arange(m, dtype=jnp.int32), mode="drop")
     token_of = jnp.concatenate([order // k, jnp.zeros((1,), order.dtype)]).astype(jnp.int32)
-    slot_of = jnp.zeros((m,), jnp.int32).at[order].set(dest).reshape(n, k)
+    slot_of = jnp.zeros((m,), jnp.int32).at[order].set(jnp.minimum(dest, length - 1)).reshape(n, k)
     # expert of each block: the last expert whose padded range starts at or before the block
     block_e = jnp.clip(jnp.searchsorted(pad_start + padded, jnp.arange(n_blocks) * block, side="right"),
                        0, n_exp - 1).astype(jnp.int32)
@@ -124,14 +133,14 @@ def combine_rows(y_LxD, lay: BlockLayout, like_NxD):
 
 
 def experts_blocked(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFxD, act=jax.nn.silu, *,
-                    block: int = 64, chunk: int = 16):
+                    block: int = 64, chunk: int = 16, valid=None):
     """Expert-sorted, block-padded grouped matmul without ``ragged_dot`` (plain XLA).
 
     Rows are laid out by :func:`block_layout`, so every block belongs to one expert. Blocks are
     processed ``chunk`` at a time with their expert's weights gathered per block; padding rows read
     a zero row and are dropped on the way back.
     """
-    lay = block_layout(top_w_NxK, top_i_NxK, gate_ExDxF.shape[0], block, multiple=chunk)
+    lay = block_layout(top_w_NxK, top_i_NxK, gate_ExDxF.shape[0], block, multiple=chunk, valid_NxK=valid)
     rows = gather_rows(x_NxD, lay)
 
     def run(args):
@@ -157,29 +166,103 @@ def swiglu(x, gate_DxF, up_DxF, down_FxD, act=jax.nn.silu):
 EXPERT_WEIGHTS = ("experts_gate", "experts_up", "experts_down")
 
 
+def _expert_fn(impl: str):
+    if impl == "pallas":
+        from prefjax.models.moe_pallas import experts_pallas
+        return experts_pallas
+    return {"grouped": experts_grouped, "dense": experts_dense, "blocked": experts_blocked}[impl]
+
+
+def _mesh_axes(mesh, name: str, size: int) -> tuple[str, ...]:
+    """The mesh axes that logical axis ``name`` shards over (per the default rules), if they divide ``size``."""
+    from prefjax.sharding import DEFAULT_RULES
+    axes = tuple(a for a in dict(DEFAULT_RULES).get(name, ()) if mesh.shape.get(a, 1) > 1)
+    n = 1
+    for a in axes:
+        n *= mesh.shape[a]
+    return axes if axes and size % n == 0 else ()
+
+
+def experts_parallel(x_NxD, top_w_NxK, top_i_NxK, weights, act, *, impl: str, mesh, layer=None):
+    """Routed experts, expert- and tensor-parallel under ``shard_map`` on ``mesh``.
+
+    Each device holds ``E / |expert|`` experts and ``F / |tensor|`` of their width (the same layout
+    the parameter sharding rules give them) and the tokens of its data shard; it runs only the rows
+    routed to its own experts (the others are dropped before the grouped matmul) and the partial
+    outputs are summed over the expert and tensor axes. ``weights`` may be layer stacks (``layer``
+    then picks one, in place for the Pallas path).
+    """
+    from jax.sharding import PartitionSpec as P
+    stacked = weights[0].ndim == 4
+    n_exp, d_expert = weights[0].shape[-3], weights[0].shape[-1]
+    e_ax = _mesh_axes(mesh, "experts", n_exp)
+    f_ax = _mesh_axes(mesh, "expert_mlp", d_expert)
+    t_ax = _mesh_axes(mesh, "batch", x_NxD.shape[0])
+    one = lambda axes: (axes if len(axes) > 1 else axes[0]) if axes else None
+    lead = (None,) if stacked else ()
+    w_specs = (P(*lead, one(e_ax), None, one(f_ax)), P(*lead, one(e_ax), None, one(f_ax)),
+               P(*lead, one(e_ax), one(f_ax), None))
+    tok = P(one(t_ax))
+    fn = _expert_fn(impl)
+
+    def local(x, w, i, li, *ws):
+        n_local = ws[0].shape[-3]
+        shard = jnp.int32(0)
+        for a in e_ax:  # this device's position along the expert axes (row-major)
+            shard = shard * mesh.shape[a] + jax.lax.axis_index(a)
+        off = shard * n_local
+        mine = (i >= off) & (i < off + n_local)
+        i_local = jnp.where(mine, i - off, 0)
+        kw = {}
+        if impl in ("pallas", "blocked"):
+            kw["valid"] = mine
+        if stacked:
+            if impl == "pallas":
+                kw["layer"] = li
+            else:
+                ws = tuple(jax.lax.dynamic_index_in_dim(a, li, 0, keepdims=False) for a in ws)
+        y = fn(x, jnp.where(mine, w, 0), i_local, *ws, act, **kw)
+        axes = e_ax + f_ax
+        return jax.lax.psum(y, axes) if axes else y
+
+    li = jnp.asarray(0 if layer is None else layer, jnp.int32)
+    return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, P(), *w_specs), out_specs=tok,
+                         check_vma=False)(x_NxD, top_w_NxK, top_i_NxK, li, *weights)
+
+
+def _active_mesh():
+    """The mesh set with ``jax.set_mesh`` around this trace, if it splits experts or their width."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not any(mesh.shape.get(a, 1) > 1 for a in ("expert", "tensor")):
+        return None
+    return mesh
+
+
 def moe_block(x_BxTxD, p, top_k: int, *, impl: str = "grouped", act=jax.nn.silu, experts=None, layer=None):
     """Routed experts + gated shared expert on [B, T, D]. ``p`` holds router, experts_*, shared_*.
 
     ``experts`` may instead hold the three expert weights stacked over layers (``[n_layers, E, ...]``)
     with ``layer`` (an int, or a traced scalar under a layer scan) the one to use: the Pallas path
-    reads it in place, the others take the layer's slice.
+    reads it in place, the others take the layer's slice. Under ``jax.set_mesh`` with an ``expert``
+    or ``tensor`` axis the routed experts run expert-parallel (:func:`experts_parallel`).
     """
     b, t, d = x_BxTxD.shape
     x = x_BxTxD.reshape(b * t, d)
     shared = swiglu(x, p["shared_gate"], p["shared_up"], p["shared_down"], act)
     top_w, top_i = route(x, p["router"], top_k)
-    kw = {}
-    if experts is None:
-        weights = tuple(p[k] for k in EXPERT_WEIGHTS)
-    elif impl == "pallas":
-        weights, kw = tuple(experts[k] for k in EXPERT_WEIGHTS), {"layer": layer}
+    stacked = experts is not None
+    weights = tuple((experts if stacked else p)[k] for k in EXPERT_WEIGHTS)
+    mesh = _active_mesh()
+    if mesh is not None:
+        routed = experts_parallel(x, top_w, top_i, weights, act, impl=impl, mesh=mesh,
+                                  layer=layer if stacked else None)
     else:
-        weights = tuple(jax.lax.dynamic_index_in_dim(experts[k], layer, 0, keepdims=False) for k in EXPERT_WEIGHTS)
-    if impl == "pallas":
-        from prefjax.models.moe_pallas import experts_pallas as fn
-    else:
-        fn = {"grouped": experts_grouped, "dense": experts_dense, "blocked": experts_blocked}[impl]
-    routed = fn(x, top_w, top_i, *weights, act, **kw)
+        kw = {}
+        if stacked and impl == "pallas":
+            kw["layer"] = layer
+        elif stacked:
+            weights = tuple(jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False) for a in weights)
+        routed = _expert_fn(impl)(x, top_w, top_i, *weights, act, **kw)
     gate = jax.nn.sigmoid(x @ p["shared_expert_gate"][:, None].astype(x.dtype))
     out = routed + gate * shared
     return out.reshape(b, t, d)

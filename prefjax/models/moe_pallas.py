@@ -154,11 +154,11 @@ def pick_block(m: int, n_exp: int) -> int:
 
 
 def experts_pallas(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFxD, act=jax.nn.silu, *,
-                   block: int | None = None, interpret: bool | None = None, layer=None, **tiles):
+                   block: int | None = None, interpret: bool | None = None, layer=None, valid=None, **tiles):
     """Routed experts through the Pallas kernels; same numbers as :func:`prefjax.models.moe.experts_dense`.
 
     The expert weights may be whole layer stacks ``[n_layers, E, ...]`` with ``layer`` the one to
-    use (read in place). ``tiles`` (``bn``, ``bk``, ``num_warps``, ``num_stages``) go to both kernels; by default 8 warps
+    use (read in place). ``valid`` [N, k] (optional) drops rows routed elsewhere. ``tiles`` (``bn``, ``bk``, ``num_warps``, ``num_stages``) go to both kernels; by default 8 warps
     for blocks of 128 rows, else 4.
     """
     n, k = top_i_NxK.shape
@@ -167,7 +167,7 @@ def experts_pallas(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFxD
         interpret = jax.default_backend() != "gpu"
     block = block or pick_block(n * k, n_exp)
     tiles.setdefault("num_warps", 8 if block >= 128 else 4)
-    lay = M.block_layout(top_w_NxK, top_i_NxK, n_exp, block)
+    lay = M.block_layout(top_w_NxK, top_i_NxK, n_exp, block, valid_NxK=valid)
     rows = M.gather_rows(x_NxD, lay)
     h = gate_up(rows, lay.block_e, lay.n_used, gate_ExDxF, up_ExDxF, block=block, layer=layer, act=act,
                 interpret=interpret, **tiles)

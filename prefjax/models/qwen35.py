@@ -637,8 +637,12 @@ def attention_mixer(cfg: Qwen35Config, p, h_BxTxD, cos, sin, mask, st=None, star
 
 def moe_impl(cfg: Qwen35Config) -> str:
     """The expert path to run: ``cfg.moe_impl``, except that "grouped" means the Pallas kernels on GPUs
-    (``ragged_dot`` has no grouped GPU kernel in JAX 0.11; see :mod:`prefjax.models.moe`)."""
+    (``ragged_dot`` has no grouped GPU kernel in JAX 0.11; see :mod:`prefjax.models.moe`). Several
+    devices without a mesh context (:func:`prefjax.sharding.mesh_context`) get the partitionable
+    "blocked" path, since a Pallas call on sharded weights would gather them whole."""
     if cfg.moe_impl == "grouped" and jax.default_backend() == "gpu":
+        if jax.device_count() > 1 and jax.sharding.get_abstract_mesh().empty:
+            return "blocked"
         return "pallas" if MP.supported(cfg.d_model, cfg.d_expert) else "blocked"
     return cfg.moe_impl
 
