@@ -19,8 +19,9 @@ values beyond routing, which is near-uniform for both). Prints tokens/s and the 
 ratio. ``--smoke`` runs the tiny preset on the CPU (a correctness-of-plumbing check, not a
 benchmark).
 
-    python bench/bench_qwen35.py --layers 4            # GPU
-    python bench/bench_qwen35.py --smoke               # CPU smoke
+    python bench/bench_qwen35.py --layers 8                                   # one GPU
+    python bench/bench_qwen35.py --layers 48 --mesh expert=4 --device auto    # 4 GPUs, the whole model
+    python bench/bench_qwen35.py --smoke                                      # CPU smoke
 """
 
 from __future__ import annotations
@@ -63,15 +64,28 @@ def _timeit(fn, repeats: int):
     return float(np.median(ts))
 
 
-def bench_prefjax(cfg, batch, prompt, new, repeats, seed=0):
+def bench_prefjax(cfg, batch, prompt, new, repeats, seed=0, mesh=None):
+    """prefjax prefill and decode; with ``mesh`` the weights are drawn into their shards and the
+    experts run expert/tensor-parallel (every call inside ``mesh_context``)."""
+    from prefjax.sharding import mesh_context
+    with mesh_context(mesh):
+        return _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh)
+
+
+def _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh):
     import jax
     import jax.numpy as jnp
 
+    from prefjax.api import sharding_tree
     from prefjax.hooks import CaptureSpec, all_resid_post
     from prefjax.models import qwen35 as Q
 
-    unroll = jax.default_backend() == "gpu"
-    params = jax.jit(lambda k: Q.init_params(cfg, k, jnp.bfloat16))(jax.random.PRNGKey(seed))
+    # unrolled on GPU (a scan copies each layer's weights) and under a mesh (XLA:CPU's in-process
+    # collectives can deadlock inside a scan on a small host)
+    unroll = jax.default_backend() == "gpu" or mesh is not None
+    cpu_mesh = jax.default_backend() == "cpu" and mesh is not None
+    shardings = None if mesh is None else sharding_tree(Q.param_shapes(cfg), mesh)
+    params = jax.jit(lambda k: Q.init_params(cfg, k, jnp.bfloat16), out_shardings=shardings)(jax.random.PRNGKey(seed))
     rs = np.random.RandomState(seed)
     tokens = jnp.asarray(rs.randint(0, cfg.vocab_size, (batch, prompt)).astype(np.int32))
     valid = jnp.ones((batch, prompt), bool)
@@ -108,6 +122,8 @@ def bench_prefjax(cfg, batch, prompt, new, repeats, seed=0):
         t0 = time.perf_counter()
         for i in range(new):
             lg, st, key, nxt = step(params, st, lg, key, jnp.int32(prompt + i))
+            if cpu_mesh:  # one collective program in flight at a time (XLA:CPU rendezvous can deadlock)
+                jax.block_until_ready(nxt)
         jax.block_until_ready(nxt)
         return time.perf_counter() - t0
 
@@ -115,7 +131,7 @@ def bench_prefjax(cfg, batch, prompt, new, repeats, seed=0):
     t_decode = float(np.median([decode() for _ in range(max(1, repeats // 2))]))
     out = {"prefill_tok_s": batch * prompt / t_prefill, "decode_tok_s": batch * new / t_decode,
            "prefill_s": t_prefill, "decode_s": t_decode}
-    if cfg.moe_impl == "pallas":
+    if cfg.moe_impl == "pallas" and mesh is None:
         out.update(check_moe(cfg, params, tokens, seed))
     return out
 
@@ -159,15 +175,20 @@ def bench_hf(cfg, batch, prompt, new, repeats, device, seed=0):
 
     torch.manual_seed(seed)
     dtype = torch.bfloat16
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen3_5MoeForCausalLM(hf_config(cfg)).eval()
-    finally:
-        torch.set_default_dtype(prev)
+    if device == "auto":
+        model, device = _hf_spread(Qwen3_5MoeForCausalLM, hf_config(cfg), dtype)
+    else:
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = Qwen3_5MoeForCausalLM(hf_config(cfg)).eval()
+        finally:
+            torch.set_default_dtype(prev)
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=device)
     sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
+    if torch.cuda.is_available():
+        sync = lambda: [torch.cuda.synchronize(i) for i in range(torch.cuda.device_count())]
 
     def prefill():
         with torch.no_grad():
@@ -201,6 +222,39 @@ def bench_hf(cfg, batch, prompt, new, repeats, device, seed=0):
             "experts_implementation": str(getattr(model.config, "_experts_implementation", None))}
 
 
+def _hf_spread(cls, config, dtype, scale: float = 0.02):
+    """A transformers model with random weights spread over every GPU (or the CPU), as
+    ``device_map="auto"`` would place a checkpoint: built on the meta device, each parameter drawn on
+    its own device, then dispatched (accelerate moves activations between devices). Returns
+    ``(model, input device)``."""
+    import torch
+    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    with init_empty_weights():
+        model = cls(config).to(dtype).eval()
+    n = torch.cuda.device_count()
+    if n:
+        free = {i: int(torch.cuda.mem_get_info(i)[0] * 0.85) for i in range(n)}
+    else:
+        free = {"cpu": 1 << 40}
+    device_map = infer_auto_device_map(model, max_memory=free, no_split_module_classes=model._no_split_modules,
+                                       dtype=dtype)
+
+    def where(name):
+        while name not in device_map:
+            name = name.rsplit(".", 1)[0] if "." in name else ""
+        return device_map[name]
+
+    for name, p in model.named_parameters():
+        dev = where(name)
+        dev = f"cuda:{dev}" if isinstance(dev, int) else dev
+        value = torch.randn(p.shape, dtype=dtype, device=dev) * scale
+        set_module_tensor_to_device(model, name, dev, value=value)
+    model = dispatch_model(model, device_map=device_map)
+    first = where("model.embed_tokens.weight")
+    return model, (f"cuda:{first}" if isinstance(first, int) else str(first))
+
+
 def _worker(args, cfg, side):
     """Run one side in this process and print its result as one JSON line."""
     import jax
@@ -210,7 +264,12 @@ def _worker(args, cfg, side):
         res = bench_hf(cfg, args.batch, args.prompt, args.new, args.repeats, args.device)
         res["versions"] = f"transformers {transformers.__version__} torch {torch.__version__}"
     else:
-        res = bench_prefjax(dataclasses.replace(cfg, moe_impl=side), args.batch, args.prompt, args.new, args.repeats)
+        mesh = None
+        if args.mesh:
+            from prefjax.sharding import make_mesh
+            mesh = make_mesh({k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))})
+        res = bench_prefjax(dataclasses.replace(cfg, moe_impl=side), args.batch, args.prompt, args.new, args.repeats,
+                            mesh=mesh)
         res["versions"] = f"jax {jax.__version__} {jax.devices()[0].device_kind}"
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -223,7 +282,10 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cuda", help="torch device for the reference")
+    ap.add_argument("--device", default="cuda", help="torch device for the reference; 'auto' spreads it over "
+                    "every GPU as device_map='auto' does")
+    ap.add_argument("--mesh", default=None, help="prefjax mesh, e.g. 'expert=4' or 'expert=2,tensor=2' "
+                    "(default: one device)")
     ap.add_argument("--impls", default="pallas,blocked", help="prefjax MoE paths to time, comma-separated")
     ap.add_argument("--smoke", action="store_true", help="tiny preset on the CPU")
     ap.add_argument("--skip-reference", action="store_true")

@@ -42,11 +42,11 @@ def load(source: str | Path, *, dtype=None, mesh=None, adapter=None, merge: bool
     else:
         fam = family_for_preset(src)
         cfg = fam.PRESETS[src]
-        params = fam.init_params(cfg, jax.random.PRNGKey(seed), dtype=dt or "float32")
-        if mesh is not None:
-            from prefjax.sharding import named
-            shapes = fam.param_shapes(cfg)
-            params = _shard_tree(params, shapes, mesh, named)
+        init = lambda key: fam.init_params(cfg, key, dtype=dt or "float32")
+        # jitted either way (same numbers with and without a mesh); with one, drawn straight into
+        # their shards, so a 122B preset never sits whole on one device
+        shardings = None if mesh is None else sharding_tree(fam.param_shapes(cfg), mesh)
+        params = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
         tok = None
         if src in TOKENIZER_PRESETS:
             from prefjax.checkpoints.gguf import default_gguf_path
@@ -59,15 +59,16 @@ def load(source: str | Path, *, dtype=None, mesh=None, adapter=None, merge: bool
     return model
 
 
-def _shard_tree(params, shapes, mesh, named):
-    out = {}
+def sharding_tree(shapes, mesh):
+    """Nested dict of ``NamedSharding`` for ``{"a/b": (shape, logical axes)}`` on ``mesh``."""
+    from prefjax.sharding import named
+    out: dict = {}
     for path, (shape, axes) in shapes.items():
-        node, tgt = params, out
         parts = path.split("/")
+        tgt = out
         for p in parts[:-1]:
-            node = node[p]
             tgt = tgt.setdefault(p, {})
-        tgt[parts[-1]] = jax.device_put(node[parts[-1]], named(shape, axes, mesh))
+        tgt[parts[-1]] = named(shape, axes, mesh)
     return out
 
 
