@@ -231,9 +231,11 @@ def experts_parallel(x_NxD, top_w_NxK, top_i_NxK, weights, act, *, impl: str, me
 
 
 def _active_mesh():
-    """The mesh set with ``jax.set_mesh`` around this trace, if it splits experts or their width."""
+    """The mesh set with ``jax.set_mesh`` around this trace, if it has more than one device (then
+    each device runs its own token shard and experts; a Pallas call left to GSPMD would instead see
+    gathered inputs)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not any(mesh.shape.get(a, 1) > 1 for a in ("expert", "tensor")):
+    if mesh.empty or not any(v > 1 for v in mesh.shape.values()):
         return None
     return mesh
 
@@ -243,8 +245,8 @@ def moe_block(x_BxTxD, p, top_k: int, *, impl: str = "grouped", act=jax.nn.silu,
 
     ``experts`` may instead hold the three expert weights stacked over layers (``[n_layers, E, ...]``)
     with ``layer`` (an int, or a traced scalar under a layer scan) the one to use: the Pallas path
-    reads it in place, the others take the layer's slice. Under ``jax.set_mesh`` with an ``expert``
-    or ``tensor`` axis the routed experts run expert-parallel (:func:`experts_parallel`).
+    reads it in place, the others take the layer's slice. Under ``jax.set_mesh`` with several devices
+    the routed experts run under ``shard_map`` (:func:`experts_parallel`).
     """
     b, t, d = x_BxTxD.shape
     x = x_BxTxD.reshape(b * t, d)
