@@ -6,7 +6,8 @@ writes and re-reads a copy of them. These kernels read the weights in place.
 
 The rows come in the expert-sorted, block-padded layout of :func:`prefjax.models.moe.block_layout`:
 block ``b`` (``block`` rows) belongs to expert ``block_e[b]``, and blocks from ``n_used`` on are
-padding. Two kernels, each over a grid of (row block, output tile):
+padding. One kernel, :func:`grouped_matmul`, over a grid of (row block, output tile), serves both
+projections:
 
 * :func:`gate_up` -- ``act(x @ gate[e]) * (x @ up[e])`` with both products accumulated in float32
   from the same loaded rows;
@@ -17,8 +18,6 @@ Padding blocks store zeros and read no weights, so a decode step reads only the 
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -60,23 +59,27 @@ def _stacked(w, layer):
     return w, jnp.asarray(layer, jnp.int32).reshape(1)
 
 
-def gate_up(rows_LxD, block_e, n_used, w_gate, w_up, *, block: int, layer=None, act=jax.nn.silu,
-            interpret: bool = False, bn: int = 128, bk: int = 64, num_warps: int = 4, num_stages: int = 3):
-    """``act(rows @ gate[e]) * (rows @ up[e])`` per block of ``block`` rows; ``[L, F]`` in rows' dtype.
+def grouped_matmul(rows_LxK, block_e, n_used, weights, *, block: int, combine=None, layer=None,
+                   interpret: bool = False, bn: int = 128, bk: int = 64, num_warps: int = 4, num_stages: int = 3):
+    """For each block ``b`` of ``block`` rows: ``combine(rows_b @ w[e] for w in weights)`` with
+    ``e = block_e[b]``, accumulated in float32; ``[L, N]`` in rows' dtype. Blocks from ``n_used`` on
+    store zeros and read no weights.
 
-    The weights are ``[E, D, F]``, or ``[n_layers, E, D, F]`` with ``layer`` (an int or a traced
+    Each weight is ``[E, K, N]``, or ``[n_layers, E, K, N]`` with ``layer`` (an int or a traced
     scalar) saying which layer to read: the kernel indexes the stack in place, so an unrolled or
-    scanned layer loop never copies a layer's experts out of it.
+    scanned layer loop never copies a layer's experts out of it. The grid is (row block, N tile).
     """
     from jax.experimental import pallas as pl
-    w_gate, lidx = _stacked(w_gate, layer)
-    w_up, _ = _stacked(w_up, layer)
-    length, d = rows_LxD.shape
-    f = w_gate.shape[3]
-    bn, bk = _tile(f, bn), _tile(d, bk)
-    n_k = d // bk
+    stacked = [_stacked(w, layer) for w in weights]
+    lidx, ws = stacked[0][1], [w for w, _ in stacked]
+    combine = combine or (lambda acc: acc)
+    length, kdim = rows_LxK.shape
+    n = ws[0].shape[3]
+    bn, bk = _tile(n, bn), _tile(kdim, bk)
+    n_k = kdim // bk
 
-    def kernel(li_ref, be_ref, nu_ref, x_ref, wg_ref, wu_ref, o_ref):
+    def kernel(li_ref, be_ref, nu_ref, x_ref, *refs):
+        w_refs, o_ref = refs[:-1], refs[-1]
         b, j = pl.program_id(0), pl.program_id(1)
         cols = pl.ds(j * bn, bn)
 
@@ -84,62 +87,35 @@ def gate_up(rows_LxD, block_e, n_used, w_gate, w_up, *, block: int, layer=None, 
         def _():
             li, e = li_ref[0], be_ref[b]
 
-            def step(kk, acc):
+            def step(kk, accs):
                 ks = pl.ds(kk * bk, bk)
                 x = x_ref[:, ks]
-                return (acc[0] + _dot(x, wg_ref[li, e, ks, cols]), acc[1] + _dot(x, wu_ref[li, e, ks, cols]))
+                return tuple(acc + _dot(x, w_ref[li, e, ks, cols]) for acc, w_ref in zip(accs, w_refs))
 
             zero = jnp.zeros((block, bn), jnp.float32)
-            g, u = jax.lax.fori_loop(0, n_k, step, (zero, zero))
-            o_ref[...] = (act(g) * u).astype(o_ref.dtype)
+            accs = jax.lax.fori_loop(0, n_k, step, tuple(zero for _ in w_refs))
+            o_ref[...] = combine(*accs).astype(o_ref.dtype)
 
         @pl.when(b >= nu_ref[0])
         def _():
             o_ref[...] = jnp.zeros((block, bn), o_ref.dtype)
 
+    whole = pl.BlockSpec()
     return _call(
-        kernel, jax.ShapeDtypeStruct((length, f), rows_LxD.dtype), (length // block, f // bn),
-        [pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec((block, d), lambda b, j: (b, 0)),
-         pl.BlockSpec(), pl.BlockSpec()],
+        kernel, jax.ShapeDtypeStruct((length, n), rows_LxK.dtype), (length // block, n // bn),
+        [whole, whole, whole, pl.BlockSpec((block, kdim), lambda b, j: (b, 0))] + [whole] * len(ws),
         pl.BlockSpec((block, bn), lambda b, j: (b, j)), interpret, num_warps, num_stages,
-    )(lidx, block_e, n_used.reshape(1), rows_LxD, w_gate, w_up)
+    )(lidx, block_e, n_used.reshape(1), rows_LxK, *ws)
 
 
-def down(h_LxF, block_e, n_used, w_down, *, block: int, layer=None, interpret: bool = False, bn: int = 128,
-         bk: int = 64, num_warps: int = 4, num_stages: int = 3):
-    """``h @ down[e]`` per block of ``block`` rows; ``[L, D]`` in h's dtype (weights as in :func:`gate_up`)."""
-    from jax.experimental import pallas as pl
-    w_down, lidx = _stacked(w_down, layer)
-    length, f = h_LxF.shape
-    d = w_down.shape[3]
-    bn, bk = _tile(d, bn), _tile(f, bk)
-    n_k = f // bk
+def gate_up(rows_LxD, block_e, n_used, w_gate, w_up, *, act=jax.nn.silu, **kw):
+    """``act(rows @ gate[e]) * (rows @ up[e])`` per block, both products from the same loaded rows."""
+    return grouped_matmul(rows_LxD, block_e, n_used, (w_gate, w_up), combine=lambda g, u: act(g) * u, **kw)
 
-    def kernel(li_ref, be_ref, nu_ref, h_ref, wd_ref, o_ref):
-        b, j = pl.program_id(0), pl.program_id(1)
-        cols = pl.ds(j * bn, bn)
 
-        @pl.when(b < nu_ref[0])
-        def _():
-            li, e = li_ref[0], be_ref[b]
-
-            def step(kk, acc):
-                ks = pl.ds(kk * bk, bk)
-                return acc + _dot(h_ref[:, ks], wd_ref[li, e, ks, cols])
-
-            acc = jax.lax.fori_loop(0, n_k, step, jnp.zeros((block, bn), jnp.float32))
-            o_ref[...] = acc.astype(o_ref.dtype)
-
-        @pl.when(b >= nu_ref[0])
-        def _():
-            o_ref[...] = jnp.zeros((block, bn), o_ref.dtype)
-
-    return _call(
-        kernel, jax.ShapeDtypeStruct((length, d), h_LxF.dtype), (length // block, d // bn),
-        [pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec((block, f), lambda b, j: (b, 0)),
-         pl.BlockSpec()],
-        pl.BlockSpec((block, bn), lambda b, j: (b, j)), interpret, num_warps, num_stages,
-    )(lidx, block_e, n_used.reshape(1), h_LxF, w_down)
+def down(h_LxF, block_e, n_used, w_down, **kw):
+    """``h @ down[e]`` per block."""
+    return grouped_matmul(h_LxF, block_e, n_used, (w_down,), **kw)
 
 
 def pick_block(m: int, n_exp: int) -> int:
@@ -174,5 +150,3 @@ def experts_pallas(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFxD
     y = down(h, lay.block_e, lay.n_used, down_ExFxD, block=block, layer=layer, interpret=interpret, **tiles)
     return M.combine_rows(y, lay, x_NxD)
 
-
-experts_pallas_interpret = functools.partial(experts_pallas, interpret=True)
