@@ -121,9 +121,7 @@ def main(argv=None):
             mlp = jax.jit(lambda p, h: Q.mlp(cfg, p, h))
             rows["mlp"] = (_ms(mlp, p0, h_p), _ms(mlp, p0, h_d))
 
-            impl = cfg.moe_impl
-            if impl == "grouped" and jax.default_backend() == "gpu":
-                impl = "pallas"
+            impl = Q.moe_impl(cfg)
             fn = MP.experts_pallas if impl == "pallas" else getattr(M, f"experts_{impl}")
 
             def experts(p, h, fn=fn):
