@@ -21,21 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
+from _timing import median_seconds
 
-def _median_time(fn, repeats):
-    fn()  # warm-up / compile
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def run_jax(args) -> dict:
@@ -56,7 +47,7 @@ def run_jax(args) -> dict:
     n = (1 << 29) if args.device == "gpu" else (1 << 24)
     x = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.bfloat16)
     f = jax.jit(lambda a: a + jnp.bfloat16(1))
-    t = _median_time(lambda: f(x).block_until_ready(), 20)
+    t = median_seconds(lambda: f(x).block_until_ready(), 20)
     out["copy_GBps"] = 2 * n * 2 / t / 1e9
     x = None  # free it
 
@@ -69,17 +60,17 @@ def run_jax(args) -> dict:
         row = {"batch": b}
         variants = [("prefjax", {})] + ([("prefjax+steer", {"steer": spec})] if b in args.steer_batches else [])
         for name, kw in variants:
-            t_full = _median_time(lambda: generate(model, prompts, max_new_tokens=args.new, **common, **kw),
+            t_full = median_seconds(lambda: generate(model, prompts, max_new_tokens=args.new, **common, **kw),
                                   args.repeats)
             if name == "prefjax":  # the one-token time (prefill + 1 step) is shared by both variants
-                t_one = _median_time(lambda: generate(model, prompts, max_new_tokens=1, **common), args.repeats)
+                t_one = median_seconds(lambda: generate(model, prompts, max_new_tokens=1, **common), args.repeats)
             row[name] = {"t_full": t_full, "t_one": t_one}
             print(f"[jax] batch {b} {name}: full {t_full:.3f}s one {t_one:.3f}s", file=sys.stderr, flush=True)
         if args.compare_loops:
             row["python_loop"] = {
-                "t_full": _median_time(lambda: generate(model, prompts, max_new_tokens=args.new, loop="python",
+                "t_full": median_seconds(lambda: generate(model, prompts, max_new_tokens=args.new, loop="python",
                                                         **common), args.repeats),
-                "t_one": _median_time(lambda: generate(model, prompts, max_new_tokens=1, loop="python", **common),
+                "t_one": median_seconds(lambda: generate(model, prompts, max_new_tokens=1, loop="python", **common),
                                       args.repeats)}
         g = generate(model, prompts, max_new_tokens=args.new, **common)
         assert all(len(t) == args.new for t in g.token_ids)
@@ -163,8 +154,8 @@ def run_torch(args) -> dict:
                 out["static_cache_error"] = f"{type(e).__name__}: {e}"[:300]
                 cache = None
         out["cache"] = cache or "dynamic"
-        t_full = _median_time(lambda: gen(args.new, cache), args.repeats)
-        t_one = _median_time(lambda: gen(1, cache), args.repeats)
+        t_full = median_seconds(lambda: gen(args.new, cache), args.repeats)
+        t_one = median_seconds(lambda: gen(1, cache), args.repeats)
         out["rows"].append({"batch": b, "transformers": {"t_full": t_full, "t_one": t_one}})
         print(f"[torch] batch {b}: full {t_full:.3f}s one {t_one:.3f}s", file=sys.stderr, flush=True)
     return out

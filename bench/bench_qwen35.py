@@ -36,6 +36,7 @@ import sys
 import time
 
 import numpy as np
+from _timing import median_seconds
 
 
 def hf_config(cfg, dtype: str = "bfloat16"):
@@ -52,16 +53,6 @@ def hf_config(cfg, dtype: str = "bfloat16"):
                          "partial_rotary_factor": cfg.partial_rotary_factor},
         max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
         dtype=dtype)
-
-
-def _timeit(fn, repeats: int):
-    fn()  # warm-up / compile
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def bench_prefjax(cfg, batch, prompt, new, repeats, seed=0, mesh=None):
@@ -97,7 +88,7 @@ def _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh):
         logits, cap, _, _ = Q.forward(cfg, params, tokens, valid, capture=spec, pos_BxK=pos, unroll=unroll)
         return logits, cap
 
-    t_prefill = _timeit(lambda: jax.block_until_ready(prefill_capture(params, tokens, valid, last)), repeats)
+    t_prefill = median_seconds(lambda: jax.block_until_ready(prefill_capture(params, tokens, valid, last)), repeats)
 
     max_len = prompt + new
 
@@ -160,7 +151,7 @@ def check_moe(cfg, params, tokens, seed):
             out["check_rel_vs_blocked"] = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
             continue
         for tag, f in (("pallas", fp), ("blocked", fb)):
-            out[f"moe_ms_{name}_{tag}"] = 1e3 * _timeit(lambda: jax.block_until_ready(f(x, w, i, *w3)), 5)
+            out[f"moe_ms_{name}_{tag}"] = 1e3 * median_seconds(lambda: jax.block_until_ready(f(x, w, i, *w3)), 5)
     return out
 
 
@@ -214,7 +205,7 @@ def bench_hf(cfg, batch, prompt, new, repeats, device, seed=0):
             sync()
             return time.perf_counter() - t0
 
-    t_prefill = _timeit(prefill, repeats)
+    t_prefill = median_seconds(prefill, repeats)
     decode()  # warm-up
     t_decode = float(np.median([decode() for _ in range(max(1, repeats // 2))]))
     return {"prefill_tok_s": batch * prompt / t_prefill, "decode_tok_s": batch * new / t_decode,

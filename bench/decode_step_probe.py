@@ -2,9 +2,7 @@
 (a) without a KV cache (pure weight streaming + tiny attention), (b) with a 320-slot cache, each
 with the layer scan and unrolled. Prints ms per step and the weight-bytes bandwidth they imply."""
 
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +10,7 @@ import numpy as np
 
 import prefjax
 from prefjax.hooks import CaptureSpec
+from _timing import median_seconds
 
 preset = sys.argv[1] if len(sys.argv) > 1 else "gemma3-27b"
 B, S = 8, 320
@@ -24,13 +23,7 @@ spec = CaptureSpec()
 
 
 def timeit(f, *a):
-    jax.block_until_ready(f(*a))
-    ts = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*a))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return median_seconds(lambda: jax.block_until_ready(f(*a)), 10)
 
 
 for unroll in (False, True):

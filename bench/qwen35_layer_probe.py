@@ -17,20 +17,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 
 import numpy as np
+from _timing import median_seconds
 
 
 def _ms(fn, *args, repeats=10):
     import jax
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(ts))
+    return 1e3 * median_seconds(lambda: jax.block_until_ready(fn(*args)), repeats)
 
 
 TUNE_DECODE = [dict(block=16), dict(block=16, bk=256), dict(block=16, bn=256, num_warps=8),
