@@ -242,10 +242,21 @@ def test_moe_dense_and_grouped_agree(moe_model):
         assert rel(c, a) <= TOL, block
     c = MP.experts_pallas(x, w, skew, gate, up, down, block=16, interpret=True)
     assert rel(c, M.experts_dense(x, w, skew, gate, up, down)) <= TOL
-    # the tight block bound: every row on its own expert still fits (n*k rows, n*k experts hit)
-    lay = M.block_layout(w, i, e, 16)
-    assert lay.n_blocks == -(-(i.size + min(e, i.size) * 15) // 16)
-    assert int(lay.n_used) <= lay.n_blocks
+    # the block bound is tight: 6 rows on 6 distinct experts of 64 need (and get) exactly 6 blocks,
+    # every row gets its own slot, and an expert's block is its own
+    few_i = jnp.arange(6, dtype=jnp.int32).reshape(3, 2) * 7
+    lay = M.block_layout(jnp.full((3, 2), 0.5), few_i, 64, 16)
+    assert lay.n_blocks == 6 and int(lay.n_used) == 6
+    placed = np.asarray(lay.src)[np.asarray(lay.src) < 6]
+    assert sorted(placed.tolist()) == list(range(6))
+    np.testing.assert_array_equal(np.asarray(lay.block_e), np.arange(6) * 7)
+    # rows marked invalid (another device's experts) take no slot and add nothing
+    valid = jnp.asarray(rs.rand(n, k) < 0.5)
+    want = M.experts_dense(x, jnp.where(valid, w, 0), i, gate, up, down)
+    for impl in ("blocked", "pallas", "dense", "grouped"):
+        assert rel(M.run_experts(impl, x, w, i, (gate, up, down), jax.nn.silu, valid_NxK=valid), want) <= TOL, impl
+    lay = M.block_layout(w, i, e, 4, valid_NxK=valid)
+    assert int((np.asarray(lay.src) < n * k).sum()) == int(valid.sum())
     # whole model: moe_impl="dense" gives the same logits as the default grouped path
     ids = np.random.RandomState(4).randint(0, TEXT["vocab_size"], (2, 30))
     lg_g, _ = moe_model.run(ids)

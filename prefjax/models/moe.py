@@ -173,37 +173,45 @@ def _expert_fn(impl: str):
     return {"grouped": experts_grouped, "dense": experts_dense, "blocked": experts_blocked}[impl]
 
 
-def _mesh_axes(mesh, name: str, size: int) -> tuple[str, ...]:
-    """The mesh axes that logical axis ``name`` shards over (per the default rules), if they divide ``size``."""
-    from prefjax.sharding import DEFAULT_RULES
-    axes = tuple(a for a in dict(DEFAULT_RULES).get(name, ()) if mesh.shape.get(a, 1) > 1)
-    n = 1
-    for a in axes:
-        n *= mesh.shape[a]
-    return axes if axes and size % n == 0 else ()
+def run_experts(impl: str, x_NxD, top_w_NxK, top_i_NxK, weights, act, *, layer=None, valid_NxK=None):
+    """Routed experts through path ``impl``, whatever form the weights come in.
+
+    ``weights`` are (gate, up, down), each ``[E, ...]`` or a layer stack ``[n_layers, E, ...]`` with
+    ``layer`` the one to use (the Pallas path reads it in place, the others take the slice).
+    ``valid_NxK`` marks the rows to run (the rest add nothing; the block-layout paths skip them).
+    """
+    kw = {}
+    if weights[0].ndim == 4:
+        if impl == "pallas":
+            kw["layer"] = layer
+        else:
+            weights = tuple(jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False) for a in weights)
+    if valid_NxK is not None:
+        top_w_NxK = jnp.where(valid_NxK, top_w_NxK, 0)
+        if impl in ("pallas", "blocked"):
+            kw["valid"] = valid_NxK
+    return _expert_fn(impl)(x_NxD, top_w_NxK, top_i_NxK, *weights, act, **kw)
 
 
 def experts_parallel(x_NxD, top_w_NxK, top_i_NxK, weights, act, *, impl: str, mesh, layer=None):
     """Routed experts, expert- and tensor-parallel under ``shard_map`` on ``mesh``.
 
-    Each device holds ``E / |expert|`` experts and ``F / |tensor|`` of their width (the same layout
-    the parameter sharding rules give them) and the tokens of its data shard; it runs only the rows
-    routed to its own experts (the others are dropped before the grouped matmul) and the partial
-    outputs are summed over the expert and tensor axes. ``weights`` may be layer stacks (``layer``
-    then picks one, in place for the Pallas path).
+    Each device holds ``E / |expert|`` experts and ``F / |tensor|`` of their width (the layout the
+    parameter sharding rules give them, less any ``fsdp`` split of the model width, which is gathered)
+    and the tokens of its data shard; it runs only the rows routed to its own experts (the others
+    are dropped before the grouped matmul) and the partial outputs are summed over the expert and
+    tensor axes. ``weights`` may be layer stacks (``layer`` then picks one).
     """
     from jax.sharding import PartitionSpec as P
-    stacked = weights[0].ndim == 4
-    n_exp, d_expert = weights[0].shape[-3], weights[0].shape[-1]
-    e_ax = _mesh_axes(mesh, "experts", n_exp)
-    f_ax = _mesh_axes(mesh, "expert_mlp", d_expert)
-    t_ax = _mesh_axes(mesh, "batch", x_NxD.shape[0])
-    one = lambda axes: (axes if len(axes) > 1 else axes[0]) if axes else None
-    lead = (None,) if stacked else ()
-    w_specs = (P(*lead, one(e_ax), None, one(f_ax)), P(*lead, one(e_ax), None, one(f_ax)),
-               P(*lead, one(e_ax), one(f_ax), None))
-    tok = P(one(t_ax))
-    fn = _expert_fn(impl)
+
+    from prefjax.sharding import spec_for
+    lead = (None,) * (weights[0].ndim - 3)
+    w_specs = tuple(spec_for(w.shape, lead + axes, mesh) for w, axes in
+                    zip(weights, (("experts", None, "expert_mlp"),) * 2 + (("experts", "expert_mlp", None),)))
+    tok = spec_for(x_NxD.shape[:1], ("batch",), mesh)
+    as_tuple = lambda part: () if part is None else (part if isinstance(part, tuple) else (part,))
+    e_ax = as_tuple(w_specs[0][len(lead)])
+    sum_axes = e_ax + as_tuple(w_specs[0][len(lead) + 2])
 
     def local(x, w, i, li, *ws):
         n_local = ws[0].shape[-3]
@@ -212,18 +220,8 @@ def experts_parallel(x_NxD, top_w_NxK, top_i_NxK, weights, act, *, impl: str, me
             shard = shard * mesh.shape[a] + jax.lax.axis_index(a)
         off = shard * n_local
         mine = (i >= off) & (i < off + n_local)
-        i_local = jnp.where(mine, i - off, 0)
-        kw = {}
-        if impl in ("pallas", "blocked"):
-            kw["valid"] = mine
-        if stacked:
-            if impl == "pallas":
-                kw["layer"] = li
-            else:
-                ws = tuple(jax.lax.dynamic_index_in_dim(a, li, 0, keepdims=False) for a in ws)
-        y = fn(x, jnp.where(mine, w, 0), i_local, *ws, act, **kw)
-        axes = e_ax + f_ax
-        return jax.lax.psum(y, axes) if axes else y
+        y = run_experts(impl, x, w, jnp.where(mine, i - off, 0), ws, act, layer=li, valid_NxK=mine)
+        return jax.lax.psum(y, sum_axes) if sum_axes else y
 
     li = jnp.asarray(0 if layer is None else layer, jnp.int32)
     return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, P(), *w_specs), out_specs=tok,
@@ -252,19 +250,12 @@ def moe_block(x_BxTxD, p, top_k: int, *, impl: str = "grouped", act=jax.nn.silu,
     x = x_BxTxD.reshape(b * t, d)
     shared = swiglu(x, p["shared_gate"], p["shared_up"], p["shared_down"], act)
     top_w, top_i = route(x, p["router"], top_k)
-    stacked = experts is not None
-    weights = tuple((experts if stacked else p)[k] for k in EXPERT_WEIGHTS)
+    weights = tuple((p if experts is None else experts)[k] for k in EXPERT_WEIGHTS)
     mesh = _active_mesh()
     if mesh is not None:
-        routed = experts_parallel(x, top_w, top_i, weights, act, impl=impl, mesh=mesh,
-                                  layer=layer if stacked else None)
+        routed = experts_parallel(x, top_w, top_i, weights, act, impl=impl, mesh=mesh, layer=layer)
     else:
-        kw = {}
-        if stacked and impl == "pallas":
-            kw["layer"] = layer
-        elif stacked:
-            weights = tuple(jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False) for a in weights)
-        routed = _expert_fn(impl)(x, top_w, top_i, *weights, act, **kw)
+        routed = run_experts(impl, x, top_w, top_i, weights, act, layer=layer)
     gate = jax.nn.sigmoid(x @ p["shared_expert_gate"][:, None].astype(x.dtype))
     out = routed + gate * shared
     return out.reshape(b, t, d)
