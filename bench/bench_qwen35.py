@@ -138,14 +138,14 @@ def check_moe(cfg, params, tokens, seed):
 
     from prefjax.models import moe as M
     from prefjax.models import moe_pallas as MP
-    p0 = jax.tree.map(lambda a: a[0] + 0, params["blocks"])
+    p0 = jax.tree.map(lambda a: a[0] + 0, params["blocks"])  # "+ 0": a buffer of its own, not a view
     w3 = (p0["experts_gate"], p0["experts_up"], p0["experts_down"])
     out = {}
+    fb, fp = jax.jit(M.experts_blocked), jax.jit(MP.experts_pallas)
     flat = tokens.reshape(-1)
     for name, n in (("check", min(1024, flat.shape[0])), ("decode", tokens.shape[0]), ("prefill", flat.shape[0])):
         x = jnp.take(params["embed"], flat[:n], axis=0) * 30.0
         w, i = M.route(x, p0["router"], cfg.top_k)
-        fb, fp = jax.jit(M.experts_blocked), jax.jit(MP.experts_pallas)
         if name == "check":
             a, b = (f(x, w, i, *w3).astype(jnp.float32) for f in (fb, fp))
             out["check_rel_vs_blocked"] = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
@@ -177,9 +177,7 @@ def bench_hf(cfg, batch, prompt, new, repeats, device, seed=0):
         finally:
             torch.set_default_dtype(prev)
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=device)
-    sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
-    if torch.cuda.is_available():
-        sync = lambda: [torch.cuda.synchronize(i) for i in range(torch.cuda.device_count())]
+    sync = lambda: [torch.cuda.synchronize(i) for i in range(torch.cuda.device_count())]  # every GPU in use
 
     def prefill():
         with torch.no_grad():
@@ -299,7 +297,7 @@ def main(argv=None):
     impls = args.impls.split(",")
     sides = impls[:1] + ([] if args.skip_reference else ["hf"]) + impls[1:]
     results = {}
-    argv = [a for a in (sys.argv[1:] if argv is None else argv)]
+    argv = list(sys.argv[1:] if argv is None else argv)
     for side in sides:
         t0 = time.perf_counter()
         try:
