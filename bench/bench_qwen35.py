@@ -27,7 +27,9 @@ benchmark).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -55,51 +57,62 @@ def hf_config(cfg, dtype: str = "bfloat16"):
         dtype=dtype)
 
 
-def bench_prefjax(cfg, batch, prompt, new, repeats, seed=0, mesh=None):
+def bench_prefjax(cfg, batch, prompt, new, repeats, seed=0, mesh=None, emit=None):
     """prefjax prefill and decode; with ``mesh`` the weights are drawn into their shards and the
-    experts run expert/tensor-parallel (every call inside ``mesh_context``)."""
+    experts run expert/tensor-parallel (every call inside ``mesh_context``). ``emit(partial)`` is
+    called with the results so far after each stage (so a run cut short still reports)."""
     from prefjax.sharding import mesh_context
     with mesh_context(mesh):
-        return _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh)
+        return _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh, emit or (lambda r: None))
 
 
-def _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh):
+def _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh, emit):
     import jax
     import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
 
     from prefjax.api import sharding_tree
     from prefjax.hooks import CaptureSpec, all_resid_post
     from prefjax.models import qwen35 as Q
+    from prefjax.sharding import mesh_context
+
+    out: dict = {"phases_s": {}}
+    tick = [time.perf_counter()]
+
+    def phase(name):
+        now = time.perf_counter()
+        out["phases_s"][name] = round(now - tick[0], 1)
+        tick[0] = now
+        print(f"[prefjax] {name}: {out['phases_s'][name]}s", file=sys.stderr, flush=True)
 
     # unrolled on GPU (a scan copies each layer's weights) and under a mesh (XLA:CPU's in-process
     # collectives can deadlock inside a scan on a small host)
     unroll = jax.default_backend() == "gpu" or mesh is not None
     cpu_mesh = jax.default_backend() == "cpu" and mesh is not None
     shardings = None if mesh is None else sharding_tree(Q.param_shapes(cfg), mesh)
+    # outputs that are not weights (logits, captures, decode state) replicated under a mesh, so the
+    # step's outputs have the shardings its inputs had and nothing recompiles mid-loop
+    rep = None if mesh is None else NamedSharding(mesh, PartitionSpec())
     params = jax.jit(lambda k: Q.init_params(cfg, k, jnp.bfloat16), out_shardings=shardings)(jax.random.PRNGKey(seed))
+    jax.block_until_ready(params)
+    phase("init_weights")
     rs = np.random.RandomState(seed)
     tokens = jnp.asarray(rs.randint(0, cfg.vocab_size, (batch, prompt)).astype(np.int32))
     valid = jnp.ones((batch, prompt), bool)
     last = jnp.full((batch, 1), prompt - 1, jnp.int32)
     spec = CaptureSpec.from_names(all_resid_post(cfg.n_layers), cfg.n_layers)
-
-    @jax.jit
-    def prefill_capture(params, tokens, valid, pos):
-        logits, cap, _, _ = Q.forward(cfg, params, tokens, valid, capture=spec, pos_BxK=pos, unroll=unroll)
-        return logits, cap
-
-    t_prefill = median_seconds(lambda: jax.block_until_ready(prefill_capture(params, tokens, valid, last)), repeats)
-
     max_len = prompt + new
 
-    @jax.jit
-    def prefill_state(params, tokens, valid):
+    # one prefill program serves both measurements: the residual captured at every layer's last
+    # token, plus the decode state (transformers' timed forward builds its cache too)
+    @functools.partial(jax.jit, out_shardings=rep)
+    def prefill(params, tokens, valid, pos):
         st = Q.init_state(cfg, batch, max_len, jnp.bfloat16)
-        lg, _, _, st = Q.forward(cfg, params, tokens, valid, capture=CaptureSpec(), state=st, start=0,
-                                 pos_BxK=last, unroll=unroll)
-        return lg[:, -1], st
+        lg, cap, _, st = Q.forward(cfg, params, tokens, valid, capture=spec, state=st, start=0, pos_BxK=pos,
+                                   unroll=unroll)
+        return lg[:, -1], cap, st
 
-    @functools_partial_donate
+    @functools.partial(jax.jit, donate_argnums=(1,), out_shardings=rep)
     def step(params, st, lg, key, start):
         key, sub = jax.random.split(key)
         nxt = jax.random.categorical(sub, lg.astype(jnp.float32) / 0.7, axis=-1).astype(jnp.int32)
@@ -107,9 +120,38 @@ def _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh):
                                   state=st, start=start, is_prompt=False, unroll=unroll)
         return out[:, -1], st, key, nxt
 
+    def placed(a):
+        """``a`` placed as the programs' own outputs are (replicated on the mesh; uncommitted on one
+        device), so the step's first and later calls share one compiled program."""
+        return a if rep is None else jax.device_put(a, rep)
+
+    def first_key():
+        return placed(jax.random.PRNGKey(seed))
+
+    def compile_step():
+        """Compile the decode step ahead of time for the prefill's output shapes and placement; the
+        persistent compilation cache (set up by the worker) hands the executable to the jitted call
+        in the timed loop. Runs in a thread while the prefill compiles: nothing executes twice at once
+        (two programs with collectives in flight from two threads can deadlock), only compilers."""
+        with mesh_context(mesh):  # the mesh context is per thread
+            lg_s, _, st_s = jax.eval_shape(prefill, params, tokens, valid, last)
+            like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep)
+            step.lower(params, jax.tree.map(like, st_s), like(lg_s), first_key(), jnp.int32(prompt)).compile()
+
+    # the two programs compile at once (XLA compiles with the GIL released)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        stepped = pool.submit(compile_step)
+        jax.block_until_ready(prefill(params, tokens, valid, last))
+        stepped.result()
+    phase("compile_prefill_and_step")
+    t_prefill = median_seconds(lambda: jax.block_until_ready(prefill(params, tokens, valid, last)), repeats)
+    out.update(prefill_tok_s=batch * prompt / t_prefill, prefill_s=t_prefill)
+    phase("time_prefill")
+    emit(out)
+
     def decode():
-        lg, st = jax.block_until_ready(prefill_state(params, tokens, valid))
-        key = jax.random.PRNGKey(seed)
+        lg, _, st = jax.block_until_ready(prefill(params, tokens, valid, last))
+        key = first_key()
         t0 = time.perf_counter()
         for i in range(new):
             lg, st, key, nxt = step(params, st, lg, key, jnp.int32(prompt + i))
@@ -118,13 +160,42 @@ def _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh):
         jax.block_until_ready(nxt)
         return time.perf_counter() - t0
 
-    decode()  # compile
+    decode()  # warm-up
+    phase("warm_decode")
     t_decode = float(np.median([decode() for _ in range(max(1, repeats // 2))]))
-    out = {"prefill_tok_s": batch * prompt / t_prefill, "decode_tok_s": batch * new / t_decode,
-           "prefill_s": t_prefill, "decode_s": t_decode}
-    if cfg.moe_impl == "pallas" and mesh is None:
-        out.update(check_moe(cfg, params, tokens, seed))
+    out.update(decode_tok_s=batch * new / t_decode, decode_s=t_decode)
+    phase("time_decode")
+    out["peak_gib"] = _peak_gib()
+    emit(out)
+    if cfg.moe_impl == "pallas":
+        out.update(check_moe(cfg, params, tokens, seed) if mesh is None else check_moe_mesh(cfg, params, tokens))
+        phase("check_moe")
     return out
+
+
+def _peak_gib():
+    """Largest peak of device memory in use over the devices, GiB (None where not reported)."""
+    import jax
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    peaks = [p for p in peaks if p]
+    return round(max(peaks) / 2**30, 2) if peaks else None
+
+
+def check_moe_mesh(cfg, params, tokens):
+    """Layer 0's MoE block under the active mesh (experts under ``shard_map``), Pallas vs blocked,
+    reading the stacked expert weights in place: max relative difference on up to 1024 tokens."""
+    import jax
+    import jax.numpy as jnp
+
+    from prefjax.models import moe as M
+    p0 = {k: v[0] for k, v in params["blocks"].items() if k not in M.EXPERT_WEIGHTS}
+    experts = {k: params["blocks"][k] for k in M.EXPERT_WEIGHTS}
+    flat = tokens.reshape(-1)[:1024]
+    x = (jnp.take(params["embed"], flat, axis=0) * 30.0)[None]
+    run = {impl: jax.jit(lambda x, p, e, impl=impl: M.moe_block(x, p, cfg.top_k, impl=impl, experts=e, layer=0))
+           for impl in ("pallas", "blocked")}
+    a, b = (run[k](x, p0, experts).astype(jnp.float32) for k in ("blocked", "pallas"))
+    return {"check_rel_vs_blocked_mesh": float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))}
 
 
 def check_moe(cfg, params, tokens, seed):
@@ -155,12 +226,9 @@ def check_moe(cfg, params, tokens, seed):
     return out
 
 
-def functools_partial_donate(fn):
-    import jax
-    return jax.jit(fn, donate_argnums=(1,))
-
-
-def bench_hf(cfg, batch, prompt, new, repeats, device, seed=0):
+def bench_hf(cfg, batch, prompt, new, repeats, device, seed=0, emit=None):
+    """transformers prefill (hidden states of every layer) and sampled cached decode; ``emit`` as in
+    :func:`bench_prefjax`."""
     import torch
     from transformers import Qwen3_5MoeForCausalLM
 
@@ -203,7 +271,11 @@ def bench_hf(cfg, batch, prompt, new, repeats, device, seed=0):
             sync()
             return time.perf_counter() - t0
 
+    t0 = time.perf_counter()
     t_prefill = median_seconds(prefill, repeats)
+    if emit:
+        emit({"prefill_tok_s": batch * prompt / t_prefill, "prefill_s": t_prefill,
+              "warmup_and_prefill_s": round(time.perf_counter() - t0, 1)})
     decode()  # warm-up
     t_decode = float(np.median([decode() for _ in range(max(1, repeats // 2))]))
     return {"prefill_tok_s": batch * prompt / t_prefill, "decode_tok_s": batch * new / t_decode,
@@ -245,22 +317,41 @@ def _hf_spread(cls, config, dtype, scale: float = 0.02):
 
 
 def _worker(args, cfg, side):
-    """Run one side in this process and print its result as one JSON line."""
+    """Run one side in this process; print its results as JSON lines (``RESULT {...}``), a partial
+    one after each stage and the full one last."""
     import jax
+
+    def emit(res):
+        print("RESULT " + json.dumps({**res, "versions": versions}), flush=True)
+
     if side == "hf":
         import torch
         import transformers
-        res = bench_hf(cfg, args.batch, args.prompt, args.new, args.repeats, args.device)
-        res["versions"] = f"transformers {transformers.__version__} torch {torch.__version__}"
+        versions = f"transformers {transformers.__version__} torch {torch.__version__}"
+        res = bench_hf(cfg, args.batch, args.prompt, args.new, args.repeats, args.device, emit=emit)
     else:
+        import tempfile
+        # the step compiled ahead of time in a thread reaches the jitted call through this cache
+        jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="prefjax_bench_cache_"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        versions = f"jax {jax.__version__} {jax.devices()[0].device_kind} x{jax.device_count()}"
         mesh = None
         if args.mesh:
             from prefjax.sharding import make_mesh
             mesh = make_mesh({k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))})
         res = bench_prefjax(dataclasses.replace(cfg, moe_impl=side), args.batch, args.prompt, args.new, args.repeats,
-                            mesh=mesh)
-        res["versions"] = f"jax {jax.__version__} {jax.devices()[0].device_kind}"
-    print("RESULT " + json.dumps(res), flush=True)
+                            mesh=mesh, emit=emit)
+    emit(res)
+
+
+def _results(text: str):
+    """The last ``RESULT`` JSON line of a worker's stdout (None if it printed none)."""
+    lines = [ln for ln in (text or "").splitlines() if ln.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT "):]) if lines else None
+
+
+def _text(b) -> str:
+    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
 
 
 def main(argv=None):
@@ -275,17 +366,23 @@ def main(argv=None):
                     "every GPU as device_map='auto' does")
     ap.add_argument("--mesh", default=None, help="prefjax mesh, e.g. 'expert=4' or 'expert=2,tensor=2' "
                     "(default: one device)")
-    ap.add_argument("--impls", default="pallas,blocked", help="prefjax MoE paths to time, comma-separated")
+    ap.add_argument("--impls", default=None, help="prefjax MoE paths to time, comma-separated (default "
+                    "'pallas,blocked'; 'blocked' with --smoke)")
     ap.add_argument("--smoke", action="store_true", help="tiny preset on the CPU")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--side-timeout", type=float, default=None, help="seconds allowed to each side")
+    ap.add_argument("--deadline", type=float, default=None, help="seconds for the whole run; a side gets at "
+                    "most what is left")
+    ap.add_argument("--reference-first", action="store_true", help="run transformers before the prefjax sides")
+    ap.add_argument("--reference-timeout", type=float, default=None, help="seconds allowed to transformers "
+                    "(default: --side-timeout)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.smoke:
         args.preset, args.layers, args.batch, args.prompt, args.new, args.device = \
             "qwen35-moe-tiny", 4, 2, 96, 4, "cpu"
         args.repeats = min(args.repeats, 2)
-        args.impls = "blocked"
+        args.impls = args.impls or "blocked"
 
     from prefjax.models import qwen35 as Q
     base = Q.PRESETS[args.preset]
@@ -294,32 +391,41 @@ def main(argv=None):
         return _worker(args, cfg, args.worker)
     print(f"preset={args.preset} layers={cfg.n_layers} params={Q.param_count(cfg) / 1e9:.2f}B "
           f"batch={args.batch} prompt={args.prompt} new={args.new}", flush=True)
-    impls = args.impls.split(",")
-    sides = impls[:1] + ([] if args.skip_reference else ["hf"]) + impls[1:]
+    impls = (args.impls or "pallas,blocked").split(",")
+    ref_side = [] if args.skip_reference else ["hf"]
+    sides = ref_side + impls if args.reference_first else impls[:1] + ref_side + impls[1:]
     results = {}
     argv = list(sys.argv[1:] if argv is None else argv)
+    t_start = time.perf_counter()
     for side in sides:
         t0 = time.perf_counter()
+        limit = args.reference_timeout if side == "hf" and args.reference_timeout else args.side_timeout
+        if args.deadline is not None:  # what is left of the whole run's time
+            left = args.deadline - (t0 - t_start)
+            limit = left if limit is None else min(limit, left)
         try:
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--worker", side],
-                                  capture_output=True, text=True, timeout=args.side_timeout)
+                                  capture_output=True, text=True, timeout=limit)
+            stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as e:
-            print(f"[{side}] timed out after {args.side_timeout}s:\n" + str(e.stderr or "")[-2000:], flush=True)
-            continue
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            print(f"[{side}] failed (rc={proc.returncode}) after {time.perf_counter() - t0:.0f}s:\n"
-                  + "\n".join((proc.stdout + proc.stderr).splitlines()[-25:]), flush=True)
-            continue
-        results[side] = json.loads(lines[-1][len("RESULT "):])
-        print(f"[{side}] {time.perf_counter() - t0:.0f}s {results[side]}", flush=True)
+            stdout, stderr, rc = _text(e.stdout), _text(e.stderr), f"timed out after {limit:.0f}s"
+        res = _results(stdout)
+        if rc or res is None:
+            print(f"[{side}] failed (rc={rc}) after {time.perf_counter() - t0:.0f}s:\n"
+                  + "\n".join((stdout + stderr).splitlines()[-25:]), flush=True)
+            if res is None:
+                continue
+            res["partial"] = True
+        results[side] = res
+        print(f"[{side}] {time.perf_counter() - t0:.0f}s {res}", flush=True)
     ref = results.get("hf")
     print(f"{'':24s}{'prefill tok/s':>16s}{'decode tok/s':>16s}{'prefill x':>10s}{'decode x':>10s}")
+    num = lambda r, k: r.get(k, float("nan"))
     for side, r in results.items():
-        ratio = (f"{r['prefill_tok_s'] / ref['prefill_tok_s']:10.2f}{r['decode_tok_s'] / ref['decode_tok_s']:10.2f}"
-                 if ref and side != "hf" else "")
+        ratio = (f"{num(r, 'prefill_tok_s') / num(ref, 'prefill_tok_s'):10.2f}"
+                 f"{num(r, 'decode_tok_s') / num(ref, 'decode_tok_s'):10.2f}" if ref and side != "hf" else "")
         name = "transformers" if side == "hf" else f"prefjax/{side}"
-        print(f"{name:24s}{r['prefill_tok_s']:16.1f}{r['decode_tok_s']:16.1f}{ratio}")
+        print(f"{name:24s}{num(r, 'prefill_tok_s'):16.1f}{num(r, 'decode_tok_s'):16.1f}{ratio}")
     return results
 
 
