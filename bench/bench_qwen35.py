@@ -20,8 +20,15 @@ ratio. ``--smoke`` runs the tiny preset on the CPU (a correctness-of-plumbing ch
 benchmark).
 
     python bench/bench_qwen35.py --layers 8                                   # one GPU
-    python bench/bench_qwen35.py --layers 48 --mesh expert=4 --device auto    # 4 GPUs, the whole model
+    python bench/bench_qwen35.py --layers 48 --mesh expert=4 --device auto \
+        --impls pallas --reference-first --deadline 560                       # 4 GPUs, the whole model
     python bench/bench_qwen35.py --smoke                                      # CPU smoke
+
+With a mesh, the batch is split as the sharding rules say (``expert=4`` splits it four ways too), so
+attention and DeltaNet run data-parallel and the experts expert-parallel. The prefill and decode-step
+programs compile at the same time (48 unrolled layers take minutes); each worker reports its phase
+times, peak device memory and, after each stage, partial results, so a side cut short by
+``--deadline`` still reports what it measured.
 """
 
 from __future__ import annotations
@@ -74,7 +81,7 @@ def _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh, emit):
     from prefjax.api import sharding_tree
     from prefjax.hooks import CaptureSpec, all_resid_post
     from prefjax.models import qwen35 as Q
-    from prefjax.sharding import mesh_context
+    from prefjax.sharding import mesh_context, spec_for
 
     out: dict = {"phases_s": {}}
     tick = [time.perf_counter()]
@@ -90,29 +97,37 @@ def _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh, emit):
     unroll = jax.default_backend() == "gpu" or mesh is not None
     cpu_mesh = jax.default_backend() == "cpu" and mesh is not None
     shardings = None if mesh is None else sharding_tree(Q.param_shapes(cfg), mesh)
-    # outputs that are not weights (logits, captures, decode state) replicated under a mesh, so the
-    # step's outputs have the shardings its inputs had and nothing recompiles mid-loop
-    rep = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    # under a mesh the batch is split as the sharding rules say (over data and expert devices), and
+    # every output that is not a weight keeps that split: the step's outputs then have the
+    # shardings its inputs had, and nothing recompiles mid-loop
+    state_keys = list(jax.eval_shape(lambda: Q.init_state(cfg, batch, prompt + new, jnp.bfloat16)))
+    if mesh is None:
+        rep = rows = state_sh = None
+    else:
+        bt = spec_for((batch,), ("batch",), mesh)[0]
+        rep, rows = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(bt))
+        state_sh = {k: rows if k == "valid" else NamedSharding(mesh, PartitionSpec(None, bt)) for k in state_keys}
     params = jax.jit(lambda k: Q.init_params(cfg, k, jnp.bfloat16), out_shardings=shardings)(jax.random.PRNGKey(seed))
     jax.block_until_ready(params)
     phase("init_weights")
     rs = np.random.RandomState(seed)
-    tokens = jnp.asarray(rs.randint(0, cfg.vocab_size, (batch, prompt)).astype(np.int32))
-    valid = jnp.ones((batch, prompt), bool)
-    last = jnp.full((batch, 1), prompt - 1, jnp.int32)
+    place = lambda a: a if rows is None else jax.device_put(a, rows)
+    tokens = place(jnp.asarray(rs.randint(0, cfg.vocab_size, (batch, prompt)).astype(np.int32)))
+    valid = place(jnp.ones((batch, prompt), bool))
+    last = place(jnp.full((batch, 1), prompt - 1, jnp.int32))
     spec = CaptureSpec.from_names(all_resid_post(cfg.n_layers), cfg.n_layers)
     max_len = prompt + new
 
     # one prefill program serves both measurements: the residual captured at every layer's last
     # token, plus the decode state (transformers' timed forward builds its cache too)
-    @functools.partial(jax.jit, out_shardings=rep)
+    @functools.partial(jax.jit, out_shardings=None if mesh is None else (rows, rows, state_sh))
     def prefill(params, tokens, valid, pos):
         st = Q.init_state(cfg, batch, max_len, jnp.bfloat16)
         lg, cap, _, st = Q.forward(cfg, params, tokens, valid, capture=spec, state=st, start=0, pos_BxK=pos,
                                    unroll=unroll)
         return lg[:, -1], cap, st
 
-    @functools.partial(jax.jit, donate_argnums=(1,), out_shardings=rep)
+    @functools.partial(jax.jit, donate_argnums=(1,), out_shardings=None if mesh is None else (rows, state_sh, rep, rows))
     def step(params, st, lg, key, start):
         key, sub = jax.random.split(key)
         nxt = jax.random.categorical(sub, lg.astype(jnp.float32) / 0.7, axis=-1).astype(jnp.int32)
@@ -120,13 +135,11 @@ def _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh, emit):
                                   state=st, start=start, is_prompt=False, unroll=unroll)
         return out[:, -1], st, key, nxt
 
-    def placed(a):
-        """``a`` placed as the programs' own outputs are (replicated on the mesh; uncommitted on one
-        device), so the step's first and later calls share one compiled program."""
-        return a if rep is None else jax.device_put(a, rep)
-
     def first_key():
-        return placed(jax.random.PRNGKey(seed))
+        """The sampling key placed as the step's own key output is (replicated on the mesh,
+        uncommitted on one device), so the step's first and later calls share one program."""
+        key = jax.random.PRNGKey(seed)
+        return key if rep is None else jax.device_put(key, rep)
 
     def compile_step():
         """Compile the decode step ahead of time for the prefill's output shapes and placement; the
@@ -135,8 +148,9 @@ def _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh, emit):
         (two programs with collectives in flight from two threads can deadlock), only compilers."""
         with mesh_context(mesh):  # the mesh context is per thread
             lg_s, _, st_s = jax.eval_shape(prefill, params, tokens, valid, last)
-            like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep)
-            step.lower(params, jax.tree.map(like, st_s), like(lg_s), first_key(), jnp.int32(prompt)).compile()
+            like = lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
+            st_a = {k: like(v, None if state_sh is None else state_sh[k]) for k, v in st_s.items()}
+            step.lower(params, st_a, like(lg_s, rows), first_key(), jnp.int32(prompt)).compile()
 
     # the two programs compile at once (XLA compiles with the GIL released)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:

@@ -116,7 +116,8 @@ def _state_constraint(state, batch, n_layers, mesh):
     if mesh is None:
         return state
     from jax.sharding import NamedSharding, PartitionSpec as P
-    data = tuple(a for a in ("data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1)
+    from prefjax.sharding import batch_axes
+    data = batch_axes(mesh)
     if not data:
         return state
 
@@ -339,9 +340,8 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 1.0, t
     p_pad = min(p_pad, limit - max_new_tokens)  # padding never pushes past the context
     p_pad = max(p_pad, max(lens))
     mesh = model.mesh
-    dsize = 1
-    if mesh is not None:
-        dsize = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+    from prefjax.sharding import batch_multiple
+    dsize = batch_multiple(mesh)
     bs = min(batch_size or n, n)
     bs = -(-bs // dsize) * dsize
     greedy = temperature == 0.0

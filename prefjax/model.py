@@ -148,7 +148,8 @@ class Model:
 
 
 def _data_size(mesh) -> int:
-    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+    from prefjax.sharding import batch_multiple
+    return batch_multiple(mesh)
 
 
 def _chain_impl(first, second, point, layer, x, ctx):

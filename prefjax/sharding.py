@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),  # expert devices also split the batch outside the MoE
     ("vocab", ("tensor",)),
     ("embed", ("fsdp",)),
     ("heads", ("tensor",)),
@@ -85,6 +85,18 @@ def named(shape, axes, mesh: Mesh | None, rules=DEFAULT_RULES):
     if mesh is None:
         return None
     return NamedSharding(mesh, spec_for(shape, axes, mesh, rules))
+
+
+def batch_axes(mesh: Mesh | None, rules=DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that split the batch, as the rules map ``batch``."""
+    if mesh is None:
+        return ()
+    return tuple(a for a in dict(rules).get("batch", ()) if a in mesh.shape and mesh.shape[a] > 1)
+
+
+def batch_multiple(mesh: Mesh | None, rules=DEFAULT_RULES) -> int:
+    """How many ways the batch is split on ``mesh`` (a batch that is a multiple of this shards)."""
+    return int(np.prod([mesh.shape[a] for a in batch_axes(mesh, rules)])) if mesh is not None else 1
 
 
 def batch_sharding(mesh: Mesh | None, ndim: int, batch: int, rules=DEFAULT_RULES):

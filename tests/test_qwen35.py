@@ -367,6 +367,8 @@ _SHARDED = textwrap.dedent("""
         # unroll: XLA:CPU's in-process collectives deadlock inside scan/cond on a 2-core host
         lg, cache = m.run(ids, capture=["blocks.5.hook_resid_post"], unroll=True)
         out[impl] = np.asarray(lg)
+    # 3 rows do not split over data x expert: the tokens stay whole and the expert axis is psum'd
+    out["odd_batch"] = np.asarray(model.run(ids[:3], unroll=True)[0])
     assert set(calls) == {"grouped", "blocked", "pallas"}, calls  # each ran expert-parallel
     np.savez(sys.argv[3], **out)
 """)
@@ -374,7 +376,8 @@ _SHARDED = textwrap.dedent("""
 
 def test_sharded_on_8_fake_devices_equals_one_device(moe_dir, moe_model, tmp_path):
     """A 2 x 2 x 2 (data, tensor, expert) mesh: the experts run expert- and tensor-parallel under
-    shard_map for every expert path (Pallas interpreted) and equal one device."""
+    shard_map for every expert path (Pallas interpreted) and equal one device. Batch 4 splits over
+    data x expert (expert shards all-gather tokens, psum_scatter back); batch 3 cannot (psum)."""
     ids = np.random.RandomState(7).randint(0, TEXT["vocab_size"], (4, 70)).astype(np.int32)
     np.save(tmp_path / "ids.npy", ids)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
@@ -388,6 +391,7 @@ def test_sharded_on_8_fake_devices_equals_one_device(moe_dir, moe_model, tmp_pat
     got = np.load(tmp_path / "out.npz")
     for impl in ("grouped", "blocked", "pallas"):
         assert rel(got[impl], ref) <= TOL, impl
+    assert rel(got["odd_batch"], moe_model.run(ids[:3])[0]) <= TOL
 
 
 def test_prefjax_load_entry_point(moe_dir, moe_model):

@@ -198,9 +198,13 @@ def experts_parallel(x_NxD, top_w_NxK, top_i_NxK, weights, act, *, impl: str, me
 
     Each device holds ``E / |expert|`` experts and ``F / |tensor|`` of their width (the layout the
     parameter sharding rules give them, less any ``fsdp`` split of the model width, which is gathered)
-    and the tokens of its data shard; it runs only the rows routed to its own experts (the others
-    are dropped before the grouped matmul) and the partial outputs are summed over the expert and
-    tensor axes. ``weights`` may be layer stacks (``layer`` then picks one).
+    and the tokens of its batch shard. The batch is also split over the ``expert`` axis (the rules map
+    ``batch`` to it), so the attention and DeltaNet layers run data-parallel there; here the token
+    shards of the expert axis are all-gathered, each device runs only the rows routed to its own
+    experts (the others are dropped before the grouped matmul), and the partial outputs are summed:
+    ``psum_scatter`` over the gathered axes hands each device back its own tokens, ``psum`` over the
+    rest (the tensor axis, and expert axes the batch could not be split over). ``weights`` may be
+    layer stacks (``layer`` then picks one).
     """
     from jax.sharding import PartitionSpec as P
 
@@ -211,9 +215,12 @@ def experts_parallel(x_NxD, top_w_NxK, top_i_NxK, weights, act, *, impl: str, me
     tok = spec_for(x_NxD.shape[:1], ("batch",), mesh)
     as_tuple = lambda part: () if part is None else (part if isinstance(part, tuple) else (part,))
     e_ax = as_tuple(w_specs[0][len(lead)])
-    sum_axes = e_ax + as_tuple(w_specs[0][len(lead) + 2])
+    gather = tuple(a for a in as_tuple(tok[0]) if a in e_ax)  # token shards that must meet every expert shard
+    sum_axes = tuple(a for a in e_ax + as_tuple(w_specs[0][len(lead) + 2]) if a not in gather)
 
     def local(x, w, i, li, *ws):
+        if gather:
+            x, w, i = (jax.lax.all_gather(a, gather, axis=0, tiled=True) for a in (x, w, i))
         n_local = ws[0].shape[-3]
         shard = jnp.int32(0)
         for a in e_ax:  # this device's position along the expert axes (row-major)
@@ -221,6 +228,8 @@ def experts_parallel(x_NxD, top_w_NxK, top_i_NxK, weights, act, *, impl: str, me
         off = shard * n_local
         mine = (i >= off) & (i < off + n_local)
         y = run_experts(impl, x, w, jnp.where(mine, i - off, 0), ws, act, layer=li, valid_NxK=mine)
+        if gather:
+            y = jax.lax.psum_scatter(y, gather, scatter_dimension=0, tiled=True)
         return jax.lax.psum(y, sum_axes) if sum_axes else y
 
     li = jnp.asarray(0 if layer is None else layer, jnp.int32)
