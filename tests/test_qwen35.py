@@ -374,6 +374,19 @@ _SHARDED = textwrap.dedent("""
 """)
 
 
+def test_batch_splits_over_data_and_expert_axes():
+    """The expert devices also split the batch (attention and DeltaNet run data-parallel there);
+    a batch that does not divide is replicated rather than split unevenly."""
+    from jax.sharding import AbstractMesh
+
+    from prefjax.sharding import MESH_AXES, batch_axes, batch_multiple, spec_for
+    mesh = AbstractMesh((2, 1, 2, 4), MESH_AXES)  # data, fsdp, tensor, expert
+    assert batch_axes(mesh) == ("data", "expert") and batch_multiple(mesh) == 8
+    assert spec_for((16, 5), ("batch", None), mesh)[0] == ("data", "expert")
+    assert spec_for((6, 5), ("batch", None), mesh)[0] is None
+    assert batch_axes(None) == () and batch_multiple(None) == 1
+
+
 def test_sharded_on_8_fake_devices_equals_one_device(moe_dir, moe_model, tmp_path):
     """A 2 x 2 x 2 (data, tensor, expert) mesh: the experts run expert- and tensor-parallel under
     shard_map for every expert path (Pallas interpreted) and equal one device. Batch 4 splits over
