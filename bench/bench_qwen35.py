@@ -100,7 +100,8 @@ def _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh, emit):
     # under a mesh the batch is split as the sharding rules say (over data and expert devices), and
     # every output that is not a weight keeps that split: the step's outputs then have the
     # shardings its inputs had, and nothing recompiles mid-loop
-    state_keys = list(jax.eval_shape(lambda: Q.init_state(cfg, batch, prompt + new, jnp.bfloat16)))
+    max_len = prompt + new
+    state_keys = list(jax.eval_shape(lambda: Q.init_state(cfg, batch, max_len, jnp.bfloat16)))
     if mesh is None:
         rep = rows = state_sh = None
     else:
@@ -116,7 +117,6 @@ def _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh, emit):
     valid = place(jnp.ones((batch, prompt), bool))
     last = place(jnp.full((batch, 1), prompt - 1, jnp.int32))
     spec = CaptureSpec.from_names(all_resid_post(cfg.n_layers), cfg.n_layers)
-    max_len = prompt + new
 
     # one prefill program serves both measurements: the residual captured at every layer's last
     # token, plus the decode state (transformers' timed forward builds its cache too)
