@@ -187,9 +187,10 @@ def run_experts(impl: str, x_NxD, top_w_NxK, top_i_NxK, weights, act, *, layer=N
         else:
             weights = tuple(jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False) for a in weights)
     if valid_NxK is not None:
-        top_w_NxK = jnp.where(valid_NxK, top_w_NxK, 0)
-        if impl in ("pallas", "blocked"):
+        if impl in ("pallas", "blocked"):  # the block layout drops these rows (and their weights)
             kw["valid"] = valid_NxK
+        else:
+            top_w_NxK = jnp.where(valid_NxK, top_w_NxK, 0)
     return _expert_fn(impl)(x_NxD, top_w_NxK, top_i_NxK, *weights, act, **kw)
 
 
