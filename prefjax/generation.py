@@ -36,6 +36,7 @@ import numpy as np
 
 from prefjax import hooks as H
 from prefjax.model import auto_unroll
+from prefjax.sharding import batch_axes, batch_multiple, batch_sharding, mesh_context
 
 
 class GenerationError(ValueError):
@@ -116,7 +117,6 @@ def _state_constraint(state, batch, n_layers, mesh):
     if mesh is None:
         return state
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from prefjax.sharding import batch_axes
     data = batch_axes(mesh)
     if not data:
         return state
@@ -340,7 +340,6 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 1.0, t
     p_pad = min(p_pad, limit - max_new_tokens)  # padding never pushes past the context
     p_pad = max(p_pad, max(lens))
     mesh = model.mesh
-    from prefjax.sharding import batch_multiple
     dsize = batch_multiple(mesh)
     bs = min(batch_size or n, n)
     bs = -(-bs // dsize) * dsize
@@ -350,7 +349,6 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 1.0, t
     static = dict(family_name=model.family.FAMILY, cfg=model.config, spec=cap_spec, n_new=int(max_new_tokens),
                   greedy=greedy, top_k=0 if greedy else top_k, use_top_p=use_top_p, state_dtype=model.dtype,
                   mesh=mesh)
-    from prefjax.sharding import batch_sharding, mesh_context
 
     def put(a):
         a = np.asarray(a)

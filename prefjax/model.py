@@ -132,8 +132,9 @@ class Model:
             from prefjax.steering import spec_intervention
             sv = spec_intervention(steer, self, batch=b, seq=t, prompt_len=t)
             iv = sv if iv is None else _chain(iv, sv)
-        shard = lambda a: jax.device_put(a, batch_sharding(self.mesh, a.ndim, b)) if self.mesh is not None \
-            and b % _data_size(self.mesh) == 0 else jnp.asarray(a)
+        # a batch that does not divide over the batch axes is replicated (spec_for)
+        shard = lambda a: (jnp.asarray(a) if self.mesh is None
+                           else jax.device_put(a, batch_sharding(self.mesh, a.ndim, b)))
         with mesh_context(self.mesh):
             out_logits, captured = _run_jit(
                 self._params_for_run(), shard(tokens.astype(np.int32)), shard(valid),
@@ -145,11 +146,6 @@ class Model:
         if self.tokenizer is None:
             raise ValueError(f"model {self.source!r} has no tokenizer; pass token ids instead")
         return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
-
-
-def _data_size(mesh) -> int:
-    from prefjax.sharding import batch_multiple
-    return batch_multiple(mesh)
 
 
 def _chain_impl(first, second, point, layer, x, ctx):

@@ -10,6 +10,7 @@ KV head of an MQA model on a 4-way tensor axis); :func:`spec_for` reports that c
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import jax
@@ -59,7 +60,6 @@ def make_mesh(shape: dict[str, int] | Sequence[int] | None = None, devices=None)
 def mesh_context(mesh: Mesh | None):
     """``jax.set_mesh(mesh)`` (a no-op context without one): traces inside see the mesh, which the
     Qwen-3.5 MoE uses to run its experts expert-parallel under ``shard_map``."""
-    import contextlib
     return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
