@@ -12,7 +12,7 @@ layers (keeps the 3:1 DeltaNet/attention pattern). Measures
 Each side runs in its own subprocess (so the GPU is all theirs in turn); ``--impls`` lists the
 prefjax MoE paths to time (``pallas``: the Triton kernels, ``blocked``: plain XLA). Layers are
 unrolled on GPU (a layer scan copies each layer's weight slice). The ``pallas`` worker also checks
-its MoE output against ``blocked`` on the first layer's weights (max relative difference, bf16).
+its MoE block against ``blocked`` on the first layer's weights (max relative difference, bf16).
 
 Both models get independent random weights of the same shapes (speed does not depend on the
 values beyond routing, which is near-uniform for both). Prints tokens/s and the prefjax/reference
@@ -95,7 +95,6 @@ def _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh, emit):
     # unrolled on GPU (a scan copies each layer's weights) and under a mesh (XLA:CPU's in-process
     # collectives can deadlock inside a scan on a small host)
     unroll = jax.default_backend() == "gpu" or mesh is not None
-    cpu_mesh = jax.default_backend() == "cpu" and mesh is not None
     shardings = None if mesh is None else sharding_tree(Q.param_shapes(cfg), mesh)
     # under a mesh the batch is split as the sharding rules say (over data and expert devices), and
     # every output that is not a weight keeps that split: the step's outputs then have the
@@ -142,10 +141,10 @@ def _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh, emit):
         return key if rep is None else jax.device_put(key, rep)
 
     def compile_step():
-        """Compile the decode step ahead of time for the prefill's output shapes and placement; the
-        persistent compilation cache (set up by the worker) hands the executable to the jitted call
-        in the timed loop. Runs in a thread while the prefill compiles: nothing executes twice at once
-        (two programs with collectives in flight from two threads can deadlock), only compilers."""
+        """Compile the decode step ahead of time for the prefill's output shapes and placement (jit
+        keeps the executable, so the timed loop's first call does not compile; checked with
+        JAX_LOG_COMPILES). Runs in a thread while the prefill compiles and runs: only compilers
+        overlap, never two programs with collectives in flight from two threads."""
         with mesh_context(mesh):  # the mesh context is per thread
             lg_s, _, st_s = jax.eval_shape(prefill, params, tokens, valid, last)
             like = lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
@@ -169,8 +168,6 @@ def _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh, emit):
         t0 = time.perf_counter()
         for i in range(new):
             lg, st, key, nxt = step(params, st, lg, key, jnp.int32(prompt + i))
-            if cpu_mesh:  # one collective program in flight at a time (XLA:CPU rendezvous can deadlock)
-                jax.block_until_ready(nxt)
         jax.block_until_ready(nxt)
         return time.perf_counter() - t0
 
@@ -182,7 +179,7 @@ def _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh, emit):
     out["peak_gib"] = _peak_gib()
     emit(out)
     if cfg.moe_impl == "pallas":
-        out.update(check_moe(cfg, params, tokens, seed) if mesh is None else check_moe_mesh(cfg, params, tokens))
+        out.update(check_moe(cfg, params, tokens, timed=mesh is None))
         phase("check_moe")
     return out
 
@@ -195,48 +192,33 @@ def _peak_gib():
     return round(max(peaks) / 2**30, 2) if peaks else None
 
 
-def check_moe_mesh(cfg, params, tokens):
-    """Layer 0's MoE block under the active mesh (experts under ``shard_map``), Pallas vs blocked,
-    reading the stacked expert weights in place: max relative difference on up to 1024 tokens."""
-    import jax
-    import jax.numpy as jnp
-
-    from prefjax.models import moe as M
-    p0 = {k: v[0] for k, v in params["blocks"].items() if k not in M.EXPERT_WEIGHTS}
-    experts = {k: params["blocks"][k] for k in M.EXPERT_WEIGHTS}
-    flat = tokens.reshape(-1)[:1024]
-    x = (jnp.take(params["embed"], flat, axis=0) * 30.0)[None]
-    run = {impl: jax.jit(lambda x, p, e, impl=impl: M.moe_block(x, p, cfg.top_k, impl=impl, experts=e, layer=0))
-           for impl in ("pallas", "blocked")}
-    a, b = (run[k](x, p0, experts).astype(jnp.float32) for k in ("blocked", "pallas"))
-    return {"check_rel_vs_blocked_mesh": float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))}
-
-
-def check_moe(cfg, params, tokens, seed):
-    """Layer 0's routed experts, pallas vs blocked, on a standalone (unsliced) copy of its weights.
-
-    Returns the max relative difference on 1024 embedded tokens and the time of each path at the
-    decode size (``batch`` tokens) and the prefill size (all prompt tokens), in ms.
-    """
+def check_moe(cfg, params, tokens, *, timed: bool):
+    """Layer 0's MoE block, Pallas vs XLA ``blocked``, reading the stacked expert weights (under an
+    active mesh: expert-parallel, as the model runs it). Returns the max relative difference on up to
+    1024 embedded tokens; with ``timed``, also each routed-experts path's time on a standalone copy of
+    the layer's experts at the decode size (``batch`` tokens) and the prefill size (all prompt
+    tokens), in ms."""
     import jax
     import jax.numpy as jnp
 
     from prefjax.models import moe as M
     from prefjax.models import moe_pallas as MP
-    p0 = jax.tree.map(lambda a: a[0] + 0, params["blocks"])  # "+ 0": a buffer of its own, not a view
-    w3 = (p0["experts_gate"], p0["experts_up"], p0["experts_down"])
-    out = {}
-    fb, fp = jax.jit(M.experts_blocked), jax.jit(MP.experts_pallas)
+    p0 = {k: v[0] for k, v in params["blocks"].items() if k not in M.EXPERT_WEIGHTS}
+    experts = {k: params["blocks"][k] for k in M.EXPERT_WEIGHTS}
     flat = tokens.reshape(-1)
-    for name, n in (("check", min(1024, flat.shape[0])), ("decode", tokens.shape[0]), ("prefill", flat.shape[0])):
-        x = jnp.take(params["embed"], flat[:n], axis=0) * 30.0
-        w, i = M.route(x, p0["router"], cfg.top_k)
-        if name == "check":
-            a, b = (f(x, w, i, *w3).astype(jnp.float32) for f in (fb, fp))
-            out["check_rel_vs_blocked"] = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
-            continue
-        for tag, f in (("pallas", fp), ("blocked", fb)):
-            out[f"moe_ms_{name}_{tag}"] = 1e3 * median_seconds(lambda: jax.block_until_ready(f(x, w, i, *w3)), 5)
+    embed = lambda n: jnp.take(params["embed"], flat[:n], axis=0) * 30.0
+    x = embed(min(1024, flat.shape[0]))[None]
+    a, b = (jax.jit(lambda x, p, e, impl=impl: M.moe_block(x, p, cfg.top_k, impl=impl, experts=e, layer=0))(
+        x, p0, experts).astype(jnp.float32) for impl in ("blocked", "pallas"))
+    out = {"check_rel_vs_blocked": float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))}
+    if timed:
+        w3 = tuple(experts[k][0] + 0 for k in M.EXPERT_WEIGHTS)  # "+ 0": a buffer of its own, not a view
+        fb, fp = jax.jit(M.experts_blocked), jax.jit(MP.experts_pallas)
+        for name, n in (("decode", tokens.shape[0]), ("prefill", flat.shape[0])):
+            x = embed(n)
+            w, i = M.route(x, p0["router"], cfg.top_k)
+            for tag, f in (("pallas", fp), ("blocked", fb)):
+                out[f"moe_ms_{name}_{tag}"] = 1e3 * median_seconds(lambda: jax.block_until_ready(f(x, w, i, *w3)), 5)
     return out
 
 
@@ -344,10 +326,6 @@ def _worker(args, cfg, side):
         versions = f"transformers {transformers.__version__} torch {torch.__version__}"
         res = bench_hf(cfg, args.batch, args.prompt, args.new, args.repeats, args.device, emit=emit)
     else:
-        import tempfile
-        # the step compiled ahead of time in a thread reaches the jitted call through this cache
-        jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="prefjax_bench_cache_"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         versions = f"jax {jax.__version__} {jax.devices()[0].device_kind} x{jax.device_count()}"
         mesh = None
         if args.mesh:
