@@ -211,8 +211,14 @@ def test_delta_rule_chunked_equals_recurrent_and_transformers():
     ref_o, ref_s = HM.torch_chunk_gated_delta_rule(T(q), T(kk), T(vv), g=T(g), beta=T(beta), initial_state=T(s0),
                                                    output_final_state=True, use_qk_l2norm_in_kernel=True)
     assert rel(oc, ref_o.numpy()) <= TOL and rel(sc, ref_s.numpy()) <= TOL
-    ot, st_ = DN.chunk_gated_delta_rule(q, kk, vv, g, beta, s0, solve="triangular")  # the other solver
+    ot, st_ = DN.chunk_gated_delta_rule(q, kk, vv, g, beta, s0, solve="doubling")  # the other solver
     assert rel(ot, ref_o.numpy()) <= TOL and rel(st_, ref_s.numpy()) <= TOL
+    # its inverse on its own (the refinement step above would hide a poor one on this data): minus a
+    # shift matrix makes every power up to A^63 count, so a missing doubling round shows
+    shift = np.eye(64, k=-1)
+    a = (np.tril(np.random.RandomState(5).randn(3, 64, 64), -1) * 0.01 - shift).astype(np.float32)
+    want = np.linalg.inv(np.eye(64) + a.astype(np.float64))
+    assert rel(DN.unit_lower_inverse(jnp.asarray(a)), want) <= TOL
     # the chunked form continues from its own state
     o1, s1 = DN.chunk_gated_delta_rule(q[:, :100], kk[:, :100], vv[:, :100], g[:, :100], beta[:, :100], s0)
     o2, s2 = DN.chunk_gated_delta_rule(q[:, 100:], kk[:, 100:], vv[:, 100:], g[:, 100:], beta[:, 100:], s1)
