@@ -69,7 +69,6 @@ def main(argv=None):
     from prefjax.hooks import CaptureSpec
     from prefjax.models import deltanet as DN
     from prefjax.models import moe as M
-    from prefjax.models import moe_pallas as MP
     from prefjax.models import qwen35 as Q
 
     base = Q.PRESETS[args.preset]
@@ -115,13 +114,11 @@ def main(argv=None):
             mlp = jax.jit(lambda p, h: Q.mlp(cfg, p, h))
             rows["mlp"] = (_ms(mlp, p0, h_p), _ms(mlp, p0, h_d))
 
-            impl = Q.moe_impl(cfg)
-            fn = MP.experts_pallas if impl == "pallas" else getattr(M, f"experts_{impl}")
-
-            def experts(p, h, fn=fn):
+            def experts(p, h):
                 x = h.reshape(-1, h.shape[-1])
                 w, i = M.route(x, p["router"], cfg.top_k)
-                return fn(x, w, i, p["experts_gate"], p["experts_up"], p["experts_down"])
+                return M.run_experts(Q.moe_impl(cfg), x, w, i, tuple(p[k] for k in M.EXPERT_WEIGHTS),
+                                     jax.nn.silu)
 
             ex = jax.jit(experts)
             rows["experts"] = (_ms(ex, p0, h_p), _ms(ex, p0, h_d))
