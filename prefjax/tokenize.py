@@ -3,8 +3,11 @@
 ``Tokenizer`` wraps a ``tokenizers.Tokenizer`` (the Rust fast tokenizer) plus the checkpoint's
 Jinja chat template and its special tokens. It is built from a Hugging Face checkpoint folder
 (``tokenizer.json`` + ``tokenizer_config.json`` / ``chat_template.jinja``) or from a GGUF file's
-metadata (through transformers' GGUF tokenizer conversion, imported lazily, and cached on disk as
-an HF folder so the slow conversion runs once per file).
+metadata. The GGUF build needs neither transformers nor torch: it reads the vocabulary arrays
+(``checkpoints.gguf.read_gguf_tokenizer``) and assembles the same ``tokenizers.Tokenizer`` that
+transformers' GGUF conversion produces (Gemma: BPE with byte fallback, merges in vocabulary order,
+control tokens special, user-defined tokens plain added tokens; see ``_gemma_backend_from_gguf``).
+It takes 1-2 s for Gemma's 262k vocabulary and is not cached on disk.
 
 Encoding matches transformers: ``encode(text)`` equals ``tokenizer(text).input_ids`` (special
 tokens added by the tokenizer's post-processor, e.g. ``<bos>`` for Gemma), and
@@ -18,10 +21,10 @@ just before ``<start_of_turn>model``); ``turn_boundary_positions`` adds the toke
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
+from itertools import compress
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -211,47 +214,28 @@ class Tokenizer:
                    source=str(path))
 
     @classmethod
-    def from_gguf(cls, path: str | Path | None = None, *, cache_dir: str | Path | None = "default") -> "Tokenizer":
+    def from_gguf(cls, path: str | Path | None = None) -> "Tokenizer":
         """Build from a GGUF file's tokenizer metadata (``None``: the packaged Gemma-3-270M).
 
-        Uses transformers' GGUF tokenizer conversion (slow: it parses the whole vocabulary), then
-        saves the result as an HF folder under ``cache_dir`` (default ``~/.cache/prefjax/tokenizers``;
-        ``None`` disables) keyed by the file's path, size and mtime. The chat template is
-        ``tokenizer.chat_template`` from the metadata; a Gemma GGUF without one gets
-        ``GEMMA_CHAT_TEMPLATE``.
+        Builds the same ``tokenizers.Tokenizer`` as transformers' GGUF conversion
+        (``AutoTokenizer.from_pretrained(dir, gguf_file=name)``), directly from the metadata and
+        without importing transformers (see ``_gemma_backend_from_gguf``); 1-2 s for Gemma's
+        262k vocabulary, so nothing is cached. Only SentencePiece vocabularies
+        (``tokenizer.ggml.model == "llama"``) of Gemma architectures are supported; anything else
+        raises TokenizerError naming the field. The chat template is ``tokenizer.chat_template``
+        from the metadata; a Gemma GGUF without one gets ``GEMMA_CHAT_TEMPLATE``.
         """
-        if path is None:
-            from prefjax.checkpoints.gguf import default_gguf_path
+        from prefjax.checkpoints.gguf import read_gguf_tokenizer
 
-            path = default_gguf_path()
-        path = Path(path).resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
-        cache = None
-        if cache_dir is not None:
-            base = Path.home() / ".cache" / "prefjax" / "tokenizers" if cache_dir == "default" else Path(cache_dir)
-            st = path.stat()
-            key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}|v1".encode()).hexdigest()[:16]
-            cache = base / f"{path.stem}-{key}"
-            if (cache / "tokenizer.json").is_file() and (cache / "tokenizer_config.json").is_file():
-                tok = cls.from_dir(cache)
-                tok.source = str(path)
-                return tok
-
-        from transformers import AutoTokenizer
-
-        hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        backend = hf.backend_tokenizer
-        template = hf.chat_template if isinstance(hf.chat_template, str) else None
+        data = read_gguf_tokenizer(path)
+        backend, special = _gemma_backend_from_gguf(data)
+        template = data.metadata.get("tokenizer.chat_template")
+        if not isinstance(template, str):
+            template = None
         if template is None and backend.token_to_id("<start_of_turn>") is not None \
                 and backend.token_to_id("<end_of_turn>") is not None:
             template = GEMMA_CHAT_TEMPLATE
-        special = {k: _token_str(getattr(hf, k, None)) for k in _SPECIAL_KEYS}
-        tok = cls(backend, chat_template=template, special_tokens=special, source=str(path))
-        if cache is not None:
-            tok.save(cache)
-            tok.source = str(path)
-        return tok
+        return cls(backend, chat_template=template, special_tokens=special, source=str(data.path))
 
     def save(self, path: str | Path) -> None:
         """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``chat_template.jinja`` (atomic per file)."""
@@ -409,6 +393,179 @@ class Tokenizer:
         return (f"Tokenizer(source={self.source!r}, vocab={self.vocab_size}, bos={self.bos_id}, "
                 f"eot={self.end_of_turn_token!r}, eos={sorted(self.eos_ids)}, pad={self.pad_id}, "
                 f"chat_template={'yes' if self.chat_template else 'no'})")
+
+
+# -- GGUF -> tokenizers.Tokenizer ---------------------------------------------------------------
+# Architectures whose SentencePiece ("llama") GGUF vocabulary transformers builds as a Gemma tokenizer.
+_GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+# The names GemmaTokenizer always registers as special tokens (its constructor defaults).
+_GEMMA_DEFAULT_SPECIALS = ("<bos>", "<eos>", "<unk>", "<pad>", "<mask>")
+# llama.cpp token types (``tokenizer.ggml.token_type``).
+_CONTROL, _USER_DEFINED = 3, 4
+# GGUF id keys of the special tokens, by the name ``Tokenizer`` gives them.
+_GGUF_SPECIAL_IDS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
+                     "unk_token": "tokenizer.ggml.unknown_token_id", "pad_token": "tokenizer.ggml.padding_token_id"}
+
+
+def _merges_by_position(tokens: Sequence[str], vocab: Mapping[str, int]) -> list[tuple[str, str]]:
+    """BPE merges implied by a vocabulary whose file order is its merge order (Gemma).
+
+    Every split ``w = a + b`` of a vocabulary token with both halves in the vocabulary is a merge;
+    merges are ranked by the id of ``w`` (earlier first), then by the longer left half first. This
+    is the order transformers' ``generate_merges`` gives with the scores ``-id``.
+
+    The ~1.2M candidate halves of Gemma's vocabulary are looked up with numpy: a polynomial hash
+    (mod 2**64, length folded in) of every half is matched against the tokens' hashes, and each
+    match is then checked character by character, so the result is exact. Should two vocabulary
+    tokens share a hash, a plain dictionary lookup of every half is used instead.
+    """
+    order = list(tokens) if len(vocab) == len(tokens) else sorted(vocab, key=vocab.__getitem__)
+    lens = np.fromiter(map(len, order), np.int64, len(order))
+    starts = np.concatenate([[0], np.cumsum(lens)])
+    cps = np.frombuffer("".join(order).encode("utf-32-le"), np.uint32).astype(np.uint64) + np.uint64(1)
+    big, step = np.uint64(0x9E3779B97F4A7C15), np.uint64(0x100000001B3)  # odd: invertible mod 2**64
+    inv = pow(int(step), -1, 2 ** 64)
+    with np.errstate(over="ignore"):
+        pw = np.ones(cps.size + 1, np.uint64)
+        pw[1:] = np.cumprod(np.full(cps.size, step, np.uint64))
+        ipw = np.ones(cps.size + 1, np.uint64)
+        ipw[1:] = np.cumprod(np.full(cps.size, np.uint64(inv), np.uint64))
+        acc = np.zeros(cps.size + 1, np.uint64)
+        np.cumsum(cps * pw[:-1], out=acc[1:])
+
+        def key(x, y):  # hash of the characters [x, y) of the concatenation, as if they began at 0
+            return (acc[y] - acc[x]) * ipw[x] + (y - x).astype(np.uint64) * big
+
+        tok_keys = key(starts[:-1], starts[1:])
+        sort = np.argsort(tok_keys, kind="stable")
+        sorted_keys = tok_keys[sort]
+        if np.any(sorted_keys[1:] == sorted_keys[:-1]):  # two tokens share a hash: look up plainly
+            lefts = [w[:k] for w in order for k in range(len(w) - 1, 0, -1)]
+            rights = [w[k:] for w in order for k in range(len(w) - 1, 0, -1)]
+            has = vocab.__contains__
+            keep = np.fromiter(map(has, lefts), bool, len(lefts))
+            keep &= np.fromiter(map(has, rights), bool, len(rights))
+            return list(zip(compress(lefts, keep), compress(rights, keep)))
+
+        def find(keys):  # index into ``order`` of the token with each key, or -1
+            at = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
+            return np.where(sorted_keys[at] == keys, sort[at], -1)
+
+        n_split = np.maximum(lens - 1, 0)
+        word = np.repeat(np.arange(len(order)), n_split)            # the token each split cuts
+        first = np.repeat(np.cumsum(n_split) - n_split, n_split)
+        cut = np.repeat(n_split, n_split) - (np.arange(word.size) - first)  # L-1 .. 1 per token
+        x = starts[word]
+        left = find(key(x, x + cut))
+        hit = left >= 0
+        word, cut, left, x = word[hit], cut[hit], left[hit], x[hit]
+        right = find(key(x + cut, starts[word + 1]))
+    hit = right >= 0
+    word, cut, left, right = word[hit], cut[hit], left[hit], right[hit]
+    # exact check of every match: lengths, then the characters of left + right against the token
+    good = (lens[left] == cut) & (lens[right] == lens[word] - cut)
+    span = np.where(good, lens[word], 0)
+    owner = np.repeat(np.arange(word.size), span)
+    pos = np.arange(owner.size) - np.repeat(np.cumsum(span) - span, span)
+    from_left = pos < cut[owner]
+    src = np.where(from_left, starts[left[owner]] + pos, starts[right[owner]] + pos - cut[owner])
+    same = cps[src] == cps[starts[word[owner]] + pos]
+    good &= np.bincount(owner, weights=~same, minlength=word.size) == 0
+    get = order.__getitem__
+    return list(zip(map(get, left[good].tolist()), map(get, right[good].tolist())))
+
+
+def _gemma_backend_from_gguf(data):
+    """``(tokenizers.Tokenizer, special token strings)`` for a Gemma GGUF, as transformers 5 builds it.
+
+    What transformers' GGUF conversion (``integrations/gguf/gguf_tokenizer_mapping.py``:
+    ``gemma_tokenizer`` + ``add_gguf_special_tokens``, then ``GemmaTokenizer`` /
+    ``TokenizersBackend``) produces, reproduced here:
+
+    * vocabulary: the tokens in id order, except that a token made only of whitespace containing a
+      space (``"  "``) is respelled as that many ``"\u2581"``;
+    * model: BPE with ``byte_fallback``, ``fuse_unk``, ``unk_token="<unk>"``; merges from
+      ``tokenizer.ggml.merges`` when present, else derived from the vocabulary in file order
+      (``_merges_by_position``; Gemma's scores do not follow its merge order);
+    * normalizer ``Replace(" ", "\u2581")`` (no dummy prefix: ``add_space_prefix`` is not used),
+      pre-tokenizer ``Split(" ", merged_with_previous)``, decoder ``Replace("\u2581", " ")`` +
+      ``ByteFallback`` + ``Fuse``;
+    * added tokens: every CONTROL token (type 3) special, the tokens named by the bos/eos/unk/pad
+      ids and GemmaTokenizer's defaults (``<bos> <eos> <unk> <pad> <mask>``) special, every
+      USER_DEFINED token (type 4) that is in the vocabulary as spelled in the file a plain
+      (non-special) added token; none normalized;
+    * post-processor: ``TemplateProcessing`` adding the bos token when ``tokenizer.ggml.add_bos_token``
+      (default True) and the eos token when ``add_eos_token`` (default False).
+    """
+    from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer as _Backend
+    from tokenizers.models import BPE
+
+    path, md = data.path, data.metadata
+    kind = md.get("tokenizer.ggml.model")
+    arch = md.get("general.architecture")
+    if kind != "llama":
+        raise TokenizerError(
+            f"{path}: metadata field 'tokenizer.ggml.model' is {'missing' if kind is None else repr(kind)}; "
+            "prefjax builds tokenizers only "
+            f"for 'llama' (SentencePiece) vocabularies of the architectures {_GEMMA_ARCHITECTURES}")
+    if arch not in _GEMMA_ARCHITECTURES:
+        raise TokenizerError(
+            f"{path}: metadata field 'general.architecture' is {arch!r}; prefjax builds 'llama' "
+            f"(SentencePiece) GGUF tokenizers only for {_GEMMA_ARCHITECTURES}")
+
+    tokens = data.tokens
+    n = len(tokens)
+    spelled = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(spelled)}
+    if data.merges is not None:
+        merges = []
+        for k, m in enumerate(data.merges):
+            pair = tuple(m.split(" "))
+            if len(pair) != 2:
+                raise TokenizerError(f"{path}: metadata field 'tokenizer.ggml.merges' entry {k} is {m!r}, "
+                                     "not two tokens separated by one space")
+            merges.append(pair)
+    else:
+        merges = _merges_by_position(spelled, vocab)
+    backend = _Backend(BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True,
+                           dropout=None))
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous", invert=False)
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                         decoders.Fuse()])
+
+    special: dict[str, str | None] = {}
+    for name, key in _GGUF_SPECIAL_IDS.items():
+        i = md.get(key)
+        if i is None:
+            special[name] = None
+            continue
+        if not isinstance(i, int) or not 0 <= i < n:
+            raise TokenizerError(f"{path}: metadata field {key!r} is {i!r}, not a token id below {n}")
+        special[name] = tokens[i]
+
+    types = data.token_type
+    control = [] if types is None else [tokens[i] for i in np.nonzero(types == _CONTROL)[0]]
+    named = list(_GEMMA_DEFAULT_SPECIALS) + [t for t in special.values() if t is not None]
+    seen = set(control)
+    control += [t for t in dict.fromkeys(named) if t not in seen]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    if types is not None:
+        added = set(control)  # the vocabulary with its added tokens, without asking the backend (slow)
+        user = [tokens[i] for i in np.nonzero(types == _USER_DEFINED)[0]
+                if tokens[i] in vocab or tokens[i] in added]
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+
+    add_bos = bool(md.get("tokenizer.ggml.add_bos_token", True)) and special["bos_token"] is not None
+    add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False)) and special["eos_token"] is not None
+    bos, eos = special["bos_token"], special["eos_token"]
+    single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
+    pair = single + ([f"{bos}:1"] if add_bos else []) + ["$B:1"] + ([f"{eos}:1"] if add_eos else [])
+    ids = [(t, backend.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+    backend.post_processor = processors.TemplateProcessing(single=" ".join(single), pair=" ".join(pair),
+                                                           special_tokens=ids)
+    return backend, special
 
 
 def char_span_to_token_mask(offsets: Sequence[tuple[int, int]], start: int, end: int, seq_len: int,

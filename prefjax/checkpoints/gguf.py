@@ -3,6 +3,9 @@
 The reader is lazy: ``read_gguf`` memory-maps the file and parses only its metadata; each
 ``load_tensor(hf_name)`` dequantises one tensor (``gguf.quants.dequantize``) and returns a fresh
 float32 array in the Hugging Face layout. Nothing holds a second copy of the whole model.
+The model path skips the long metadata arrays (the 262k vocabulary); ``read_gguf_tokenizer``
+reads them in full (numpy for scores and token types, one ``struct`` pass for the strings:
+a fraction of a second) and checks them, for ``prefjax.tokenize.Tokenizer.from_gguf``.
 
 What it reproduces from transformers' own GGUF loader (``transformers/modeling_gguf_pytorch_utils.py``,
 ``transformers/integrations/ggml.py``, v5.24), checked tensor by tensor in ``tests/test_gguf.py``:
@@ -25,7 +28,7 @@ import dataclasses
 import functools
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import numpy as np
 
@@ -35,6 +38,8 @@ __all__ = [
     "GGUFCheckpoint",
     "default_gguf_path",
     "read_gguf",
+    "read_gguf_tokenizer",
+    "GGUFTokenizerData",
     "SUPPORTED_ARCHITECTURES",
 ]
 
@@ -242,12 +247,15 @@ class _RawTensor:
         self.name, self.tensor_type, self.shape, self.data = name, tensor_type, shape, data
 
 
-def _parse_gguf(path: Path):
+def _parse_gguf(path: Path, expand: Collection[str] = ()):
     """Parse a little-endian GGUF header without expanding long metadata arrays.
 
     ``gguf.GGUFReader`` builds one numpy view per vocabulary entry (seconds for a 262k vocab);
     this walks the header once with ``struct`` and returns ``(metadata, n_vocab_tokens, tensors)``
     with tensor data as views into one read-only ``np.memmap``.
+
+    Keys in ``expand`` are read in full whatever their length: a numeric array as a numpy array
+    (a copy, little-endian), a string array as a list of ``str`` (strict UTF-8).
     """
     import struct
 
@@ -256,6 +264,37 @@ def _parse_gguf(path: Path):
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     buf = memoryview(mm)
     pos = 0
+    u64 = struct.Struct("<Q").unpack_from
+
+    def full_array(key, itype, count):
+        nonlocal pos
+        if itype == _STRING:
+            out = [None] * count
+            p = pos
+            try:
+                for k in range(count):
+                    n = u64(buf, p)[0]
+                    p += 8
+                    out[k] = str(buf[p:p + n], "utf-8")
+                    p += n
+                if p > mm.size:
+                    raise struct.error("past the end")
+            except UnicodeDecodeError as e:
+                raise GGUFError(f"{path}: metadata field {key!r}: entry {k} is not valid UTF-8 ({e})") from e
+            except struct.error as e:
+                raise GGUFError(f"{path}: metadata field {key!r} runs past the end of the file") from e
+            pos = p
+            return out
+        if itype in _SCALAR_FMT:
+            dt = np.dtype(_SCALAR_FMT[itype])
+            end = pos + count * dt.itemsize
+            if end > mm.size:
+                raise GGUFError(f"{path}: metadata field {key!r} runs past the end of the file")
+            arr = np.frombuffer(buf[pos:end], dtype=dt).astype(dt.newbyteorder("="), copy=True)
+            pos = end
+            return arr
+        raise GGUFError(f"{path}: metadata field {key!r} is an array of type {itype}, "
+                        "which cannot be read in full")
 
     def take(fmt):
         nonlocal pos
@@ -302,7 +341,12 @@ def _parse_gguf(path: Path):
     n_vocab = None
     for _ in range(n_kv):
         key = string()
-        v = value(take("<I"))
+        vtype = take("<I")
+        if key in expand and vtype == _ARRAY:
+            itype, count = take("<I"), take("<Q")
+            v = full_array(key, itype, count)
+        else:
+            v = value(vtype)
         if isinstance(v, _Skipped):
             if key == "tokenizer.ggml.tokens":
                 n_vocab = v.count
@@ -376,6 +420,96 @@ def read_gguf(path: str | Path | None = None) -> GGUFCheckpoint:
         raise GGUFError(
             f"{path}: architecture {arch!r} is not supported (supported: {SUPPORTED_ARCHITECTURES})")
     return GGUFCheckpoint(path, _Reader(tensors), arch, metadata, n_vocab_tokens=n_tokens)
+
+
+# Tokenizer arrays read in full by ``read_gguf_tokenizer`` (the model loader skips them).
+TOKENIZER_ARRAY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+                        "tokenizer.ggml.merges")
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFTokenizerData:
+    """A GGUF file's tokenizer metadata, with the vocabulary arrays read in full.
+
+    Attributes:
+      path: the file.
+      metadata: every key/value of the header (the arrays below included, in full).
+      tokens: ``tokenizer.ggml.tokens`` as strings, in id order.
+      scores: ``tokenizer.ggml.scores`` (float32) or None when absent.
+      token_type: ``tokenizer.ggml.token_type`` (int32; llama.cpp's 1 normal, 2 unknown,
+        3 control, 4 user-defined, 5 unused, 6 byte) or None when absent.
+      merges: ``tokenizer.ggml.merges`` (``"a b"`` strings) or None when absent.
+      n_embedding_rows: rows of ``token_embd.weight`` (its vocabulary dimension), None when the file
+        holds no such tensor (a vocabulary-only file).
+    """
+
+    path: Path
+    metadata: dict[str, Any]
+    tokens: list[str]
+    scores: np.ndarray | None
+    token_type: np.ndarray | None
+    merges: list[str] | None
+    n_embedding_rows: int | None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``metadata[key]``; ``key`` may omit the ``tokenizer.ggml.`` prefix."""
+        if key in self.metadata:
+            return self.metadata[key]
+        return self.metadata.get(f"tokenizer.ggml.{key}", default)
+
+
+def read_gguf_tokenizer(path: str | Path | None = None) -> GGUFTokenizerData:
+    """Read the tokenizer metadata of a GGUF file, vocabulary arrays included, and check it.
+
+    Any architecture is accepted (the tokenizer does not depend on it). Raises FileNotFoundError for
+    a missing file and GGUFError, naming the file and the field, when ``tokenizer.ggml.tokens`` is
+    missing, when ``tokenizer.ggml.scores`` / ``tokenizer.ggml.token_type`` do not have one entry
+    per token, or when the token count differs from the rows of ``token_embd.weight``.
+    """
+    path = default_gguf_path() if path is None else Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise GGUFError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    metadata, _, tensors = _parse_gguf(path, expand=TOKENIZER_ARRAY_KEYS)
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise GGUFError(f"{path}: metadata field 'tokenizer.ggml.tokens' is missing: the file carries "
+                        "no tokenizer")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens[:1]):
+        raise GGUFError(f"{path}: metadata field 'tokenizer.ggml.tokens' must be an array of strings")
+    n = len(tokens)
+    if n == 0:
+        raise GGUFError(f"{path}: metadata field 'tokenizer.ggml.tokens' is empty")
+
+    def per_token(key, dtype):
+        v = metadata.get(key)
+        if v is None:
+            return None
+        arr = np.asarray(v)
+        if arr.ndim != 1 or arr.shape[0] != n:
+            raise GGUFError(f"{path}: metadata field {key!r} has {arr.size} entries but "
+                            f"'tokenizer.ggml.tokens' has {n}")
+        if not np.issubdtype(arr.dtype, np.number):
+            raise GGUFError(f"{path}: metadata field {key!r} must be a numeric array (got {arr.dtype})")
+        return arr.astype(dtype, copy=False)
+
+    scores = per_token("tokenizer.ggml.scores", np.float32)
+    token_type = per_token("tokenizer.ggml.token_type", np.int32)
+    merges = metadata.get("tokenizer.ggml.merges")
+    if merges is not None and not (isinstance(merges, list) and all(isinstance(m, str) for m in merges[:1])):
+        raise GGUFError(f"{path}: metadata field 'tokenizer.ggml.merges' must be an array of strings")
+    rows = None
+    for t in tensors:
+        if t.name == "token_embd.weight":
+            rows = int(t.shape[-1]) if len(t.shape) >= 2 else None  # GGUF dims are [embed, vocab]
+            if rows != n:
+                raise GGUFError(
+                    f"{path}: metadata field 'tokenizer.ggml.tokens' has {n} tokens but tensor "
+                    f"'token_embd.weight' has {rows} rows (shape {[int(d) for d in t.shape]})")
+    return GGUFTokenizerData(path, metadata, tokens, scores, token_type, merges, rows)
 
 
 def _gemma3_config(ckpt: GGUFCheckpoint) -> dict[str, Any]:
