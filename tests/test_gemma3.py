@@ -14,9 +14,9 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 import prefjax
 from prefjax.hooks import BLOCK_POINTS, HookError, hook_name
-from hf_reference import collect, rel_err
+from hf_reference import assert_parity, collect, float64_copy, perturbed, rel_err
 
-TOL = 1e-5
+TOL = 1e-5  # prefjax against itself (padding, positions); against transformers: hf_reference.assert_parity
 
 
 def make_hf(tmp_path, *, kv_heads=2, window=6, layers=7, scaling=True, seed=0, vocab=320):
@@ -41,26 +41,49 @@ def all_hooks(n_layers):
     return tuple(hook_name(l, p) for l in range(n_layers) for p in BLOCK_POINTS) + ("ln_final.hook_normalized",)
 
 
-def compare(hf, pm, ids, **kw):
-    layers = hf.model.layers
-    ref_logits, ref = collect(hf, ids, layers=layers, final_norm=hf.model.norm, **kw)
-    logits, cache = pm.run(ids, capture=all_hooks(len(layers)), attention_mask=kw.get("attention_mask"))
-    errs = {"logits": rel_err(logits, ref_logits)}
-    for name, val in cache.items():
-        errs[name] = rel_err(val, ref[name])
-    return errs
+def hf_refs(hf, ids, **kw):
+    """``(hf32, hf64)``: logits and every hook from transformers in float32 and in float64."""
+    out = []
+    for m in (hf, float64_copy(hf)):
+        logits, ref = collect(m, ids, layers=m.model.layers, final_norm=m.model.norm, **kw)
+        out.append({"logits": logits, **ref})
+    return tuple(out)
+
+
+def pj_run(pm, ids, **kw):
+    logits, cache = pm.run(ids, capture=all_hooks(pm.n_layers), **kw)
+    return {"logits": logits, **cache}
+
+
+@pytest.fixture(scope="module")
+def gemma_case(tmp_path_factory):
+    """``case(kv_heads) -> (pm, ids, hf32, hf64)``, built once per module and kv_heads."""
+    cache = {}
+
+    def case(kv_heads):
+        if kv_heads not in cache:
+            hf, path = make_hf(tmp_path_factory.mktemp(f"kv{kv_heads}"), kv_heads=kv_heads)
+            pm = prefjax.load(path)
+            ids = np.random.RandomState(1).randint(0, 320, size=(2, 29))  # 29 > sliding window 6
+            cache[kv_heads] = (pm, ids, *hf_refs(hf, ids))
+        return cache[kv_heads]
+    return case
 
 
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
-def test_every_hook_matches_transformers(tmp_path, kv_heads):
-    hf, path = make_hf(tmp_path, kv_heads=kv_heads)
-    pm = prefjax.load(path)
+def test_every_hook_matches_transformers(gemma_case, kv_heads):
+    pm, ids, hf32, hf64 = gemma_case(kv_heads)
     assert pm.tokenizer is None  # tiny checkpoints carry no tokenizer files
-    ids = np.random.RandomState(1).randint(0, 320, size=(2, 29))  # 29 > sliding window 6
-    errs = compare(hf, pm, ids)
-    assert len(errs) == 1 + 7 * len(BLOCK_POINTS) + 1
-    worst = max(errs, key=errs.get)
-    assert errs[worst] <= TOL, (worst, errs[worst])
+    got = pj_run(pm, ids)
+    assert len(got) == 1 + 7 * len(BLOCK_POINTS) + 1
+    assert_parity(got, hf32, hf64)
+
+
+def test_parity_gate_catches_a_1e4_weight_change(gemma_case):
+    """Layer 0's post-attention norm weight x (1 + 1e-4): the gate must refuse it."""
+    pm, ids, hf32, hf64 = gemma_case(2)
+    with pytest.raises(AssertionError, match="blocks.0.hook_attn_out"):
+        assert_parity(pj_run(perturbed(pm, "blocks/ln_post_attn", layer=0), ids), hf32, hf64)
 
 
 def test_hidden_states_correspondence(tmp_path):
@@ -68,14 +91,14 @@ def test_hidden_states_correspondence(tmp_path):
     hf, path = make_hf(tmp_path)
     pm = prefjax.load(path)
     ids = np.random.RandomState(2).randint(0, 320, size=(1, 12))
-    with torch.no_grad():
-        hs = hf(torch.tensor(ids), output_hidden_states=True).hidden_states
+    hs32, hs64 = (collect(m, ids, layers=m.model.layers, hidden_states=True)[2] for m in (hf, float64_copy(hf)))
     _, cache = pm.run(ids, capture=pm.hook_names() + ("blocks.0.hook_resid_pre", "ln_final.hook_normalized"))
-    assert rel_err(cache["blocks.0.hook_resid_pre"], hs[0].numpy()) <= TOL
-    for l in range(pm.n_layers - 1):
-        assert rel_err(cache[hook_name(l, "hook_resid_post")], hs[l + 1].numpy()) <= TOL
-    assert rel_err(cache["ln_final.hook_normalized"], hs[-1].numpy()) <= TOL
-    assert rel_err(cache[hook_name(pm.n_layers - 1, "hook_resid_post")], hs[-1].numpy()) > 1e-3
+    pj = {"hidden_states[0]": cache["blocks.0.hook_resid_pre"],
+          **{f"hidden_states[{l + 1}]": cache[hook_name(l, "hook_resid_post")] for l in range(pm.n_layers - 1)},
+          f"hidden_states[{pm.n_layers}]": cache["ln_final.hook_normalized"]}
+    assert_parity(pj, {f"hidden_states[{i}]": h for i, h in enumerate(hs32)},
+                  {f"hidden_states[{i}]": h for i, h in enumerate(hs64)})
+    assert rel_err(cache[hook_name(pm.n_layers - 1, "hook_resid_post")], hs64[-1]) > 1e-3
 
 
 def test_left_padding_matches_unpadded(tmp_path):
@@ -95,13 +118,10 @@ def test_left_padding_matches_unpadded(tmp_path):
     assert rel_err(np.asarray(logits)[1, 6:], lb[0]) <= TOL
     for n in names:
         assert rel_err(np.asarray(cache[n])[1, 6:], cb[n][0]) <= TOL, n
-    # and against transformers given the same padding and positions
+    # and against transformers given the same padding and positions, on the real tokens
     pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
-    ref_logits, ref = collect(hf, ids, attention_mask=mask, position_ids=pos, layers=hf.model.layers,
-                              final_norm=hf.model.norm)
-    assert rel_err(np.asarray(logits)[1, 6:], ref_logits[1, 6:]) <= TOL
-    for n in names:
-        assert rel_err(np.asarray(cache[n])[:, 6:], ref[n][:, 6:]) <= TOL, n
+    hf32, hf64 = hf_refs(hf, ids, attention_mask=mask, position_ids=pos)
+    assert_parity({"logits": logits, **cache}, hf32, hf64, select=mask.astype(bool))
 
 
 def test_positions_capture_and_unrolled(tmp_path):
@@ -193,10 +213,9 @@ def test_multimodal_layout_and_sharded_index(tmp_path):
                                                  "text_config": text_cfg}))
     pm = prefjax.load(out)
     ids = np.random.RandomState(5).randint(0, 320, size=(1, 9))
-    with torch.no_grad():
-        ref = hf(torch.tensor(ids)).logits.numpy()
+    hf32, hf64 = hf_refs(hf, ids)
     logits, _ = pm.run(ids)
-    assert rel_err(logits, ref) <= TOL
+    assert_parity({"logits": logits}, hf32, hf64)
 
 
 def test_eval_shape_27b_parameter_count():

@@ -14,9 +14,11 @@ import prefjax
 from prefjax.hooks import BLOCK_POINTS, CaptureSpec, hook_name
 from prefjax.models import llama
 
+from hf_reference import assert_parity, float64_copy, forward_context, perturbed, rel_err, to_numpy
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
-RTOL = 1e-5
+RTOL = 1e-5  # prefjax against itself (padding, scan/unroll, KV cache); against transformers: assert_parity
 
 LLAMA_KW = dict(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1,
@@ -25,11 +27,6 @@ LLAMA_KW = dict(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_
                 rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                  "original_max_position_embeddings": 64})
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 def randomize_(model, seed=0):
@@ -45,7 +42,8 @@ def randomize_(model, seed=0):
 
 
 def hf_reference(hf_model, tokens, mask=None, position_ids=None):
-    """Logits and every hook from a transformers decoder, via forward hooks on its modules."""
+    """Logits and every hook from a transformers decoder, via forward hooks on its modules (float64
+    arrays, computed wholly in float64, for a ``float64_copy``)."""
     inner = hf_model.base_model if hasattr(hf_model, "base_model") else hf_model
     while not hasattr(inner, "layers"):
         inner = inner.model
@@ -53,20 +51,20 @@ def hf_reference(hf_model, tokens, mask=None, position_ids=None):
     handles = []
     for l, layer in enumerate(inner.layers):
         handles.append(layer.register_forward_pre_hook(
-            lambda m, a, l=l: got.__setitem__(hook_name(l, "hook_resid_pre"), a[0].detach().numpy().copy())))
+            lambda m, a, l=l: got.__setitem__(hook_name(l, "hook_resid_pre"), to_numpy(a[0]))))
         handles.append(layer.self_attn.register_forward_hook(
-            lambda m, a, o, l=l: got.__setitem__(hook_name(l, "hook_attn_out"), o[0].detach().numpy().copy())))
+            lambda m, a, o, l=l: got.__setitem__(hook_name(l, "hook_attn_out"), to_numpy(o[0]))))
         handles.append(layer.post_attention_layernorm.register_forward_pre_hook(
-            lambda m, a, l=l: got.__setitem__(hook_name(l, "hook_resid_mid"), a[0].detach().numpy().copy())))
+            lambda m, a, l=l: got.__setitem__(hook_name(l, "hook_resid_mid"), to_numpy(a[0]))))
         handles.append(layer.mlp.register_forward_hook(
-            lambda m, a, o, l=l: got.__setitem__(hook_name(l, "hook_mlp_out"), o.detach().numpy().copy())))
+            lambda m, a, o, l=l: got.__setitem__(hook_name(l, "hook_mlp_out"), to_numpy(o))))
         handles.append(layer.register_forward_hook(
             lambda m, a, o, l=l: got.__setitem__(hook_name(l, "hook_resid_post"),
-                                                 (o[0] if isinstance(o, tuple) else o).detach().numpy().copy())))
+                                                 to_numpy(o[0] if isinstance(o, tuple) else o))))
     handles.append(inner.norm.register_forward_hook(
-        lambda m, a, o: got.__setitem__("ln_final.hook_normalized", o.detach().numpy().copy())))
+        lambda m, a, o: got.__setitem__("ln_final.hook_normalized", to_numpy(o))))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), forward_context(hf_model):
             kw = {}
             if mask is not None:
                 kw["attention_mask"] = torch.tensor(np.asarray(mask), dtype=torch.long)
@@ -76,30 +74,45 @@ def hf_reference(hf_model, tokens, mask=None, position_ids=None):
     finally:
         for h in handles:
             h.remove()
-    logits = out.logits.numpy() if hasattr(out, "logits") and out.logits is not None else None
-    return logits, got, [h.numpy() for h in out.hidden_states]
+    logits = to_numpy(out.logits) if hasattr(out, "logits") and out.logits is not None else None
+    return logits, got, [to_numpy(h) for h in out.hidden_states]
 
 
 def all_hooks(n_layers):
     return tuple(hook_name(l, p) for l in range(n_layers) for p in BLOCK_POINTS) + ("ln_final.hook_normalized",)
 
 
-def assert_matches_hf(model, hf_model, tokens, mask=None):
-    """prefjax logits and every hook equal transformers' within RTOL (relative to the reference's max)."""
+def hf_refs(hf_model, tokens, mask=None):
+    """``(hf32, hf64)``: transformers' logits, every hook and ``hidden_states[i]``, in float32 and float64."""
     pos = None if mask is None else np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    ref_logits, ref, hidden = hf_reference(hf_model, tokens, mask, pos)
-    logits, cache = model.run(tokens, attention_mask=mask, capture=all_hooks(model.n_layers))
+    out = []
+    for m in (hf_model, float64_copy(hf_model)):
+        logits, ref, hidden = hf_reference(m, tokens, mask, pos)
+        d = {**ref, **{f"hidden_states[{i}]": h for i, h in enumerate(hidden)}}
+        if logits is not None:
+            d["logits"] = logits
+        out.append(d)
+    return tuple(out)
+
+
+def pj_arrays(model, tokens, mask=None):
+    """prefjax's logits, every hook, and the same arrays under their HF ``hidden_states[i]`` names:
+    ``blocks.L.hook_resid_post`` is ``hidden_states[L+1]`` except the last, which HF normalises."""
+    n = model.n_layers
+    logits, cache = model.run(tokens, attention_mask=mask, capture=all_hooks(n))
+    hs = {"hidden_states[0]": cache[hook_name(0, "hook_resid_pre")],
+          **{f"hidden_states[{l + 1}]": cache[hook_name(l, "hook_resid_post")] for l in range(n - 1)},
+          f"hidden_states[{n}]": cache["ln_final.hook_normalized"]}
+    return {"logits": logits, **cache, **hs}
+
+
+def assert_matches_hf(model, hf_model, tokens, mask=None, refs=None):
+    """The parity gate (hf_reference.assert_parity) on logits, every hook and the documented
+    hidden_states correspondence, over the real (unpadded) tokens. ``refs``: ``hf_refs(...)`` if
+    already computed. Returns the gate's rows."""
+    refs = hf_refs(hf_model, tokens, mask) if refs is None else refs
     keep = np.ones(np.asarray(tokens).shape, bool) if mask is None else np.asarray(mask).astype(bool)
-    errs = {"logits": rel_err(np.asarray(logits)[keep], ref_logits[keep])}
-    for name, val in cache.items():
-        errs[name] = rel_err(np.asarray(val)[keep], ref[name][keep])
-    bad = {k: v for k, v in errs.items() if not v <= RTOL}
-    assert not bad, f"relative errors above {RTOL}: {bad}"
-    # the documented hidden_states correspondence
-    for l in range(model.n_layers - 1):
-        assert rel_err(np.asarray(cache[hook_name(l, "hook_resid_post")])[keep], hidden[l + 1][keep]) <= RTOL
-    assert rel_err(np.asarray(cache["ln_final.hook_normalized"])[keep], hidden[-1][keep]) <= RTOL
-    return errs
+    return assert_parity(pj_arrays(model, tokens, mask), *refs, select=keep)
 
 
 @pytest.fixture(scope="module")
@@ -123,11 +136,12 @@ def test_config_and_rope_table(llama_dir, llama_model):
     cfg = llama_model.config
     assert llama_model.family.FAMILY == "llama"
     assert (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_type) == (4, 2, 12, "llama3")
-    hf_inv = llama_dir[1].model.rotary_emb.inv_freq.numpy()
+    hf32 = llama_dir[1].model.rotary_emb.inv_freq.numpy()
+    hf64 = float64_copy(llama_dir[1]).model.rotary_emb.inv_freq.numpy()  # built in float64 throughout
     ours = cfg.inv_freq()
-    # Equal up to one float32 ulp: layers.rope_inv_freq takes ``base ** exponent`` with numpy's float32
-    # pow, torch's float32 pow rounds differently on some elements (element 5 here is 1 ulp off).
-    np.testing.assert_allclose(ours, hf_inv, rtol=2.5e-7, atol=0)
+    # layers.rope_inv_freq rounds ``base ** exponent`` differently from torch's float32 pow on some
+    # elements (1 ulp): held to the same gate as the activations, against the float64 table.
+    assert_parity({"inv_freq": ours}, {"inv_freq": hf32}, {"inv_freq": hf64})
     # the three llama3 bands all occur in this config, so the check above covers each branch
     wavelen = 2 * np.pi / llama.LlamaConfig(**{**dataclass_dict(cfg), "rope_type": "default"}).inv_freq()
     assert (wavelen < 64 / 4).any() and (wavelen > 64).any() and ((wavelen >= 16) & (wavelen <= 64)).any()
@@ -138,10 +152,22 @@ def dataclass_dict(cfg):
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
-def test_logits_and_every_hook_match_transformers(llama_dir, llama_model):
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(3, 97, size=(2, 72))  # longer than original_max_position_embeddings=64
-    assert_matches_hf(llama_model, llama_dir[1], tokens)
+@pytest.fixture(scope="module")
+def llama_refs(llama_dir):
+    tokens = np.random.default_rng(0).integers(3, 97, size=(2, 72))  # > original_max_position_embeddings=64
+    return tokens, hf_refs(llama_dir[1], tokens)
+
+
+def test_logits_and_every_hook_match_transformers(llama_dir, llama_model, llama_refs):
+    tokens, refs = llama_refs
+    assert_matches_hf(llama_model, llama_dir[1], tokens, refs=refs)
+
+
+def test_parity_gate_catches_a_1e4_weight_change(llama_dir, llama_model, llama_refs):
+    """Layer 0's attention output projection x (1 + 1e-4): the gate must refuse it."""
+    tokens, refs = llama_refs
+    with pytest.raises(AssertionError, match="blocks.0.hook_attn_out"):
+        assert_matches_hf(perturbed(llama_model, "blocks/o", layer=0), llama_dir[1], tokens, refs=refs)
 
 
 def test_left_padding_matches_transformers_and_unpadded(llama_dir, llama_model):

@@ -12,7 +12,8 @@ import torch
 import prefjax
 from prefjax.lora import AdapterError, LoraAdapter, load_adapter
 
-from test_llama import LLAMA_KW, RTOL, assert_matches_hf, randomize_, rel_err
+from hf_reference import assert_parity, perturbed_adapter
+from test_llama import LLAMA_KW, assert_matches_hf, hf_refs, randomize_, rel_err
 
 peft = pytest.importorskip("peft")  # a declared test dependency (pyproject [test])
 
@@ -52,10 +53,20 @@ def setup(tmp_path_factory):
     a2 = _make_adapter(root / "qv_down", 2, r=2, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
                        layers_to_transform=[0, 2])
     return {"base_dir": base_dir, "a1_dir": root / "rslora_all", "a2_dir": root / "qv_down", "a1": a1, "a2": a2,
-            "base": prefjax.load(base_dir), "root": root}
+            "base": prefjax.load(base_dir), "root": root, "refs": {}}
 
 
 TOKS = np.random.default_rng(0).integers(3, 97, size=(2, 11))
+MASK = np.ones_like(TOKS)
+MASK[1, :3] = 0
+
+
+def peft_refs(setup, which, masked=False):
+    """``(hf32, hf64)`` of peft model ``which`` on TOKS (left-padded by MASK if ``masked``), once per module."""
+    key = (which, masked)
+    if key not in setup["refs"]:
+        setup["refs"][key] = hf_refs(setup[which], TOKS, MASK if masked else None)
+    return setup["refs"][key]
 
 
 def test_adapter_files_are_what_peft_writes(setup):
@@ -70,17 +81,24 @@ def test_adapter_files_are_what_peft_writes(setup):
 def test_on_the_fly_matches_peft(setup, which):
     m = setup["base"].with_adapter(str(setup[which + "_dir"]))
     assert m.params is setup["base"].params  # base weights shared, not copied
-    assert_matches_hf(m, setup[which], TOKS)
-    mask = np.ones_like(TOKS)
-    mask[1, :3] = 0
-    assert_matches_hf(m, setup[which], TOKS, mask)
+    assert_matches_hf(m, setup[which], TOKS, refs=peft_refs(setup, which))
+    assert_matches_hf(m, setup[which], TOKS, MASK, refs=peft_refs(setup, which, masked=True))
+
+
+def test_parity_gate_catches_a_1e4_adapter_change(setup, tmp_path):
+    """Adapter a1 with layer 0's o_proj lora_B x (1 + 1e-4), on the fly: the gate must refuse it."""
+    bad = perturbed_adapter(setup["a1_dir"], tmp_path / "bad",
+                            "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight")
+    m = setup["base"].with_adapter(bad)
+    with pytest.raises(AssertionError, match="blocks.0.hook_attn_out"):
+        assert_matches_hf(m, setup["a1"], TOKS, refs=peft_refs(setup, "a1"))
 
 
 @pytest.mark.parametrize("which", ["a1", "a2"])
 def test_merged_matches_peft(setup, which):
     m = prefjax.load(setup["base_dir"], adapter=setup[which + "_dir"], merge=True)
     assert m.params["blocks"]["q"] is not setup["base"].params["blocks"]["q"]
-    assert_matches_hf(m, setup[which], TOKS)
+    assert_matches_hf(m, setup[which], TOKS, refs=peft_refs(setup, which))
     with pytest.raises(AdapterError, match="merged"):
         m.with_adapter(setup["a1_dir"])
 
@@ -96,10 +114,8 @@ def test_adapter_changes_output_and_switching(setup):
     l0, _ = m0.run(TOKS)
     assert rel_err(l1, lb) > 1e-2 and rel_err(l2, lb) > 1e-2 and rel_err(l1, l2) > 1e-2
     assert rel_err(l0, lb) == 0.0
-    for m, pm in ((m1, setup["a1"]), (m2, setup["a2"])):
-        with torch.no_grad():
-            ref = pm(torch.tensor(TOKS)).logits.numpy()
-        assert rel_err(m.run(TOKS)[0], ref) <= RTOL
+    for m, which in ((m1, "a1"), (m2, "a2")):
+        assert_parity({"logits": m.run(TOKS)[0]}, *peft_refs(setup, which), names=["logits"])
     assert m1.params is m2.params is base.params
     # a loaded LoraAdapter object attaches too
     ad = load_adapter(setup["a2_dir"], base.family, base.config)
@@ -111,9 +127,7 @@ def test_persona_adapter_runs(setup):
     from prefjax.elicit.personas import Persona
     p = Persona(name="tuned", adapter=str(setup["a2_dir"]))
     m = setup["base"].with_adapter(p.adapter)
-    with torch.no_grad():
-        ref = setup["a2"](torch.tensor(TOKS)).logits.numpy()
-    assert rel_err(m.run(TOKS)[0], ref) <= RTOL
+    assert_parity({"logits": m.run(TOKS)[0]}, *peft_refs(setup, "a2"), names=["logits"])
 
 
 # ---- refusals -------------------------------------------------------------------------------

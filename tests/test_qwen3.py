@@ -13,7 +13,8 @@ import torch
 import prefjax
 from prefjax.models import qwen3
 
-from test_llama import RTOL, all_hooks, assert_matches_hf, randomize_, rel_err
+from hf_reference import assert_parity, perturbed
+from test_llama import RTOL, all_hooks, assert_matches_hf, hf_refs, randomize_, rel_err
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -51,9 +52,22 @@ def test_loaded_config(qwen_model):
     assert "q_norm" in qwen_model.params["blocks"]
 
 
-def test_logits_and_every_hook_match_transformers(qwen_dir, qwen_model):
+@pytest.fixture(scope="module")
+def qwen_refs(qwen_dir):
     toks = np.random.default_rng(0).integers(0, 101, size=(2, 24))
-    assert_matches_hf(qwen_model, qwen_dir[1], toks)
+    return toks, hf_refs(qwen_dir[1], toks)
+
+
+def test_logits_and_every_hook_match_transformers(qwen_dir, qwen_model, qwen_refs):
+    toks, refs = qwen_refs
+    assert_matches_hf(qwen_model, qwen_dir[1], toks, refs=refs)
+
+
+def test_parity_gate_catches_a_1e4_weight_change(qwen_dir, qwen_model, qwen_refs):
+    """Layer 0's attention output projection x (1 + 1e-4): the gate must refuse it."""
+    toks, refs = qwen_refs
+    with pytest.raises(AssertionError, match="blocks.0.hook_attn_out"):
+        assert_matches_hf(perturbed(qwen_model, "blocks/o", layer=0), qwen_dir[1], toks, refs=refs)
 
 
 def test_left_padding(qwen_dir, qwen_model):
@@ -92,9 +106,10 @@ def test_embedding_checkpoint_without_lm_head(tmp_path):
     with pytest.raises(ValueError, match="no lm_head"):
         m.run(toks)
     _, cache = m.run(toks, capture=("ln_final.hook_normalized",), logits=False)
-    with torch.no_grad():
-        ref = hf(torch.tensor(toks)).last_hidden_state.numpy()
-    assert rel_err(cache["ln_final.hook_normalized"], ref) <= RTOL
+    hf32, hf64 = hf_refs(hf, toks)  # no logits; hidden_states[-1] is last_hidden_state
+    last = f"hidden_states[{m.n_layers}]"
+    assert "logits" not in hf32
+    assert_parity({n: cache["ln_final.hook_normalized"] for n in ("ln_final.hook_normalized", last)}, hf32, hf64)
 
 
 def _cfg_dict(**over):

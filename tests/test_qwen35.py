@@ -7,6 +7,7 @@ noise on top of HF's init so the zero-centred norms and every projection matter.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -30,7 +31,9 @@ from prefjax.models import moe as M  # noqa: E402
 from prefjax.models import moe_pallas as MP  # noqa: E402
 from prefjax.models import qwen35 as Q  # noqa: E402
 
-TOL = 1e-5
+from hf_reference import assert_parity, float64_compute, float64_copy, forward_context, perturbed, to_numpy  # noqa: E402
+
+TOL = 1e-5  # prefjax against itself (solvers, padding, decode, shards); against transformers: assert_parity
 TEXT = dict(vocab_size=160, hidden_size=32, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
             linear_num_value_heads=4)
@@ -68,9 +71,10 @@ def moe_model(moe_dir):
 
 
 def hf_capture(m, ids, mask=None):
-    """Run the HF model and record every prefjax hook point with torch forward hooks."""
+    """Run the HF model and record every prefjax hook point with torch forward hooks (wholly in
+    float64, with float64 arrays, for a ``float64_copy``)."""
     rec = {}
-    put = lambda k, v: rec.__setitem__(k, (v[0] if isinstance(v, tuple) else v).detach().numpy().copy())
+    put = lambda k, v: rec.__setitem__(k, to_numpy(v[0] if isinstance(v, tuple) else v))
     hs = []
     for l, layer in enumerate(m.model.layers):
         mixer = layer.linear_attn if hasattr(layer, "linear_attn") else layer.self_attn
@@ -84,7 +88,7 @@ def hf_capture(m, ids, mask=None):
         hs.append(layer.register_forward_hook(lambda mod, a, o, l=l: put(hook_name(l, "hook_resid_post"), o)))
     hs.append(m.model.norm.register_forward_hook(lambda mod, a, o: put(FINAL_HOOK, o)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), forward_context(m):
             out = m(torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask),
                     output_hidden_states=True)
     finally:
@@ -97,25 +101,52 @@ def all_hooks(n_layers):
     return [hook_name(l, p) for l in range(n_layers) for p in BLOCK_POINTS] + [FINAL_HOOK]
 
 
-def test_moe_matches_transformers_logits_and_every_hook(moe_dir, moe_model):
-    _, m = moe_dir
+def hf_refs(m, ids):
+    """``(hf32, hf64)``: logits, every hook and ``hidden_states[i]`` from transformers in float32 and float64."""
+    out = []
+    for mm in (m, float64_copy(m)):
+        o, rec = hf_capture(mm, ids)
+        out.append({"logits": to_numpy(o.logits), **rec,
+                    **{f"hidden_states[{i}]": to_numpy(h) for i, h in enumerate(o.hidden_states)}})
+    return tuple(out)
+
+
+def pj_arrays(model, ids, names):
+    """prefjax's logits and hooks, plus ``hidden_states[L+1]`` = ``blocks.L.hook_resid_post`` for every
+    block but the last (HF normalises its last hidden state)."""
+    logits, cache = model.run(ids, capture=names)
+    hs = {f"hidden_states[{l + 1}]": cache[hook_name(l, "hook_resid_post")] for l in range(model.n_layers - 1)}
+    return {"logits": logits, **cache, **hs}
+
+
+@pytest.fixture(scope="module")
+def moe_refs(moe_dir):
     ids = np.random.RandomState(0).randint(0, TEXT["vocab_size"], (2, 150))  # > 2 chunks, not a multiple
-    out, rec = hf_capture(m, ids)
+    return ids, hf_refs(moe_dir[1], ids)
+
+
+def test_moe_matches_transformers_logits_and_every_hook(moe_model, moe_refs):
+    ids, (hf32, hf64) = moe_refs
     names = all_hooks(TEXT["num_hidden_layers"])
-    assert set(rec) == set(names)
-    logits, cache = moe_model.run(ids, capture=names)
-    assert rel(logits, out.logits.numpy()) <= TOL
+    assert set(names) <= set(hf32)
+    got = pj_arrays(moe_model, ids, names)
     for n in names:
-        assert cache[n].shape == rec[n].shape, n
-        assert rel(cache[n], rec[n]) <= TOL, (n, rel(cache[n], rec[n]))
-    # resid_post == HF hidden_states[L+1] except after the last layer
-    for l in range(TEXT["num_hidden_layers"] - 1):
-        assert rel(cache[hook_name(l, "hook_resid_post")], out.hidden_states[l + 1].numpy()) <= TOL
+        assert got[n].shape == hf32[n].shape, n
+    assert_parity(got, hf32, hf64)  # logits, every hook, resid_post == hidden_states[L+1]
     # the unrolled fold gives the same numbers
     lg_u, cache_u = moe_model.run(ids, capture=names[:7], unroll=True)
-    np.testing.assert_allclose(np.asarray(lg_u), np.asarray(logits), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(lg_u), np.asarray(got["logits"]), rtol=0, atol=1e-6)
     for n in names[:7]:
-        np.testing.assert_allclose(np.asarray(cache_u[n]), np.asarray(cache[n]), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(cache_u[n]), np.asarray(got[n]), rtol=0, atol=1e-6)
+
+
+def test_parity_gate_catches_a_1e4_weight_change(moe_model, moe_refs):
+    """Layer 0's (DeltaNet) output projection x (1 + 1e-4): the gate must refuse it."""
+    assert 0 in moe_model.config.linear_layers
+    ids, (hf32, hf64) = moe_refs
+    bad = perturbed(moe_model, "lin/out", layer=0)
+    with pytest.raises(AssertionError, match="blocks.0.hook_attn_out"):
+        assert_parity(pj_arrays(bad, ids, all_hooks(TEXT["num_hidden_layers"])), hf32, hf64)
 
 
 def test_dense_qwen35_matches_transformers(tmp_path):
@@ -127,12 +158,7 @@ def test_dense_qwen35_matches_transformers(tmp_path):
     model = Q.load_dir(tmp_path)
     assert not model.config.is_moe and model.config.d_ff == 40
     ids = np.random.RandomState(1).randint(0, cfg["vocab_size"], (2, 70))
-    out, rec = hf_capture(m, ids)
-    names = all_hooks(4)
-    logits, cache = model.run(ids, capture=names)
-    assert rel(logits, out.logits.numpy()) <= TOL
-    for n in names:
-        assert rel(cache[n], rec[n]) <= TOL, n
+    assert_parity(pj_arrays(model, ids, all_hooks(4)), *hf_refs(m, ids))
 
 
 def test_multimodal_checkpoint_layout(tmp_path):
@@ -148,10 +174,12 @@ def test_multimodal_checkpoint_layout(tmp_path):
     assert "text_config" in hf_cfg and hf_cfg["model_type"] == "qwen3_5_moe"
     model = Q.load_dir(tmp_path)
     ids = np.random.RandomState(2).randint(0, text["vocab_size"], (1, 40))
-    with torch.no_grad():
-        ref = m(input_ids=torch.tensor(ids)).logits.numpy()
+    refs = []
+    for mm in (m, float64_copy(m)):
+        with torch.no_grad(), forward_context(mm):
+            refs.append({"logits": to_numpy(mm(input_ids=torch.tensor(ids)).logits)})
     logits, _ = model.run(ids)
-    assert rel(logits, ref) <= TOL
+    assert_parity({"logits": logits}, *refs)
 
 
 def test_fused_expert_layout_loads_the_same(moe_dir, moe_model, tmp_path):
@@ -207,12 +235,17 @@ def test_delta_rule_chunked_equals_recurrent_and_transformers():
     oc, sc = DN.chunk_gated_delta_rule(q, kk, vv, g, beta, s0)
     orr, sr = DN.recurrent_gated_delta_rule(q, kk, vv, g, beta, s0)
     assert rel(oc, orr) <= TOL and rel(sc, sr) <= TOL
-    T = lambda a: torch.tensor(a)
-    ref_o, ref_s = HM.torch_chunk_gated_delta_rule(T(q), T(kk), T(vv), g=T(g), beta=T(beta), initial_state=T(s0),
-                                                   output_final_state=True, use_qk_l2norm_in_kernel=True)
-    assert rel(oc, ref_o.numpy()) <= TOL and rel(sc, ref_s.numpy()) <= TOL
+    refs = []
+    for dt in (torch.float32, torch.float64):  # transformers' torch reference, in float32 and in float64
+        T = lambda a: torch.tensor(a, dtype=dt)
+        with (float64_compute() if dt == torch.float64 else contextlib.nullcontext()):
+            ref_o, ref_s = HM.torch_chunk_gated_delta_rule(
+                T(q), T(kk), T(vv), g=T(g), beta=T(beta), initial_state=T(s0), output_final_state=True,
+                use_qk_l2norm_in_kernel=True)
+        refs.append({"out": to_numpy(ref_o), "state": to_numpy(ref_s)})
+    assert_parity({"out": oc, "state": sc}, *refs, label="triangular solve")
     ot, st_ = DN.chunk_gated_delta_rule(q, kk, vv, g, beta, s0, solve="doubling")  # the other solver
-    assert rel(ot, ref_o.numpy()) <= TOL and rel(st_, ref_s.numpy()) <= TOL
+    assert_parity({"out": ot, "state": st_}, *refs, label="doubling solve")
     # its inverse on its own (the refinement step above would hide a poor one on this data): minus a
     # shift matrix makes every power up to A^63 count, so a missing doubling round shows
     shift = np.eye(64, k=-1)
