@@ -22,6 +22,10 @@ Design (see :func:`generate`):
 * Steering (``steer=`` a SteerSpec or tuple) is applied in prefill and decode; see
   :mod:`prefjax.steering` for the token modes. A mask is given per prompt, aligned with each
   prompt's own tokens.
+* Prefix caches: ``share_prefix=True`` runs the start every prompt shares once and keeps its KV
+  cache for every chunk; ``prefix=`` continues a :class:`prefjax.model.PrefixCache` (e.g. prompts
+  prefilled once under many steering specs, then decoded in one batch). The cache is copied into
+  each chunk's decode state; the results equal an unshared run up to float rounding.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefjax import hooks as H
-from prefjax.model import auto_unroll
+from prefjax.model import auto_unroll, common_prefix_len, extend_kv_state
 from prefjax.sharding import batch_axes, batch_multiple, batch_sharding, mesh_context
 
 
@@ -135,14 +139,22 @@ def _state_constraint(state, batch, n_layers, mesh):
     return jax.tree_util.tree_map(one, state)
 
 
-def _prefill(fam, cfg, params, tokens_BxP, valid_BxP, intervene, spec, state_dtype, n_new, mesh):
+def _prefix_len(prefix_state) -> int:
+    return 0 if prefix_state is None else prefix_state["valid"].shape[1]
+
+
+def _prefill(fam, cfg, params, tokens_BxP, valid_BxP, intervene, spec, state_dtype, n_new, mesh, prefix_state=None,
+             rows_B=None):
     b, p = tokens_BxP.shape
-    state = fam.init_state(cfg, b, p + n_new, state_dtype)
+    if prefix_state is None:
+        state = fam.init_state(cfg, b, p + n_new, state_dtype)
+    else:  # the shared prompt prefix's KV cache, then slots for this chunk's prompt tails and new tokens
+        state = extend_kv_state(prefix_state, rows_B, p + n_new)
     state = _state_constraint(state, b, cfg.n_layers, mesh)
     last = jnp.full((b, 1), p - 1, jnp.int32)
     logits, captured, _, state = fam.forward(cfg, params, tokens_BxP, valid_BxP, capture=spec, pos_BxK=last,
-                                             intervene=intervene, state=state, start=0, is_prompt=True,
-                                             unroll=auto_unroll())
+                                             intervene=intervene, state=state, start=_prefix_len(prefix_state),
+                                             is_prompt=True, unroll=auto_unroll())
     return logits[:, 0], captured, state
 
 
@@ -162,15 +174,16 @@ def _init_carry(spec, captured, b, n_new, tok0, stop_K, d_dtype):
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate_while(params, tokens_BxP, valid_BxP, keys_Bx2, temperature, top_p, stop_K, intervene, *,
-                    family_name, cfg, spec, n_new, greedy, top_k, use_top_p, state_dtype, mesh):
+def _generate_while(params, tokens_BxP, valid_BxP, keys_Bx2, temperature, top_p, stop_K, intervene, prefix_state,
+                    rows_B, *, family_name, cfg, spec, n_new, greedy, top_k, use_top_p, state_dtype, mesh):
     from prefjax.model import _FAMILIES
     fam = _FAMILIES[family_name]
     b, p = tokens_BxP.shape
+    p = p + _prefix_len(prefix_state)  # slot of the first new token
     samp = functools.partial(sample_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
                              top_k=top_k, use_top_p=use_top_p)
     logits, captured, state = _prefill(fam, cfg, params, tokens_BxP, valid_BxP, intervene, spec, state_dtype,
-                                       n_new, mesh)
+                                       n_new, mesh, prefix_state, rows_B)
     tok0 = samp(logits, keys_Bx2, 0)
     out, bufs, fin = _init_carry(spec, captured, b, n_new, tok0, stop_K, None)
 
@@ -194,13 +207,13 @@ def _generate_while(params, tokens_BxP, valid_BxP, keys_Bx2, temperature, top_p,
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _python_prefill(params, tokens_BxP, valid_BxP, keys_Bx2, temperature, top_p, stop_K, intervene, *,
-                    family_name, cfg, spec, n_new, greedy, top_k, use_top_p, state_dtype, mesh):
+def _python_prefill(params, tokens_BxP, valid_BxP, keys_Bx2, temperature, top_p, stop_K, intervene, prefix_state,
+                    rows_B, *, family_name, cfg, spec, n_new, greedy, top_k, use_top_p, state_dtype, mesh):
     from prefjax.model import _FAMILIES
     fam = _FAMILIES[family_name]
     b, _ = tokens_BxP.shape
     logits, captured, state = _prefill(fam, cfg, params, tokens_BxP, valid_BxP, intervene, spec, state_dtype,
-                                       n_new, mesh)
+                                       n_new, mesh, prefix_state, rows_B)
     tok0 = sample_tokens(logits, keys_Bx2, 0, temperature, top_p, greedy=greedy, top_k=top_k,
                          use_top_p=use_top_p)
     out, bufs, fin = _init_carry(spec, captured, b, n_new, tok0, stop_K, None)
@@ -250,8 +263,9 @@ def _context_limit(cfg) -> int:
     return int(getattr(cfg, "max_position_embeddings", 1 << 62))
 
 
-def _chunk_specs(specs, lo, hi, rows, p_pad, prompt_lens, n_prompts):
-    """Slice per-example coefs/masks to rows [lo, hi) (+ dummy rows) and move masks to the padded layout."""
+def _chunk_specs(specs, lo, hi, rows, p_pad, prompt_lens, n_prompts, skip=0):
+    """Slice per-example coefs/masks to rows [lo, hi) (+ dummy rows) and move masks to the padded layout
+    (without their first ``skip`` columns: the shared prefix, which is never steered)."""
     out = []
     b = len(rows)
     for s in specs:
@@ -275,16 +289,34 @@ def _chunk_specs(specs, lo, hi, rows, p_pad, prompt_lens, n_prompts):
             for j, r in enumerate(rows):
                 if r >= 0:
                     n = prompt_lens[r]
-                    padded[j, p_pad - n:] = m[r, :n]
+                    padded[j, p_pad - (n - skip):] = m[r, skip:n]
             tok = padded
         out.append(s.replace(coef=coef, tokens=tok))
     return tuple(out)
 
 
+def _unsteered_prefix_limit(specs, n_prompts: int) -> int | None:
+    """How many leading prompt tokens no spec steers (None: no limit), for sharing a prompt prefix."""
+    limit = None
+    for s in specs:
+        coef = np.asarray(jax.device_get(s.coef))
+        if isinstance(s.tokens, str):
+            if s.tokens in ("all", "prompt") and np.any(coef != 0):
+                return 0
+            continue
+        m = np.asarray(jax.device_get(s.tokens))
+        if m.ndim != 2 or m.shape[0] != n_prompts:
+            return 0  # _chunk_specs reports the bad shape
+        hit = np.flatnonzero((m != 0).any(0))
+        if hit.size and np.any(coef != 0):
+            limit = int(hit[0]) if limit is None else min(limit, int(hit[0]))
+    return limit
+
+
 def generate(model, prompts, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
              top_k: int = 0, seed: int = 0, steer=None, capture: Sequence[str] = (), stop_ids=None,
              example_ids=None, batch_size: int | None = None, pad_multiple: int = 8,
-             loop: str = "auto") -> Generation:
+             loop: str = "auto", share_prefix: bool = False, prefix=None, prefix_rows=None) -> Generation:
     """Generate continuations of ``prompts``.
 
     ``prompts``: rendered strings (encoded with ``model.tokenizer.encode``; render chat turns first)
@@ -296,6 +328,13 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 1.0, t
     :class:`Generation`). ``batch_size``: split into chunks of this size (the last chunk is padded
     with dummy rows so every chunk reuses one compiled program). ``loop``: ``"auto"`` (default: ``"python"`` on GPUs, ``"while"`` elsewhere), ``"while"`` or
     ``"python"``. Works with ``model.mesh`` set (batch sharded over the data axes).
+    ``share_prefix``: when every prompt starts with the same tokens (a system prompt, a template), run
+    that prefix once and keep its KV cache for every chunk (:meth:`prefjax.model.Model.prefill`); the
+    results equal an unshared run up to float rounding. Only the unsteered part of the prompts is
+    shared, and only where the model allows it (one device, a plain KV cache, the sliding window).
+    ``prefix``: a :class:`prefjax.model.PrefixCache` the prompts continue (prompt ``b`` continues row
+    ``prefix_rows[b]``; default: the one row, or row ``b``), e.g. prompts prefilled once under several
+    steering specs and then generated from; ``steer`` then acts on the new tokens only.
     """
     from prefjax.steering import as_specs, spec_intervention
 
@@ -336,9 +375,32 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 1.0, t
     if cap_spec.final:
         raise GenerationError("capture of ln_final.hook_normalized is not supported in generate")
 
-    p_pad = -(-max(lens) // pad_multiple) * pad_multiple
-    p_pad = min(p_pad, limit - max_new_tokens)  # padding never pushes past the context
-    p_pad = max(p_pad, max(lens))
+    skip, pre_rows = 0, None
+    if prefix is not None:
+        from prefjax.model import _prefix_rows
+        if share_prefix:
+            raise GenerationError("pass share_prefix or a prefix cache, not both")
+        if not model.prefix_ok():
+            raise GenerationError(f"model {model.source!r} cannot continue a prefix cache (see Model.prefix_ok)")
+        pre_rows = np.asarray(_prefix_rows(prefix, prefix_rows, n))
+    elif share_prefix and model.prefix_ok():
+        skip = common_prefix_len(ids, limit=_unsteered_prefix_limit(specs, n))
+    slens = [ln - skip for ln in lens]  # what each chunk runs: the prompts past the shared prefix
+    ahead = prefix.length if prefix is not None else skip  # cache slots before the chunk's own
+    p_pad = -(-max(slens) // pad_multiple) * pad_multiple
+    p_pad = min(p_pad, limit - max_new_tokens - ahead)  # padding never pushes past the context
+    p_pad = max(p_pad, max(slens))
+    gap_free = (prefix is None or prefix.contiguous) and all(ln == p_pad for ln in slens)
+    if ahead and not gap_free and not model.fits_window(ahead + p_pad + max_new_tokens):
+        if prefix is not None:  # left padding between the cache and the prompts would count against the window
+            raise GenerationError(f"the prefix cache ({prefix.length} slots), prompts ({p_pad}) and new tokens "
+                                  f"({max_new_tokens}) exceed the sliding window of {model.config.sliding_window} "
+                                  "with padding in between; use prompts of one length and a contiguous cache")
+        skip, slens, ahead = 0, lens, 0
+        p_pad = max(min(-(-max(lens) // pad_multiple) * pad_multiple, limit - max_new_tokens), max(lens))
+    if skip:
+        prefix = model.prefill(np.asarray([ids[0][:skip]], np.int32))
+        pre_rows = np.zeros(n, np.int32)
     mesh = model.mesh
     dsize = batch_multiple(mesh)
     bs = min(batch_size or n, n)
@@ -367,16 +429,18 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 1.0, t
         valid = np.zeros((bs, p_pad), bool)
         eids = np.zeros((bs,), np.int64)
         for j, r in enumerate(rows):
-            src = ids[r if r >= 0 else rows[0]]
+            src = ids[r if r >= 0 else rows[0]][skip:]
             toks[j, p_pad - len(src):] = src
             valid[j, p_pad - len(src):] = True
             eids[j] = ex_ids[r if r >= 0 else rows[0]]
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(root, jnp.asarray(eids, jnp.uint32))
         iv = None
         if specs:
-            iv = spec_intervention(_chunk_specs(specs, lo, lo + bs, rows, p_pad, lens, n), model, batch=bs,
+            iv = spec_intervention(_chunk_specs(specs, lo, lo + bs, rows, p_pad, lens, n, skip), model, batch=bs,
                                    seq=p_pad, prompt_len=p_pad)
-        args = (put(toks), put(valid), put(np.asarray(keys)), temp_arr, top_p_arr, stop_arr, iv)
+        args = (put(toks), put(valid), put(np.asarray(keys)), temp_arr, top_p_arr, stop_arr, iv,
+                None if prefix is None else prefix.state,
+                None if prefix is None else jnp.asarray([pre_rows[r if r >= 0 else rows[0]] for r in rows], jnp.int32))
         with mesh_context(mesh):
             if loop == "while":
                 out, bufs, fin = _generate_while(params, *args, **static)
@@ -386,7 +450,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 1.0, t
                     if i % 8 == 0 and bool(jnp.all(fin)):
                         break
                     state, out, bufs, fin, prev = _python_step(
-                        params, state, out, bufs, fin, prev, jnp.int32(i), jnp.int32(p_pad), args[2], temp_arr,
+                        params, state, out, bufs, fin, prev, jnp.int32(i), jnp.int32(ahead + p_pad), args[2], temp_arr,
                         top_p_arr, stop_arr, iv, **static)
         out, fin = np.asarray(out), np.asarray(fin)
         bufs = {k: np.asarray(v) for k, v in bufs.items()}

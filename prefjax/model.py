@@ -4,6 +4,10 @@
 jitted pure function of ``(params, tokens, mask, positions, intervention)``; the capture spec and the
 config are static. Interventions are pytrees (``jax.tree_util.Partial``), so a steering coefficient
 is an array argument and a whole sweep reuses one compiled program.
+
+Prompts that share a long prefix (a persona's system prompt, a choice template's instructions) can
+run it once: ``cache = model.prefill(prefix_ids)`` keeps its KV cache and ``model.run(rest, prefix=cache)``
+runs only the continuations (see :class:`PrefixCache`).
 """
 
 from __future__ import annotations
@@ -42,6 +46,83 @@ def _run_jit(params, tokens, valid, pos, intervene, *, family_name, cfg, spec, u
     logits, captured, _, _ = fam.forward(cfg, params, tokens, valid, capture=spec, pos_BxK=pos,
                                          intervene=intervene, unroll=unroll, logits=want_logits)
     return logits, captured
+
+
+@functools.partial(jax.jit, static_argnames=("family_name", "cfg", "spec", "unroll", "want_logits"))
+def _run_prefix_jit(params, prefix_state, rows, tokens, valid, pos, intervene, *, family_name, cfg, spec, unroll,
+                    want_logits):
+    fam = _FAMILIES[family_name]
+    p = prefix_state["valid"].shape[1]
+    state = extend_kv_state(prefix_state, rows, tokens.shape[1])
+    logits, captured, _, _ = fam.forward(cfg, params, tokens, valid, capture=spec, pos_BxK=pos, intervene=intervene,
+                                         state=state, start=p, is_prompt=True, unroll=unroll, logits=want_logits)
+    return logits, captured
+
+
+@functools.partial(jax.jit, static_argnames=("family_name", "cfg", "unroll", "dtype"))
+def _prefill_jit(params, prefix_state, rows, tokens, valid, intervene, *, family_name, cfg, unroll, dtype):
+    fam = _FAMILIES[family_name]
+    b, t = tokens.shape
+    if prefix_state is None:
+        state, p = fam.init_state(cfg, b, t, dtype), 0
+    else:
+        state, p = extend_kv_state(prefix_state, rows, t), prefix_state["valid"].shape[1]
+    _, _, _, state = fam.forward(cfg, params, tokens, valid, capture=H.CaptureSpec(), pos_BxK=None, state=state,
+                                 start=p, is_prompt=True, intervene=intervene, unroll=unroll, logits=False)
+    return state
+
+
+def extend_kv_state(state, rows_B, n_new: int):
+    """A KV-cache decode state (``k``/``v`` [L, Bp, S, ...], ``valid`` [Bp, S]) with its rows picked by
+    ``rows_B`` and ``n_new`` empty slots appended (traceable)."""
+    def grow(a, axis):
+        a = jnp.take(a, rows_B, axis=axis)
+        pad = [(0, 0)] * a.ndim
+        pad[axis + 1] = (0, n_new)
+        return jnp.pad(a, pad)
+    return {"k": grow(state["k"], 1), "v": grow(state["v"], 1), "valid": grow(state["valid"], 0)}
+
+
+def common_prefix_len(seqs: Sequence[Sequence[int]], *, limit: int | None = None, min_len: int = 8) -> int:
+    """The length of the longest token prefix shared by every sequence of ``seqs``, at most ``limit`` and
+    at most the shortest length minus one (every sequence keeps a token of its own); 0 when that is
+    shorter than ``min_len`` (not worth a prefix cache)."""
+    if not len(seqs):
+        return 0
+    first = list(seqs[0])
+    n = min(len(s) for s in seqs) - 1
+    if limit is not None:
+        n = min(n, int(limit))
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+        if n < min_len:
+            return 0
+    return n if n >= min_len else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixCache:
+    """The KV cache of ``batch`` token prefixes (left-padded to ``length`` slots), from :meth:`Model.prefill`.
+
+    ``model.run(tokens, prefix=cache, prefix_rows=rows)`` runs row ``b`` of ``tokens`` as the
+    continuation of prefix ``rows[b]`` without recomputing the prefix: the new tokens take the positions
+    after the prefix's real tokens and the padding slots are masked, so the result equals running the
+    concatenated sequence (up to float rounding). Made by the model it is used with (same weights and
+    adapter). Interventions and steering see only the continuation's tokens.
+
+    Layout: prefixes are left-padded (their real tokens end at the last slot); a continuation is best
+    right-padded (its real tokens start right after the prefix's), which is exact for any sliding
+    window. A left-padded continuation leaves padding in between, which is fine while prefix plus
+    continuation fit in the window (:meth:`Model.fits_window`) and refused otherwise.
+    """
+
+    state: Any
+    batch: int
+    length: int
+    contiguous: bool = True  # every row's real tokens end at the last slot, with no padding between them
 
 
 _FAMILIES: dict[str, Any] = {}
@@ -96,19 +177,90 @@ class Model:
             return self.params
         return self.adapter.apply(self.params)
 
-    def run(self, token_ids, *, attention_mask=None, capture: Sequence[str] = (), positions=None,
-            intervene: Callable | None = None, steer=None, unroll: bool | None = None, logits: bool = True):
-        """Forward pass. See the module docstring of :mod:`prefjax.hooks` for hook names.
+    def prefix_ok(self) -> bool:
+        """Whether :meth:`prefill` and ``run(prefix=...)`` work for this model: one device, and a decode
+        state that is a plain KV cache (not a recurrent state)."""
+        return self.mesh is None and _plain_kv_state(self.family.FAMILY, self.config, self.dtype)
 
-        ``token_ids`` [batch, seq] ints; ``attention_mask`` [batch, seq] with 0 at left padding;
-        ``positions`` None (every token) or an int array [batch, k] of token indices; ``capture`` hook
-        names. Returns ``(logits [batch, seq|k, vocab], cache)`` where ``cache`` maps each captured
-        hook to [batch, seq|k, d_model]. ``steer`` is a :class:`prefjax.steering.SteerSpec`.
-        ``unroll`` (default: :func:`auto_unroll`) runs the layers as a Python loop instead of a scan;
-        both give the same numbers.
-        """
-        if unroll is None:
-            unroll = auto_unroll()
+    def fits_window(self, n_slots: int) -> bool:
+        """Whether ``n_slots`` cache slots fit in the model's sliding window (always true without one).
+
+        The window counts cache slots, so padding between a prefix's last real token and its
+        continuation's first one shortens it; layouts without such gaps (see :class:`PrefixCache`)
+        never need this."""
+        window = getattr(self.config, "sliding_window", None)
+        return not window or n_slots <= int(window)
+
+    def prefill(self, token_ids, *, attention_mask=None, prefix: "PrefixCache | None" = None,
+                prefix_rows=None, steer=None, intervene: Callable | None = None,
+                unroll: bool | None = None) -> PrefixCache:
+        """Run ``token_ids`` [batch, seq] (0 in ``attention_mask`` at padding) and keep their KV cache as a
+        :class:`PrefixCache`; with ``prefix`` the tokens continue it (see :meth:`run`). ``steer`` and
+        ``intervene`` act as in :meth:`run` (on these tokens; the cache keeps the edited keys and
+        values). Needs :meth:`prefix_ok`."""
+        if not self.prefix_ok():
+            raise ValueError(f"model {self.source!r} cannot keep a prefix cache (it needs one device and a "
+                             "plain KV cache; see Model.prefix_ok)")
+        tokens, valid = self._check_tokens(token_ids, attention_mask)
+        b, t = tokens.shape
+        rows = None if prefix is None else _prefix_rows(prefix, prefix_rows, b)
+        if prefix is None:
+            contiguous = _left_padded(valid)
+        else:
+            contiguous = prefix.contiguous and bool(valid.all())
+            self._check_layout(prefix, valid)
+        iv = self._intervention(intervene, steer, b, t)
+        state = _prefill_jit(self._params_for_run(), None if prefix is None else prefix.state, rows,
+                             jnp.asarray(tokens.astype(np.int32)), jnp.asarray(valid), iv,
+                             family_name=self.family.FAMILY, cfg=self.config,
+                             unroll=auto_unroll() if unroll is None else unroll, dtype=self.dtype)
+        return PrefixCache(state=state, batch=b, length=t + (prefix.length if prefix is not None else 0),
+                           contiguous=contiguous)
+
+    def prefill_rows(self, seqs: Sequence[Sequence[int]], *, n_after: int = 0, min_shared: int = 8) -> PrefixCache:
+        """A prefix cache whose row ``b`` holds the tokens ``seqs[b]`` (left-padded).
+
+        The start all of ``seqs`` share runs once when it is at least ``min_shared`` tokens long and
+        the padding that then sits between it and the rows fits the sliding window together with the
+        ``n_after`` slots the continuations will add. Needs :meth:`prefix_ok`."""
+        seqs = [[int(t) for t in x] for x in seqs]
+        if not seqs:
+            raise ValueError("prefill_rows needs at least one sequence")
+        width = max(len(x) for x in seqs)
+        skip = common_prefix_len(seqs, min_len=min_shared) if all(seqs) else 0
+        gap = len({len(x) for x in seqs}) > 1
+        if skip and gap and not self.fits_window(width + n_after):
+            skip = 0
+        shared = self.prefill(np.asarray([seqs[0][:skip]], np.int32)) if skip else None
+        t = max(width - skip, 1)
+        toks = np.full((len(seqs), t), int(self.config.pad_id), np.int32)
+        valid = np.zeros((len(seqs), t), bool)
+        for r, x in enumerate(seqs):
+            x = x[skip:]
+            if x:
+                toks[r, t - len(x):], valid[r, t - len(x):] = x, True
+        return self.prefill(toks, attention_mask=valid, prefix=shared)
+
+    def _intervention(self, intervene, steer, b: int, t: int):
+        iv = as_intervention(intervene)
+        if steer is not None:
+            from prefjax.steering import spec_intervention
+            sv = spec_intervention(steer, self, batch=b, seq=t, prompt_len=t)
+            iv = sv if iv is None else _chain(iv, sv)
+        return iv
+
+    def _check_layout(self, prefix: "PrefixCache", valid) -> None:
+        """A continuation of ``prefix`` with slots past the sliding window must leave no padding between
+        the prefix's last real token and its own: a contiguous prefix and right-padded rows."""
+        total = prefix.length + valid.shape[1]
+        if self.fits_window(total):
+            return
+        if not (prefix.contiguous and _right_padded(valid)):
+            raise ValueError(f"a continuation of a prefix cache takes {total} slots, more than the sliding window "
+                             f"of {self.config.sliding_window}: it must be right-padded and continue a contiguous "
+                             "prefix (padding in between would count against the window)")
+
+    def _check_tokens(self, token_ids, attention_mask):
         tokens = np.asarray(token_ids)
         if tokens.ndim != 2:
             raise ValueError(f"token_ids must be [batch, seq]; got shape {tokens.shape}")
@@ -125,16 +277,43 @@ class Model:
             valid = np.asarray(attention_mask).astype(bool)
             if valid.shape != tokens.shape:
                 raise ValueError(f"attention_mask shape {valid.shape} != token_ids shape {tokens.shape}")
+        return tokens, valid
+
+    def run(self, token_ids, *, attention_mask=None, capture: Sequence[str] = (), positions=None,
+            intervene: Callable | None = None, steer=None, unroll: bool | None = None, logits: bool = True,
+            prefix: PrefixCache | None = None, prefix_rows=None):
+        """Forward pass. See the module docstring of :mod:`prefjax.hooks` for hook names.
+
+        ``token_ids`` [batch, seq] ints; ``attention_mask`` [batch, seq] with 0 at left padding;
+        ``positions`` None (every token) or an int array [batch, k] of token indices; ``capture`` hook
+        names. Returns ``(logits [batch, seq|k, vocab], cache)`` where ``cache`` maps each captured
+        hook to [batch, seq|k, d_model]. ``steer`` is a :class:`prefjax.steering.SteerSpec`.
+        ``unroll`` (default: :func:`auto_unroll`) runs the layers as a Python loop instead of a scan;
+        both give the same numbers. ``prefix`` (a :class:`PrefixCache` from :meth:`prefill`) runs each
+        row as the continuation of prefix ``prefix_rows[b]`` (default: the one prefix, or row ``b``);
+        positions, masks, steering and captures then refer to the columns of ``token_ids`` only.
+        """
+        if unroll is None:
+            unroll = auto_unroll()
+        tokens, valid = self._check_tokens(token_ids, attention_mask)
+        b, t = tokens.shape
+        if prefix is not None:
+            if not self.prefix_ok():
+                raise ValueError(f"model {self.source!r} cannot run a continuation of a prefix cache "
+                                 "(see Model.prefix_ok)")
+            self._check_layout(prefix, valid)
         pos = None if positions is None else H.validate_positions(positions, t, b).astype(np.int32)
         spec = H.CaptureSpec.from_names(capture, self.n_layers)
-        iv = as_intervention(intervene)
-        if steer is not None:
-            from prefjax.steering import spec_intervention
-            sv = spec_intervention(steer, self, batch=b, seq=t, prompt_len=t)
-            iv = sv if iv is None else _chain(iv, sv)
+        iv = self._intervention(intervene, steer, b, t)
         # a batch that does not divide over the batch axes is replicated (spec_for)
         shard = lambda a: (jnp.asarray(a) if self.mesh is None
                            else jax.device_put(a, batch_sharding(self.mesh, a.ndim, b)))
+        if prefix is not None:
+            out_logits, captured = _run_prefix_jit(
+                self._params_for_run(), prefix.state, _prefix_rows(prefix, prefix_rows, b),
+                jnp.asarray(tokens.astype(np.int32)), jnp.asarray(valid), None if pos is None else jnp.asarray(pos),
+                iv, family_name=self.family.FAMILY, cfg=self.config, spec=spec, unroll=unroll, want_logits=logits)
+            return out_logits, H.order_cache(spec, captured)
         with mesh_context(self.mesh):
             out_logits, captured = _run_jit(
                 self._params_for_run(), shard(tokens.astype(np.int32)), shard(valid),
@@ -146,6 +325,38 @@ class Model:
         if self.tokenizer is None:
             raise ValueError(f"model {self.source!r} has no tokenizer; pass token ids instead")
         return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+
+
+def _left_padded(valid) -> bool:
+    """Every row is 0...0 1...1 (real tokens at the end)."""
+    v = np.asarray(valid, bool)
+    return bool(np.all(v[:, 1:] >= v[:, :-1]))
+
+
+def _right_padded(valid) -> bool:
+    """Every row is 1...1 0...0 (real tokens at the start)."""
+    v = np.asarray(valid, bool)
+    return bool(np.all(v[:, 1:] <= v[:, :-1]))
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_kv_state(family_name, cfg, dtype) -> bool:
+    shapes = jax.eval_shape(lambda: _FAMILIES[family_name].init_state(cfg, 1, 1, dtype))
+    return isinstance(shapes, dict) and set(shapes) == {"k", "v", "valid"}
+
+
+def _prefix_rows(prefix: PrefixCache, rows, batch: int):
+    """The prefix row of each of ``batch`` continuations, as an int32 device array (checked on the host)."""
+    if rows is None:
+        if prefix.batch not in (1, batch):
+            raise ValueError(f"a prefix cache of {prefix.batch} rows needs prefix_rows for a batch of {batch}")
+        rows = np.zeros(batch, np.int32) if prefix.batch == 1 else np.arange(batch, dtype=np.int32)
+    rows = np.asarray(rows)
+    if rows.shape != (batch,) or not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(f"prefix_rows must be {batch} ints; got shape {rows.shape}, dtype {rows.dtype}")
+    if rows.size and (rows.min() < 0 or rows.max() >= prefix.batch):
+        raise ValueError(f"prefix_rows must index the prefix cache's {prefix.batch} rows; got {rows.min()}..{rows.max()}")
+    return jnp.asarray(rows.astype(np.int32))
 
 
 def _chain_impl(first, second, point, layer, x, ctx):

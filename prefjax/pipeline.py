@@ -176,9 +176,16 @@ def run_pipeline(cfg, workdir: str, *, model=None) -> str | None:
     multi = pcount > 1
     host = f"-h{pidx}" if multi else ""  # per-process stage names for the work-sharing stages
     run = Run(workdir, _to_dict(cfg))  # after the cheap input checks: bad input leaves no workdir behind
+    load_s = None
     if model is None:
+        import time
+
         import prefjax
+        t0 = time.time()
+        log(f"loading model {_get(cfg, 'model.source')}")
         model = prefjax.load(_get(cfg, "model.source"), dtype=_get(cfg, "model.dtype", None), mesh=config_mesh(cfg))
+        load_s = time.time() - t0
+        log(f"model loaded in {load_s:.1f}s")
     if model.tokenizer is None:
         raise ValueError(f"model {_get(cfg, 'model.source')!r} has no tokenizer; the pipeline renders chat prompts")
     n = len(pool)
@@ -277,6 +284,8 @@ def run_pipeline(cfg, workdir: str, *, model=None) -> str | None:
         topics = np.asarray(pool.topic_array())
         emb = content_embeddings(model, pool)
         out = {"layers": layers, "persona": {}}
+        from prefjax.progress import progress
+        bar = progress(total=len(personas) * (len(layers) + 1), desc="probes", unit="fit")
         for pname in personas:
             X = X_of(pname)
             y = mu[pname]
@@ -287,6 +296,7 @@ def run_pipeline(cfg, workdir: str, *, model=None) -> str | None:
                 loto = leave_one_topic_out(X[li], y, topics, alphas=alphas, seed=seed)
                 per_layer.append({"layer": l, "alpha": pr.alpha, "heldout_r": m["r"],
                                   "heldout_acc": m["pairwise_acc"], "loto_r": loto["pooled_r"]})
+                bar.update(1)
             best = int(np.nanargmax([d["heldout_r"] if d["heldout_r"] is not None else -2 for d in per_layer]))
             best_layer = layers[best]
             base_probe = fit_ridge(emb, y, alphas=alphas, eval_idx=ev, train_idx=train)
@@ -303,6 +313,8 @@ def run_pipeline(cfg, workdir: str, *, model=None) -> str | None:
                                      "shuffle_null": {k: null[k] for k in ("p_value", "observed_r", "null_mean")
                                                       if k in null},
                                      "mean_resid_norm": mean_norm}
+            bar.update(1)
+        bar.close()
         return out
     probe_summary = probes_stage() if "probes" in stages else None
 
@@ -377,7 +389,7 @@ def run_pipeline(cfg, workdir: str, *, model=None) -> str | None:
     from prefjax.report.build import build_report
     report = build_report(run, cfg, pool=pool, personas=list(personas), mu=mu, utilities=util_summary,
                           probes=probe_summary, transfer=transfer_summary, steering=steer_summary,
-                          inlp=inlp_summary, extra=extra, truth=truth)
+                          inlp=inlp_summary, extra=extra, truth=truth, load_seconds=load_s)
     if multi:
         barrier("prefjax-done")
     return report
@@ -468,11 +480,15 @@ def _steering(cfg, run, model, pool, personas, probe_summary, hooks, layers, mea
     model's label-position bias cancels at c = 0. ``contrastive`` adds +c on the steered task's tokens
     and -c on the other's; ``single`` adds +c on the steered task only. The coefficient is in units of
     the mean residual norm at the steering layer (from the activation stage).
+
+    Logit mode reads P(A) after the forced prefix; with ``steering.generate_tokens`` > 0 the same sweep
+    also writes greedy completions (see :func:`_steered_completions`). Every (direction, coefficient,
+    prompt) is one row of a batched sweep (:func:`_steering_sweep`).
     """
     from prefjax.elicit.prompts import DEFAULT_TEMPLATE
     from prefjax.elicit.runner import label_token_ids
     from prefjax.probes import RidgeProbe
-    from prefjax.steering import SteerSpec, random_direction
+    from prefjax.steering import random_direction
     from prefjax.stats_small import wilson_interval
 
     pname = _get(cfg, "steering.persona", None) or list(personas)[0]
@@ -499,23 +515,16 @@ def _steering(cfg, run, model, pool, personas, probe_summary, hooks, layers, mea
     tok = model.tokenizer
     ida, idb = label_token_ids(tok, DEFAULT_TEMPLATE)
     persona = personas[pname]
-    seqs, masks, toward = steering_prompts(tok, pairs, persona, mode, forced=True)
-    toward_a = np.asarray([t == "A" for t in toward])
-    t = max(len(s) for s in seqs)
-    P = len(seqs)
-    ids = np.zeros((P, t), np.int32)
-    att = np.zeros((P, t), np.int32)
-    msk = np.zeros((P, t), np.float32)
-    for r, (s, m) in enumerate(zip(seqs, masks)):
-        ids[r, t - len(s):], att[r, t - len(s):], msk[r, t - len(s):] = s, 1, m
-    last = np.full((P, 1), t - 1, np.int32)
+    n_new = int(_get(cfg, "steering.generate_tokens", 0) or 0)
+    directions = {"probe": direction, "random": random_direction(model.d_model, 1234)}
+    sweep = _steering_sweep(model, pairs, persona, mode, layer, scale, coefs, directions, n_new)
+    toward_a = np.asarray([t == "A" for t in sweep["toward"]])
+    P = len(toward_a)
     results, p_a_all = {}, {}
-    for name, vec in (("probe", direction), ("random", random_direction(model.d_model, 1234))):
+    for name in directions:
         rows, p_a_all[name] = [], []
-        for c in coefs:
-            spec = SteerSpec(layer=layer, direction=vec, coef=np.full((P,), c, np.float32), scale=scale, tokens=msk)
-            logits, _ = model.run(ids, attention_mask=att, positions=last, steer=spec)
-            lg = np.asarray(logits[:, 0, :], np.float64)
+        for ci, c in enumerate(coefs):
+            lg = sweep["logits"][name][ci]
             pa = np.exp(lg[:, ida] - np.logaddexp(lg[:, ida], lg[:, idb]))
             p_steered = np.where(toward_a, pa, 1.0 - pa)
             p_a_all[name].append(pa)
@@ -528,10 +537,8 @@ def _steering(cfg, run, model, pool, personas, probe_summary, hooks, layers, mea
     atomic_save_npz(os.path.join(run.stage_dir("steering"), "p_a.npz"), coefs=np.asarray(coefs),
                     toward_a=toward_a, probe=np.asarray(p_a_all["probe"]), random=np.asarray(p_a_all["random"]))
     sampled = None
-    n_new = int(_get(cfg, "steering.generate_tokens", 0) or 0)
     if n_new > 0:
-        sampled = _steered_completions(cfg, run, model, pairs, persona, mode, layer, scale, coefs, n_new,
-                                       {"probe": direction, "random": random_direction(model.d_model, 1234)})
+        sampled = _steered_completions(run, model, sweep, coefs, n_new)
     slope = float(np.polyfit(coefs, [r["p_steered_mean"] for r in results["probe"]], 1)[0])
     slope_rand = float(np.polyfit(coefs, [r["p_steered_mean"] for r in results["random"]], 1)[0])
     return {"persona": pname, "layer": layer, "scale": scale, "mode": mode, "n_pairs": len(pairs), "n_prompts": P,
@@ -539,7 +546,115 @@ def _steering(cfg, run, model, pool, personas, probe_summary, hooks, layers, mea
             "slope_probe": slope, "slope_random": slope_rand, "note": note, "sampled": sampled}
 
 
-def _steered_completions(cfg, run, model, pairs, persona, mode, layer, scale, coefs, n_new, directions) -> dict:
+def _steering_sweep(model, pairs, persona, mode, layer, scale, coefs, directions, n_new, *, chunk: int = 112) -> dict:
+    """Run every (direction, coefficient, prompt) of the steering sweep.
+
+    Returns ``toward`` (the steered label of each prompt), ``logits[name][ci]`` [P, V] float64 (the
+    label position after the forced prefix) and, with ``n_new`` > 0, ``prompts`` (the unforced prompt
+    ids), ``tokens[name][ci]`` / ``texts[name][ci]`` (greedy completions of the unforced prompts,
+    stop token excluded).
+
+    Where the model keeps prefix caches, the rows run batched: the prompts' shared start once, then each
+    row's steered prompt (all but its last token) once as a cache (directions and coefficients are
+    per-row steering leaves of one compiled program), from which both the forced-prefix logits (the
+    last token plus the forced prefix on top) and the greedy completion (the last token, then decoding)
+    are read. Otherwise each coefficient runs as its own forward pass and ``generate`` call.
+    """
+    from prefjax.generation import generate
+    from prefjax.model import common_prefix_len
+    from prefjax.progress import progress
+    from prefjax.steering import SteerSpec
+    tok = model.tokenizer
+    plain, masks, toward = steering_prompts(tok, pairs, persona, mode, forced=False)
+    forced, fmasks, _ = steering_prompts(tok, pairs, persona, mode, forced=True)
+    P, names = len(plain), list(directions)
+    extra = [f[len(p):] for p, f in zip(plain, forced)]
+    batched = (model.prefix_ok() and all(f[:len(p)] == p for p, f in zip(plain, forced))
+               and len({tuple(e) for e in extra}) == 1 and len(extra[0]) > 0
+               and all(not np.any(m[len(p) - 1:]) for p, m in zip(plain, masks))
+               and all(not np.any(m[len(p):]) for p, m in zip(plain, fmasks)))
+    out = {"toward": toward, "logits": {n: [None] * len(coefs) for n in names}, "prompts": plain,
+           "tokens": {n: [None] * len(coefs) for n in names}, "texts": {n: [None] * len(coefs) for n in names}}
+    bar = progress(total=len(names) * len(coefs) * P, desc="steering", unit="prompt")
+    if not batched:  # one coefficient at a time: a forced-prefix forward, then generate
+        t = max(len(s) for s in forced)
+        ids, att, msk = (np.zeros((P, t), np.int32), np.zeros((P, t), np.int32), np.zeros((P, t), np.float32))
+        for r, (s, m) in enumerate(zip(forced, fmasks)):
+            ids[r, t - len(s):], att[r, t - len(s):], msk[r, t - len(s):] = s, 1, m
+        width = max(len(p) for p in plain)
+        gmask = np.zeros((P, width), np.float32)
+        for r, m in enumerate(masks):
+            gmask[r, :len(m)] = m
+        for name, vec in directions.items():
+            for ci, c in enumerate(coefs):
+                spec = SteerSpec(layer=layer, direction=vec, coef=np.full((P,), c, np.float32), scale=scale, tokens=msk)
+                logits, _ = model.run(ids, attention_mask=att, positions=np.full((P, 1), t - 1, np.int32), steer=spec)
+                out["logits"][name][ci] = np.asarray(logits[:, 0, :], np.float64)
+                if n_new > 0:
+                    gen = generate(model, plain, max_new_tokens=n_new, temperature=0.0,
+                                   steer=spec.replace(tokens=gmask))
+                    out["tokens"][name][ci], out["texts"][name][ci] = gen.token_ids, gen.texts
+                bar.update(P)
+        bar.close()
+        return out
+    # Batched: row (direction d, coefficient ci, prompt r); every prompt but its last token is steered
+    # and cached once (the masks cover task spans only), on top of the prompts' common start. Rows that
+    # add the same vector to the same tokens are the same computation and run once: at c = 0 every
+    # direction and mask, and in contrastive mode "towards B at c" is "towards A at -c" (same prompt,
+    # mask negated), so a symmetric sweep runs about half its rows.
+    def key(name, ci, r):
+        if coefs[ci] == 0:
+            return ("c=0", tuple(plain[r]))
+        return (name, tuple(plain[r]), tuple((coefs[ci] * np.asarray(masks[r], np.float64)).tolist()))
+    every = [(name, ci, r) for name in names for ci in range(len(coefs)) for r in range(P)]
+    cells = list({key(*cell): cell for cell in every}.values())  # one cell per key (all equal within a key)
+    bodies = [p[:-1] for p in plain]
+    hit = [int(np.flatnonzero(m)[0]) for m in masks if np.any(m)]
+    skip = common_prefix_len(bodies, limit=min(hit) if hit else None)
+    width = max(len(b) for b in bodies) - skip
+    if skip and not model.fits_window(skip + width + 1 + max(len(extra[0]), n_new)):
+        skip, width = 0, max(len(b) for b in bodies)  # left padding after the shared start: past the window
+    shared = model.prefill(np.asarray([bodies[0][:skip]], np.int32)) if skip else None
+    chunk = -(-len(cells) // -(-len(cells) // chunk))  # equal chunks of at most `chunk` rows
+    pad = int(model.config.pad_id)
+    done = {}
+    for lo in range(0, len(cells), chunk):
+        part = cells[lo:lo + chunk]
+        part = part + [part[0]] * (chunk - len(part))  # one shape for every chunk
+        toks = np.full((chunk, width), pad, np.int32)
+        valid = np.zeros((chunk, width), bool)
+        msk = np.zeros((chunk, width), np.float32)
+        coef = {name: np.zeros(chunk, np.float32) for name in names}
+        for j, (name, ci, r) in enumerate(part):
+            b = bodies[r][skip:]
+            toks[j, width - len(b):], valid[j, width - len(b):] = b, True
+            msk[j, width - len(b):] = masks[r][skip:len(bodies[r])]
+            coef[name][j] = coefs[ci]
+        specs = tuple(SteerSpec(layer=layer, direction=directions[name], coef=coef[name], scale=scale, tokens=msk)
+                      for name in names)
+        cache = model.prefill(toks, attention_mask=valid, prefix=shared, steer=specs)
+        last = np.asarray([[plain[r][-1]] + list(extra[r]) for _, _, r in part], np.int32)
+        logits, _ = model.run(last, positions=np.full((chunk, 1), last.shape[1] - 1, np.int32), prefix=cache)
+        logits = np.asarray(logits[:, 0, :], np.float64)
+        gen = None
+        if n_new > 0:
+            gen = generate(model, [[plain[r][-1]] for _, _, r in part], max_new_tokens=n_new, temperature=0.0,
+                           prefix=cache, pad_multiple=1)
+        n_real = min(chunk, len(cells) - lo)
+        for j, cell in enumerate(part[:n_real]):
+            done[key(*cell)] = (logits[j],) + ((gen.token_ids[j], gen.texts[j]) if gen is not None else (None, None))
+        bar.update(sum(key(*cell) in done for cell in every) - bar.n)
+    bar.close()
+    for name, ci, r in every:
+        lg, ids, text = done[key(name, ci, r)]
+        if out["logits"][name][ci] is None:
+            out["logits"][name][ci] = np.zeros((P, lg.shape[0]))
+            out["tokens"][name][ci], out["texts"][name][ci] = [None] * P, [None] * P
+        out["logits"][name][ci][r], out["tokens"][name][ci][r], out["texts"][name][ci][r] = lg, ids, text
+    return out
+
+
+def _steered_completions(run, model, sweep, coefs, n_new) -> dict:
     """The steering sweep with sampled completions: choice, refusal and coherence per coefficient.
 
     Each pair is shown twice (steered towards A, then towards B) without the forced prefix; the model
@@ -548,33 +663,31 @@ def _steered_completions(cfg, run, model, pairs, persona, mode, layer, scale, co
     """
     from prefjax.elicit.parse import parse_choice
     from prefjax.elicit.prompts import DEFAULT_TEMPLATE
-    from prefjax.generation import generate
-    from prefjax.steering import SteerSpec, completion_loglik
+    from prefjax.steering import completion_loglik
     from prefjax.stats_small import wilson_interval
 
-    prompts, masks, toward = steering_prompts(model.tokenizer, pairs, persona, mode, forced=False)
-    width = max(len(p) for p in prompts)
-    mask = np.zeros((len(prompts), width), np.float32)
-    for r, m in enumerate(masks):
-        mask[r, :len(m)] = m
+    prompts, toward = sweep["prompts"], sweep["toward"]
+    names = list(sweep["tokens"])
+    # every completion of the sweep scored in one call (each distinct prompt runs once)
+    all_tokens = [t for name in names for per_coef in sweep["tokens"][name] for t in per_coef]
+    ll_all = completion_loglik(model, [p for _ in names for _ in coefs for p in prompts], all_tokens)
     out, raw = {}, {}
-    for name, vec in directions.items():
+    for d, name in enumerate(names):
         rows = []
-        for c in coefs:
-            spec = SteerSpec(layer=layer, direction=vec, coef=np.full((len(prompts),), c, np.float32),
-                             scale=scale, tokens=mask)
-            gen = generate(model, prompts, max_new_tokens=n_new, temperature=0.0, steer=spec)
-            parsed = [parse_choice(t, DEFAULT_TEMPLATE) for t in gen.texts]
+        for ci, c in enumerate(coefs):
+            texts = sweep["texts"][name][ci]
+            parsed = [parse_choice(t, DEFAULT_TEMPLATE) for t in texts]
             chose = [p.choice for p in parsed]
             k = sum(ch == st for ch, st in zip(chose, toward))
             n = sum(ch in ("A", "B") for ch in chose)
             lo, hi = wilson_interval(k, n)
-            ll = completion_loglik(model, prompts, gen.token_ids)
+            at = (d * len(coefs) + ci) * len(prompts)
+            ll = ll_all[at:at + len(prompts)]
             rows.append({"coef": c, "k": int(k), "n": int(n), "ci": [float(lo), float(hi)],
                          "refusal_rate": float(np.mean([p.refusal for p in parsed])),
                          "unparseable_rate": float(np.mean([p.status in ("unparseable", "both") for p in parsed])),
                          "coherence_loglik": float(np.nanmean(ll)) if np.isfinite(ll).any() else None})
-            raw[f"{name}_{c:+g}"] = list(gen.texts)
+            raw[f"{name}_{c:+g}"] = list(texts)
         out[name] = rows
     atomic_write_json(os.path.join(run.stage_dir("steering"), "completions.json"),
                       {"toward": toward, "texts": raw})

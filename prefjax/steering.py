@@ -338,41 +338,82 @@ def format_table(rows: Sequence[Mapping[str, float]]) -> str:
     return "\n".join(lines)
 
 
+@jax.jit
+def _token_logp(logits_BxKxV, targets_BxK):
+    lp = jax.nn.log_softmax(logits_BxKxV.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(lp, targets_BxK[..., None], axis=-1)[..., 0]
+
+
 def completion_loglik(model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
                       *, batch_size: int | None = None) -> np.ndarray:
     """Mean log-likelihood per token of each completion under the (unsteered) ``model``.
 
-    ``prompt_ids[b] + completion_ids[b]`` is scored in one left-padded forward pass; the result
-    [batch] float64 is ``mean_j log p(completion[j] | prompt, completion[:j])`` (NaN for an empty
-    completion). Used as the coherence side-effect measure of steering: score steered completions
+    The result [batch] float64 is ``mean_j log p(completion[j] | prompt, completion[:j])`` (NaN for an
+    empty completion). Used as the coherence side-effect measure of steering: score steered completions
     with the model run without steering.
+
+    Only the logits that score a completion token are computed. Where the model keeps prefix caches
+    (:meth:`prefjax.model.Model.prefix_ok`), each distinct prompt runs once (a steering sweep scores many
+    completions of the same prompts), its common start once for all of them, and the completions run
+    on top; otherwise each ``prompt + completion`` runs left-padded in ``batch_size`` rows.
     """
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"completion_loglik: {len(prompt_ids)} prompts but {len(completion_ids)} completions")
     n = len(prompt_ids)
     out = np.full(n, np.nan)
-    bs = batch_size or max(n, 1)
-    for lo in range(0, n, bs):
-        idx = [i for i in range(lo, min(n, lo + bs)) if len(completion_ids[i])]
-        if not idx:
-            continue
-        seqs = []
-        for i in idx:
-            if not len(prompt_ids[i]):
-                raise ValueError(f"completion_loglik: prompt {i} is empty")
-            seqs.append([int(t) for t in prompt_ids[i]] + [int(t) for t in completion_ids[i]])
-        t = max(len(s) for s in seqs)
-        toks = np.full((len(seqs), t), int(model.config.pad_id), np.int32)
-        valid = np.zeros((len(seqs), t), bool)
-        for r, s in enumerate(seqs):
-            toks[r, t - len(s):] = s
-            valid[r, t - len(s):] = True
-        logits, _ = model.run(toks, attention_mask=valid)
-        logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1))
-        for r, i in enumerate(idx):
-            m = len(completion_ids[i])
-            # token at column c is predicted by the logits at column c - 1
-            cols = np.arange(t - m, t)
-            lp = logp[r, cols - 1, toks[r, cols]]
-            out[i] = float(np.mean(lp.astype(np.float64)))
+    prompts = [[int(t) for t in p] for p in prompt_ids]
+    comps = [[int(t) for t in c] for c in completion_ids]
+    for i in range(n):
+        if comps[i] and not prompts[i]:
+            raise ValueError(f"completion_loglik: prompt {i} is empty")
+    first = {}  # each distinct (prompt, completion) is scored once
+    for i in range(n):
+        if comps[i]:
+            first.setdefault((tuple(prompts[i]), tuple(comps[i])), i)
+    idx = sorted(first.values())
+    if not idx:
+        return out
+    k = max(len(comps[i]) for i in idx)
+    bs = min(batch_size or 32, len(idx))
+    if model.prefix_ok() and all(len(prompts[i]) > 1 for i in idx):
+        # Rows: [last prompt token] + completion[:-1], right-padded, on top of the prompt's other tokens.
+        bodies = list(dict.fromkeys(tuple(prompts[i][:-1]) for i in idx))
+        where = {b: r for r, b in enumerate(bodies)}
+        cache = model.prefill_rows(bodies, n_after=k)
+        seqs = [[prompts[i][-1]] + comps[i][:-1] for i in idx]
+        rows = [where[tuple(prompts[i][:-1])] for i in idx]
+        cols = [list(range(len(comps[i]))) for i in idx]
+        run = lambda toks, valid, pos, r: model.run(toks, attention_mask=valid, positions=pos, prefix=cache,
+                                                    prefix_rows=r)
+        width, right = k, True
+    else:
+        seqs = [prompts[i] + comps[i] for i in idx]
+        width = max(len(x) for x in seqs)
+        rows = [0] * len(idx)
+        # the logits at column c score the token at column c + 1 (left padding: the sequence ends at width)
+        cols = [list(range(width - len(comps[i]) - 1, width - 1)) for i in idx]
+        run = lambda toks, valid, pos, r: model.run(toks, attention_mask=valid, positions=pos)
+        right = False
+    pad = int(model.config.pad_id)
+    for lo in range(0, len(idx), bs):
+        part = list(range(lo, min(len(idx), lo + bs)))
+        part += [part[0]] * (bs - len(part))  # one shape for every chunk
+        toks = np.full((bs, width), pad, np.int32)
+        valid = np.zeros((bs, width), bool)
+        pos = np.zeros((bs, k), np.int32)
+        tgt = np.zeros((bs, k), np.int32)
+        for r, q in enumerate(part):
+            sq, m = seqs[q], len(comps[idx[q]])
+            sl = slice(0, len(sq)) if right else slice(width - len(sq), width)
+            toks[r, sl], valid[r, sl] = sq, True
+            pos[r, :m], pos[r, m:] = cols[q], cols[q][-1]
+            tgt[r, :m] = comps[idx[q]]
+        logits, _ = run(toks, valid, pos, np.asarray([rows[q] for q in part], np.int32))
+        lp = np.asarray(_token_logp(logits, jnp.asarray(tgt)), np.float64)
+        for r, q in enumerate(part[:min(bs, len(idx) - lo)]):
+            m = len(comps[idx[q]])
+            out[idx[q]] = float(np.mean(lp[r, :m]))
+    for i in range(n):
+        if comps[i]:
+            out[i] = out[first[(tuple(prompts[i]), tuple(comps[i]))]]
     return out

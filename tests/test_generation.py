@@ -142,3 +142,61 @@ def test_bad_input(model):
         generate(model, [5, 6], max_new_tokens=3)
     with pytest.raises(GenerationError, match="top_p"):
         generate(model, [[5, 6]], max_new_tokens=3, top_p=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefix caches (Model.prefill / run(prefix=...) / generate(share_prefix=..., prefix=...))
+
+def test_prefix_cache_run_equals_full_run(model):
+    names = ["blocks.1.hook_resid_post"]
+    start = prompts_of([20], seed=5)[0]
+    tails = prompts_of([3, 9, 5], seed=6)
+    seqs = [start + t for t in tails]
+    from prefjax.model import common_prefix_len
+    assert common_prefix_len(seqs) == 20 and common_prefix_len(seqs, limit=7) == 0  # below min_len
+    ref = [model.run(np.asarray([s]), capture=names, positions=np.asarray([[len(s) - 1]])) for s in seqs]
+    # one shared start (20 tokens, past the sliding window of 8), right-padded continuations
+    cache = model.prefill(np.asarray([start]))
+    assert (cache.batch, cache.length, cache.contiguous) == (1, 20, True)
+    w = 9
+    toks, valid = np.zeros((3, w), np.int32), np.zeros((3, w), bool)
+    for b, t in enumerate(tails):
+        toks[b, :len(t)], valid[b, :len(t)] = t, True
+    lg, cap = model.run(toks, attention_mask=valid, capture=names, positions=np.asarray([[len(t) - 1] for t in tails]),
+                        prefix=cache)
+    for b, (rl, rc) in enumerate(ref):
+        np.testing.assert_allclose(np.asarray(lg)[b], np.asarray(rl)[0], atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(cap[names[0]])[b], np.asarray(rc[names[0]])[0], atol=2e-5, rtol=1e-5)
+    # a left-padded continuation leaves padding inside the window: refused past it
+    with pytest.raises(ValueError, match="sliding window"):
+        model.run(toks[:, ::-1].copy(), attention_mask=valid[:, ::-1].copy(), prefix=cache)
+    # one cache row per prompt (all but the last token; left-padded), picked by prefix_rows
+    rows = model.prefill_rows([s[:-1] for s in seqs])
+    assert rows.batch == 3 and rows.contiguous  # the window leaves the shared start unshared
+    lg2, _ = model.run(np.asarray([[seqs[2][-1]], [seqs[0][-1]]]), prefix=rows, prefix_rows=[2, 0])
+    np.testing.assert_allclose(np.asarray(lg2)[:, 0], np.asarray([ref[2][0][0, 0], ref[0][0][0, 0]]), atol=2e-5,
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="prefix_rows"):
+        model.run(np.asarray([[1], [2]]), prefix=rows)
+
+
+def test_generate_with_prefix_cache(model, monkeypatch):
+    start = prompts_of([12], seed=8)[0]
+    same = [start + t for t in prompts_of([8, 8, 8], seed=9)]  # one length (pad_multiple): no padding after the prefix
+    ref = recompute_greedy(model, same, 5)
+    calls = []
+    prefill = type(model).prefill
+    monkeypatch.setattr(type(model), "prefill", lambda self, ids, **kw: calls.append(np.shape(ids)) or prefill(self, ids, **kw))
+    assert generate(model, same, max_new_tokens=5, temperature=0, stop_ids=(), share_prefix=True).token_ids == ref
+    assert calls == [(1, 12)]  # the shared start ran once, as a prefix cache
+    monkeypatch.undo()
+    mixed = [start + t for t in prompts_of([2, 6], seed=10)]  # padding after the prefix: past the window, unshared
+    assert (generate(model, mixed, max_new_tokens=5, temperature=0, stop_ids=(), share_prefix=True).token_ids
+            == recompute_greedy(model, mixed, 5))
+    # decode from a cache of the prompts but their last token
+    cache = model.prefill_rows([s[:-1] for s in same])
+    g = generate(model, [[s[-1]] for s in same], max_new_tokens=5, temperature=0, stop_ids=(), prefix=cache,
+                 pad_multiple=1)
+    assert g.token_ids == ref
+    with pytest.raises(GenerationError, match="not both"):
+        generate(model, same, max_new_tokens=2, prefix=cache, share_prefix=True)

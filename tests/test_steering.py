@@ -163,6 +163,45 @@ def test_steered_generation_prefill_and_decode(model):
     assert sweep.token_ids[0] == base.token_ids[0] and sweep.token_ids[1] == p_only.token_ids[1]
 
 
+def test_steered_prefix_cache_then_decode(model):
+    """The steering stage's batched path: prompts (but their last token) prefilled once under per-row
+    coefficients of two directions, then the forced-prefix logits and a greedy decode read from that
+    cache, equal steering the whole prompts; c = 0 rows equal the unsteered cache bit for bit."""
+    rng = np.random.RandomState(11)
+    prompts = [[int(t) for t in rng.randint(3, 512, size=n)] for n in (7, 10)]
+    m = np.zeros((2, 10), np.float32)
+    m[0, 2:4], m[1, 5:9] = 1.0, -1.0  # masks inside each prompt's body
+    v, r = direction(model.d_model, 12), direction(model.d_model, 13)
+    coefs = np.array([30.0, 0.0], np.float32)
+    specs = (SteerSpec(LAYER, v, coefs, tokens=m), SteerSpec(LAYER, r, np.zeros(2, np.float32), tokens=m))
+    want = generate(model, prompts, max_new_tokens=5, temperature=0, stop_ids=(), steer=specs)
+    body = np.zeros((2, 9), np.int32)
+    valid = np.zeros((2, 9), bool)
+    bm = np.zeros((2, 9), np.float32)
+    for b, p in enumerate(prompts):
+        n = len(p) - 1
+        body[b, 9 - n:], valid[b, 9 - n:], bm[b, 9 - n:] = p[:-1], True, m[b, :n]
+    cache = model.prefill(body, attention_mask=valid, steer=tuple(s.replace(tokens=bm) for s in specs))
+    got = generate(model, [[p[-1]] for p in prompts], max_new_tokens=5, temperature=0, stop_ids=(), prefix=cache,
+                   pad_multiple=1)
+    assert got.token_ids == want.token_ids
+    plain = model.prefill(body, attention_mask=valid)
+    for k in ("k", "v"):
+        a, b = np.asarray(cache.state[k]), np.asarray(plain.state[k])
+        assert np.array_equal(a[:, 1], b[:, 1]) and not np.array_equal(a[:, 0], b[:, 0])
+    # the forced-prefix read: one more token on top of the cache, as logit mode does
+    lg, _ = model.run(np.asarray([[p[-1], 9] for p in prompts]), positions=np.asarray([[1], [1]]), prefix=cache)
+    full = np.zeros((2, 11), np.int32)
+    fv = np.zeros((2, 11), bool)
+    fm = np.zeros((2, 11), np.float32)
+    for b, p in enumerate(prompts):
+        full[b, 11 - len(p) - 1:], fv[b, 11 - len(p) - 1:] = p + [9], True
+        fm[b, 11 - len(p) - 1:11 - 2] = m[b, :len(p) - 1]
+    ref, _ = model.run(full, attention_mask=fv, positions=np.asarray([[10], [10]]),
+                       steer=tuple(s.replace(tokens=fm) for s in specs))
+    np.testing.assert_allclose(np.asarray(lg), np.asarray(ref), atol=2e-5, rtol=1e-5)
+
+
 def test_random_direction_and_dose_response():
     r = random_direction(64, seed=3)
     assert r.shape == (64,) and abs(np.linalg.norm(r) - 1) < 1e-6

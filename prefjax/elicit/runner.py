@@ -9,6 +9,11 @@ key it already holds, so nothing is lost or duplicated.
 Sampling is reproducible per job: the PRNG stream of a completion is derived from (seed, job key),
 not from its place in a batch. ``mode="logit"`` reads P(A) from the label-token logits after the
 forced prefix in one forward pass (no sampling; one row per pair and order).
+
+Logit mode runs the persona's prompts sorted by length, in batches of one size padded to a multiple of
+8 tokens (few compiled shapes); where the model keeps prefix caches the start every prompt shares (the
+system prompt and the template's instructions) runs once per call and each batch runs only the rest.
+The batches are a fixed function of the job list, so a resumed run computes exactly the same rows.
 """
 
 from __future__ import annotations
@@ -142,10 +147,12 @@ def run_choices(model, pool: TaskPool, jobs: Sequence[Job], personas: dict[str, 
     for pname, pjobs in by_persona.items():
         persona = personas[pname]
         pmodel = _persona_model(model, persona)
+        if cfg.mode == "logit":
+            _run_logit(pmodel, pool, [j for j in jobs if j.persona == pname], pjobs, persona, cfg, store, bar)
+            continue
         for start in range(0, len(pjobs), cfg.batch_size):
             batch = pjobs[start:start + cfg.batch_size]
-            rows = (_logit_rows if cfg.mode == "logit" else _sample_rows)(pmodel, pool, batch, persona, cfg)
-            store.append(rows)
+            store.append(_sample_rows(pmodel, pool, batch, persona, cfg))
             bar.update(len(batch))
     bar.close()
     return store.counts()
@@ -179,26 +186,87 @@ def _sample_rows(model, pool, batch: list[Job], persona: Persona, cfg: ElicitCon
     return rows
 
 
-def _logit_rows(model, pool, batch: list[Job], persona: Persona, cfg: ElicitConfig) -> list[Comparison]:
+def _logit_ids(model, pool, job: Job, persona: Persona, template: ChoiceTemplate) -> list[int]:
+    """The token ids of a logit-mode prompt: the chat with its generation prompt, then the forced prefix."""
+    tok = model.tokenizer
+    text = tok.chat(_messages(pool, job, persona, template), add_generation_prompt=True)
+    return tok.encode(text + forced_text(template), add_bos=False)
+
+
+def _run_logit(model, pool, all_jobs: list[Job], todo: list[Job], persona: Persona, cfg: ElicitConfig,
+               store: ComparisonsStore, bar) -> None:
+    """Logit-mode rows for ``todo`` (a subset of ``all_jobs``, one persona), appended batch by batch.
+
+    Where the model keeps prefix caches, every prompt splits into a cached head and a short tail: the
+    jobs that show the same task first share everything up to the second task's text (chat header,
+    system prompt, instructions, the first task), so each such group's common tokens run once as a row
+    of a prefix cache (their shared start once for all groups, :meth:`prefjax.model.Model.prefill_rows`)
+    and each job runs only the rest (the second task, the turn boundary, the forced prefix). The groups
+    come from ``all_jobs`` (the full job list, so a resumed run builds the same cache); ``todo`` runs
+    sorted by tail length (ties in job order), so a resumed run's batches are the tail of the
+    uninterrupted run's.
+    """
+    from prefjax.model import common_prefix_len
+    if not todo:
+        return
+    ids = {j.key: _logit_ids(model, pool, j, persona, cfg.template) for j in all_jobs}
+    place = {j.key: n for n, j in enumerate(all_jobs)}
+    mult = 8
+    cache, head, row = None, {}, {}
+    if model.prefix_ok():
+        groups: dict[str, list[Job]] = {}
+        for j in all_jobs:
+            groups.setdefault(j.shown()[0], []).append(j)
+        heads = []
+        for g, members in groups.items():
+            n_head = common_prefix_len([ids[j.key] for j in members], min_len=1)
+            for j in members:
+                head[j.key], row[j.key] = n_head, len(heads)
+            heads.append(ids[members[0].key][:n_head])
+        width = max(len(ids[k]) - head[k] for k in ids)
+        cache = model.prefill_rows(heads, n_after=-(-width // mult) * mult)
+    tail = {k: ids[k][head.get(k, 0):] for k in ids}
+    order = sorted(todo, key=lambda j: (len(tail[j.key]), place[j.key]))
+    for start in range(0, len(order), cfg.batch_size):
+        batch = order[start:start + cfg.batch_size]
+        rows = None if cache is None else [row[j.key] for j in batch]
+        store.append(_logit_rows(model, batch, [tail[j.key] for j in batch], cfg, cache, rows, cfg.batch_size, mult))
+        bar.update(len(batch))
+
+
+def _logit_rows(model, batch: list[Job], seqs: list[list[int]], cfg: ElicitConfig, prefix=None,
+                prefix_rows=None, rows: int | None = None, pad_multiple: int = 8) -> list[Comparison]:
+    """One forward pass for ``batch``: P(A) from the label tokens' logits at each prompt's last token.
+
+    ``seqs`` are the prompts' token ids past their part in ``prefix`` (a prefix cache; row
+    ``prefix_rows[b]`` for job ``b``), or whole prompts without one. The batch is padded to ``rows``
+    rows (repeating the first) and its width to a multiple of ``pad_multiple``: right padding after a
+    prefix (each continuation starts right after it), left padding otherwise.
+    """
     tok = model.tokenizer
     ida, idb = label_token_ids(tok, cfg.template)
-    seqs = []
-    for j in batch:
-        text = tok.chat(_messages(pool, j, persona, cfg.template), add_generation_prompt=True)
-        seqs.append(tok.encode(text + forced_text(cfg.template), add_bos=False))
-    ids, mask = tok.batch_encode(seqs, pad="left")
-    last = np.full((len(seqs), 1), ids.shape[1] - 1, np.int32)
-    logits, _ = model.run(ids, attention_mask=mask, positions=last)
-    lg = np.asarray(logits[:, 0, :], np.float64)
+    b = max(rows or len(seqs), len(seqs))
+    t = -(-max(len(x) for x in seqs) // pad_multiple) * pad_multiple
+    ids = np.full((b, t), int(tok.pad_id or 0), np.int32)
+    mask = np.zeros((b, t), bool)
+    last = np.zeros((b, 1), np.int32)
+    for r in range(b):
+        x = seqs[r if r < len(seqs) else 0]
+        at = 0 if prefix is not None else t - len(x)
+        ids[r, at:at + len(x)], mask[r, at:at + len(x)], last[r, 0] = x, True, at + len(x) - 1
+    if prefix_rows is not None:
+        prefix_rows = [prefix_rows[r if r < len(seqs) else 0] for r in range(b)]
+    logits, _ = model.run(ids, attention_mask=mask, positions=last, prefix=prefix, prefix_rows=prefix_rows)
+    lg = np.asarray(logits[:len(seqs), 0, :], np.float64)
     two = lg[:, [ida, idb]]
     p_a = np.exp(two[:, 0] - np.logaddexp(two[:, 0], two[:, 1]))
     top = lg.argmax(-1)
-    rows = []
+    out = []
     for j, pa, t in zip(batch, p_a, top):
         choice = "A" if pa >= 0.5 else "B"
         on_label = bool(t in (ida, idb))
-        rows.append(Comparison(task_a=j.task_a, task_b=j.task_b, order=j.order, persona=j.persona, sample=j.sample,
-                               choice=choice, chosen_task=None, status="ok", refusal=False, p_a=float(pa),
-                               raw=tok.decode([int(t)], skip_special_tokens=False), model=str(model.source),
-                               seed=cfg.seed, extra={"top_token_is_label": on_label}))
-    return rows
+        out.append(Comparison(task_a=j.task_a, task_b=j.task_b, order=j.order, persona=j.persona, sample=j.sample,
+                              choice=choice, chosen_task=None, status="ok", refusal=False, p_a=float(pa),
+                              raw=tok.decode([int(t)], skip_special_tokens=False), model=str(model.source),
+                              seed=cfg.seed, extra={"top_token_is_label": on_label}))
+    return out

@@ -165,15 +165,19 @@ def _check_pair(k: int, tgt: ChoicePrompt, src: ChoicePrompt) -> None:
         raise PatchError(f"pair {k}: the forced prefixes differ in length")
 
 
-def _left_pad(seqs, pad_id: int, t: int):
-    ids = np.full((len(seqs), t), pad_id, np.int32)
-    mask = np.zeros((len(seqs), t), np.int32)
-    off = np.zeros(len(seqs), np.int32)
-    for b, s in enumerate(seqs):
-        off[b] = t - len(s)
-        ids[b, off[b]:] = s
-        mask[b, off[b]:] = 1
-    return ids, mask, off
+def _layout(prompts: Sequence[ChoicePrompt], pad_id: int, t: int, whole: int | None):
+    """Token ids [b, t], attention mask, and the columns of each turn-boundary span plus the last token
+    [b, span + 1]: with ``whole`` the whole prompts left-padded to ``t``; without it only the part from
+    the end-of-turn token on, right-padded (it continues a prefix cache of the part before)."""
+    ids = np.full((len(prompts), t), pad_id, np.int32)
+    mask = np.zeros((len(prompts), t), np.int32)
+    pos = []
+    for b, p in enumerate(prompts):
+        x, first = (p.ids, t - len(p.ids)) if whole else (p.ids[p.eot:], -p.eot)
+        at = max(first, 0)
+        ids[b, at:at + len(x)], mask[b, at:at + len(x)] = x, 1
+        pos.append([i + first for i in p.span] + [at + len(x) - 1])
+    return ids, mask, np.asarray(pos, np.int32)
 
 
 def _p_a(logits_BxV, ida: int, idb: int):
@@ -200,7 +204,7 @@ def _recovered(pp_LxN, pt_N, ps_N, min_effect: float) -> dict:
 def patching_curves(model, prompt_pairs: Sequence[tuple[ChoicePrompt, ChoicePrompt]], layers: Sequence[int], *,
                     modes: Sequence[str] = PATCH_MODES, point: str = "hook_resid_post", template=None,
                     source_model=None, target_model=None, batch_size: int = 16, min_effect: float = 0.02,
-                    pad_multiple: int = 64) -> dict:
+                    pad_multiple: int = 8, desc: str | None = None) -> dict:
     """Patch source activations into targets, one layer at a time, and measure P(A).
 
     ``prompt_pairs``: ``(target, source)`` :class:`ChoicePrompt` pairs (their turn-boundary spans must
@@ -210,8 +214,11 @@ def patching_curves(model, prompt_pairs: Sequence[tuple[ChoicePrompt, ChoiceProm
     the curves ``recovered[mode]`` = {pooled, mean, median} [L]: ``pooled`` is the least-squares
     share sum((Pp-Pt)(Ps-Pt)) / sum((Ps-Pt)^2); ``mean``/``median`` average the per-pair share over
     pairs with ``|Ps - Pt| >= min_effect``; ``recovered_logit`` the same on the logit difference.
-    Each batch is left-padded to a multiple of ``pad_multiple`` tokens so batches of similar length
-    reuse compiled programs (two per shape: the clean runs and the patched runs).
+    Each batch is padded to a multiple of ``pad_multiple`` tokens so batches of similar length
+    reuse compiled programs (two per shape: the clean runs and the patched runs). Where the model keeps
+    prefix caches (:meth:`prefjax.model.Model.prefix_ok`), each prompt's tokens before its end-of-turn
+    token run once as a cache and every run is only the turn boundary and the forced prefix.
+    ``desc``: show a progress bar with this label (process 0; see :mod:`prefjax.progress`).
     """
     from prefjax.elicit.prompts import DEFAULT_TEMPLATE
     from prefjax.elicit.runner import label_token_ids
@@ -236,34 +243,52 @@ def patching_curves(model, prompt_pairs: Sequence[tuple[ChoicePrompt, ChoiceProm
     p_t, p_s, ld_t, ld_s = (np.zeros(n) for _ in range(4))
     p_p = {m: np.zeros((nl, n)) for m in modes}
     ld_p = {m: np.zeros((nl, n)) for m in modes}
+    from prefjax.progress import progress
+    bar = progress(total=n * (2 + len(modes) * nl), desc=desc, unit="run") if desc else None
+    use_cache = src_model.prefix_ok() and tgt_model.prefix_ok()
     for start in range(0, n, batch_size):
         batch = prompt_pairs[start:start + batch_size]
         sl = slice(start, start + len(batch))
         b = len(batch)
-        # Source and target share one padded length (a multiple of pad_multiple) and one position
-        # layout (span + last token), so the clean runs are one compiled program and every patched
-        # run (any layer, either mode) another.
-        t = max(max(len(p.ids) for p in pair) for pair in batch)
-        t = -(-t // pad_multiple) * pad_multiple
-        s_ids, s_mask, s_off = _left_pad([s.ids for _, s in batch], pad, t)
-        t_ids, t_mask, t_off = _left_pad([tg.ids for tg, _ in batch], pad, t)
-        last = np.full((b, 1), t - 1, np.int32)
-        s_pos = np.concatenate([np.stack([np.asarray(s.span) + o for (_, s), o in zip(batch, s_off)]), last], 1)
-        t_pos = np.concatenate([np.stack([np.asarray(tg.span) + o for (tg, _), o in zip(batch, t_off)]), last], 1)
+        if use_cache:
+            # Everything before the end-of-turn token is the same in the clean and every patched run of
+            # a prompt: it runs once, as a prefix cache (rows per prompt, their shared start once), and
+            # each run is only the turn boundary and the forced prefix (a few tokens, right-padded).
+            tail = max(len(p.ids) - p.eot for pair in batch for p in pair)
+            s_pre = src_model.prefill_rows([s.ids[:s.eot] for _, s in batch], n_after=tail)
+            t_pre = tgt_model.prefill_rows([tg.ids[:tg.eot] for tg, _ in batch], n_after=tail)
+            s_ids, s_mask, s_pos = _layout([s for _, s in batch], pad, tail, None)
+            t_ids, t_mask, t_pos = _layout([tg for tg, _ in batch], pad, tail, None)
+            t = tail
+        else:
+            # Source and target share one padded length (a multiple of pad_multiple) and one position
+            # layout (span + last token), so the clean runs are one compiled program and every patched
+            # run (any layer, either mode) another.
+            t = max(max(len(p.ids) for p in pair) for pair in batch)
+            t = -(-t // pad_multiple) * pad_multiple
+            s_pre = t_pre = None
+            s_ids, s_mask, s_pos = _layout([s for _, s in batch], pad, t, t)
+            t_ids, t_mask, t_pos = _layout([tg for tg, _ in batch], pad, t, t)
         n_span = s_pos.shape[1] - 1
-        s_logits, cache = src_model.run(s_ids, attention_mask=s_mask, capture=hooks, positions=s_pos)
+        s_logits, cache = src_model.run(s_ids, attention_mask=s_mask, capture=hooks, positions=s_pos, prefix=s_pre)
         vals_LxBxKxD = np.stack([np.asarray(cache[h]) for h in hooks])  # last slot: never written (keep=False)
         p_s[sl], ld_s[sl] = _p_a(np.asarray(s_logits)[:, -1], ida, idb)
-        t_logits, _ = tgt_model.run(t_ids, attention_mask=t_mask, capture=hooks, positions=t_pos)
+        t_logits, _ = tgt_model.run(t_ids, attention_mask=t_mask, capture=hooks, positions=t_pos, prefix=t_pre)
         p_t[sl], ld_t[sl] = _p_a(np.asarray(t_logits)[:, -1], ida, idb)
+        if bar is not None:
+            bar.update(2 * b)
         for m in modes:
             keep = np.zeros(t_pos.shape, bool)
             keep[:, :1 if m == "eot" else n_span] = True
             for li, l in enumerate(layers):
                 iv = patch_intervention([l], t_pos, vals_LxBxKxD[li:li + 1], point=point, keep_BxK=keep,
                                         n_layers=model.n_layers, seq_len=t)
-                lg, _ = tgt_model.run(t_ids, attention_mask=t_mask, positions=t_pos, intervene=iv)
+                lg, _ = tgt_model.run(t_ids, attention_mask=t_mask, positions=t_pos, intervene=iv, prefix=t_pre)
                 p_p[m][li, sl], ld_p[m][li, sl] = _p_a(np.asarray(lg)[:, -1], ida, idb)
+                if bar is not None:
+                    bar.update(b)
+    if bar is not None:
+        bar.close()
     out = {"layers": layers, "point": point, "n_pairs": n, "p_target": p_t, "p_source": p_s,
            "ld_target": ld_t, "ld_source": ld_s, "p_patched": p_p, "ld_patched": ld_p,
            "recovered": {m: _recovered(p_p[m], p_t, p_s, min_effect) for m in modes},
@@ -345,7 +370,7 @@ def run_patching_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, la
         res = patching_curves(model, list(zip(targets, srcs)), layers, modes=modes,
                               source_model=_persona_model(model, sp), target_model=tmodel,
                               batch_size=int(_get(cfg, "patching.batch_size", 16)),
-                              min_effect=float(_get(cfg, "patching.min_effect", 0.02)))
+                              min_effect=float(_get(cfg, "patching.min_effect", 0.02)), desc=f"patching[{kind}]")
         atomic_save_npz(os.path.join(run.stage_dir("patching"), f"{kind}.npz"),
                         layers=np.asarray(layers), p_target=res["p_target"], p_source=res["p_source"],
                         **{f"p_patched_{m}": res["p_patched"][m] for m in modes},

@@ -197,8 +197,9 @@ def statement_activations(model, statements: Sequence[Statement | str], hooks: S
     """Residuals at the end-of-turn token (and ``n_after`` tokens after it) of each statement shown
     alone as a user turn (under ``persona``'s system prompt, if any): ``[hooks, n, n_after + 1, d]``.
 
-    Every batch is left-padded to one length (the longest, rounded up to ``pad_multiple``) and one
-    batch size, so the whole set runs through a single compiled program."""
+    Every batch is padded to one length (the longest, rounded up to ``pad_multiple``) and one batch
+    size, so the whole set runs through a single compiled program. Where the model keeps prefix caches
+    the start all statements share (chat header, system prompt) runs once."""
     from prefjax.activations import boundary_positions
     from prefjax.elicit.prompts import task_messages
     from prefjax.hooks import CaptureSpec
@@ -214,7 +215,12 @@ def statement_activations(model, statements: Sequence[Statement | str], hooks: S
     out = np.zeros((len(hooks), len(seqs), n_after + 1, model.d_model), np.float32)
     pad = tok.pad_id or 0
     bsz = min(batch_size, len(seqs))
-    t = -(-max(len(s) for s in seqs) // pad_multiple) * pad_multiple
+    from prefjax.model import common_prefix_len
+    # The start every prompt shares (the persona's system prompt) runs once, as a prefix cache; each
+    # batch then runs the rest, right-padded (its tokens follow the prefix directly).
+    skip = common_prefix_len(seqs, limit=min(p[0] for p in pos)) if model.prefix_ok() else 0
+    prefix = model.prefill(np.asarray([seqs[0][:skip]], np.int32)) if skip else None
+    t = -(-max(len(s) - skip for s in seqs) // pad_multiple) * pad_multiple
     for start in range(0, len(seqs), bsz):
         chunk = seqs[start:start + bsz]
         # one shape for every batch (padded rows repeat row 0 and are dropped): one compiled program
@@ -223,10 +229,11 @@ def statement_activations(model, statements: Sequence[Statement | str], hooks: S
         p = np.zeros((bsz, n_after + 1), np.int32)
         for b in range(bsz):
             k = b if b < len(chunk) else 0
-            s = chunk[k]
-            ids[b, t - len(s):], mask[b, t - len(s):] = s, 1
-            p[b] = np.asarray(pos[start + k]) + t - len(s)
-        _, cache = model.run(ids, attention_mask=mask, capture=list(hooks), positions=p)
+            s = chunk[k][skip:]
+            at = 0 if prefix is not None else t - len(s)
+            ids[b, at:at + len(s)], mask[b, at:at + len(s)] = s, 1
+            p[b] = np.asarray(pos[start + k]) - skip + at
+        _, cache = model.run(ids, attention_mask=mask, capture=list(hooks), positions=p, prefix=prefix)
         for h, name in enumerate(hooks):
             out[h, start:start + len(chunk)] = np.asarray(cache[name], np.float32)[:len(chunk)]
     return out
@@ -264,7 +271,8 @@ def run_truefalse_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, p
     n_folds = int(_get(cfg, "truefalse.n_folds", 5))
     reg = float(_get(cfg, "truefalse.reg", 1.0))
     out = {"n_statements": len(stm), "n_true": int(y.sum()), "persona": {}}
-    for pname, persona in personas.items():
+    from prefjax.progress import progress
+    for pname, persona in progress(list(personas.items()), desc="truefalse", unit="persona"):
         try:
             pdir = _probe_dir(run, pname, probe_summary)
         except (ShiftError, KeyError) as e:

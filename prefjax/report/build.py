@@ -15,9 +15,58 @@ def _fmt(x, nd=3):
     return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
 
 
+def stage_times(run) -> list[tuple[str, float | None, str]]:
+    """``(stage, seconds, finished)`` of every stage marked done in ``run``, in pipeline order (a stage's
+    per-persona parts in the order they finished).
+
+    The seconds are those recorded in the stage's ``.done`` marker when it ran, so a resumed run keeps
+    the times of the stages an earlier attempt finished."""
+    import glob
+    import json
+    out = []
+    for path in glob.glob(os.path.join(run.stages_dir, "*.done")):
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (OSError, ValueError):
+            continue
+        sec = d.get("seconds")
+        out.append((d.get("stage") or os.path.basename(path)[:-5], None if sec is None else float(sec),
+                    str(d.get("finished") or "")))
+    from prefjax.pipeline import STAGES
+    rank = lambda name: next((k for k, st in enumerate(STAGES) if name == st or name.startswith(st + "-")),  # noqa: E731
+                             len(STAGES))
+    return sorted(out, key=lambda r: (rank(r[0]), r[2], r[0]))
+
+
+def _timing_table(rows, load_s, report_s) -> tuple[str, dict]:
+    lines = ["| stage | wall seconds | finished |", "|---|---|---|"]
+    timing = {}
+    if load_s is not None:
+        lines.append(f"| model load (this process) | {load_s:.1f} | |")
+    for name, sec, fin in rows:
+        lines.append(f"| {name} | {'n/a' if sec is None else f'{sec:.1f}'} | {fin} |")
+        timing[name] = {"seconds": sec}
+    lines.append(f"| report (figures, this process) | {report_s:.1f} | |")
+    total = sum(sec for _, sec, _ in rows if sec is not None) + (load_s or 0.0) + report_s
+    lines.append(f"| **total** | **{total:.1f}** | |")
+    timing["report"] = {"seconds": report_s}
+    if load_s is not None:
+        timing["model load"] = {"seconds": load_s}
+    timing["total"] = {"seconds": total}
+    note = ("Wall seconds per stage as recorded while it ran (a stage finished by an earlier attempt keeps "
+            "that attempt's time); the model load and the report are this process's.")
+    return note + "\n\n" + "\n".join(lines), timing
+
+
 def build_report(run, cfg, *, pool, personas, mu, utilities, probes, transfer, steering, inlp, extra=None,
-                 truth=None) -> str:
-    """Write figures + ``summary.json`` + ``report.md`` into the run's workdir; return the report path."""
+                 truth=None, load_seconds: float | None = None) -> str:
+    """Write figures + ``summary.json`` + ``report.md`` into the run's workdir; return the report path.
+
+    The report ends with the table of stage times (:func:`stage_times`; ``load_seconds``: how long this
+    process took to load the model); ``summary.json`` keeps them under ``timing``."""
+    import time
+    t0 = time.time()
     wd = run.workdir
     fig_dir = os.path.join(wd, "figures")
     os.makedirs(fig_dir, exist_ok=True)
@@ -161,4 +210,5 @@ def build_report(run, cfg, *, pool, personas, mu, utilities, probes, transfer, s
                             "utilities; the pipeline's estimates are compared with them.\n\n" + "\n".join(lines)))
     summary = {"headline": headline, "extra": extra, "truth": truth, "utilities": utilities, "probes": probes, "transfer": transfer,
                "steering": steering, "inlp": inlp}
-    return write_report(wd, summary, figures, sections, title="prefjax report")
+    table, summary["timing"] = _timing_table(stage_times(run), load_seconds, time.time() - t0)
+    return write_report(wd, summary, figures, sections, title="prefjax report", footer=[("Stage times", table)])

@@ -73,8 +73,13 @@ def _table(rows: Sequence[tuple[str, Any]], head=("quantity", "value")) -> str:
 
 
 def write_report(workdir: str, summary: Mapping[str, Any], figures: Mapping[str, str] | None = None,
-                 sections: Sequence[tuple[str, str]] = (), *, title: str = "prefjax report") -> str:
-    """Write ``summary.json`` and ``report.md`` into ``workdir``; return the report's path."""
+                 sections: Sequence[tuple[str, str]] = (), *, title: str = "prefjax report",
+                 footer: Sequence[tuple[str, str]] = ()) -> str:
+    """Write ``summary.json`` and ``report.md`` into ``workdir``; return the report's path.
+
+    ``footer`` sections (title, markdown) close the report, after the summary values. A top-level
+    ``timing`` entry of ``summary`` goes to ``summary.json`` only (the caller shows it, e.g. in a footer).
+    """
     from prefjax.stages import atomic_write_bytes, atomic_write_json, to_jsonable
 
     workdir = os.fspath(workdir)
@@ -85,10 +90,10 @@ def write_report(workdir: str, summary: Mapping[str, Any], figures: Mapping[str,
     head = clean.get("headline") if isinstance(clean.get("headline"), Mapping) else None
     if head is not None:
         headline_rows = list(_flatten(head).items())
-        rest = {k: v for k, v in clean.items() if k != "headline"}
+        rest = {k: v for k, v in clean.items() if k not in ("headline", "timing")}
     else:
         headline_rows = [(k, v) for k, v in clean.items() if _is_scalar(v)]
-        rest = {k: v for k, v in clean.items() if not _is_scalar(v)}
+        rest = {k: v for k, v in clean.items() if not _is_scalar(v) and k != "timing"}
 
     parts = [f"# {title}", ""]
     parts += ["## Headline", "", _table(headline_rows) if headline_rows else "_(no headline values)_", ""]
@@ -103,6 +108,8 @@ def write_report(workdir: str, summary: Mapping[str, Any], figures: Mapping[str,
     if flat_rest:
         parts += ["## All summary values", "", _table(list(flat_rest.items()), ("key", "value")), ""]
     parts += ["_Full values: `summary.json`._", ""]
+    for sec_title, body in footer:
+        parts += [f"## {sec_title}", "", body.strip(), ""]
     path = os.path.join(workdir, "report.md")
     atomic_write_bytes(path, "\n".join(parts).encode("utf-8"))
     return path
