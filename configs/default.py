@@ -1,4 +1,4 @@
-"""The main job: the whole pipeline on the real Gemma-3-270M (CPU, about 15 minutes on 2 cores).
+"""The main job: the whole pipeline on the real Gemma-3-270M (CPU, about 6 minutes on 2 cores).
 
     python launch/main.py --config configs/default.py --workdir runs/default
     python launch/main.py --config configs/default.py:tiny --workdir /tmp/t   # random tiny model (tests)
@@ -21,7 +21,7 @@ from configs.common import base_config  # noqa: E402
 def get_config(arg: str = ""):
     c = base_config(arg, "configs/default.py")
     if c.model.name == "gemma3-270m":
-        c.choices.degree = 8  # ~300 pairs x 2 orders per persona + one active-learning round: ~15 min on 2 cores
+        c.choices.degree = 8  # ~250 pairs x 2 orders per persona + one active-learning round of 66 pairs
     if c.model.name == "tiny":
         c.tasks.n = 24
     return c
