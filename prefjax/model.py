@@ -217,29 +217,44 @@ class Model:
         return PrefixCache(state=state, batch=b, length=t + (prefix.length if prefix is not None else 0),
                            contiguous=contiguous)
 
-    def prefill_rows(self, seqs: Sequence[Sequence[int]], *, n_after: int = 0, min_shared: int = 8) -> PrefixCache:
+    def prefill_rows(self, seqs: Sequence[Sequence[int]], *, n_after: int = 0, min_shared: int = 8,
+                     rows: int | None = None, shared_bucket: int = 128, width_bucket: int = 16,
+                     slots_bucket: int = 64) -> PrefixCache:
         """A prefix cache whose row ``b`` holds the tokens ``seqs[b]`` (left-padded).
 
         The start all of ``seqs`` share runs once when it is at least ``min_shared`` tokens long and
         the padding that then sits between it and the rows fits the sliding window together with the
-        ``n_after`` slots the continuations will add. Needs :meth:`prefix_ok`."""
+        ``n_after`` slots the continuations will add. Shapes are bucketed so that calls with similar
+        inputs share compiled programs: the shared start is left-padded to a multiple of
+        ``shared_bucket`` slots, the rows to a multiple of ``width_bucket``, ``rows`` (at least
+        ``len(seqs)``) rows are kept (the extra ones empty), and the cache gets empty slots in front up
+        to a multiple of ``slots_bucket`` (no compute). Needs :meth:`prefix_ok`."""
         seqs = [[int(t) for t in x] for x in seqs]
         if not seqs:
             raise ValueError("prefill_rows needs at least one sequence")
-        width = max(len(x) for x in seqs)
+        n_rows = max(rows or len(seqs), len(seqs))
         skip = common_prefix_len(seqs, min_len=min_shared) if all(seqs) else 0
-        gap = len({len(x) for x in seqs}) > 1
-        if skip and gap and not self.fits_window(width + n_after):
-            skip = 0
-        shared = self.prefill(np.asarray([seqs[0][:skip]], np.int32)) if skip else None
-        t = max(width - skip, 1)
-        toks = np.full((len(seqs), t), int(self.config.pad_id), np.int32)
-        valid = np.zeros((len(seqs), t), bool)
+        s_pad = -(-skip // shared_bucket) * shared_bucket if skip else 0
+        t = -(-max(max(len(x) for x in seqs) - skip, 1) // width_bucket) * width_bucket
+        if skip and not self.fits_window(s_pad + t + n_after):  # padding would sit between shared start and rows
+            skip, s_pad = 0, 0
+            t = -(-max(len(x) for x in seqs) // width_bucket) * width_bucket
+        shared = None
+        if skip:
+            ids = np.full((1, s_pad), int(self.config.pad_id), np.int32)
+            ids[0, s_pad - skip:] = seqs[0][:skip]
+            shared = self.prefill(ids, attention_mask=np.arange(s_pad)[None] >= s_pad - skip)
+        toks = np.full((n_rows, t), int(self.config.pad_id), np.int32)
+        valid = np.zeros((n_rows, t), bool)
         for r, x in enumerate(seqs):
             x = x[skip:]
             if x:
                 toks[r, t - len(x):], valid[r, t - len(x):] = x, True
-        return self.prefill(toks, attention_mask=valid, prefix=shared)
+        cache = self.prefill(toks, attention_mask=valid, prefix=shared)
+        extra = -cache.length % max(int(slots_bucket), 1)
+        if not extra:
+            return cache
+        return dataclasses.replace(cache, state=_pad_slots(cache.state, extra), length=cache.length + extra)
 
     def _intervention(self, intervene, steer, b: int, t: int):
         iv = as_intervention(intervene)
@@ -327,6 +342,15 @@ class Model:
         return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _pad_slots(state, n: int):
+    """``n`` empty (invalid) slots in front of every row of a KV-cache state: positions and masks are
+    unchanged (positions count valid slots), and no padding lands between real tokens."""
+    return {"k": jnp.pad(state["k"], [(0, 0), (0, 0), (n, 0)] + [(0, 0)] * (state["k"].ndim - 3)),
+            "v": jnp.pad(state["v"], [(0, 0), (0, 0), (n, 0)] + [(0, 0)] * (state["v"].ndim - 3)),
+            "valid": jnp.pad(state["valid"], [(0, 0), (n, 0)])}
+
+
 def _left_padded(valid) -> bool:
     """Every row is 0...0 1...1 (real tokens at the end)."""
     v = np.asarray(valid, bool)
@@ -355,7 +379,8 @@ def _prefix_rows(prefix: PrefixCache, rows, batch: int):
     if rows.shape != (batch,) or not np.issubdtype(rows.dtype, np.integer):
         raise ValueError(f"prefix_rows must be {batch} ints; got shape {rows.shape}, dtype {rows.dtype}")
     if rows.size and (rows.min() < 0 or rows.max() >= prefix.batch):
-        raise ValueError(f"prefix_rows must index the prefix cache's {prefix.batch} rows; got {rows.min()}..{rows.max()}")
+        raise ValueError(f"prefix_rows must index the prefix cache's {prefix.batch} rows; "
+                         f"got {rows.min()}..{rows.max()}")
     return jnp.asarray(rows.astype(np.int32))
 
 

@@ -186,7 +186,8 @@ def test_generate_with_prefix_cache(model, monkeypatch):
     ref = recompute_greedy(model, same, 5)
     calls = []
     prefill = type(model).prefill
-    monkeypatch.setattr(type(model), "prefill", lambda self, ids, **kw: calls.append(np.shape(ids)) or prefill(self, ids, **kw))
+    monkeypatch.setattr(type(model), "prefill",
+                        lambda self, ids, **kw: calls.append(np.shape(ids)) or prefill(self, ids, **kw))
     assert generate(model, same, max_new_tokens=5, temperature=0, stop_ids=(), share_prefix=True).token_ids == ref
     assert calls == [(1, 12)]  # the shared start ran once, as a prefix cache
     monkeypatch.undo()

@@ -169,7 +169,7 @@ def _sample_rows(model, pool, batch: list[Job], persona: Persona, cfg: ElicitCon
     prompts = [tok.encode_chat(_messages(pool, j, persona, cfg.template)) for j in batch]
     gen = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                    top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed,
-                   example_ids=[j.stream_id(cfg.seed) for j in batch])
+                   example_ids=[j.stream_id(cfg.seed) for j in batch], share_prefix=True)
     rows = []
     for j, text in zip(batch, gen.texts):
         parsed = parse_choice(text, cfg.template)
@@ -217,14 +217,20 @@ def _run_logit(model, pool, all_jobs: list[Job], todo: list[Job], persona: Perso
         groups: dict[str, list[Job]] = {}
         for j in all_jobs:
             groups.setdefault(j.shown()[0], []).append(j)
+        n_head = {g: common_prefix_len([ids[j.key] for j in m], min_len=1) for g, m in groups.items()}
+        # A job alone in its group would cache all but its last token and set the cache's width for
+        # every row: it keeps no more than the longest head of a real group (any split point is exact).
+        cap = max((n_head[g] for g, m in groups.items() if len(m) > 1), default=None)
         heads = []
         for g, members in groups.items():
-            n_head = common_prefix_len([ids[j.key] for j in members], min_len=1)
+            if len(members) == 1 and cap is not None:
+                n_head[g] = min(n_head[g], cap)
             for j in members:
-                head[j.key], row[j.key] = n_head, len(heads)
-            heads.append(ids[members[0].key][:n_head])
+                head[j.key], row[j.key] = n_head[g], len(heads)
+            heads.append(ids[members[0].key][:n_head[g]])
         width = max(len(ids[k]) - head[k] for k in ids)
-        cache = model.prefill_rows(heads, n_after=-(-width // mult) * mult)
+        # one cache shape for every round and persona of a run (rows: at most one group per task)
+        cache = model.prefill_rows(heads, n_after=-(-width // mult) * mult, rows=max(len(pool), len(heads)))
     tail = {k: ids[k][head.get(k, 0):] for k in ids}
     order = sorted(todo, key=lambda j: (len(tail[j.key]), place[j.key]))
     for start in range(0, len(order), cfg.batch_size):

@@ -34,8 +34,9 @@ def stage_times(run) -> list[tuple[str, float | None, str]]:
         out.append((d.get("stage") or os.path.basename(path)[:-5], None if sec is None else float(sec),
                     str(d.get("finished") or "")))
     from prefjax.pipeline import STAGES
-    rank = lambda name: next((k for k, st in enumerate(STAGES) if name == st or name.startswith(st + "-")),  # noqa: E731
-                             len(STAGES))
+
+    def rank(name):
+        return next((k for k, st in enumerate(STAGES) if name == st or name.startswith(st + "-")), len(STAGES))
     return sorted(out, key=lambda r: (rank(r[0]), r[2], r[0]))
 
 
