@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefjax import hooks as H
-from prefjax.model import auto_unroll, common_prefix_len, extend_kv_state
+from prefjax.model import auto_unroll, check_prefix_rows, common_prefix_len, extend_kv_state
 from prefjax.sharding import batch_axes, batch_multiple, batch_sharding, mesh_context
 
 
@@ -377,19 +377,20 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 1.0, t
 
     skip, pre_rows = 0, None
     if prefix is not None:
-        from prefjax.model import _prefix_rows
         if share_prefix:
             raise GenerationError("pass share_prefix or a prefix cache, not both")
         if not model.prefix_ok():
             raise GenerationError(f"model {model.source!r} cannot continue a prefix cache (see Model.prefix_ok)")
-        pre_rows = np.asarray(_prefix_rows(prefix, prefix_rows, n))
+        pre_rows = check_prefix_rows(prefix, prefix_rows, n)
     elif share_prefix and model.prefix_ok():
         skip = common_prefix_len(ids, limit=_unsteered_prefix_limit(specs, n))
+    def padded_len(run_lens, ahead):  # padding never pushes past the context
+        p = -(-max(run_lens) // pad_multiple) * pad_multiple
+        return max(min(p, limit - max_new_tokens - ahead), max(run_lens))
+
     slens = [ln - skip for ln in lens]  # what each chunk runs: the prompts past the shared prefix
     ahead = prefix.length if prefix is not None else skip  # cache slots before the chunk's own
-    p_pad = -(-max(slens) // pad_multiple) * pad_multiple
-    p_pad = min(p_pad, limit - max_new_tokens - ahead)  # padding never pushes past the context
-    p_pad = max(p_pad, max(slens))
+    p_pad = padded_len(slens, ahead)
     gap_free = (prefix is None or prefix.contiguous) and all(ln == p_pad for ln in slens)
     if ahead and not gap_free and not model.fits_window(ahead + p_pad + max_new_tokens):
         if prefix is not None:  # left padding between the cache and the prompts would count against the window
@@ -397,7 +398,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 1.0, t
                                   f"({max_new_tokens}) exceed the sliding window of {model.config.sliding_window} "
                                   "with padding in between; use prompts of one length and a contiguous cache")
         skip, slens, ahead = 0, lens, 0
-        p_pad = max(min(-(-max(lens) // pad_multiple) * pad_multiple, limit - max_new_tokens), max(lens))
+        p_pad = padded_len(lens, 0)
     if skip:
         prefix = model.prefill(np.asarray([ids[0][:skip]], np.int32))
         pre_rows = np.zeros(n, np.int32)

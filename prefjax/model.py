@@ -203,7 +203,7 @@ class Model:
                              "plain KV cache; see Model.prefix_ok)")
         tokens, valid = self._check_tokens(token_ids, attention_mask)
         b, t = tokens.shape
-        rows = None if prefix is None else _prefix_rows(prefix, prefix_rows, b)
+        rows = None if prefix is None else jnp.asarray(check_prefix_rows(prefix, prefix_rows, b))
         if prefix is None:
             contiguous = _left_padded(valid)
         else:
@@ -325,7 +325,7 @@ class Model:
                            else jax.device_put(a, batch_sharding(self.mesh, a.ndim, b)))
         if prefix is not None:
             out_logits, captured = _run_prefix_jit(
-                self._params_for_run(), prefix.state, _prefix_rows(prefix, prefix_rows, b),
+                self._params_for_run(), prefix.state, jnp.asarray(check_prefix_rows(prefix, prefix_rows, b)),
                 jnp.asarray(tokens.astype(np.int32)), jnp.asarray(valid), None if pos is None else jnp.asarray(pos),
                 iv, family_name=self.family.FAMILY, cfg=self.config, spec=spec, unroll=unroll, want_logits=logits)
             return out_logits, H.order_cache(spec, captured)
@@ -369,8 +369,9 @@ def _plain_kv_state(family_name, cfg, dtype) -> bool:
     return isinstance(shapes, dict) and set(shapes) == {"k", "v", "valid"}
 
 
-def _prefix_rows(prefix: PrefixCache, rows, batch: int):
-    """The prefix row of each of ``batch`` continuations, as an int32 device array (checked on the host)."""
+def check_prefix_rows(prefix: PrefixCache, rows, batch: int):
+    """The prefix row of each of ``batch`` continuations (int32, host), checked against the cache: a clear
+    error before any compute for a wrong shape, dtype or row index."""
     if rows is None:
         if prefix.batch not in (1, batch):
             raise ValueError(f"a prefix cache of {prefix.batch} rows needs prefix_rows for a batch of {batch}")
@@ -381,7 +382,7 @@ def _prefix_rows(prefix: PrefixCache, rows, batch: int):
     if rows.size and (rows.min() < 0 or rows.max() >= prefix.batch):
         raise ValueError(f"prefix_rows must index the prefix cache's {prefix.batch} rows; "
                          f"got {rows.min()}..{rows.max()}")
-    return jnp.asarray(rows.astype(np.int32))
+    return rows.astype(np.int32)
 
 
 def _chain_impl(first, second, point, layer, x, ctx):

@@ -454,7 +454,7 @@ def evaluate_recovery(workdir: str, organism_dir: str) -> dict:
     and globally ``transfer`` (the pipeline's persona transfer matrix) and ``steering`` slopes.
     """
     from prefjax.probes import RidgeProbe, default_splits, evaluate_probe, fit_ridge
-    from prefjax.stages import _read_json
+    from prefjax.stages import read_json
     from prefjax.store import open_existing
     from prefjax.tasks import load_tasks
     hidden = load_hidden(organism_dir)
@@ -464,13 +464,13 @@ def evaluate_recovery(workdir: str, organism_dir: str) -> dict:
     if missing:
         raise ValueError(f"tasks {missing[:5]} of the run are not in {organism_dir}/{HIDDEN_FILE}")
     leaked = sorted(set(ids) & set(hidden["train_ids"]))
-    run_cfg = _read_json(os.path.join(workdir, "run.json"))["config"]
+    run_cfg = read_json(os.path.join(workdir, "run.json"))["config"]
     seed = int(run_cfg.get("seed", 0))
     n = len(ids)
     train_i, ev_i, test_i = default_splits(n, seed)
     done = lambda name: os.path.join(workdir, "stages", f"{name}.done")
     out: dict[str, Any] = {"n_tasks": n, "train_tasks_in_run": len(leaked), "persona": {}}
-    probes_res = _read_json(done("probes"))["result"] if os.path.exists(done("probes")) else None
+    probes_res = read_json(done("probes"))["result"] if os.path.exists(done("probes")) else None
     for pname, table in hidden["utilities"].items():
         f = os.path.join(workdir, "stages", "utilities", f"{pname}.npz")
         if not os.path.exists(f):
@@ -500,10 +500,10 @@ def evaluate_recovery(workdir: str, organism_dir: str) -> dict:
             res["probe_r_hidden_by_layer"] = by_layer
         out["persona"][pname] = res
     if os.path.exists(done("transfer")):
-        tr = _read_json(done("transfer"))["result"]
+        tr = read_json(done("transfer"))["result"]
         out["transfer"] = {"personas": tr["personas"], "persona_r": tr["persona_r"], "utility_corr": tr["utility_corr"]}
     if os.path.exists(done("steering")):
-        s = _read_json(done("steering"))["result"]
+        s = read_json(done("steering"))["result"]
         out["steering"] = {k: s[k] for k in ("persona", "layer", "slope_probe", "slope_random", "coefs")}
         out["steering"]["p_probe"] = [r["p_steered_mean"] for r in s["probe"]]
         out["steering"]["p_random"] = [r["p_steered_mean"] for r in s["random"]]

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
 
 import numpy as np
 
 from prefjax.progress import log
+from prefjax.runconfig import lookup as _get
 from prefjax.stages import Run, atomic_save_npz, atomic_write_json
 
 STAGES = ("tasks", "choices", "utilities", "activations", "probes", "transfer", "steering", "inlp", "patching",
@@ -72,20 +72,6 @@ def config_mesh(cfg):
     if int(np.prod(list(shape.values()))) <= 1:
         return None
     return make_mesh(shape, jax.local_devices())
-
-
-def _get(cfg, dotted: str, default=None):
-    node = cfg
-    for part in dotted.split("."):
-        if isinstance(node, Mapping):
-            if part not in node:
-                return default
-            node = node[part]
-        else:
-            if not hasattr(node, part):
-                return default
-            node = getattr(node, part)
-    return node
 
 
 def _to_dict(cfg) -> dict:
@@ -389,7 +375,8 @@ def run_pipeline(cfg, workdir: str, *, model=None) -> str | None:
     from prefjax.report.build import build_report
     report = build_report(run, cfg, pool=pool, personas=list(personas), mu=mu, utilities=util_summary,
                           probes=probe_summary, transfer=transfer_summary, steering=steer_summary,
-                          inlp=inlp_summary, extra=extra, truth=truth, load_seconds=load_s)
+                          inlp=inlp_summary, extra=extra, truth=truth, load_seconds=load_s,
+                          stage_order=STAGES)
     if multi:
         barrier("prefjax-done")
     return report

@@ -161,7 +161,7 @@ def atomic_save_npz(path: str, **arrays) -> str:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _read_json(path: str):
+def read_json(path: str):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -232,7 +232,7 @@ class Run:
         self.fingerprint = config_fingerprint(self.config, self.safe_to_change)
         run_json = os.path.join(self.workdir, "run.json")
         if os.path.exists(run_json):
-            old = _read_json(run_json)
+            old = read_json(run_json)
             old_cfg = old.get("config", {})
             if old.get("fingerprint") != self.fingerprint or config_diff(old_cfg, self.config,
                                                                           self.safe_to_change):
@@ -268,7 +268,21 @@ class Run:
         """The saved result of a finished stage (KeyError naming it if not done)."""
         if not self.is_done(name):
             raise KeyError(f"stage {name!r} is not done in {self.workdir!r}")
-        return _read_json(self.done_path(name))["result"]
+        return read_json(self.done_path(name))["result"]
+
+    def done_records(self) -> list[dict]:
+        """Every ``stages/*.done`` marker of this run (``stage``, ``result``, ``finished``, ``seconds``, ...),
+        in no particular order; a marker that cannot be read is left out."""
+        out = []
+        for entry in sorted(os.listdir(self.stages_dir)) if os.path.isdir(self.stages_dir) else []:
+            if entry.endswith(".done"):
+                try:
+                    d = read_json(os.path.join(self.stages_dir, entry))
+                except (OSError, ValueError):
+                    continue
+                d.setdefault("stage", entry[:-len(".done")])
+                out.append(d)
+        return out
 
     def mark_done(self, name: str, result: Any = None, started: float | None = None) -> None:
         """Write ``stages/<name>.done`` (atomically) holding ``result``."""
@@ -447,7 +461,7 @@ def resumable_loop(items: Sequence, cursor_path: str, fn: Callable[[list], Any],
     digest = _items_digest(items) if check_items else None
     start = 0
     if os.path.exists(cursor_path):
-        cur = _read_json(cursor_path)
+        cur = read_json(cursor_path)
         if cur.get("n_items") != n or (check_items and cur.get("digest") not in (None, digest)):
             raise ValueError(
                 f"cursor {cursor_path!r} was written for {cur.get('n_items')} items "

@@ -400,13 +400,8 @@ class _Reader:
         self.tensors = tensors
 
 
-def read_gguf(path: str | Path | None = None) -> GGUFCheckpoint:
-    """Open a GGUF file lazily (memory map, metadata only). ``None`` means ``default_gguf_path()``.
-
-    Raises FileNotFoundError for a missing file and GGUFError for a file that is not GGUF or whose
-    architecture is not one of ``SUPPORTED_ARCHITECTURES``. Metadata arrays longer than 4096
-    entries (the vocabulary) are left out of ``.metadata``.
-    """
+def _gguf_file(path: str | Path | None) -> Path:
+    """``path`` (``None``: the packaged default) once it is known to exist and to start with the GGUF magic."""
     path = default_gguf_path() if path is None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -414,6 +409,17 @@ def read_gguf(path: str | Path | None = None) -> GGUFCheckpoint:
         magic = f.read(4)
     if magic != b"GGUF":
         raise GGUFError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    return path
+
+
+def read_gguf(path: str | Path | None = None) -> GGUFCheckpoint:
+    """Open a GGUF file lazily (memory map, metadata only). ``None`` means ``default_gguf_path()``.
+
+    Raises FileNotFoundError for a missing file and GGUFError for a file that is not GGUF or whose
+    architecture is not one of ``SUPPORTED_ARCHITECTURES``. Metadata arrays longer than 4096
+    entries (the vocabulary) are left out of ``.metadata``.
+    """
+    path = _gguf_file(path)
     metadata, n_tokens, tensors = _parse_gguf(path)
     arch = metadata.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -466,13 +472,7 @@ def read_gguf_tokenizer(path: str | Path | None = None) -> GGUFTokenizerData:
     missing, when ``tokenizer.ggml.scores`` / ``tokenizer.ggml.token_type`` do not have one entry
     per token, or when the token count differs from the rows of ``token_embd.weight``.
     """
-    path = default_gguf_path() if path is None else Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise GGUFError(f"{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    path = _gguf_file(path)
     metadata, _, tensors = _parse_gguf(path, expand=TOKENIZER_ARRAY_KEYS)
     tokens = metadata.get("tokenizer.ggml.tokens")
     if tokens is None:

@@ -158,11 +158,11 @@ def load_params(family, cfg, src: TensorSource, *, dtype=None, mesh=None, rules=
             def cb(index, tn=tensor_names[0], host=host):
                 return np.asarray(host(tn)[index]).astype(dtype)
         arr = jax.make_array_from_callback(shape, sharding, cb)
-        _assign(out, path, arr)
+        assign_path(out, path, arr)
     return out
 
 
-def _assign(tree: dict, path: str, value):
+def assign_path(tree: dict, path: str, value):
     parts = path.split("/")
     for p in parts[:-1]:
         tree = tree.setdefault(p, {})

@@ -252,14 +252,10 @@ def _logit_rows(model, batch: list[Job], seqs: list[list[int]], cfg: ElicitConfi
     tok = model.tokenizer
     ida, idb = label_token_ids(tok, cfg.template)
     b = max(rows or len(seqs), len(seqs))
-    t = -(-max(len(x) for x in seqs) // pad_multiple) * pad_multiple
-    ids = np.full((b, t), int(tok.pad_id or 0), np.int32)
-    mask = np.zeros((b, t), bool)
-    last = np.zeros((b, 1), np.int32)
-    for r in range(b):
-        x = seqs[r if r < len(seqs) else 0]
-        at = 0 if prefix is not None else t - len(x)
-        ids[r, at:at + len(x)], mask[r, at:at + len(x)], last[r, 0] = x, True, at + len(x) - 1
+    full = [seqs[r if r < len(seqs) else 0] for r in range(b)]
+    ids, mask = tok.batch_encode(full, pad="left" if prefix is None else "right", add_bos=False,
+                                 pad_to_multiple_of=pad_multiple)
+    last = np.asarray([[ids.shape[1] - 1 if prefix is None else len(x) - 1] for x in full], np.int32)
     if prefix_rows is not None:
         prefix_rows = [prefix_rows[r if r < len(seqs) else 0] for r in range(b)]
     logits, _ = model.run(ids, attention_mask=mask, positions=last, prefix=prefix, prefix_rows=prefix_rows)

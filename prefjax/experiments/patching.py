@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefjax import hooks as H
+from prefjax.runconfig import lookup as _get
 
 PATCH_MODES = ("eot", "span")
 
@@ -298,11 +299,6 @@ def patching_curves(model, prompt_pairs: Sequence[tuple[ChoicePrompt, ChoiceProm
 
 # ---------------------------------------------------------------------------------------------
 # The pipeline stage.
-
-def _get(cfg, dotted, default=None):
-    from prefjax.pipeline import _get as g
-    return g(cfg, dotted, default)
-
 
 def _persona_model(model, persona):
     if persona is not None and persona.adapter:

@@ -128,7 +128,7 @@ def preference_shift(mu_base, mu_shift, score_base, score_shift, *, baseline_sco
 # ---------------------------------------------------------------------------------------------
 # The pipeline stage.
 
-def _probe_dir(run, persona: str, probe_summary=None) -> str:
+def probe_dir(run, persona: str, probe_summary=None) -> str:
     base = os.path.join(run.workdir, "probes", persona)
     if probe_summary is not None:
         layer = probe_summary["persona"][persona]["best_layer"]
@@ -175,7 +175,8 @@ def run_pref_shift_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, 
     ``probes.alphas``. A shift such as "You love math" is run as a persona of the pipeline (its own
     choices, utilities and activations). Reports every task and the held-out test split.
     """
-    from prefjax.pipeline import _get, content_embeddings
+    from prefjax.pipeline import content_embeddings
+    from prefjax.runconfig import lookup as _get
     from prefjax.probes import RidgeProbe, default_splits, fit_ridge
     from prefjax.stages import to_jsonable
     names = list(personas)
@@ -188,7 +189,7 @@ def run_pref_shift_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, 
         return {"base": base, "skipped": "no shift persona (the run has one persona)"}
     seed = int(_get(cfg, "seed", 0))
     n = len(pool)
-    pdir = _probe_dir(run, base, probe_summary)
+    pdir = probe_dir(run, base, probe_summary)
     probe = RidgeProbe.load(pdir)
     hook = probe.cfg.get("hook", os.path.basename(pdir))
     position = int(probe.cfg.get("position", 0))

@@ -261,8 +261,8 @@ def run_truefalse_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, p
     (5), ``truefalse.reg`` (1.0), ``truefalse.n_boot`` (1000), ``truefalse.batch_size`` (32), ``seed``.
     ``pool`` is unused (kept for the common stage signature). Scores go to ``stages/truefalse/<persona>.npz``.
     """
-    from prefjax.experiments.pref_shift import ShiftError, _probe_dir
-    from prefjax.pipeline import _get
+    from prefjax.experiments.pref_shift import ShiftError, probe_dir
+    from prefjax.runconfig import lookup as _get
     from prefjax.probes import RidgeProbe
     from prefjax.stages import atomic_save_npz, to_jsonable
     stm = load_statements(_get(cfg, "truefalse.path", None))
@@ -274,7 +274,7 @@ def run_truefalse_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, p
     from prefjax.progress import progress
     for pname, persona in progress(list(personas.items()), desc="truefalse", unit="persona"):
         try:
-            pdir = _probe_dir(run, pname, probe_summary)
+            pdir = probe_dir(run, pname, probe_summary)
         except (ShiftError, KeyError) as e:
             out["persona"][pname] = {"skipped": str(e)}
             continue

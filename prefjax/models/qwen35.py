@@ -439,7 +439,7 @@ def load_params(cfg: Qwen35Config, src, *, dtype=None, mesh=None, rules=None, wh
     tensor's presence and shape is checked before any array is built; tensors the port would
     ignore are refused. Each device shard reads only the layers (rows) it holds.
     """
-    from prefjax.checkpoints.hf import CheckpointError, _assign, find_prefix, resolve_dtype
+    from prefjax.checkpoints.hf import CheckpointError, assign_path, find_prefix, resolve_dtype
     from prefjax.sharding import DEFAULT_RULES, named
 
     rules = DEFAULT_RULES if rules is None else rules
@@ -500,7 +500,7 @@ def load_params(cfg: Qwen35Config, src, *, dtype=None, mesh=None, rules=None, wh
         else:
             def cb(index, entry=entry, transform=transform, row_tensors=row_tensors):
                 return np.asarray(build_row(entry, transform, row_tensors[0])[index]).astype(dtype)
-        _assign(out, path, jax.make_array_from_callback(shape, sharding, cb))
+        assign_path(out, path, jax.make_array_from_callback(shape, sharding, cb))
     return out
 
 

@@ -3,40 +3,32 @@
 from __future__ import annotations
 
 import os
+import time
+from typing import Sequence
 
 import numpy as np
 
 from prefjax.report.figures import (dose_response, inlp_trajectory, probe_r_by_layer, transfer_heatmap,
                                     utilities_by_topic)
 from prefjax.report.summary import write_report
+from prefjax.runconfig import lookup as _get
 
 
 def _fmt(x, nd=3):
     return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
 
 
-def stage_times(run) -> list[tuple[str, float | None, str]]:
-    """``(stage, seconds, finished)`` of every stage marked done in ``run``, in pipeline order (a stage's
-    per-persona parts in the order they finished).
+def stage_times(run, order: Sequence[str]) -> list[tuple[str, float | None, str]]:
+    """``(stage, seconds, finished)`` of every stage marked done in ``run``, sorted by ``order`` (the
+    pipeline's stage names; a stage's per-persona parts ``<stage>-<persona>`` in the order they finished).
 
     The seconds are those recorded in the stage's ``.done`` marker when it ran, so a resumed run keeps
     the times of the stages an earlier attempt finished."""
-    import glob
-    import json
-    out = []
-    for path in glob.glob(os.path.join(run.stages_dir, "*.done")):
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except (OSError, ValueError):
-            continue
-        sec = d.get("seconds")
-        out.append((d.get("stage") or os.path.basename(path)[:-5], None if sec is None else float(sec),
-                    str(d.get("finished") or "")))
-    from prefjax.pipeline import STAGES
+    out = [(d["stage"], None if d.get("seconds") is None else float(d["seconds"]), str(d.get("finished") or ""))
+           for d in run.done_records()]
 
     def rank(name):
-        return next((k for k, st in enumerate(STAGES) if name == st or name.startswith(st + "-")), len(STAGES))
+        return next((k for k, st in enumerate(order) if name == st or name.startswith(st + "-")), len(order))
     return sorted(out, key=lambda r: (rank(r[0]), r[2], r[0]))
 
 
@@ -61,12 +53,11 @@ def _timing_table(rows, load_s, report_s) -> tuple[str, dict]:
 
 
 def build_report(run, cfg, *, pool, personas, mu, utilities, probes, transfer, steering, inlp, extra=None,
-                 truth=None, load_seconds: float | None = None) -> str:
+                 truth=None, load_seconds: float | None = None, stage_order: Sequence[str] = ()) -> str:
     """Write figures + ``summary.json`` + ``report.md`` into the run's workdir; return the report path.
 
     The report ends with the table of stage times (:func:`stage_times`; ``load_seconds``: how long this
     process took to load the model); ``summary.json`` keeps them under ``timing``."""
-    import time
     t0 = time.time()
     wd = run.workdir
     fig_dir = os.path.join(wd, "figures")
@@ -75,7 +66,6 @@ def build_report(run, cfg, *, pool, personas, mu, utilities, probes, transfer, s
     topics = list(pool.topic_array())
     figures["utilities by topic"] = utilities_by_topic({p: mu[p] for p in personas}, topics,
                                                        os.path.join(fig_dir, "utilities_by_topic.png"))
-    from prefjax.pipeline import _get
     headline = {"model": str(_get(cfg, "model.source", "")), "tasks": len(pool), "personas": ", ".join(personas)}
     sections = []
     util_lines = ["| persona | comparisons (pairs) | ok | refusal | unparseable | split-half r |", "|---|---|---|---|---|---|"]
@@ -211,5 +201,5 @@ def build_report(run, cfg, *, pool, personas, mu, utilities, probes, transfer, s
                             "utilities; the pipeline's estimates are compared with them.\n\n" + "\n".join(lines)))
     summary = {"headline": headline, "extra": extra, "truth": truth, "utilities": utilities, "probes": probes, "transfer": transfer,
                "steering": steering, "inlp": inlp}
-    table, summary["timing"] = _timing_table(stage_times(run), load_seconds, time.time() - t0)
+    table, summary["timing"] = _timing_table(stage_times(run, stage_order), load_seconds, time.time() - t0)
     return write_report(wd, summary, figures, sections, title="prefjax report", footer=[("Stage times", table)])
