@@ -45,18 +45,25 @@ def experts_dense(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFxD,
     return jnp.einsum("ned,ne->nd", y, dense_w)
 
 
-def experts_grouped(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFxD, act=jax.nn.silu):
-    """Sort (token, slot) pairs by expert and run grouped matmuls with ``jax.lax.ragged_dot``."""
+def experts_grouped(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFxD, act=jax.nn.silu, *, valid=None):
+    """Sort (token, slot) pairs by expert and run grouped matmuls with ``jax.lax.ragged_dot``.
+
+    ``valid`` [N, k] (optional) marks the rows to run: the others (routed to another device's experts)
+    sort last, outside every group, so they take no expert's matmul and add nothing."""
     n, k = top_i_NxK.shape
     n_exp = gate_ExDxF.shape[0]
     flat_e = top_i_NxK.reshape(-1)
+    if valid is not None:
+        flat_e = jnp.where(valid.reshape(-1), flat_e, n_exp)
     order = jnp.argsort(flat_e, stable=True)
     token_of = order // k
     xs = jnp.take(x_NxD, token_of, axis=0)
-    sizes = jnp.bincount(flat_e, length=n_exp).astype(jnp.int32)
+    sizes = jnp.bincount(flat_e, length=n_exp + 1)[:n_exp].astype(jnp.int32)
     h = act(jax.lax.ragged_dot(xs, gate_ExDxF, sizes)) * jax.lax.ragged_dot(xs, up_ExDxF, sizes)
     y = jax.lax.ragged_dot(h, down_ExFxD, sizes)
     y = y * jnp.take(top_w_NxK.reshape(-1), order)[:, None]
+    if valid is not None:  # rows past the last group are not written by ragged_dot: never let them in
+        y = jnp.where((jnp.take(flat_e, order) < n_exp)[:, None], y, 0)
     return jnp.zeros_like(x_NxD).at[token_of].add(y.astype(x_NxD.dtype))
 
 
@@ -187,7 +194,7 @@ def run_experts(impl: str, x_NxD, top_w_NxK, top_i_NxK, weights, act, *, layer=N
         else:
             weights = tuple(jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False) for a in weights)
     if valid_NxK is not None:
-        if impl in ("pallas", "blocked"):  # the block layout drops these rows (and their weights)
+        if impl in ("pallas", "blocked", "grouped"):  # these paths drop the rows (and their weights)
             kw["valid"] = valid_NxK
         else:
             top_w_NxK = jnp.where(valid_NxK, top_w_NxK, 0)
@@ -210,6 +217,13 @@ def experts_parallel(x_NxD, top_w_NxK, top_i_NxK, weights, act, *, impl: str, me
     from jax.sharding import PartitionSpec as P
 
     from prefjax.sharding import spec_for
+    if impl != "pallas" and weights[0].ndim == 4 and layer is not None:
+        # Only the Pallas kernels read a layer of the stack in place; for the others take the layer here,
+        # so the gather of its fsdp split below covers one layer's experts (with the whole stack as the
+        # shard_map operand, XLA all-gathers every layer's experts at once, hoisted out of the layer scan:
+        # 12 GiB per chip for Qwen-3.5-122B on a v5p-32 with fsdp=2).
+        weights = tuple(jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False) for a in weights)
+        layer = None
     lead = (None,) * (weights[0].ndim - 3)
     w_specs = tuple(spec_for(w.shape, lead + axes, mesh) for w, axes in
                     zip(weights, (("experts", None, "expert_mlp"),) * 2 + (("experts", "expert_mlp", None),)))
@@ -236,6 +250,18 @@ def experts_parallel(x_NxD, top_w_NxK, top_i_NxK, weights, act, *, impl: str, me
     li = jnp.asarray(0 if layer is None else layer, jnp.int32)
     return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, P(), *w_specs), out_specs=tok,
                          check_vma=False)(x_NxD, top_w_NxK, top_i_NxK, li, *weights)
+
+
+def target_platform() -> str:
+    """The platform the current trace is for: the devices' platform of the mesh set with ``jax.set_mesh``
+    (so a compile for a TPU slice from a CPU host, :mod:`prefjax.aot`, takes the TPU paths), else
+    ``jax.default_backend()``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        platform = getattr(getattr(mesh, "abstract_device", None), "platform", None)
+        if platform:
+            return str(platform)
+    return jax.default_backend()
 
 
 def _active_mesh():

@@ -139,8 +139,8 @@ def experts_pallas(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFxD
     """
     n, k = top_i_NxK.shape
     n_exp = gate_ExDxF.shape[-3]
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+    if interpret is None:  # Triton kernels only where the trace is for a GPU (the interpreter elsewhere)
+        interpret = M.target_platform() != "gpu"
     block = block or pick_block(n * k, n_exp)
     tiles.setdefault("num_warps", 8 if block >= 128 else 4)
     lay = M.block_layout(top_w_NxK, top_i_NxK, n_exp, block, valid_NxK=valid)

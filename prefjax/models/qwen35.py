@@ -636,14 +636,22 @@ def attention_mixer(cfg: Qwen35Config, p, h_BxTxD, cos, sin, mask, st=None, star
 
 
 def moe_impl(cfg: Qwen35Config) -> str:
-    """The expert path to run: ``cfg.moe_impl``, except that "grouped" means the Pallas kernels on GPUs
-    (``ragged_dot`` has no grouped GPU kernel in JAX 0.11; see :mod:`prefjax.models.moe`). Several
-    devices without a mesh context (:func:`prefjax.sharding.mesh_context`) get the partitionable
-    "blocked" path, since a Pallas call on sharded weights would gather them whole."""
-    if cfg.moe_impl == "grouped" and jax.default_backend() == "gpu":
+    """The expert path to run, chosen by the platform the trace targets (:func:`prefjax.models.moe.target_platform`:
+    the mesh's under ``jax.set_mesh``, so an ahead-of-time compile for a TPU slice from a CPU host picks the TPU
+    path): ``cfg.moe_impl``, except that
+
+    * on GPUs "grouped" means the Pallas kernels (``ragged_dot`` has no grouped GPU kernel in JAX 0.11; see
+      :mod:`prefjax.models.moe`); several devices without a mesh context (:func:`prefjax.sharding.mesh_context`)
+      get the partitionable "blocked" path, since a Pallas call on sharded weights would gather them whole;
+    * on TPUs "pallas" (Triton, GPU-only) means "grouped": ``ragged_dot`` lowers to the TPU's native grouped
+      matmul there (only the routed rows are multiplied; checked in tests/test_aot.py)."""
+    platform = M.target_platform()
+    if cfg.moe_impl == "grouped" and platform == "gpu":
         if jax.device_count() > 1 and jax.sharding.get_abstract_mesh().empty:
             return "blocked"
         return "pallas" if MP.supported(cfg.d_model, cfg.d_expert) else "blocked"
+    if cfg.moe_impl == "pallas" and platform == "tpu":
+        return "grouped"
     return cfg.moe_impl
 
 

@@ -1,0 +1,64 @@
+"""TPU mesh presets per model: which slice each model runs on and how its arrays are split.
+
+``tpu_mesh(model, topology)`` gives the mesh ``{axis: size}`` (axes of :data:`prefjax.sharding.MESH_AXES`)
+for a model of ``configs/common.py`` on a TPU slice (``"v5e:4x4"``, or an accelerator-type name such as
+``"v5e-16"``). Every preset below compiles for its slice with ``launch/aot.py`` (the paper's workload:
+batch 32, 256-token task prompts, 512-token pair prompts, 128 steering rows) and leaves at least 10% of
+each chip's HBM free for prefill + capture, generation's prefill and decode step and the steered
+variants. One program does not fit the v5e presets: the steering stage's coherence score
+(``completion_loglik``) asks ``Model.run`` for full [rows, tokens, vocab] logits, which XLA leaves
+unsharded (38.6 GiB of temporaries per chip for Gemma-3-27B on v5e-16, 21.8 GiB for Llama-3.1-8B on
+v5e-4); it fits the v5p and v6e presets.
+
+Why these shapes:
+
+* Gemma-3-27B (54 GB of bf16 weights): pure FSDP. 16 x v5e (16 GiB each) or 4 x v5p (95 GiB);
+  the batch is split over the same chips, so a batch that is a multiple of the chip count runs
+  data-parallel between the weight all-gathers.
+* Qwen-3.5-122B-A10B (244 GB): the 256 routed experts split over ``expert`` (each chip runs only the
+  rows routed to its experts, ``ragged_dot`` on TPU) and everything else over ``fsdp``; on 64 x v6e a
+  2-way ``tensor`` axis (the model has 2 KV heads) keeps the batch split at 32, so a batch of 32 still
+  divides.
+* Llama-3.1-8B (16 GB): FSDP over a v5e-4.
+* Pairs not listed: FSDP over every chip for the large models above, data-parallel for the small ones
+  (tiny, gemma3-270m); :func:`tpu_mesh` gives these when it is told the chip count.
+
+Multi-host slices (v5e-16 is 4 hosts, v5p-32 is 4, v6e-64 is 16): start the same command once per host;
+the launcher calls ``jax.distributed.initialize()`` (TPU pods are detected from the environment), every
+process sees the whole slice, and the mesh spans all of its chips.
+"""
+
+from __future__ import annotations
+
+# (model, topology) -> mesh. Topologies in libtpu's '<generation>:<chips per axis>' form.
+TPU_MESHES: dict[tuple[str, str], dict[str, int]] = {
+    ("gemma3-27b", "v5e:4x4"): {"fsdp": 16},            # v5e-16
+    ("gemma3-27b", "v5p:2x2x1"): {"fsdp": 4},           # v5p-8 (4 chips)
+    ("qwen35-122b-a10b", "v5p:2x2x4"): {"fsdp": 2, "expert": 8},                # v5p-32 (16 chips)
+    ("qwen35-122b-a10b", "v6e:8x8"): {"fsdp": 2, "tensor": 2, "expert": 16},    # v6e-64
+    ("llama31-8b", "v5e:2x2"): {"fsdp": 4},             # v5e-4
+}
+
+# The slice each large model is meant for (first = default for launch/aot.py's --topology=preset).
+TPU_SLICES: dict[str, tuple[str, ...]] = {
+    "gemma3-27b": ("v5e:4x4", "v5p:2x2x1"),
+    "qwen35-122b-a10b": ("v5p:2x2x4", "v6e:8x8"),
+    "llama31-8b": ("v5e:2x2",),
+}
+
+# Accelerator-type names accepted for the topology (v5p counts TensorCores, two per chip).
+_ALIASES = {"v5e-4": "v5e:2x2", "v5e-16": "v5e:4x4", "v5p-8": "v5p:2x2x1", "v5p-32": "v5p:2x2x4",
+            "v6e-16": "v6e:4x4", "v6e-64": "v6e:8x8"}
+
+
+def tpu_mesh(model: str, topology: str, n_chips: int | None = None) -> dict[str, int] | None:
+    """The preset mesh for ``model`` on ``topology``. Pairs without a preset, when ``n_chips`` is given:
+    ``{"fsdp": n_chips}`` for the large models of :data:`TPU_SLICES`, ``{"data": n_chips}`` (data-parallel)
+    for the rest; else None."""
+    topo = _ALIASES.get(topology, topology)
+    mesh = TPU_MESHES.get((model, topo))
+    if mesh is not None:
+        return dict(mesh)
+    if n_chips is None:
+        return None
+    return {"fsdp" if model in TPU_SLICES else "data": int(n_chips)}
