@@ -4,11 +4,8 @@
 for a model of ``configs/common.py`` on a TPU slice (``"v5e:4x4"``, or an accelerator-type name such as
 ``"v5e-16"``). Every preset below compiles for its slice with ``launch/aot.py`` (the paper's workload:
 batch 32, 256-token task prompts, 512-token pair prompts, 128 steering rows) and leaves at least 10% of
-each chip's HBM free for prefill + capture, generation's prefill and decode step and the steered
-variants. One program does not fit the v5e presets: the steering stage's coherence score
-(``completion_loglik``) asks ``Model.run`` for full [rows, tokens, vocab] logits, which XLA leaves
-unsharded (38.6 GiB of temporaries per chip for Gemma-3-27B on v5e-16, 21.8 GiB for Llama-3.1-8B on
-v5e-4); it fits the v5p and v6e presets.
+each chip's HBM free for prefill + capture, generation's prefill and decode step, the steered
+variants and the coherence score (log-likelihoods at the completion's positions only).
 
 Why these shapes:
 

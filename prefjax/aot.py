@@ -11,7 +11,7 @@ every jitted program a pipeline config would execute, with prefjax's own shardin
   ``choices: generate prefill`` and ``choices: decode step`` (the KV / recurrent state carried);
 * ``steering: steered prefill`` and ``steering: steered decode step`` -- the per-row coefficient
   steering sweep (one row per prompt and a [batch, seq] signed token mask), and
-  ``steering: loglik`` (the coherence score: full logits of prompt + completion);
+  ``steering: loglik`` (the coherence score: prompt + completion, logits at the completion's positions);
 * ``utilities: Thurstonian fit`` -- the L-BFGS solve at ``fit_tasks`` tasks / ``fit_comparisons``
   comparisons, the comparisons sharded over every chip of the slice;
 * ``probes: ridge path`` -- the eigendecomposition behind the whole alpha path, at the config's
@@ -345,18 +345,25 @@ def _hlo_ops(text: str) -> set[str]:
 _OOM = re.compile(r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)")
 
 
-def _largest_outputs(lowered, k: int = 3) -> list[tuple[str, float]]:
-    """The program's largest outputs at their global size (what a program that failed to fit returns)."""
+_MLIR_TENSOR = re.compile(r"tensor<((?:\d+x)+)(f32|bf16|f16|f64|i32|i64|i8|i1|ui32|ui8)>")
+_MLIR_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "f64": 8, "i32": 4, "i64": 8, "i8": 1, "i1": 1, "ui32": 4, "ui8": 1}
+
+
+def largest_lowered_values(lowered, k: int = 3) -> list[tuple[str, float]]:
+    """The ``k`` largest values in a lowered (not yet partitioned) program, at their global size: what
+    dominates a program that libtpu refused for memory, where no compiled HLO exists to read."""
     if lowered is None:
         return []
     try:
-        import jax
-        outs = [o for o in jax.tree_util.tree_leaves(lowered.out_info) if hasattr(o, "shape")]
+        text = lowered.as_text()
     except Exception:
         return []
-    sized = [(f"output {np.dtype(o.dtype).name}[{','.join(map(str, o.shape))}] (whole, before sharding)",
-              float(np.prod(o.shape, dtype=np.float64)) * np.dtype(o.dtype).itemsize) for o in outs]
-    return sorted(sized, key=lambda kv: -kv[1])[:k]
+    seen = {}
+    for dims, ty in _MLIR_TENSOR.findall(text):
+        shape = tuple(int(d) for d in dims.rstrip("x").split("x"))
+        seen[f"{ty}[{','.join(map(str, shape))}] (whole, before sharding)"] = \
+            float(np.prod(shape, dtype=np.float64)) * _MLIR_BYTES[ty]
+    return sorted(seen.items(), key=lambda kv: -kv[1])[:k]
 
 
 def lowering_context():
@@ -392,7 +399,7 @@ def compile_program(name: str, lower: Callable[[], Any], chip: Chip, *, args_nam
         if oom:  # libtpu refuses a program whose temporaries exceed HBM: that is "does not fit"
             res.status = "does not fit"
             res.temp_bytes = float(oom.group(1)) * GiB
-            res.largest_temps = _largest_outputs(lowered)
+            res.largest_temps = largest_lowered_values(lowered)
             res.notes.append(f"libtpu: {text.splitlines()[0][:300]}")
             if log:
                 log(f"  {name}: does not fit ({res.temp_bytes / GiB:.2f} GiB of temporaries)")
@@ -666,7 +673,7 @@ def layer_corrected_cost(build: Callable[[Any, bool], Any], mcfg, chip: Chip, lo
 # The statistics programs.
 
 def lower_thurstonian(sl: TpuSlice, n_tasks: int, n_comparisons: int):
-    """``prefjax.utility.thurstonian._solve`` (L-BFGS to convergence in one while loop) with the
+    """``prefjax.utility.thurstonian.solve_program`` (L-BFGS to convergence in one while loop) with the
     comparisons sharded over every chip (a 1-D ``data`` mesh), tasks replicated."""
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -674,7 +681,7 @@ def lower_thurstonian(sl: TpuSlice, n_tasks: int, n_comparisons: int):
     from prefjax.utility import thurstonian as T
     mesh = Mesh(np.array(sl.devices), ("data",))
     n_dev = sl.n_chips
-    rows = T._bucket(int(n_comparisons), n_dev)
+    rows = T.comparison_bucket(int(n_comparisons), n_dev)
     shard, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     cols = (_sds((rows,), jnp.int32, shard), _sds((rows,), jnp.int32, shard),
             _sds((rows,), jnp.float32, shard), _sds((rows,), jnp.float32, shard))
@@ -683,14 +690,14 @@ def lower_thurstonian(sl: TpuSlice, n_tasks: int, n_comparisons: int):
     cfg = T.ThurstonianConfig()
     numeric = {k: _sds((), jnp.float32, rep) for k in T._NUMERIC}
     static = dataclasses.replace(cfg, **{k: 0.0 for k in T._NUMERIC})
-    lowered = T._solve.lower(params0, cols + extra, numeric, cfg=static)
+    lowered = T.solve_program.lower(params0, cols + extra, numeric, cfg=static)
     named = {"comparisons i": cols[0], "comparisons j": cols[1], "wins_i": cols[2], "wins_j": cols[3],
              "mu": params0["m"], "log_sigma": params0["log_sigma"]}
     return lowered, named, rows, cfg.max_iter
 
 
 def lower_ridge(sl: TpuSlice, n: int, d: int):
-    """``prefjax.probes.ridge._decompose`` (one eigendecomposition per captured layer gives the whole
+    """``prefjax.probes.ridge.decompose`` (one eigendecomposition per captured layer gives the whole
     alpha path) on one chip, in float32, as process 0 runs it."""
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -698,7 +705,7 @@ def lower_ridge(sl: TpuSlice, n: int, d: int):
     from prefjax.probes import ridge as R
     one = NamedSharding(Mesh(np.array(sl.devices[:1]), ("one",)), P())
     x = _sds((n, d), jnp.float32, one)
-    return R._decompose.lower(x), {"X (train split)": x}
+    return R.decompose.lower(x), {"X (train split)": x}
 
 
 # --------------------------------------------------------------------------------------------
@@ -996,8 +1003,9 @@ def check_run(cfg, topology: str, *, mesh: Mapping[str, int] | None = None, task
                           lambda c, u, b=bg, t=t: mp.decode_step(c, batch=b, prompt_len=t, n_new=rs.steer_new,
                                                                  greedy=True, steer_layer=lay(c), unroll=u)))
             tl = t + rs.steer_new
+            # completion_loglik asks for logits only where they score a completion token
             specs.append(("steering: loglik", "steering", "prefill", b * tl,
-                          lambda c, u, b=b, t=tl: mp.forward(c, batch=b, seq=t, k_pos=None, unroll=u)))
+                          lambda c, u, b=b, t=tl, k=rs.steer_new: mp.forward(c, batch=b, seq=t, k_pos=k, unroll=u)))
 
     results: list[ProgramResult] = []
     if log:

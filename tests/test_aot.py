@@ -85,17 +85,26 @@ def test_mesh_axis_not_dividing_a_parameter_names_the_array():
 
 
 def test_a_program_that_does_not_fit_says_by_how_much_and_what_dominates():
-    # the coherence score's full logits: 6 rows (replicated: they do not divide over 4 chips) x 4108 tokens
-    # x the 262144-entry vocabulary in float32 is 26 GB on every 16 GiB chip
-    rep = aot.check_run(_config("default", "tiny"), "v5e:2x2", mesh={"data": 4}, pair_len=4096, layer_costs=False,
-                        programs=["steering: loglik"], log=None)
+    # prefill + capture of 16k-token task prompts: the global layers' attention scores (16 rows over 4 chips
+    # x 1 KV head x 4 query heads x 16384 x 16384 in float32) outgrow a 16 GiB v5e chip; libtpu refuses the program
+    rep = aot.check_run(_config("default", "tiny"), "v5e:2x2", mesh={"data": 4}, task_len=16384, layer_costs=False,
+                        programs=["activations: prefill+capture"], log=None)
     (r,) = rep.results
     assert r.status == "does not fit" and not rep.ok
     assert r.peak_bytes > 16 * GiB
     text = r.overflow_text()
     assert "GiB over the 16 GiB HBM" in text and "largest arguments: params/embed" in text
-    assert "[6,4108,262144]" in text  # the logits
-    assert "does not fit: steering: loglik" in rep.format()
+    assert "f32[16,1,4,16384,16384]" in text  # the attention scores [B, kv, group, T, T] dominate
+    assert "does not fit: activations: prefill+capture" in rep.format()
+
+
+def test_coherence_score_asks_only_for_the_completion_logits():
+    # completion_loglik scores completion tokens only: 4k-token pair prompts fit where full logits
+    # ([6, 4108, 262144] float32, replicated) would need 26 GB per chip
+    rep = aot.check_run(_config("default", "tiny"), "v5e:2x2", mesh={"data": 4}, pair_len=4096, layer_costs=False,
+                        programs=["steering: loglik"], log=None)
+    (r,) = rep.results
+    assert r.status == "ok" and r.peak_bytes < 4 * GiB
 
 
 def test_launcher_reports_bad_topology():

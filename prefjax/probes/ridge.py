@@ -41,7 +41,9 @@ def split_indices(n: int, fracs: Sequence[float], seed: int = 0) -> list[np.ndar
 
 
 @jax.jit
-def _decompose(xs_NxD):
+def decompose(xs_NxD):
+    """Centred, scaled X [N, D] -> (basis, eigenvalues, projections) of X^T X (or X X^T when D > N): one
+    eigendecomposition gives ridge solutions for every alpha. Jitted; also lowered by prefjax.aot."""
     n, d = xs_NxD.shape
     if d <= n:
         lam, v = jnp.linalg.eigh(xs_NxD.T @ xs_NxD)
@@ -68,7 +70,7 @@ class RidgePath:
         mean = x.mean(0)
         scale = x.std(0) if standardize else np.ones(x.shape[1], np.float32)
         scale = np.where(scale > 1e-12 * max(1.0, float(np.abs(x).max())), scale, 1.0).astype(np.float32)
-        basis, lam, proj = _decompose(jnp.asarray((x - mean) / scale))
+        basis, lam, proj = decompose(jnp.asarray((x - mean) / scale))
         return cls(mean, scale, basis, lam, proj)
 
     def standardize(self, x_NxD) -> jax.Array:

@@ -139,7 +139,7 @@ def _check_same_len(**arrays):
         raise ValueError(f"arrays of mismatched length: {lens}")
 
 
-def _bucket(n: int, multiple: int = 1) -> int:
+def comparison_bucket(n: int, multiple: int = 1) -> int:
     """Round up to a few sizes per octave so refits of a growing graph rarely recompile."""
     if n <= 1 << 16:  # small problems: powers of two (compiles dominate there)
         b = max(1024, 1 << (n - 1).bit_length())
@@ -185,8 +185,8 @@ def _make_opt(cfg: ThurstonianConfig, learning_rate):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _solve(params0, data, numeric, cfg: ThurstonianConfig):
-    """Run the optimiser to convergence in one while_loop. Returns (params, loss, nll, iters, converged).
+def solve_program(params0, data, numeric, cfg: ThurstonianConfig):
+    """The compiled fit (also lowered by prefjax.aot): run the optimiser to convergence in one while_loop. Returns (params, loss, nll, iters, converged).
 
     ``cfg`` holds only the structural options (a jit key); the numeric ones come traced in ``numeric``,
     so changing a prior weight or tolerance does not recompile."""
@@ -283,7 +283,7 @@ def fit_thurstonian(i, j, wins_i, wins_j, n_tasks: int, *, mesh=None, strict: bo
         ls0 = np.log(s0)
 
     n_dev = 1 if mesh is None else int(mesh.shape["data"])
-    P = _bucket(len(i), n_dev)
+    P = comparison_bucket(len(i), n_dev)
     pad = P - len(i)
     f32 = lambda a: np.asarray(a, np.float32)
     cols = [np.pad(i, (0, pad)).astype(np.int32), np.pad(j, (0, pad), constant_values=1).astype(np.int32),
@@ -299,7 +299,7 @@ def fit_thurstonian(i, j, wins_i, wins_j, n_tasks: int, *, mesh=None, strict: bo
         extra = [compared, np.float32(w_i.sum() + w_j.sum())]
     numeric = {k: np.float32(getattr(cfg, k)) for k in _NUMERIC}
     static = dataclasses.replace(cfg, **{k: 0.0 for k in _NUMERIC})
-    params, loss, nll, it, done = _solve(params0, tuple(cols) + tuple(extra), numeric, static)
+    params, loss, nll, it, done = solve_program(params0, tuple(cols) + tuple(extra), numeric, static)
 
     mu = np.asarray(_mu_from(params["m"], compared, cfg), np.float64)
     sigma = np.exp(np.asarray(params["log_sigma"], np.float64))
