@@ -25,10 +25,13 @@ for cases the patterns miss.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
+import json
 import re
-from typing import Callable, Literal
+from typing import Callable, Iterable, Literal
 
 from prefjax.elicit.prompts import DEFAULT_TEMPLATE, ChoiceTemplate
+from prefjax.stats_small import wilson_interval
 
 Status = Literal["ok", "refusal", "unparseable", "both"]
 
@@ -53,14 +56,15 @@ _PAREN = r"(?:\s*,\s*[^,.!?\n]{1,50},)?"
 _NEG_CANT = (rf"(?:(?:'m|\s+am)\s+{_ADV}(?:unable|not able|not in a position)\s+to"
              rf"|\s+{_ADV}(?:can'?t|cannot|can not|could not|couldn'?t))")
 _NEG_WONT = (rf"(?:\s+{_ADV}(?:won'?t|will not|shan'?t|will never|would never|wouldn'?t)"
-             rf"|(?:'ll|\s+will)\s+{_ADV}not|(?:'m|\s+am)\s+{_ADV}not\s+{_ADV}going to)")
+             rf"|(?:'ll|\s+will)\s+{_ADV}not|(?:'m|\s+am)\s+{_ADV}not(?:\s+{_ADV}going to)?)")
 _ACT = (r"(?:help(?!\s+but\b)|assist|provide|create|write|generate|produce|comply|fulfil|fulfill|complete|"
         r"continue|engage|participate|support|share|give|answer|respond|choose|pick|select|make|draft|offer|"
-        r"take part|role-?play|pretend|touch|attempt|tackle|handle|include|add|"
-        r"do (?:that|this|it|either|both|so|what|any|task|the (?:first|second|other))|go along|"
-        r"helping|assisting|providing|creating|writing|generating|producing|engaging|participating|"
-        r"answering|making|drafting|giving|sharing|doing|completing|continuing|pretending|role-?playing)")
-_AFTER_NEG = rf"{_PAREN}\s+{_ADV}(?:be able to\s+|bring myself to\s+|be\s+)?{_ADV}{_ACT}\b"
+        r"take part|role-?play|pretend|touch|attempt|tackle|handle|include|add|go through with|go ahead|"
+        r"do (?:that|this|it|either|both|so|what|any|task|the (?:first|second|other))|do(?=\s*(?:[.!?;,]|$))|"
+        r"go along|helping|assisting|providing|creating|writing|generating|producing|engaging|participating|"
+        r"answering|making|drafting|giving|sharing|doing|completing|continuing|pretending|role-?playing|"
+        r"choosing|picking|selecting|responding|supporting|touching|attempting|handling|including|adding)")
+_AFTER_NEG = rf"(?:\s+(?:and|or)\s+(?:won'?t|will not|can'?t|cannot))?{_PAREN}\s+{_ADV}(?:be able to\s+|bring myself to\s+|be\s+)?{_ADV}{_ACT}\b"
 
 #: ``(name, regex)`` pairs; the one matching earliest in the text names the refusal. They run on the text
 #: after :func:`normalize_reply` (straight quotes, no markdown emphasis, single spaces).
@@ -70,10 +74,12 @@ REFUSAL_PATTERNS: tuple[tuple[str, str], ...] = (
     ("sorry_but", r"\bsorry\b[^.!?\n]{0,40}?(?:\bbut\b|\bI\s*(?:can'?t|cannot|won'?t|will not|am unable|'m unable|'m not able))"),
     ("apologise_but", r"\bI\s+apologi[sz]e\b[^.!?\n]{0,40}?\bbut\b"),
     ("as_an_ai", r"\bas an?\s+(?:AI|artificial intelligence|(?:large\s+)?language model|AI language model|AI assistant)\b"),
-    ("decline", rf"\bI\s*(?:must|have to|need to|will|'ll|would have to|'d have to|am going to|'m going to)?\s*{_ADV}(?:respectfully\s+|politely\s+)?(?:decline|refuse)\b"),
+    ("decline", rf"\bI(?:\s*(?:must|have to|need to|will|'ll|would|'d|am going to|'m going to|have got to|'ve got to|'m|am))*\s*{_ADV}(?:respectfully\s+|politely\s+)?(?:decline|declining|refuse|refusing)\b"),
+    ("say_no", rf"\bI(?:\s*(?:must|have to|need to|will|'ll|would|'d|am going to|'m going to|have got to|'ve got to))*\s+{_ADV}say no\b"),
+    ("should_not", rf"\bI\s+(?:{_ADV}(?:shouldn'?t|should not|ought not to)|(?:don'?t|do not) think I\s+(?:should|can|could|ought to))\s+{_ADV}{_ACT}\b"),
     ("not_comfortable", rf"\bI(?:'m| am) {_ADV}not {_ADV}(?:comfortable|willing|going to(?!\s+(?:lie|sugar-?coat)\b))\b|\bI (?:don'?t|do not) feel comfortable\b"),
     ("rather_not", rf"\bI(?:'d| would) {_ADV}(?:rather|prefer) not(?=(?:\s+to)?\s+{_ADV}{_ACT}\b)"),
-    ("not_something", rf"\b(?:not|n't)\s+(?:something|anything)\s+I(?:'m|\s+am|'ll|\s+will|\s+can|\s+could|\s+would)?\s+{_ADV}(?:willing|able|comfortable|going|help|assist|do|{_ACT})\b"),
+    ("not_something", rf"(?:\bnot|n't)\s+(?:something|anything)\s+I(?:'m|\s+am|'ll|\s+will|\s+can|\s+could|\s+would)?\s+{_ADV}(?:willing|able|comfortable|going|help|assist|do|{_ACT})\b"),
     ("opt_out", r"\bI(?:'ll| will|'m going to| am going to)\s+(?:have to\s+)?(?:sit (?:this|that) one out|pass on (?:this|that|both|either|these|task)|skip (?:this|that|both|task|the (?:first|second|other)))\b"),
     ("against_policy", r"\b(?:against|violates?|violating|breach(?:es)?|break(?:s|ing)?)\s+(?:my|the|our)?\s*(?:\w+\s+)?(?:guidelines|policies|policy|principles|terms of use|rules)\b"),
     ("not_appropriate", r"\b(?:it'?s|it is|that'?s|that is|this is|this would be|that would be) (?:not appropriate|inappropriate|unethical)\b"),
@@ -267,3 +273,71 @@ def judge_refusal(ask_fn: Callable[[str], str], completion: str, max_chars: int 
     if not isinstance(answer, str):
         raise TypeError(f"ask_fn must return a str, got {type(answer).__name__}")
     return parse_yes_no(answer)
+
+
+# -- the labelled reply set ---------------------------------------------------------------------------
+
+REPLY_LABELS = ("compliance", "caveated_compliance", "hard_refusal", "partial_refusal", "incoherent")
+_REFUSAL_LABELS = ("hard_refusal", "partial_refusal")
+
+
+def load_refusal_set() -> list[dict]:
+    """The bundled labelled replies (``prefjax/elicit/data/refusal_labelled.jsonl``), checked.
+
+    Each row: ``text``; ``label`` in :data:`REPLY_LABELS`; ``refusal`` (True exactly for hard and partial
+    refusals); ``choice`` (``"A"``, ``"B"`` or None: the task the reply opens with and claims); ``split``:
+    ``dev``, ``dev2``, ``dev3`` (used while writing the patterns) or ``heldout`` (written after the
+    patterns were frozen and never used to change them).
+    """
+    ref = importlib.resources.files("prefjax.elicit") / "data" / "refusal_labelled.jsonl"
+    rows = []
+    for i, line in enumerate(ref.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if row.get("label") not in REPLY_LABELS:
+            raise ValueError(f"refusal_labelled.jsonl line {i + 1}: label {row.get('label')!r} not in {REPLY_LABELS}")
+        if row.get("refusal") != (row["label"] in _REFUSAL_LABELS) or row.get("choice") not in ("A", "B", None):
+            raise ValueError(f"refusal_labelled.jsonl line {i + 1}: refusal/choice inconsistent with the label")
+        if not isinstance(row.get("text"), str) or not isinstance(row.get("split"), str):
+            raise ValueError(f"refusal_labelled.jsonl line {i + 1}: text and split must be strings")
+        rows.append(row)
+    return rows
+
+
+def evaluate_refusal_detector(rows: Iterable[dict] | None = None, template: ChoiceTemplate = DEFAULT_TEMPLATE,
+                              refusal_window: int = 300) -> dict:
+    """Precision and recall of the pattern detector (``parse_choice(text).refusal``) on labelled replies.
+
+    ``rows`` defaults to :func:`load_refusal_set`. Returns ``{"all": ..., "<split>": ...}``, each with
+    ``n``, ``tp``, ``fp``, ``fn``, ``precision`` and ``recall`` (None when undefined) with Wilson 95%
+    intervals (``precision_ci``, ``recall_ci``), ``wrong_choice`` (replies where the parser read a choice
+    other than the labelled one), ``misses`` (texts of refusals not flagged: the judge's share) and
+    ``false_alarms``. JSON-serialisable.
+    """
+    rows = load_refusal_set() if rows is None else list(rows)
+    groups: dict[str, list[dict]] = {"all": rows}
+    for r in rows:
+        groups.setdefault(r.get("split", "dev"), []).append(r)
+    out = {}
+    for name, rs in groups.items():
+        tp = fp = fn = 0
+        misses, alarms, wrong = [], [], []
+        for r in rs:
+            p = parse_choice(r["text"], template, refusal_window=refusal_window)
+            if p.refusal and r["refusal"]:
+                tp += 1
+            elif p.refusal:
+                fp += 1
+                alarms.append(r["text"])
+            elif r["refusal"]:
+                fn += 1
+                misses.append(r["text"])
+            if p.choice is not None and p.choice != r.get("choice"):
+                wrong.append(r["text"])
+        res = {"n": len(rs), "tp": tp, "fp": fp, "fn": fn,
+               "precision": tp / (tp + fp) if tp + fp else None, "recall": tp / (tp + fn) if tp + fn else None,
+               "precision_ci": list(wilson_interval(tp, tp + fp)), "recall_ci": list(wilson_interval(tp, tp + fn)),
+               "wrong_choice": wrong, "misses": misses, "false_alarms": alarms}
+        out[name] = res
+    return out
