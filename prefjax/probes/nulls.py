@@ -106,13 +106,16 @@ def _path_predictions(x_train, Y_train, x_targets, alphas, standardize) -> list[
     """Ridge predictions [A, T, P] on each target set, for every alpha and every column of ``Y_train``."""
     path = RidgePath.build(x_train, standardize=standardize)
     y_mean = Y_train.mean(0)
-    c_RxP = np.asarray(path.coefs(Y_train - y_mean), np.float64)
+    # One decomposition (in JAX); the many small products below stay in NumPy, where op dispatch is cheap.
+    basis_DxR = np.asarray(path.basis_DxR, np.float64)
+    c_RxP = np.asarray(path.proj_RxN, np.float64) @ (Y_train - y_mean)
     lam_R = np.asarray(path.lam_R, np.float64)
-    scaled_AxRxP = c_RxP[None] / (lam_R[None, :, None] + alphas[:, None, None])
+    A, (R, P) = len(alphas), c_RxP.shape
+    scaled_RxAP = (c_RxP[:, None, :] / (lam_R[:, None, None] + alphas[None, :, None])).reshape(R, A * P)
     out = []
     for x in x_targets:
-        e_TxR = np.asarray(path.eval_projection(x), np.float64)
-        out.append(np.einsum("tr,arp->atp", e_TxR, scaled_AxRxP) + y_mean)
+        e_TxR = ((x - path.mean_D) / path.scale_D) @ basis_DxR
+        out.append((e_TxR @ scaled_RxAP).reshape(-1, A, P).transpose(1, 0, 2) + y_mean)
     return out
 
 
