@@ -2,8 +2,8 @@
 grid with bootstrap intervals, and a random-direction null for steering effects.
 
 * :func:`nested_cv_ridge` -- outer folds give the held-out estimate; inner folds (inside each outer
-  training set only) choose alpha. Reports per-outer-fold alphas and r, the pooled out-of-fold r with a
-  bootstrap interval, the inner r curves, and (``n_perm > 0``) a label-shuffle null in which every
+  training set only) choose alpha. Reports per-outer-fold alphas and r, the fold-averaged held-out r
+  with a bootstrap interval, the inner r curves, and (``n_perm > 0``) a label-shuffle null in which every
   permutation is refitted through the *same* nested procedure (alpha re-chosen per permutation).
 * :func:`nested_transfer` -- a probe trained on each source (persona or layer), tested on every target,
   as an ``[alpha, source, target]`` array over the whole grid plus the nested-CV choice, with paired
@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from prefjax.probes.metrics import pairwise_accuracy
 from prefjax.probes.ridge import DEFAULT_ALPHAS, RidgePath, check_finite
 
 DEFAULT_QUANTILES = (0.005, 0.01, 0.025, 0.05, 0.25, 0.5, 0.75, 0.95, 0.975, 0.99, 0.995)
@@ -100,6 +101,29 @@ def _last_pearson(p: np.ndarray, y: np.ndarray) -> np.ndarray:
     den = np.sqrt((p * p).sum(-1) * (y * y).sum(-1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, (p * y).sum(-1) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _fold_mean_r(pred, y, folds, boot=None):
+    """Size-weighted mean over outer folds of the Pearson r along the last (task) axis.
+
+    ``pred`` [..., n] and ``y`` [..., n] broadcast; ``boot`` (optional) holds, per fold, resample indices
+    [B, n_k] into that fold's tasks, and the result gains a trailing [B] axis (a bootstrap stratified by
+    fold). Each fold has its own fitted intercept and shrinkage, so r is computed within folds and
+    averaged, never on predictions pooled across folds.
+    """
+    w = np.asarray([len(t) for t in folds], np.float64)
+    w /= w.sum()
+    total = 0.0
+    for k, test in enumerate(folds):
+        pk, yk = pred[..., test], y[..., test]
+        if boot is not None:
+            pk, yk = pk[..., boot[k]], yk[..., boot[k]]
+        total = total + w[k] * _last_pearson(pk, yk)
+    return total
+
+
+def _fold_boot(folds, n_boot, rng):
+    return [rng.integers(0, len(t), (n_boot, len(t))) for t in folds]
 
 
 def _path_predictions(x_train, Y_train, x_targets, alphas, standardize) -> list[np.ndarray]:
@@ -183,14 +207,18 @@ def nested_cv_ridge(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, outer=5, 
       n_perm: label-shuffle permutations. Each permuted ``y`` goes through the identical nested procedure
         (alpha re-chosen on the permuted labels, same folds); ``null.p_value`` is
         ``(1 + #{null r >= observed r}) / (1 + n_perm)``.
-      n_boot, level: percentile bootstrap over held-out tasks of the pooled out-of-fold r. The interval is
-        conditional on the fitted fold models (refit variability is in the per-fold spread and the null).
+      n_boot, level: percentile bootstrap of ``r``, resampling held-out tasks within each outer fold. The
+        interval is conditional on the fitted fold models (refit variability shows in ``fold_r`` and in the
+        null).
       seed: folds, permutations and bootstrap draws.
 
-    Returns a dict: ``r`` (Pearson r of the pooled out-of-fold predictions with ``y``), ``ci`` [lo, hi],
-    ``level``, ``pairwise_acc``, ``fold_r``, ``fold_alpha``, ``fold_n`` (per outer fold), ``inner_r``
-    [outer, A] (mean inner r curve per outer fold), ``r_by_alpha`` [A] (pooled out-of-fold r at each fixed
-    alpha: the alpha-sensitivity curve; its maximum is optimistic and is not the estimate), ``alpha``
+    Returns a dict: ``r`` (the held-out estimate: Pearson r of predictions with ``y`` within each outer
+    test fold, averaged with fold-size weights; r of predictions pooled across folds is not used, because
+    each fold's model has its own intercept and shrinkage, which at large alpha dominate a pooled r),
+    ``ci`` [lo, hi], ``level``, ``pairwise_acc`` (fold mean), ``fold_r``, ``fold_alpha``, ``fold_n`` (per
+    outer fold), ``inner_r`` [outer, A] (mean inner r curve per outer fold), ``r_by_alpha`` [A] (the same
+    held-out r at each fixed alpha: the alpha-sensitivity curve; its maximum is optimistic and is not the
+    estimate), ``alpha``
     (alpha chosen by ``inner``-fold CV on all tasks: the one to fit a final probe with), ``alphas``,
     ``predictions`` [n] (None for tasks in no test fold) and, with ``n_perm > 0``, ``null``
     {n_perm, p_value, mean, sd, quantiles, values}.
@@ -231,22 +259,17 @@ def nested_cv_ridge(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, outer=5, 
         fold_n.append(int(len(test)))
         inner_curves.append(curve[:, 0].tolist())
     held = np.flatnonzero(np.isfinite(pred_NxP[:, 0]))
-    r_P = _col_pearson(pred_NxP[held], Y[held])
+    r_P = _fold_mean_r(pred_NxP.T, Y.T, folds)
     obs = float(r_P[0])
-    boot = np.random.default_rng([seed, 2]).integers(0, len(held), (n_boot, len(held)))
-    p0, y0 = pred_NxP[held, 0], y[held]
-    rb = _last_pearson(p0[boot], y0[boot])
-    rb = rb[np.isfinite(rb)]
-    lo, hi = np.quantile(rb, [(1 - level) / 2, (1 + level) / 2])
-    dy = np.sign(y0[:, None] - y0[None]), np.sign(p0[:, None] - p0[None])
-    keep = dy[0] != 0
-    acc = float(np.mean(np.where(dy[1][keep] == 0, 0.5, dy[1][keep] == dy[0][keep]))) if keep.any() else None
+    rb = _fold_mean_r(pred_NxP[:, 0], y, folds, _fold_boot(folds, n_boot, np.random.default_rng([seed, 2])))
+    lo, hi = np.nanquantile(rb, [(1 - level) / 2, (1 + level) / 2])
+    acc = float(np.mean([pairwise_accuracy(pred_NxP[t, 0], y[t]) for t in folds]))
     final_ids = kfold_ids(n, inner, seed + 1000, None if groups is None else np.asarray(groups))
     final_curve, final_best = _inner_choice(X, y[:, None], final_ids, alphas, standardize)
     out = {"r": obs, "ci": [float(lo), float(hi)], "level": level, "pairwise_acc": acc,
            "n_heldout": int(len(held)), "fold_r": fold_r, "fold_alpha": fold_alpha, "fold_n": fold_n,
            "inner_r": inner_curves,
-           "r_by_alpha": _col_pearson(pred_all_AxN[:, held].T, y[held, None]).tolist(),
+           "r_by_alpha": _fold_mean_r(pred_all_AxN, y[None], folds).tolist(),
            "alpha": float(alphas[final_best[0]]), "alphas": alphas.tolist(),
            "predictions": [float(v) if np.isfinite(v) else None for v in pred_NxP[:, 0]]}
     if n_perm:
@@ -260,7 +283,8 @@ def nested_cv_ridge(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, outer=5, 
 
 def nested_transfer(X_SxNxD, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, outer=5, inner: int = 5,
                     n_perm: int = 0, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
-                    names: Sequence[str] | None = None, standardize: bool = True) -> dict:
+                    names: Sequence[str] | None = None, standardize: bool = True,
+                    alpha_window_decades: float = 2.0, alpha_tolerance: float = 0.05) -> dict:
     """Transfer matrix (train on source ``a``, test on target ``b``) over the whole alpha grid, with
     bootstrap intervals, the nested-CV alpha choice and shuffle-null p-values per cell.
 
@@ -268,20 +292,24 @@ def nested_transfer(X_SxNxD, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, out
       X_SxNxD: activations of S sources (personas or layers) for the same n tasks.
       y: [S, n] (each persona's own utilities: the probe trained on A's activations and utilities is
         scored on B's activations against B's utilities) or [n] (shared utilities, e.g. across layers).
-      outer: outer folds (every task is a test task once; predictions are pooled) or a list of test
-        index arrays (e.g. ``[test_idx]``: one split, training on the rest).
+      outer: outer folds (every task is a test task once; r is computed within each test fold and
+        averaged with fold-size weights) or a list of test index arrays (e.g. ``[test_idx]``: one split,
+        training on the rest).
       inner: inner folds inside each outer training set choosing alpha for the ``selected`` matrix.
       n_perm: shuffle null per cell: the source's labels are permuted, the probe refitted through the same
         nested procedure (alpha re-chosen), and scored on each target's true utilities.
-      n_boot, level: percentile bootstrap over test tasks, the same resamples for every cell and alpha
-        (so differences between cells are paired).
+      n_boot, level: percentile bootstrap over test tasks (resampled within each outer fold), the same
+        resamples for every cell and alpha (so differences between cells are paired).
 
     Returns a dict with ``names``, ``alphas``, and
       * ``r_grid`` [A, S, S], ``r_grid_lo`` / ``r_grid_hi`` [A, S, S]: r at every fixed alpha;
       * ``r`` [S, S], ``ci_lo`` / ``ci_hi`` [S, S]: at the nested-CV alpha (chosen per outer fold and
         source: ``fold_alpha`` [S, outer]);
-      * ``alpha_spread`` [S, S] (max - min of ``r_grid`` over the grid) and ``hangs_on_alpha`` [S, S]:
-        True where some grid alpha's r lies outside the selected cell's interval;
+      * ``alpha_spread`` [S, S] (max - min of ``r_grid`` over the whole grid), ``alpha_window`` [S, 2]
+        (the grid alphas within ``alpha_window_decades`` decades of the alphas the inner folds chose for
+        that source: values a slightly different split could have picked) and ``hangs_on_alpha`` [S, S]:
+        True where the r at some alpha in the window lies outside the selected cell's interval *and* more
+        than ``alpha_tolerance`` from the selected r (a shift that is both real and large enough to matter);
       * ``p_value`` [S, S], ``null_mean`` / ``null_q95`` [S, S] when ``n_perm > 0``;
       * ``utility_corr`` [S, S] with ``utility_corr_lo`` / ``_hi`` (same resamples) when ``y`` is [S, n]:
         the value transfer should match if the probe reads each persona's utility.
@@ -304,6 +332,10 @@ def nested_transfer(X_SxNxD, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, out
     n_perm = _check_count("n_perm", n_perm, 0)
     n_boot = _check_count("n_boot", n_boot, 100)
     level = _check_level(level)
+    if not alpha_window_decades >= 0:
+        raise ValueError(f"alpha_window_decades must be >= 0, got {alpha_window_decades}")
+    if not alpha_tolerance >= 0:
+        raise ValueError(f"alpha_tolerance must be >= 0, got {alpha_tolerance}")
     folds = _fold_list(n, outer, seed, None)
     A = len(alphas)
     grid = np.full((A, S, S, n), np.nan)
@@ -328,36 +360,38 @@ def nested_transfer(X_SxNxD, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, out
                 sel[a, b, test] = chosen[:, 0]
                 null[a, b, test] = chosen[:, 1:]
     held = np.flatnonzero(np.isfinite(sel[0, 0]))
-    Yh = Y[:, held]                                     # [S, m]
-    r_grid = _last_pearson(grid[..., held], Yh[None, None])  # [A, S, S]
-    r_sel = _last_pearson(sel[..., held], Yh[None])           # [S, S]
-    boot = np.random.default_rng([seed, 4]).integers(0, len(held), (n_boot, len(held)))
+    Yh = Y[:, held]                                        # [S, m]
+    r_grid = _fold_mean_r(grid, Y[None, None], folds)     # [A, S, S]
+    r_sel = _fold_mean_r(sel, Y[None], folds)              # [S, S]
+    boot = _fold_boot(folds, n_boot, np.random.default_rng([seed, 4]))
     q = [(1 - level) / 2, (1 + level) / 2]
-    yb = Yh[:, boot]                                     # [S, B, m]
-
-    def interval(p_SxSxM):
-        rb = _last_pearson(p_SxSxM[:, :, boot], yb[None])  # [S, S, B]
-        return np.nanquantile(rb, q, axis=-1)
-
-    sel_lo, sel_hi = interval(sel[..., held])
+    sel_lo, sel_hi = np.nanquantile(_fold_mean_r(sel, Y[None], folds, boot), q, axis=-1)
     g_lo, g_hi = np.empty_like(r_grid), np.empty_like(r_grid)
     for i in range(A):
-        g_lo[i], g_hi[i] = interval(grid[i][..., held])
+        g_lo[i], g_hi[i] = np.nanquantile(_fold_mean_r(grid[i], Y[None], folds, boot), q, axis=-1)
     out = {"names": list(names) if names is not None else [str(s) for s in range(S)], "alphas": alphas.tolist(),
            "level": level, "n_heldout": int(len(held)),
            "r": r_sel.tolist(), "ci_lo": sel_lo.tolist(), "ci_hi": sel_hi.tolist(),
            "fold_alpha": fold_alpha.tolist(),
            "r_grid": r_grid.tolist(), "r_grid_lo": g_lo.tolist(), "r_grid_hi": g_hi.tolist(),
-           "alpha_spread": (np.nanmax(r_grid, 0) - np.nanmin(r_grid, 0)).tolist(),
-           "hangs_on_alpha": ((np.nanmin(r_grid, 0) < sel_lo) | (np.nanmax(r_grid, 0) > sel_hi)).tolist()}
+           "alpha_spread": (np.nanmax(r_grid, 0) - np.nanmin(r_grid, 0)).tolist()}
+    log_a, w = np.log10(alphas), float(alpha_window_decades)
+    in_win = ((log_a[:, None] >= np.log10(fold_alpha.min(1))[None] - w - 1e-9)
+              & (log_a[:, None] <= np.log10(fold_alpha.max(1))[None] + w + 1e-9))  # [A, S]
+    outside = (((r_grid < sel_lo[None]) | (r_grid > sel_hi[None]))
+               & (np.abs(r_grid - r_sel[None]) > alpha_tolerance))       # [A, S, S]
+    out["hangs_on_alpha"] = np.any(outside & in_win[:, :, None], 0).tolist()
+    out["alpha_window"] = [[float(alphas[in_win[:, s]].min()), float(alphas[in_win[:, s]].max())]
+                           for s in range(S)]
     if n_perm:
-        r_null = _last_pearson(np.moveaxis(null[:, :, held], 3, 2), Yh[None, :, None])  # [S, S, P]
+        r_null = _fold_mean_r(np.moveaxis(null, 3, 2), Y[None, :, None], folds)  # [S, S, P]
         out["p_value"] = ((1 + np.sum(r_null >= r_sel[..., None], -1)) / (1 + n_perm)).tolist()
         out["null_mean"] = np.nanmean(r_null, -1).tolist()
         out["null_q95"] = np.nanquantile(r_null, 0.95, axis=-1).tolist()
         out["n_perm"] = n_perm
     if y.ndim == 2:
         uc = _last_pearson(Yh[:, None], Yh[None])
+        yb = Yh[:, np.random.default_rng([seed, 5]).integers(0, len(held), (n_boot, len(held)))]  # [S, B, m]
         ub = _last_pearson(yb[:, None], yb[None])
         ulo, uhi = np.nanquantile(ub, q, axis=-1)
         out.update(utility_corr=uc.tolist(), utility_corr_lo=ulo.tolist(), utility_corr_hi=uhi.tolist())
