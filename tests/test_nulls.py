@@ -198,7 +198,8 @@ def test_transfer_grid_intervals_and_nulls():
     assert r[0, 1] < -0.8 and 0.3 < r[0, 2] < 0.7
     p = np.asarray(res["p_value"])
     assert p[0, 0] == pytest.approx(0.01) and p[0, 2] == pytest.approx(0.01)
-    assert p[0, 1] == 1.0  # a strongly negative transfer is not evidence of positive transfer
+    assert p[0, 1] == 1.0  # a strongly negative transfer is not evidence of positive transfer ...
+    assert np.asarray(res["p_value_two_sided"])[0, 1] == pytest.approx(0.01)  # ... but it is an effect
     np.testing.assert_allclose(res["alpha_spread"], grid.max(0) - grid.min(0))
     # with 150 tasks and 24 dims the answer does not hang on alpha for the self cells at small alphas
     assert np.all(np.abs(grid[:3, 0, 0] - r[0, 0]) < 0.05)

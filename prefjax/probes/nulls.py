@@ -161,6 +161,7 @@ def _quantile_dict(values: np.ndarray, qs: Sequence[float]) -> dict[str, float]:
 
 def _null_summary(observed: float, null: np.ndarray, qs=DEFAULT_QUANTILES) -> dict:
     return {"n_perm": int(null.size), "p_value": float((1 + np.sum(null >= observed)) / (1 + null.size)),
+            "p_value_two_sided": float((1 + np.sum(np.abs(null) >= abs(observed))) / (1 + null.size)),
             "mean": float(null.mean()), "sd": float(null.std()), "quantiles": _quantile_dict(null, qs),
             "values": null.tolist()}
 
@@ -206,7 +207,7 @@ def nested_cv_ridge(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, outer=5, 
       groups: optional [n] labels (topics); outer and inner folds then keep each group whole.
       n_perm: label-shuffle permutations. Each permuted ``y`` goes through the identical nested procedure
         (alpha re-chosen on the permuted labels, same folds); ``null.p_value`` is
-        ``(1 + #{null r >= observed r}) / (1 + n_perm)``.
+        ``(1 + #{null r >= observed r}) / (1 + n_perm)`` (``null.p_value_two_sided`` uses |r|).
       n_boot, level: percentile bootstrap of ``r``, resampling held-out tasks within each outer fold. The
         interval is conditional on the fitted fold models (refit variability shows in ``fold_r`` and in the
         null).
@@ -221,7 +222,7 @@ def nested_cv_ridge(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, outer=5, 
     estimate), ``alpha``
     (alpha chosen by ``inner``-fold CV on all tasks: the one to fit a final probe with), ``alphas``,
     ``predictions`` [n] (None for tasks in no test fold) and, with ``n_perm > 0``, ``null``
-    {n_perm, p_value, mean, sd, quantiles, values}.
+    {n_perm, p_value, p_value_two_sided, mean, sd, quantiles, values}.
     """
     X = check_finite("X", np.asarray(X, np.float64))
     y = check_finite("y", np.asarray(y, np.float64))
@@ -310,7 +311,9 @@ def nested_transfer(X_SxNxD, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, out
         that source: values a slightly different split could have picked) and ``hangs_on_alpha`` [S, S]:
         True where the r at some alpha in the window lies outside the selected cell's interval *and* more
         than ``alpha_tolerance`` from the selected r (a shift that is both real and large enough to matter);
-      * ``p_value`` [S, S], ``null_mean`` / ``null_q95`` [S, S] when ``n_perm > 0``;
+      * ``p_value`` [S, S] (one-sided: is r larger than under the null?), ``p_value_two_sided`` (on |r|:
+        an inverted persona's strongly negative transfer is an effect too), ``null_mean`` / ``null_q95``
+        [S, S] when ``n_perm > 0``;
       * ``utility_corr`` [S, S] with ``utility_corr_lo`` / ``_hi`` (same resamples) when ``y`` is [S, n]:
         the value transfer should match if the probe reads each persona's utility.
     """
@@ -386,6 +389,8 @@ def nested_transfer(X_SxNxD, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, out
     if n_perm:
         r_null = _fold_mean_r(np.moveaxis(null, 3, 2), Y[None, :, None], folds)  # [S, S, P]
         out["p_value"] = ((1 + np.sum(r_null >= r_sel[..., None], -1)) / (1 + n_perm)).tolist()
+        out["p_value_two_sided"] = ((1 + np.sum(np.abs(r_null) >= np.abs(r_sel)[..., None], -1))
+                                    / (1 + n_perm)).tolist()
         out["null_mean"] = np.nanmean(r_null, -1).tolist()
         out["null_q95"] = np.nanquantile(r_null, 0.95, axis=-1).tolist()
         out["n_perm"] = n_perm
