@@ -205,8 +205,9 @@ def nested_cv_ridge(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, outer=5, 
       inner: inner folds, drawn inside each outer training set; alpha maximises the mean inner-fold
         Pearson r. The outer test fold is never seen by the inner loop.
       groups: optional [n] labels (topics); outer and inner folds then keep each group whole.
-      n_perm: label-shuffle permutations. Each permuted ``y`` goes through the identical nested procedure
-        (alpha re-chosen on the permuted labels, same folds); ``null.p_value`` is
+      n_perm: label-shuffle permutations. ``y`` is permuted across all tasks (exchangeable under the null
+        of no relation between activations and utilities) and each permuted ``y`` goes through the
+        identical nested procedure (alpha re-chosen on the permuted labels, same folds); ``null.p_value`` is
         ``(1 + #{null r >= observed r}) / (1 + n_perm)`` (``null.p_value_two_sided`` uses |r|).
       n_boot, level: percentile bootstrap of ``r``, resampling held-out tasks within each outer fold. The
         interval is conditional on the fitted fold models (refit variability shows in ``fold_r`` and in the
