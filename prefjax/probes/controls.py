@@ -87,7 +87,9 @@ def shuffle_null(X, y, *, n_perm: int = 200, alphas=DEFAULT_ALPHAS, splits=None,
 
     The observed pipeline (fit on train, alpha by eval r, Pearson r on test) is rerun with ``y`` permuted
     across all tasks ``n_perm`` times; one decomposition serves every permutation. ``p_value`` is
-    ``(1 + #{null >= observed}) / (1 + n_perm)``.
+    ``(1 + #{null >= observed}) / (1 + n_perm)``. Alpha is chosen on one eval split here; for alpha chosen
+    by nested cross-validation (and the null refitted through it) use
+    :func:`prefjax.probes.nulls.nested_cv_ridge` with ``n_perm``.
     """
     X, y = _check_xy(X, y)
     train, ev, test = splits if splits is not None else default_splits(len(y), seed)
@@ -126,6 +128,8 @@ def transfer_matrix(X_SxNxD, y, *, alphas=DEFAULT_ALPHAS, splits=None, names: Se
     (shared utilities: cross-layer transfer). Returns matrices ``r`` and ``pairwise_acc`` [S, S] (row =
     train source, column = test source, test split only), the chosen ``alpha`` per source, and for [S, n]
     utilities the ``utility_corr`` [S, S] baseline (Pearson of A's with B's utilities on the test split).
+    One split, one alpha per source, no interval: :func:`prefjax.probes.nulls.nested_transfer` gives the
+    matrix over the whole alpha grid with bootstrap intervals, nested-CV alphas and shuffle p-values.
     """
     X = np.asarray(X_SxNxD)
     if X.ndim != 3:

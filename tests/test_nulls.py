@@ -1,0 +1,288 @@
+"""Nested cross-validation, label-shuffle nulls, transfer over the alpha grid, random-direction nulls."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.linear_model import Ridge
+from sklearn.preprocessing import StandardScaler
+
+from prefjax.probes import (RidgePath, kfold_ids, nested_cv_ridge, nested_transfer, random_direction_null,
+                            random_unit_directions)
+
+ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 7))
+
+
+def planted(n=120, d=20, noise=0.5, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)) * rng.uniform(0.5, 2.0, d) + rng.normal(0, 3, d)
+    v = rng.normal(size=d)
+    y = (X - X.mean(0)) @ v
+    return X, y / y.std() + noise * rng.normal(size=n), v
+
+
+def test_kfold_ids_balanced_and_grouped():
+    ids = kfold_ids(23, 5, seed=1)
+    assert sorted(np.bincount(ids)) == [4, 4, 5, 5, 5]
+    groups = np.repeat(np.arange(10), 3)
+    g_ids = kfold_ids(30, 4, seed=0, groups=groups)
+    for g in range(10):
+        assert len(set(g_ids[groups == g])) == 1  # a group is never split
+    with pytest.raises(ValueError, match="groups has 2 distinct"):
+        kfold_ids(6, 3, groups=[0, 0, 0, 1, 1, 1])
+
+
+def test_planted_signal_is_significant_and_json_ready():
+    X, y, _ = planted()
+    res = nested_cv_ridge(X, y, alphas=ALPHAS, n_perm=199, n_boot=500)
+    assert res["r"] > 0.8 and res["ci"][0] < res["r"] < res["ci"][1] and res["ci"][0] > 0.6
+    assert res["null"]["p_value"] == pytest.approx(1 / 200)  # < 0.01
+    assert abs(res["null"]["mean"]) < 0.1 and res["null"]["quantiles"]["0.99"] < 0.45
+    assert len(res["fold_alpha"]) == len(res["fold_r"]) == 5 and sum(res["fold_n"]) == len(y)
+    assert np.asarray(res["inner_r"]).shape == (5, len(ALPHAS)) and len(res["r_by_alpha"]) == len(ALPHAS)
+    assert res["alpha"] in ALPHAS
+    json.loads(json.dumps(res))
+
+
+def test_pure_noise_gives_roughly_uniform_p():
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(60, 8))
+    ps = [nested_cv_ridge(X, rng.normal(size=60), alphas=ALPHAS[::2], outer=4, inner=3, n_perm=49, n_boot=100,
+                          seed=s)["null"]["p_value"] for s in range(40)]
+    ps = np.asarray(ps)
+    assert 0.3 < ps.mean() < 0.7
+    assert np.mean(ps <= 0.05) <= 0.15 and np.mean(ps <= 0.5) > 0.3
+    assert stats.kstest(ps, "uniform").pvalue > 0.01
+
+
+def brute_nested(X, y, alphas, outer_ids, inner_ids_by_fold):
+    """Nested CV with a scikit-learn refit for every (fold, alpha): the reference implementation."""
+    pred = np.zeros_like(y)
+    chosen = []
+    for k in range(outer_ids.max() + 1):
+        tr, te = np.flatnonzero(outer_ids != k), np.flatnonzero(outer_ids == k)
+        inner_ids = inner_ids_by_fold[k]
+        score = np.zeros(len(alphas))
+        for f in range(inner_ids.max() + 1):
+            itr, iev = tr[inner_ids != f], tr[inner_ids == f]
+            sc = StandardScaler().fit(X[itr])
+            for i, a in enumerate(alphas):
+                m = Ridge(alpha=a).fit(sc.transform(X[itr]), y[itr])
+                score[i] += np.corrcoef(m.predict(sc.transform(X[iev])), y[iev])[0, 1]
+        best = alphas[int(np.argmax(score))]
+        chosen.append(best)
+        sc = StandardScaler().fit(X[tr])
+        pred[te] = Ridge(alpha=best).fit(sc.transform(X[tr]), y[tr]).predict(sc.transform(X[te]))
+    return chosen, pred
+
+
+def test_matches_brute_force_sklearn_nested_cv():
+    X, y, _ = planted(n=60, d=30, noise=1.0, seed=3)  # d close to n: alpha matters
+    res = nested_cv_ridge(X, y, alphas=ALPHAS, outer=4, inner=3, seed=7)
+    outer_ids = kfold_ids(60, 4, 7)
+    inner = [kfold_ids(int(np.sum(outer_ids != k)), 3, 7 + 1 + k) for k in range(4)]
+    chosen, pred = brute_nested(X, y, np.asarray(ALPHAS), outer_ids, inner)
+    assert res["fold_alpha"] == pytest.approx(chosen)
+    np.testing.assert_allclose(res["predictions"], pred, rtol=1e-3, atol=1e-3)
+    fold_r = [np.corrcoef(pred[outer_ids == k], y[outer_ids == k])[0, 1] for k in range(4)]
+    assert res["fold_r"] == pytest.approx(fold_r, abs=1e-4)
+    assert res["r"] == pytest.approx(np.average(fold_r, weights=np.bincount(outer_ids)), abs=1e-4)
+
+
+def leaky_fold_alphas(X, y, alphas, outer_ids):
+    """A deliberately wrong procedure: alpha picked by r on the outer test fold itself."""
+    out = []
+    for k in range(outer_ids.max() + 1):
+        tr, te = outer_ids != k, outer_ids == k
+        path = RidgePath.build(X[tr])
+        c = np.asarray(path.coefs(y[tr] - y[tr].mean()))
+        e = np.asarray(path.eval_projection(X[te]))
+        lam = np.asarray(path.lam_R)
+        rs = [np.corrcoef(e @ (c / (lam + a)), y[te])[0, 1] for a in alphas]
+        out.append(float(alphas[int(np.argmax(rs))]))
+    return out
+
+
+def alpha_sees_test_labels(fold_alphas_fn, X, y, outer_ids, fold=0):
+    """Rewrite the labels of one outer test fold twice, each time to favour a different alpha (the
+    predictions of the smallest-alpha and of the largest-alpha fit); True if the fold's alpha follows."""
+    tr, te = outer_ids != fold, outer_ids == fold
+    path = RidgePath.build(X[tr])
+    c = np.asarray(path.coefs(y[tr] - y[tr].mean()))
+    e = np.asarray(path.eval_projection(X[te]))
+    lam = np.asarray(path.lam_R)
+    picked = []
+    for a in (ALPHAS[0], ALPHAS[-1]):
+        y2 = y.copy()
+        y2[te] = e @ (c / (lam + a))
+        picked.append(fold_alphas_fn(y2)[fold])
+    return picked[0] != picked[1], picked
+
+
+def test_nested_cv_does_not_leak_test_fold_into_alpha():
+    X, y, _ = planted(n=50, d=35, noise=1.0, seed=11)  # near-interpolating: alpha changes predictions
+    alphas = np.asarray(ALPHAS)
+    outer_ids = kfold_ids(50, 5, 0)
+    folds = [np.flatnonzero(outer_ids == k) for k in range(5)]
+    nested = lambda yy: nested_cv_ridge(X, yy, alphas=alphas, outer=folds, inner=4, seed=0)["fold_alpha"]
+    leaky = lambda yy: leaky_fold_alphas(X, yy, alphas, outer_ids)
+    # The check is sensitive: it catches the leaky procedure ...
+    leaked, picked = alpha_sees_test_labels(leaky, X, y, outer_ids)
+    assert leaked and picked == [alphas[0], alphas[-1]]
+    # ... and the nested procedure passes it: fold 0's alpha and inner curve ignore fold 0's labels.
+    assert not alpha_sees_test_labels(nested, X, y, outer_ids)[0]
+    base = nested_cv_ridge(X, y, alphas=alphas, outer=folds, inner=4)
+    y2 = y.copy()
+    y2[folds[0]] = np.random.default_rng(1).normal(size=len(folds[0]))
+    moved = nested_cv_ridge(X, y2, alphas=alphas, outer=folds, inner=4)
+    assert moved["inner_r"][0] == base["inner_r"][0] and moved["fold_alpha"][0] == base["fold_alpha"][0]
+    assert moved["fold_r"][0] != pytest.approx(base["fold_r"][0])  # the perturbation did reach the test score
+
+
+def test_fixed_split_and_groups():
+    X, y, _ = planted(n=90, seed=2)
+    test = np.arange(60, 90)
+    res = nested_cv_ridge(X, y, alphas=ALPHAS, outer=[test], inner=3)
+    assert res["n_heldout"] == 30 and all(p is None for p in res["predictions"][:60])
+    topics = np.repeat(np.arange(18), 5)
+    res_g = nested_cv_ridge(X, y, alphas=ALPHAS, outer=3, inner=3, groups=topics)
+    assert res_g["r"] > 0.6 and sum(res_g["fold_n"]) == 90
+
+
+def test_nested_cv_bad_inputs():
+    X, y, _ = planted(n=40)
+    with pytest.raises(ValueError, match="alphas"):
+        nested_cv_ridge(X, y, alphas=[1.0, -1.0])
+    with pytest.raises(ValueError, match="y must have shape"):
+        nested_cv_ridge(X, y[:-1])
+    with pytest.raises(ValueError, match="inner"):
+        nested_cv_ridge(X, y, inner=1)
+    with pytest.raises(ValueError, match="n_perm"):
+        nested_cv_ridge(X, y, n_perm=-3)
+    with pytest.raises(ValueError, match="level"):
+        nested_cv_ridge(X, y, level=95)
+    with pytest.raises(ValueError, match="outer"):
+        nested_cv_ridge(X, y, outer=[[0, 1, 2], [2, 3, 4]])
+    with pytest.raises(ValueError, match="X has a non-finite"):
+        nested_cv_ridge(np.where(np.eye(40, 20) > 0, np.nan, X), y)
+    with pytest.raises(ValueError, match="outer fold 0"):
+        nested_cv_ridge(X[:12], y[:12], outer=2, inner=5)
+
+
+def personas(n=150, d=24, seed=0):
+    """Three personas sharing activations up to a shift: default, inverted, and one sharing part of the ranking."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n, d))
+    v = rng.normal(size=d)
+    u = rng.normal(size=d)
+    u -= (u @ v) / (v @ v) * v
+    u *= np.linalg.norm(v) / np.linalg.norm(u)
+    X = np.stack([base + rng.normal(0, 2, d) for _ in range(3)])
+    util = [base @ v, -(base @ v), base @ (0.5 * v + np.sqrt(0.75) * u)]  # partial: corr 0.5 with default
+    Y = np.stack([(t - t.mean()) / t.std() + 0.2 * rng.normal(size=n) for t in util])
+    return X, Y
+
+
+def test_transfer_grid_intervals_and_nulls():
+    X, Y = personas()
+    res = nested_transfer(X, Y, alphas=ALPHAS, outer=4, inner=3, n_perm=99, n_boot=300,
+                          names=["default", "inverted", "partial"])
+    json.loads(json.dumps(res))
+    r, lo, hi = (np.asarray(res[k]) for k in ("r", "ci_lo", "ci_hi"))
+    grid = np.asarray(res["r_grid"])
+    assert grid.shape == (len(ALPHAS), 3, 3) and np.asarray(res["r_grid_lo"]).shape == grid.shape
+    assert np.all(lo <= r) and np.all(r <= hi)
+    uc = np.asarray(res["utility_corr"])
+    assert np.all(np.abs(r - uc) < 0.12)  # transfer reads each persona's utility
+    assert r[0, 1] < -0.8 and 0.3 < r[0, 2] < 0.7
+    p = np.asarray(res["p_value"])
+    assert p[0, 0] == pytest.approx(0.01) and p[0, 2] == pytest.approx(0.01)
+    assert p[0, 1] == 1.0  # a strongly negative transfer is not evidence of positive transfer ...
+    assert np.asarray(res["p_value_two_sided"])[0, 1] == pytest.approx(0.01)  # ... but it is an effect
+    np.testing.assert_allclose(res["alpha_spread"], grid.max(0) - grid.min(0))
+    # with 150 tasks and 24 dims the answer does not hang on alpha for the self cells at small alphas
+    assert np.all(np.abs(grid[:3, 0, 0] - r[0, 0]) < 0.05)
+
+
+def test_transfer_flags_a_number_that_hangs_on_alpha():
+    # 110 tasks, 64 dims (near-interpolating training folds, as in the 2026-11-29 organism): r moves by
+    # ~0.2 within two decades of the chosen alpha, and the report says so.
+    X, Y = personas(n=110, d=64, seed=4)
+    res = nested_transfer(X, Y, outer=5, inner=5, n_boot=200)
+    hangs, grid = np.asarray(res["hangs_on_alpha"]), np.asarray(res["r_grid"])
+    assert hangs[0, 0] and hangs[0, 1] and np.asarray(res["alpha_spread"])[0, 0] > 0.1
+    lo_a, hi_a = res["alpha_window"][0]
+    win = (np.asarray(res["alphas"]) >= lo_a) & (np.asarray(res["alphas"]) <= hi_a)
+    r = np.asarray(res["r"])
+    assert np.max(np.abs(grid[win, 0, 0] - r[0, 0])) > 0.05
+    # 400 tasks, 10 dims: the same matrix does not depend on alpha, and nothing is flagged.
+    X, Y = personas(n=400, d=10, seed=4)
+    res = nested_transfer(X, Y, outer=5, inner=5, n_boot=200)
+    assert not np.asarray(res["hangs_on_alpha"]).any() and np.max(res["alpha_spread"]) < 0.05
+
+
+def test_transfer_shared_utilities_and_bad_inputs():
+    X, Y = personas(n=80)
+    res = nested_transfer(X, Y[0], alphas=ALPHAS, outer=[np.arange(50, 80)], inner=3, n_boot=100)
+    assert "utility_corr" not in res and res["n_heldout"] == 30
+    with pytest.raises(ValueError, match="X_SxNxD"):
+        nested_transfer(X[0], Y[0])
+    with pytest.raises(ValueError, match=r"y must be \[n\]"):
+        nested_transfer(X, Y[:2])
+    with pytest.raises(ValueError, match="names"):
+        nested_transfer(X, Y, names=["a"])
+
+
+def test_random_direction_null():
+    rng = np.random.default_rng(0)
+    null = rng.normal(0, 1, 500)
+    hi = random_direction_null(10.0, null)
+    assert hi["percentile"] == 100.0 and hi["p_greater"] == pytest.approx(1 / 501)
+    assert hi["p_two_sided"] == pytest.approx(1 / 501) and hi["p_less"] == 1.0
+    neg = random_direction_null(-10.0, null)
+    assert neg["p_two_sided"] == pytest.approx(1 / 501) and neg["p_greater"] == 1.0
+    mid = random_direction_null(float(np.median(null)), null)
+    assert 45 < mid["percentile"] < 55 and mid["p_two_sided"] > 0.9
+    q = random_direction_null(0.0, null)["quantiles"]
+    assert q["0.5"] == pytest.approx(np.median(null)) and q["0.99"] > q["0.95"] > q["0.5"]
+    json.dumps(hi)
+    # a calibrated p: an effect drawn from the null itself is rejected about 5% of the time
+    ps = np.array([random_direction_null(rng.normal(), rng.normal(size=199))["p_two_sided"] for _ in range(400)])
+    assert 0.02 < np.mean(ps <= 0.05) < 0.09
+    with pytest.raises(ValueError, match="need >= 100"):
+        random_direction_null(1.0, null[:50])
+    with pytest.raises(ValueError, match="null_effects must be 1-D"):
+        random_direction_null(1.0, null.reshape(100, 5))
+    with pytest.raises(ValueError, match="effect must be finite"):
+        random_direction_null(float("nan"), null)
+
+
+def test_random_unit_directions():
+    v = random_unit_directions(300, 64, seed=3, norm=2.5)
+    assert v.shape == (300, 64) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 2.5, rtol=1e-5)
+    np.testing.assert_array_equal(v, random_unit_directions(300, 64, seed=3, norm=2.5))
+    probe = np.zeros(64)
+    probe[0] = 1.0
+    cos = v @ probe / 2.5
+    assert abs(cos.mean()) < 0.03 and cos.std() == pytest.approx(1 / np.sqrt(64), rel=0.15)
+    with pytest.raises(ValueError, match="norm"):
+        random_unit_directions(3, 4, norm=0.0)
+    with pytest.raises(ValueError, match="n must be"):
+        random_unit_directions(0, 4)
+
+
+def test_transfer_null_is_calibrated_for_an_unrelated_target():
+    """A source whose probe is real, a target whose utilities are unrelated noise: p roughly uniform."""
+    ps = []
+    for s in range(30):
+        rng = np.random.default_rng(100 + s)
+        X = rng.normal(size=(2, 48, 6))
+        y0 = X[0] @ rng.normal(size=6) + 0.3 * rng.normal(size=48)
+        res = nested_transfer(X, np.stack([y0, rng.normal(size=48)]), alphas=ALPHAS[::2], outer=3, inner=3,
+                              n_perm=39, n_boot=100, seed=s)
+        ps.append(res["p_value"][0][1])
+        assert res["p_value"][0][0] == pytest.approx(1 / 40)
+    ps = np.asarray(ps)
+    assert 0.3 < ps.mean() < 0.7 and np.mean(ps <= 0.1) <= 0.25
