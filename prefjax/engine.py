@@ -214,16 +214,19 @@ class Engine:
     ``temperature=0`` is greedy; ``top_k``/``top_p`` as in :func:`prefjax.generation.generate`.
     ``stop_ids`` default: :func:`prefjax.generation.default_stop_ids`. ``cache_len`` default: the
     longest prompt's bucket plus four times the largest ``max_new_tokens`` of the run.
-    ``prompt_bucket``: prompt widths are rounded up to a multiple of this (few prefill programs).
+    ``prompt_bucket``: the longest prompt is rounded up to a multiple of this; every prefill runs
+    ``prefill_rows`` distinct requests at that width, so a run compiles one prefill program, one
+    decode step and a few row writers (one per power-of-two count of admitted rows).
     """
 
     def __init__(self, model, *, rows: int = 8, cache_len: int | None = None, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_ids=None, sync_every: int = 8,
-                 prompt_bucket: int = 16, unroll: bool | None = None):
+                 prompt_bucket: int = 16, prefill_rows: int = 8, unroll: bool | None = None):
         if not model.prefix_ok():
             raise EngineError(f"model {model.source!r}: the engine needs a plain KV cache on one device "
                               "(Model.prefix_ok); recurrent states and meshes are not supported yet")
-        for name, v in (("rows", rows), ("sync_every", sync_every), ("prompt_bucket", prompt_bucket)):
+        for name, v in (("rows", rows), ("sync_every", sync_every), ("prompt_bucket", prompt_bucket),
+                        ("prefill_rows", prefill_rows)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise EngineError(f"{name} must be a positive int, got {v!r}")
         if not (float(temperature) >= 0 and np.isfinite(temperature)):
@@ -234,6 +237,7 @@ class Engine:
         self.rows, self.cache_len = int(rows), cache_len
         self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), int(top_k)
         self.seed, self.sync_every, self.prompt_bucket = int(seed), int(sync_every), int(prompt_bucket)
+        self.prefill_rows = int(prefill_rows)
         self.stop_ids = default_stop_ids(model) if stop_ids is None else tuple(int(s) for s in stop_ids)
         self.unroll = auto_unroll() if unroll is None else bool(unroll)
         self.stats = EngineStats()
@@ -367,9 +371,12 @@ class Engine:
             while free and qpos < len(queue) and t + reqs[queue[qpos][0]].max_new <= S:
                 admit.append((free.pop(0), queue[qpos]))
                 qpos += 1
-            if admit:
-                state, rowvars, tok0 = self._admit(params, state, rowvars, admit, reqs, t, root, temp, top_p, static)
-                for (b, (i, s)), tk in zip(admit, tok0):
+            while admit:  # prefill chunks of at most ``prefill_rows`` distinct requests
+                uniq = list(dict.fromkeys(i for _, (i, _) in admit))[:self.prefill_rows]
+                part = [a for a in admit if a[1][0] in uniq]
+                admit = [a for a in admit if a[1][0] not in uniq]
+                state, rowvars, tok0 = self._admit(params, state, rowvars, part, reqs, t, root, temp, top_p, static)
+                for (b, (i, s)), tk in zip(part, tok0):
                     slot[b], toks[b] = (i, s), []
                     settle(b, [int(tk)])
             live = [b for b in range(B) if slot[b] is not None]
@@ -398,8 +405,7 @@ class Engine:
         write them into their rows."""
         cfg, d = self.model.config, self.model.config.d_model
         uniq = list(dict.fromkeys(i for _, (i, _) in admit))
-        n = _pow2(len(uniq))
-        p = _bucket(max(len(reqs[i].prompt) for i in uniq), self.prompt_bucket)
+        n, p = self.prefill_rows, self._p0  # one prefill program per run
         toks = np.full((n, p), int(cfg.pad_id), np.int32)
         valid = np.zeros((n, p), bool)
         lay = np.full((n,), -1, np.int32)
@@ -413,7 +419,7 @@ class Engine:
         logits, pre = _prefill(params, jnp.asarray(toks), jnp.asarray(valid), jnp.asarray(lay), jnp.asarray(unit),
                                jnp.asarray(w), dtype=self.model.dtype, **static)
         self.stats.prefills += 1
-        r = _pow2(len(admit))
+        r = max(_pow2(len(admit)), min(8, _pow2(self.rows)))  # few row-writer programs
         pad = admit + [admit[-1]] * (r - len(admit))  # repeated rows write the same values
         src = np.array([uniq.index(i) for _, (i, _) in pad], np.int32)
         dst = np.array([b for b, _ in pad], np.int32)
