@@ -216,7 +216,7 @@ def main():
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    args.batch = [int(b) for b in args.batch.split(",")]
+    args.batch = [int(b) for b in args.batch.split(",") if b]
     args.gen_batch = [int(b) for b in args.gen_batch.split(",") if b]
     if args.device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"

@@ -272,10 +272,15 @@ class Engine:
         p0 = _bucket(max(len(c.prompt) for c in out), self.prompt_bucket)
         cache = self.cache_len or p0 + 4 * max(c.max_new for c in out)
         limit = int(getattr(cfg, "max_position_embeddings", 1 << 62))
+        for i, c in enumerate(out):  # the request that is too long on its own first
+            own = _bucket(len(c.prompt), self.prompt_bucket) + c.max_new
+            if own > cache:
+                raise EngineError(f"request {i}: prompt of {len(c.prompt)} tokens plus max_new_tokens={c.max_new} "
+                                  f"needs {own} cache slots; the engine's cache has {cache}")
         for i, c in enumerate(out):
             if p0 + c.max_new > cache:
-                raise EngineError(f"request {i}: prompt of {len(c.prompt)} tokens (bucket {p0}) plus "
-                                  f"max_new_tokens={c.max_new} needs {p0 + c.max_new} cache slots; the engine's "
+                raise EngineError(f"request {i}: max_new_tokens={c.max_new} after the prompt width {p0} (the "
+                                  f"longest prompt, bucketed) needs {p0 + c.max_new} cache slots; the engine's "
                                   f"cache has {cache}")
             if len(c.prompt) + c.max_new > limit:
                 raise EngineError(f"request {i}: {len(c.prompt)} prompt tokens + {c.max_new} new exceed the "
