@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from _timing import median_seconds, read_bandwidth
+from _timing import bound_line, median_seconds, read_bandwidth
 
 
 def run_jax(args) -> dict:
@@ -235,7 +235,7 @@ def main():
     th = None if args.no_hf else run_torch(args)
     bw = jx["read_Bps"]
     print(f"# bench_engine {args.preset} prompt={args.prompt} new={args.new}; {jx['device']} jax {jx['jax']}; "
-          f"read bandwidth {bw / 1e9:.0f} GB/s (reduction over 4 GiB); weights {jx['weight_bytes'] / 1e9:.2f} GB; "
+          f"read bandwidth {bw / 1e9:.0f} GB/s (reduction over {'4 GiB' if args.device == 'gpu' else '64 MiB'}); weights {jx['weight_bytes'] / 1e9:.2f} GB; "
           f"jax part {jx['elapsed']:.0f}s")
     if th and "error" not in th:
         print(f"# transformers on {th['device']} torch {th['torch']} cache={th.get('cache')}")
@@ -247,7 +247,6 @@ def main():
             t = row["transformers"]
             ref[row["batch"]] = (t["t_full"] - t["t_one"]) / (args.new - 1)
     print(f"{'decode step':<28} {'ms':>9} {'hf ms':>9} {'ratio':>6} {'bound ms':>9} {'share':>7}")
-    from _timing import bound_line
     for row in jx["decode"]:
         bound = (jx["weight_bytes"] + row["kv_bytes"]) / bw
         for layout in ("stacked", "per_layer"):
@@ -257,7 +256,6 @@ def main():
             print(f"#   B={row['batch']} logits stacked vs per_layer max abs diff {row['layout_max_abs_diff']:.3g}")
     for g in jx["gen"]:
         b = g["batch"]
-        kv = 2 * 0  # filled below from the decode rows when present
         match = [r for r in jx["decode"] if r["batch"] == b]
         kv = match[0]["kv_bytes"] if match else 0
         print(bound_line(f"B={b} generate", g["step"], ref.get(b), (jx["weight_bytes"] + kv) / bw))
