@@ -117,8 +117,9 @@ def per_layer_cache(state, n_layers: int, unroll: bool | None = None):
     (:class:`prefjax.models.stack.PerLayer`) when the layers are unrolled (default: :func:`auto_unroll`),
     so a decode step that donates it writes each layer's new slot in place; any other state unchanged.
 
-    Measured need: with stacked leaves an unrolled step copies every layer's cache out and stacks
-    the copies back (several passes over the whole cache per step, ~3.6 ms per GB of cache on an H200)."""
+    With stacked leaves an unrolled step copies every layer's cache out and stacks the copies back.
+    Measured on one H200 (bench/bench_engine.py, random bf16 Gemma-3-27B, 320-slot cache): 65.1 ->
+    40.0 ms per step at batch 64 (10.4 GB of cache), 21.6 -> 19.9 ms at batch 8."""
     unroll = auto_unroll() if unroll is None else unroll
     if not unroll or not isinstance(state, dict) or set(state) != {"k", "v", "valid"}:
         return state
