@@ -15,3 +15,34 @@ def median_seconds(fn, repeats: int) -> float:
         fn()
         ts.append(time.perf_counter() - t0)
     return float(statistics.median(ts))
+
+
+def read_bandwidth(gib: float = 4.0, repeats: int = 10) -> float:
+    """Device read bandwidth in bytes/s: a read-only reduction (sum in float32) over ``gib`` GiB of bf16.
+
+    Each byte is read once and nothing of size is written, so this is the ceiling a decode step that
+    must read its weights and KV cache once can reach (not a copy, which also writes every byte)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = int(gib * (1 << 30)) // 2 // 8192 * 8192
+    x = jax.jit(lambda: jnp.ones((n // 8192, 8192), jnp.bfloat16))()
+    # two reductions (the best counts): rows then columns, and the whole array at once
+    fs = [jax.jit(lambda a: jnp.sum(jnp.sum(a, axis=1, dtype=jnp.float32))),
+          jax.jit(lambda a: jnp.max(a))]
+    t = min(median_seconds(lambda: f(x).block_until_ready(), repeats) for f in fs)
+    del x
+    return n * 2 / t
+
+
+def decode_bound_seconds(weight_bytes: float, kv_bytes: float, read_Bps: float) -> float:
+    """The least time a decode step can take when it reads every weight and the KV cache once."""
+    return (weight_bytes + kv_bytes) / read_Bps
+
+
+def bound_line(name: str, seconds: float, ref_seconds: float | None, bound_seconds: float) -> str:
+    """``name``, prefjax time, reference time, ratio (reference / prefjax) and share of the bound."""
+    ref = f"{ref_seconds * 1e3:9.2f}" if ref_seconds else "        -"
+    ratio = f"{ref_seconds / seconds:6.2f}" if ref_seconds else "     -"
+    return (f"{name:<28} {seconds * 1e3:9.2f} {ref} {ratio} {bound_seconds * 1e3:9.2f} "
+            f"{100 * bound_seconds / seconds:6.1f}%")

@@ -5,7 +5,7 @@ Random weights at a preset's real shape (default Gemma-3-27B in bf16). prefjax c
 (``output_hidden_states=True``), which is what PyTorch glue code does to read the residual stream;
 both compute logits at the last position only (``logits_to_keep=1`` for transformers).
 Each framework runs in its own subprocess (both models do not fit one card at once). The torch
-process also measures the card's bf16 matmul rate (8192^3) and copy bandwidth for the MFU column.
+process also measures the card's bf16 matmul rate (8192^3): MFU is the share of that FLOP bound.
 
     python bench/bench_prefill.py --preset gemma3-27b --batches 4,16 --seq 256
     python bench/bench_prefill.py --preset gemma3-tiny --batches 2 --seq 32 --device cpu   # smoke

@@ -40,6 +40,7 @@ import numpy as np
 
 from prefjax import hooks as H
 from prefjax.model import auto_unroll, check_prefix_rows, common_prefix_len, extend_kv_state
+from prefjax.models.stack import unstack_layers
 from prefjax.sharding import batch_axes, batch_multiple, batch_sharding, mesh_context
 
 
@@ -90,7 +91,8 @@ def default_stop_ids(model) -> tuple[int, ...]:
 def sample_tokens(logits_BxV, keys_Bx2, step, temperature, top_p, *, greedy: bool, top_k: int,
                   use_top_p: bool):
     """One token per row. Greedy is argmax; otherwise temperature, then top-k, then top-p (nucleus)
-    filtering in float32 and a categorical draw with key ``fold_in(keys[b], step)`` per row."""
+    filtering in float32 and a categorical draw with key ``fold_in(keys[b], step)`` per row (``step`` a
+    scalar, or one step per row)."""
     logits = logits_BxV.astype(jnp.float32)
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -105,8 +107,24 @@ def sample_tokens(logits_BxV, keys_Bx2, step, temperature, top_p, *, greedy: boo
         n_keep = jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 1)
         cutoff = jnp.take_along_axis(srt, n_keep - 1, axis=-1)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_Bx2, step)
+    step_B = jnp.broadcast_to(jnp.asarray(step, jnp.int32), logits.shape[:1])  # one step for all rows, or one per row
+    step_keys = jax.vmap(jax.random.fold_in)(keys_Bx2, step_B)
     return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
+
+
+def per_layer_cache(state, n_layers: int, unroll: bool | None = None):
+    """A plain KV-cache state (``k``/``v`` [L, B, S, ...], ``valid``) with one buffer per layer
+    (:class:`prefjax.models.stack.PerLayer`) when the layers are unrolled (default: :func:`auto_unroll`),
+    so a decode step that donates it writes each layer's new slot in place; any other state unchanged.
+
+    With stacked leaves an unrolled step copies every layer's cache out and stacks the copies back.
+    Measured on one H200 (bench/bench_engine.py, random bf16 Gemma-3-27B, 320-slot cache): 65.1 ->
+    40.0 ms per step at batch 64 (10.4 GB of cache), 21.6 -> 19.9 ms at batch 8."""
+    unroll = auto_unroll() if unroll is None else unroll
+    if not unroll or not isinstance(state, dict) or set(state) != {"k", "v", "valid"}:
+        return state
+    return {"k": unstack_layers(state["k"], n_layers), "v": unstack_layers(state["v"], n_layers),
+            "valid": state["valid"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,7 +235,7 @@ def _python_prefill(params, tokens_BxP, valid_BxP, keys_Bx2, temperature, top_p,
     tok0 = sample_tokens(logits, keys_Bx2, 0, temperature, top_p, greedy=greedy, top_k=top_k,
                          use_top_p=use_top_p)
     out, bufs, fin = _init_carry(spec, captured, b, n_new, tok0, stop_K, None)
-    return state, out, bufs, fin, tok0
+    return per_layer_cache(state, cfg.n_layers), out, bufs, fin, tok0
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnums=(1, 2, 3))

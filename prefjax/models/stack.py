@@ -82,8 +82,53 @@ def kv_state(n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim:
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "valid": jnp.zeros((batch, max_len), bool)}
 
 
+@jax.tree_util.register_pytree_node_class
+class PerLayer:
+    """One array per layer standing in for a stacked ``[n_layers, ...]`` leaf of a decode state.
+
+    With ``unroll=True`` each layer's cache is then its own buffer: a jitted decode step that donates
+    the state updates it in place (one slot written), where a stacked leaf is sliced per layer by copy
+    and re-stacked by copy every step. ``per_layer[l]`` is layer ``l``'s array, like ``stacked[l]``.
+    """
+
+    def __init__(self, items):
+        self.items = tuple(items)
+
+    def __getitem__(self, l):
+        return self.items[l]
+
+    def __len__(self):
+        return len(self.items)
+
+    def tree_flatten(self):
+        return self.items, None
+
+    @classmethod
+    def tree_unflatten(cls, _aux, children):
+        return cls(children)
+
+
+def _is_per_layer(a) -> bool:
+    return isinstance(a, PerLayer)
+
+
+def unstack_layers(tree, n_layers: int):
+    """Every array leaf of ``tree`` whose leading axis is ``n_layers`` as a :class:`PerLayer` (traceable)."""
+    def one(a):
+        if _is_per_layer(a) or getattr(a, "ndim", 0) < 1 or a.shape[0] != n_layers:
+            return a
+        return PerLayer(a[l] for l in range(n_layers))
+    return jax.tree_util.tree_map(one, tree, is_leaf=_is_per_layer)
+
+
+def stack_layers(tree):
+    """The inverse of :func:`unstack_layers`: every :class:`PerLayer` leaf stacked into one array."""
+    return jax.tree_util.tree_map(lambda a: jnp.stack(a.items) if _is_per_layer(a) else a, tree,
+                                  is_leaf=_is_per_layer)
+
+
 def _layer_slice(tree, l):
-    return jax.tree_util.tree_map(lambda a: a[l], tree)
+    return jax.tree_util.tree_map(lambda a: a[l], tree, is_leaf=_is_per_layer)
 
 
 def fold(block_fn: Callable, blocks, x_BxTxD, *, n_layers: int, aux=None, state=None,
@@ -118,8 +163,17 @@ def fold(block_fn: Callable, blocks, x_BxTxD, *, n_layers: int, aux=None, state=
             for point, val in records.items():
                 captured[hook_name(l, point)] = val
         new_state = None if state is None else jax.tree_util.tree_map(
-            lambda *xs: jnp.stack(xs), *new_states)
+            lambda a, *xs: PerLayer(xs) if _is_per_layer(a) else jnp.stack(xs), state, *new_states,
+            is_leaf=_is_per_layer)
         return x_BxTxD, captured, new_state
+
+    per_layer = state is not None and any(_is_per_layer(a) for a in jax.tree_util.tree_leaves(
+        state, is_leaf=_is_per_layer))
+    if per_layer:  # the scan needs stacked leaves: stack, run, and hand the per-layer layout back
+        x_BxTxD, captured, new_state = fold(block_fn, blocks, x_BxTxD, n_layers=n_layers, aux=aux,
+                                            state=stack_layers(state), capture=capture, pos_BxK=pos_BxK,
+                                            intervene=intervene, ctx=ctx, unroll=False)
+        return x_BxTxD, captured, unstack_layers(new_state, n_layers)
 
     def body(x, xs):
         p_l, aux_l, st_l, layer = xs

@@ -1,0 +1,439 @@
+"""A continuous-batching decode engine for ragged request sets (the elicitation workload).
+
+``Engine(model, rows=64).run(requests)`` decodes a list of :class:`Request` (each its own prompt,
+``max_new_tokens``, ``n_samples`` and optional per-row :class:`RowSteer`) through a fixed set of
+``rows`` cache rows. One compiled decode step serves the whole run: when a row finishes (a stop id or
+its token budget) the next request's prompt is prefilled and written into that row, without
+recompiling and without touching the other rows.
+
+Layout (built only on the family contract ``forward``/``init_state`` and :class:`prefjax.model.Model`):
+
+* The cache has ``cache_len`` slot columns shared by all rows, and one global write column ``t``:
+  every decode step writes every row's new token at column ``t``, then ``t += 1``. A request admitted
+  at column ``t`` has its prompt's keys/values written at columns ``[t - P, t)`` of its row (``P`` its
+  prompt bucket, real tokens last) and every other column of the row marked empty, so its tokens are
+  contiguous: RoPE positions (counted over valid slots) and the sliding window are exactly those of a
+  single-request run. A request is admitted only while ``t + max_new_tokens <= cache_len``; when none
+  fits, the live rows drain and ``t`` goes back to the first column (a new wave).
+* The ``n_samples`` samples of a request share one prefill: its keys/values are written into each
+  sample's row. Sample ``s`` of a request draws from ``fold_in(PRNGKey(seed), example_id + s)`` at
+  step ``i`` (``fold_in(key, i)``), the same stream as :func:`prefjax.generation.generate` with those
+  example ids.
+* Steering is per row inside the same compiled step: each row carries a layer, a unit direction, a
+  coefficient, a weight per prompt token (a span or a signed mask) and whether generated tokens are
+  steered. The edit is the one of :mod:`prefjax.steering` (``x + w * unit`` at ``hook_resid_post``,
+  rows with weight 0 passed through bit for bit).
+* The host reads the new tokens every ``sync_every`` steps (one transfer), finishes rows and refills
+  them; a row that stopped inside a chunk runs on until the chunk ends and those tokens are dropped.
+
+Not covered: decode-time activation capture, recurrent decode states (Qwen-3.5) and meshes
+(:meth:`prefjax.model.Model.prefix_ok` must hold).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prefjax.generation import default_stop_ids, per_layer_cache, sample_tokens
+from prefjax.hooks import CaptureSpec
+from prefjax.model import auto_unroll
+from prefjax.models.stack import PerLayer
+from prefjax.steering import STEER_POINT, unit_direction
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve (found on the host before any compute; names the request)."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RowSteer:
+    """Steering for one request's rows: ``x + coef * scale * weight * direction / ||direction||`` at
+    ``blocks.{layer}.hook_resid_post``.
+
+    ``tokens``: ``"all"`` (prompt and generated tokens), ``"prompt"``, ``"generated"``, a token span
+    ``(start, end)`` of the prompt (end exclusive), or a float mask with one weight per prompt token
+    (signed allowed, e.g. +1 on option A's span and -1 on option B's). Spans and masks steer prompt
+    tokens only.
+    """
+
+    layer: int
+    direction: Any
+    coef: float = 1.0
+    scale: float = 1.0
+    tokens: Any = "all"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Request:
+    """One prompt (token ids) to continue ``n_samples`` times, each for up to ``max_new_tokens``.
+
+    ``example_id``: sample ``s`` draws from ``fold_in(PRNGKey(seed), example_id + s)``; default: the
+    running count of samples before this request."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    n_samples: int = 1
+    example_id: int | None = None
+    steer: RowSteer | None = None
+
+
+@dataclasses.dataclass
+class Sample:
+    """One continuation: ``token_ids`` (stop token excluded) and whether a stop id ended it."""
+
+    token_ids: list[int]
+    finished: bool
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counts from the last :meth:`Engine.run`: decode steps, host syncs, prefill calls, waves."""
+
+    decode_steps: int = 0
+    syncs: int = 0
+    prefills: int = 0
+    waves: int = 1
+    generated_tokens: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Per-row steering (module-level so the Partial's static part never changes).
+
+def _row_steer(layer_B, unit_BxD, w_BxT, point, layer, x_BxTxD, ctx):
+    """``x + w * unit`` on rows whose steering layer is ``layer`` (``w`` [B, T] per token)."""
+    if point != STEER_POINT:
+        return x_BxTxD
+    active = (w_BxT != 0) & (layer_B == jnp.asarray(layer))[:, None]
+    delta = w_BxT[:, :, None] * unit_BxD[:, None, :]
+    return jnp.where(active[:, :, None], x_BxTxD + delta.astype(x_BxTxD.dtype), x_BxTxD)
+
+
+def _steer_partial(layer_B, unit_BxD, w_BxT):
+    return jax.tree_util.Partial(_row_steer, layer_B, unit_BxD, w_BxT)
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled pieces.
+
+_STATIC = ("family", "cfg", "greedy", "top_k", "use_top_p", "unroll")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("dtype",))
+def _prefill(params, toks_NxP, valid_NxP, s_layer_N, s_unit_NxD, s_w_NxP, *, family, cfg, greedy, top_k,
+             use_top_p, unroll, dtype):
+    fam = family
+    n, p = toks_NxP.shape
+    state = fam.init_state(cfg, n, p, dtype)
+    iv = _steer_partial(s_layer_N, s_unit_NxD, s_w_NxP)
+    logits, _, _, state = fam.forward(cfg, params, toks_NxP, valid_NxP, capture=CaptureSpec(),
+                                      pos_BxK=jnp.full((n, 1), p - 1, jnp.int32), intervene=iv, state=state,
+                                      start=0, is_prompt=True, unroll=unroll)
+    return logits[:, 0], state
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnums=(0, 1))
+def _insert(state, rowvars, pre_state, logits_NxV, src_R, dst_R, t, keys_R, s_layer_R, s_unit_RxD, s_gen_R,
+            temperature, top_p, *, family, cfg, greedy, top_k, use_top_p, unroll):
+    """Write prefill rows ``src_R`` into cache rows ``dst_R`` at columns ``[t - P, t)`` (the rest of those
+    rows emptied), sample each row's first token, and set its per-row variables."""
+    p = pre_state["valid"].shape[1]
+    cols = t - p + jnp.arange(p, dtype=jnp.int32)
+
+    def put(big, small):  # big [B, S, ...] one layer, small [N, P, ...]
+        return big.at[dst_R[:, None], cols[None, :]].set(small[src_R].astype(big.dtype))
+
+    new = {}
+    for name in ("k", "v"):
+        big, small = state[name], pre_state[name]
+        if isinstance(big, PerLayer):
+            new[name] = PerLayer(put(big[l], small[l]) for l in range(len(big)))
+        else:
+            new[name] = jax.vmap(put)(big, small)
+    valid = state["valid"].at[dst_R].set(False)
+    new["valid"] = valid.at[dst_R[:, None], cols[None, :]].set(pre_state["valid"][src_R])
+    tok0 = sample_tokens(logits_NxV[src_R], keys_R, 0, temperature, top_p, greedy=greedy, top_k=top_k,
+                         use_top_p=use_top_p)
+    rv = dict(rowvars)
+    rv["prev"] = rv["prev"].at[dst_R].set(tok0)
+    rv["step"] = rv["step"].at[dst_R].set(1)
+    rv["keys"] = rv["keys"].at[dst_R].set(keys_R)
+    rv["layer"] = rv["layer"].at[dst_R].set(s_layer_R)
+    rv["unit"] = rv["unit"].at[dst_R].set(s_unit_RxD)
+    rv["gen"] = rv["gen"].at[dst_R].set(s_gen_R)
+    return new, rv, tok0
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnums=(1, 2))
+def _step(params, state, rowvars, active_B, t, temperature, top_p, *, family, cfg, greedy, top_k,
+          use_top_p, unroll):
+    """One decode step of every row at column ``t``; returns the new tokens (also kept as ``prev``)."""
+    fam = family
+    iv = _steer_partial(rowvars["layer"], rowvars["unit"], rowvars["gen"][:, None])
+    logits, _, _, state = fam.forward(cfg, params, rowvars["prev"][:, None], active_B[:, None],
+                                      capture=CaptureSpec(), intervene=iv, state=state, start=t,
+                                      is_prompt=False, unroll=unroll)
+    tok = sample_tokens(logits[:, 0], rowvars["keys"], rowvars["step"], temperature, top_p, greedy=greedy,
+                        top_k=top_k, use_top_p=use_top_p)
+    rv = dict(rowvars)
+    rv["prev"], rv["step"] = tok, rowvars["step"] + 1
+    return state, rv, tok
+
+
+# --------------------------------------------------------------------------------------------
+# Host side.
+
+def _bucket(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+@dataclasses.dataclass
+class _Checked:
+    prompt: list[int]
+    max_new: int
+    n_samples: int
+    example_id: int
+    layer: int            # -1: unsteered
+    unit: np.ndarray      # [D] float32
+    w_prompt: np.ndarray  # [len(prompt)] float32, coef * scale * weight
+    w_gen: float
+
+
+class Engine:
+    """Continuous batching over ``rows`` cache rows of ``cache_len`` slots (see the module docstring).
+
+    ``temperature=0`` is greedy; ``top_k``/``top_p`` as in :func:`prefjax.generation.generate`.
+    ``stop_ids`` default: :func:`prefjax.generation.default_stop_ids`. ``cache_len`` default: the
+    longest prompt's bucket plus four times the largest ``max_new_tokens`` of the run.
+    ``prompt_bucket``: the longest prompt is rounded up to a multiple of this; every prefill runs
+    ``prefill_rows`` distinct requests at that width, so a run compiles one prefill program, one
+    decode step and a few row writers (one per power-of-two count of admitted rows).
+    """
+
+    def __init__(self, model, *, rows: int = 8, cache_len: int | None = None, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_ids=None, sync_every: int = 8,
+                 prompt_bucket: int = 16, prefill_rows: int = 8, unroll: bool | None = None):
+        if not model.prefix_ok():
+            raise EngineError(f"model {model.source!r}: the engine needs a plain KV cache on one device "
+                              "(Model.prefix_ok); recurrent states and meshes are not supported yet")
+        for name, v in (("rows", rows), ("sync_every", sync_every), ("prompt_bucket", prompt_bucket),
+                        ("prefill_rows", prefill_rows)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise EngineError(f"{name} must be a positive int, got {v!r}")
+        if not (float(temperature) >= 0 and np.isfinite(temperature)):
+            raise EngineError(f"temperature must be >= 0, got {temperature}")
+        if not 0 < float(top_p) <= 1:
+            raise EngineError(f"top_p must be in (0, 1], got {top_p}")
+        self.model = model
+        self.rows, self.cache_len = int(rows), cache_len
+        self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), int(top_k)
+        self.seed, self.sync_every, self.prompt_bucket = int(seed), int(sync_every), int(prompt_bucket)
+        self.prefill_rows = int(prefill_rows)
+        self.stop_ids = default_stop_ids(model) if stop_ids is None else tuple(int(s) for s in stop_ids)
+        self.unroll = auto_unroll() if unroll is None else bool(unroll)
+        self.stats = EngineStats()
+
+    # ---- validation ------------------------------------------------------------------------
+    def _check(self, requests) -> list[_Checked]:
+        cfg = self.model.config
+        out, next_id = [], 0
+        if not len(requests):
+            raise EngineError("no requests")
+        for i, r in enumerate(requests):
+            where = f"request {i}"
+            if not isinstance(r, Request):
+                raise EngineError(f"{where}: expected a Request, got {type(r).__name__}")
+            ids = [int(t) for t in np.asarray(r.prompt).reshape(-1)]
+            if not ids:
+                raise EngineError(f"{where}: empty prompt")
+            bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+            if bad:
+                raise EngineError(f"{where}: token id {bad[0]} outside the vocabulary of size {cfg.vocab_size}")
+            for name, v in (("max_new_tokens", r.max_new_tokens), ("n_samples", r.n_samples)):
+                if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                    raise EngineError(f"{where}: {name} must be a positive int, got {v!r}")
+            eid = next_id if r.example_id is None else int(r.example_id)
+            if eid < 0 or eid + r.n_samples > 2 ** 31:
+                raise EngineError(f"{where}: example_id {eid} outside the int32 range")
+            next_id = eid + r.n_samples
+            layer, unit, w_p, w_g = -1, np.zeros(cfg.d_model, np.float32), np.zeros(len(ids), np.float32), 0.0
+            if r.steer is not None:
+                layer, unit, w_p, w_g = self._check_steer(r.steer, len(ids), where)
+            out.append(_Checked(ids, int(r.max_new_tokens), int(r.n_samples), eid, layer, unit, w_p, w_g))
+        p0 = _bucket(max(len(c.prompt) for c in out), self.prompt_bucket)
+        cache = self.cache_len or p0 + 4 * max(c.max_new for c in out)
+        limit = int(getattr(cfg, "max_position_embeddings", 1 << 62))
+        for i, c in enumerate(out):  # the request that is too long on its own first
+            own = _bucket(len(c.prompt), self.prompt_bucket) + c.max_new
+            if own > cache:
+                raise EngineError(f"request {i}: prompt of {len(c.prompt)} tokens plus max_new_tokens={c.max_new} "
+                                  f"needs {own} cache slots; the engine's cache has {cache}")
+        for i, c in enumerate(out):
+            if p0 + c.max_new > cache:
+                raise EngineError(f"request {i}: max_new_tokens={c.max_new} after the prompt width {p0} (the "
+                                  f"longest prompt, bucketed) needs {p0 + c.max_new} cache slots; the engine's "
+                                  f"cache has {cache}")
+            if len(c.prompt) + c.max_new > limit:
+                raise EngineError(f"request {i}: {len(c.prompt)} prompt tokens + {c.max_new} new exceed the "
+                                  f"model's context of {limit}")
+        self._p0, self._s = p0, int(cache)
+        return out
+
+    def _check_steer(self, s: RowSteer, n: int, where: str):
+        cfg = self.model.config
+        if not isinstance(s, RowSteer):
+            raise EngineError(f"{where}: steer must be a RowSteer, got {type(s).__name__}")
+        if isinstance(s.layer, bool) or not isinstance(s.layer, (int, np.integer)):
+            raise EngineError(f"{where}: steering layer {s.layer!r} is not an int")
+        if not 0 <= int(s.layer) < cfg.n_layers:
+            raise EngineError(f"{where}: steering layer {int(s.layer)} does not exist (layers 0..{cfg.n_layers - 1})")
+        try:
+            unit = unit_direction(s.direction, cfg.d_model, f"{where}: steering")
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        c = float(s.coef) * float(s.scale)
+        if not np.isfinite(c):
+            raise EngineError(f"{where}: steering coef * scale is {c}")
+        tok = s.tokens
+        gen = 0.0
+        if isinstance(tok, str):
+            if tok not in ("all", "prompt", "generated"):
+                raise EngineError(f"{where}: steering tokens={tok!r}; expected 'all', 'prompt', 'generated', "
+                                  "a (start, end) span or a per-token mask")
+            m = np.full(n, 0.0 if tok == "generated" else 1.0, np.float32)
+            gen = 0.0 if tok == "prompt" else 1.0
+        elif isinstance(tok, tuple) and len(tok) == 2 and all(isinstance(v, (int, np.integer)) for v in tok):
+            lo, hi = int(tok[0]), int(tok[1])
+            if not 0 <= lo < hi <= n:
+                raise EngineError(f"{where}: steering span ({lo}, {hi}) is outside its prompt of {n} tokens")
+            m = np.zeros(n, np.float32)
+            m[lo:hi] = 1.0
+        else:
+            m = np.asarray(tok, np.float32).reshape(-1) if np.ndim(tok) else None
+            if m is None or m.shape[0] != n:
+                raise EngineError(f"{where}: steering mask has {0 if m is None else m.shape[0]} weights for a "
+                                  f"prompt of {n} tokens")
+            if not np.all(np.isfinite(m)):
+                raise EngineError(f"{where}: steering mask contains NaN or inf")
+        coef = np.float32(c)
+        return int(s.layer), unit, (coef * m).astype(np.float32), float(coef * np.float32(gen))
+
+    # ---- the run ---------------------------------------------------------------------------
+    def run(self, requests: Sequence[Request]) -> list[list[Sample]]:
+        """Decode every request; returns, per request, its ``n_samples`` :class:`Sample` in order."""
+        reqs = self._check(requests)
+        model, cfg, B, S = self.model, self.model.config, self.rows, self._s
+        greedy = self.temperature == 0.0
+        static = dict(family=model.family, cfg=cfg, greedy=greedy, top_k=0 if greedy else self.top_k,
+                      use_top_p=(not greedy) and self.top_p < 1.0, unroll=self.unroll)
+        temp, top_p = jnp.float32(max(self.temperature, 1e-30)), jnp.float32(self.top_p)
+        params = model.params if model.adapter is None else model.adapter.apply(model.params)
+        root = jax.random.PRNGKey(self.seed)
+        stops = set(self.stop_ids)
+        self.stats = stats = EngineStats()
+
+        state = per_layer_cache(model.family.init_state(cfg, B, S, model.dtype), cfg.n_layers, self.unroll)
+        rowvars = {"prev": jnp.zeros((B,), jnp.int32), "step": jnp.zeros((B,), jnp.int32),
+                   "keys": jnp.zeros((B, 2), jnp.uint32), "layer": jnp.full((B,), -1, jnp.int32),
+                   "unit": jnp.zeros((B, cfg.d_model), jnp.float32), "gen": jnp.zeros((B,), jnp.float32)}
+        queue = [(i, s) for i, c in enumerate(reqs) for s in range(c.n_samples)]
+        qpos = 0
+        results: list[list[Sample | None]] = [[None] * c.n_samples for c in reqs]
+        slot: list[tuple[int, int] | None] = [None] * B
+        toks: list[list[int]] = [[] for _ in range(B)]
+        t = self._p0
+
+        def finish(b, fin):
+            i, s = slot[b]
+            results[i][s] = Sample(token_ids=list(toks[b]), finished=fin)
+            stats.generated_tokens += len(toks[b]) + (1 if fin else 0)
+            slot[b] = None
+
+        def settle(b, new):  # append new tokens to row b until a stop or its budget
+            i, _ = slot[b]
+            for tk in new:
+                if tk in stops:
+                    finish(b, True)
+                    return
+                toks[b].append(tk)
+                if len(toks[b]) >= reqs[i].max_new:
+                    finish(b, False)
+                    return
+
+        while qpos < len(queue) or any(s is not None for s in slot):
+            # admit into free rows
+            free = [b for b in range(B) if slot[b] is None]
+            admit = []
+            while free and qpos < len(queue) and t + reqs[queue[qpos][0]].max_new <= S:
+                admit.append((free.pop(0), queue[qpos]))
+                qpos += 1
+            while admit:  # prefill chunks of at most ``prefill_rows`` distinct requests
+                uniq = list(dict.fromkeys(i for _, (i, _) in admit))[:self.prefill_rows]
+                part = [a for a in admit if a[1][0] in uniq]
+                admit = [a for a in admit if a[1][0] not in uniq]
+                state, rowvars, tok0 = self._admit(params, state, rowvars, part, reqs, t, root, temp, top_p, static)
+                for (b, (i, s)), tk in zip(part, tok0):
+                    slot[b], toks[b] = (i, s), []
+                    settle(b, [int(tk)])
+            live = [b for b in range(B) if slot[b] is not None]
+            if not live:
+                if qpos < len(queue):  # nothing fits before the cache's end: start a new wave
+                    t = self._p0
+                    stats.waves += 1
+                continue
+            n = min(self.sync_every, S - t, max(reqs[slot[b][0]].max_new - len(toks[b]) for b in live))
+            active = jnp.asarray(np.array([slot[b] is not None for b in range(B)]))
+            outs = []
+            for _ in range(n):
+                state, rowvars, tok = _step(params, state, rowvars, active, jnp.int32(t), temp, top_p, **static)
+                outs.append(tok)
+                t += 1
+            stats.decode_steps += n
+            stats.syncs += 1
+            got = np.asarray(jnp.stack(outs))  # [n, B]
+            for b in live:
+                if slot[b] is not None:
+                    settle(b, [int(x) for x in got[:, b]])
+        return [list(r) for r in results]  # type: ignore[arg-type]
+
+    def _admit(self, params, state, rowvars, admit, reqs, t, root, temp, top_p, static):
+        """Prefill the distinct requests among ``admit`` ((row, (request, sample)) pairs) once each and
+        write them into their rows."""
+        cfg, d = self.model.config, self.model.config.d_model
+        uniq = list(dict.fromkeys(i for _, (i, _) in admit))
+        n, p = self.prefill_rows, self._p0  # one prefill program per run
+        toks = np.full((n, p), int(cfg.pad_id), np.int32)
+        valid = np.zeros((n, p), bool)
+        lay = np.full((n,), -1, np.int32)
+        unit = np.zeros((n, d), np.float32)
+        w = np.zeros((n, p), np.float32)
+        for j, i in enumerate(uniq):
+            c = reqs[i]
+            k = len(c.prompt)
+            toks[j, p - k:], valid[j, p - k:] = c.prompt, True
+            lay[j], unit[j], w[j, p - k:] = c.layer, c.unit, c.w_prompt
+        logits, pre = _prefill(params, jnp.asarray(toks), jnp.asarray(valid), jnp.asarray(lay), jnp.asarray(unit),
+                               jnp.asarray(w), dtype=self.model.dtype, **static)
+        self.stats.prefills += 1
+        r = max(_pow2(len(admit)), min(8, _pow2(self.rows)))  # few row-writer programs
+        pad = admit + [admit[-1]] * (r - len(admit))  # repeated rows write the same values
+        src = np.array([uniq.index(i) for _, (i, _) in pad], np.int32)
+        dst = np.array([b for b, _ in pad], np.int32)
+        eids = np.array([reqs[i].example_id + s for _, (i, s) in pad], np.uint32)
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(root, jnp.asarray(eids))
+        s_lay = np.array([reqs[i].layer for _, (i, _) in pad], np.int32)
+        s_unit = np.stack([reqs[i].unit for _, (i, _) in pad])
+        s_gen = np.array([reqs[i].w_gen for _, (i, _) in pad], np.float32)
+        state, rowvars, tok0 = _insert(state, rowvars, pre, logits, jnp.asarray(src), jnp.asarray(dst), jnp.int32(t),
+                                       keys, jnp.asarray(s_lay), jnp.asarray(s_unit), jnp.asarray(s_gen), temp, top_p,
+                                       **static)
+        return state, rowvars, np.asarray(tok0)[:len(admit)]

@@ -1,0 +1,192 @@
+"""The continuous-batching engine against generate: ragged prompts, early stops, refilled rows, new
+waves, shared-prefill samples, per-row steering, the per-layer cache layout, and input errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import prefjax
+from prefjax.engine import Engine, EngineError, Request, RowSteer
+from prefjax.generation import generate, per_layer_cache
+from prefjax.hooks import CaptureSpec
+from prefjax.models.stack import PerLayer
+from prefjax.steering import SteerSpec, random_direction
+
+
+@pytest.fixture(scope="module")
+def model():
+    return prefjax.load("gemma3-tiny")  # sliding window 8: prompts below run past it
+
+
+def prompts_of(lengths, seed=0, vocab=512):
+    rng = np.random.RandomState(seed)
+    return [[int(t) for t in rng.randint(3, vocab, size=n)] for n in lengths]
+
+
+LENS = [5, 14, 3, 20, 9, 11, 7]
+NEWS = [6, 3, 9, 5, 2, 8, 7]
+
+
+def reference(model, prompts, news, stops, **kw):
+    return [generate(model, [p], max_new_tokens=n, temperature=0.0, stop_ids=stops, **kw) for p, n in zip(prompts, news)]
+
+
+def test_greedy_ragged_refills_and_stops_equal_generate(model):
+    prompts = prompts_of(LENS)
+    free = reference(model, prompts, NEWS, ())
+    # a stop id taken from the middle of two continuations: those rows stop early and are refilled
+    stop = free[0].token_ids[0][3]
+    refs = reference(model, prompts, NEWS, (stop,))
+    assert sum(r.finished[0] for r in refs) >= 1 and any(len(r.token_ids[0]) < n for r, n in zip(refs, NEWS))
+    eng = Engine(model, rows=3, temperature=0.0, stop_ids=(stop,), sync_every=2)
+    res = eng.run([Request(p, n) for p, n in zip(prompts, NEWS)])
+    for i, (r, g) in enumerate(zip(res, refs)):
+        assert r[0].token_ids == g.token_ids[0], i
+        assert r[0].finished == g.finished[0], i
+    assert eng.stats.prefills >= 3  # rows were refilled mid-run
+    assert eng.stats.generated_tokens > 0
+
+
+def test_new_waves_when_the_cache_runs_out(model):
+    prompts = prompts_of(LENS, seed=1)
+    refs = reference(model, prompts, NEWS, ())
+    eng = Engine(model, rows=2, temperature=0.0, stop_ids=(), cache_len=32 + 12, sync_every=3)
+    res = eng.run([Request(p, n) for p, n in zip(prompts, NEWS)])
+    assert [r[0].token_ids for r in res] == [g.token_ids[0] for g in refs]
+    assert eng.stats.waves >= 2
+
+
+def test_samples_share_the_prefill_and_follow_generate_streams(model):
+    prompts = prompts_of([6, 13, 4], seed=2)
+    k, news = 3, [7, 5, 6]
+    eng = Engine(model, rows=4, temperature=1.0, top_k=50, seed=3, stop_ids=())
+    res = eng.run([Request(p, n, n_samples=k, example_id=100 * i) for i, (p, n) in enumerate(zip(prompts, news))])
+    for i, (p, n) in enumerate(zip(prompts, news)):
+        g = generate(model, [p] * k, max_new_tokens=n, temperature=1.0, top_k=50, seed=3, stop_ids=(),
+                     example_ids=[100 * i + s for s in range(k)])
+        assert [s.token_ids for s in res[i]] == g.token_ids
+    assert len({tuple(s.token_ids) for s in res[0]}) > 1  # the samples differ
+    assert eng.stats.prefills <= 3  # one prefill per request, not per sample (rows=4 < 9 samples)
+
+
+@pytest.mark.parametrize("mode", ["all", "span", "generated", "signed_mask"])
+def test_steered_rows_equal_single_request_steered_generate(model, mode):
+    cfg = model.config
+    prompts = prompts_of([9, 12, 6, 10], seed=4)
+    news = [6, 5, 7, 4]
+    dirs = [random_direction(cfg.d_model, i) for i in range(len(prompts))]
+    layers = [1, 3, 5, 2]
+    coefs = [6.0, -5.0, 4.0, 0.0]
+    sc = 20.0
+
+    def specs(i):
+        n = len(prompts[i])
+        if mode == "all":
+            return RowSteer(layers[i], dirs[i], coefs[i], scale=sc), SteerSpec(layers[i], dirs[i], coefs[i], sc)
+        if mode == "generated":
+            return (RowSteer(layers[i], dirs[i], coefs[i], sc, tokens="generated"),
+                    SteerSpec(layers[i], dirs[i], coefs[i], sc, tokens="generated"))
+        if mode == "span":
+            m = np.zeros((1, n), np.float32)
+            m[0, n - 5:n - 2] = 1
+            return (RowSteer(layers[i], dirs[i], coefs[i], sc, tokens=(n - 5, n - 2)),
+                    SteerSpec(layers[i], dirs[i], coefs[i], sc, tokens=m))
+        m = np.zeros(n, np.float32)
+        m[1:3], m[4:6] = 1.0, -1.0
+        return (RowSteer(layers[i], dirs[i], coefs[i], sc, tokens=m),
+                SteerSpec(layers[i], dirs[i], coefs[i], sc, tokens=m[None]))
+
+    reqs, refs = [], []
+    for i, (p, n) in enumerate(zip(prompts, news)):
+        rs, ss = specs(i)
+        reqs.append(Request(p, n, steer=rs))
+        refs.append(generate(model, [p], max_new_tokens=n, temperature=0.0, stop_ids=(), steer=ss).token_ids[0])
+    reqs.append(Request(prompts[0], news[0]))  # an unsteered row in the same batch
+    refs.append(generate(model, [prompts[0]], max_new_tokens=news[0], temperature=0.0, stop_ids=()).token_ids[0])
+    res = Engine(model, rows=3, temperature=0.0, stop_ids=()).run(reqs)
+    assert [r[0].token_ids for r in res] == refs
+    assert refs[0] != refs[-1]  # the steering changed the output (same prompt, steered vs not)
+
+
+def test_per_layer_cache_layout_equals_stacked(model):
+    cfg, fam, params = model.config, model.family, model.params
+    rng = np.random.RandomState(5)
+    state = fam.init_state(cfg, 2, 12, jnp.float32)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    state = {**state, "k": jax.random.normal(k1, state["k"].shape), "v": jax.random.normal(k2, state["v"].shape),
+             "valid": state["valid"].at[:, :9].set(True)}
+    tok = jnp.asarray(rng.randint(3, 512, size=(2, 1)), jnp.int32)
+    outs = []
+    for unroll in (False, True):
+        st = per_layer_cache(state, cfg.n_layers, unroll)
+        assert isinstance(st["k"], PerLayer) == unroll
+        lg, _, _, new = fam.forward(cfg, params, tok, jnp.ones((2, 1), bool), capture=CaptureSpec(), state=st,
+                                    start=9, is_prompt=False, unroll=unroll)
+        assert isinstance(new["k"], PerLayer) == unroll
+        k = jnp.stack(new["k"].items) if unroll else new["k"]
+        outs.append((np.asarray(lg), np.asarray(k)))
+    np.testing.assert_allclose(outs[0][0], outs[1][0], atol=1e-5)
+    np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-5)
+    assert np.abs(outs[1][1][:, :, 9]).sum() > 0  # the new slot was written
+    # the scan path also takes a per-layer state (stacks it and hands the layout back)
+    lg, _, _, new = fam.forward(cfg, params, tok, jnp.ones((2, 1), bool), capture=CaptureSpec(),
+                                state=per_layer_cache(state, cfg.n_layers, True), start=9, is_prompt=False,
+                                unroll=False)
+    assert isinstance(new["k"], PerLayer)
+    np.testing.assert_allclose(np.asarray(lg), outs[0][0], atol=1e-5)
+
+
+def test_engine_unrolled_per_layer_cache_equals_generate(model):
+    prompts = prompts_of([7, 11, 4], seed=6)
+    news = [5, 3, 6]
+    refs = reference(model, prompts, news, ())
+    eng = Engine(model, rows=2, temperature=0.0, stop_ids=(), unroll=True)
+    res = eng.run([Request(p, n) for p, n in zip(prompts, news)])
+    assert [r[0].token_ids for r in res] == [g.token_ids[0] for g in refs]
+
+
+def test_llama_greedy_equals_generate():
+    m = prefjax.load("llama31-tiny")
+    prompts = prompts_of([6, 15, 3, 9], seed=7, vocab=m.config.vocab_size)
+    news = [4, 6, 5, 3]
+    refs = reference(m, prompts, news, ())
+    res = Engine(m, rows=2, temperature=0.0, stop_ids=()).run([Request(p, n) for p, n in zip(prompts, news)])
+    assert [r[0].token_ids for r in res] == [g.token_ids[0] for g in refs]
+
+
+def test_bad_input_names_the_request(model):
+    cfg = model.config
+    p = prompts_of([6, 30])
+    eng = Engine(model, rows=2, temperature=0.0, cache_len=32)
+    with pytest.raises(EngineError, match=r"request 1: prompt of 30 tokens plus max_new_tokens=8 needs 40 cache slots; the engine's cache has 32"):
+        eng.run([Request(p[0], 4), Request(p[1], 8)])
+    eng = Engine(model, rows=2, temperature=0.0)
+    d = random_direction(cfg.d_model, 0)
+    with pytest.raises(EngineError, match=r"request 1: steering layer 7 does not exist \(layers 0..6\)"):
+        eng.run([Request(p[0], 4), Request(p[0], 4, steer=RowSteer(cfg.n_layers, d))])
+    with pytest.raises(EngineError, match=r"request 0: steering: direction has zero norm"):
+        eng.run([Request(p[0], 4, steer=RowSteer(1, np.zeros(cfg.d_model)))])
+    with pytest.raises(EngineError, match=r"request 0: steering: direction has shape"):
+        eng.run([Request(p[0], 4, steer=RowSteer(1, np.ones(3)))])
+    with pytest.raises(EngineError, match=r"request 1: steering span \(4, 9\) is outside its prompt of 6 tokens"):
+        eng.run([Request(p[0], 4), Request(p[0], 4, steer=RowSteer(1, d, tokens=(4, 9)))])
+    with pytest.raises(EngineError, match=r"request 0: steering mask has 3 weights for a prompt of 6 tokens"):
+        eng.run([Request(p[0], 4, steer=RowSteer(1, d, tokens=np.ones(3)))])
+    with pytest.raises(EngineError, match=r"request 0: token id 9999 outside the vocabulary"):
+        eng.run([Request([1, 9999], 4)])
+    with pytest.raises(EngineError, match=r"request 0: max_new_tokens must be a positive int"):
+        eng.run([Request(p[0], 0)])
+    with pytest.raises(EngineError, match=r"request 0: empty prompt"):
+        eng.run([Request([], 3)])
+    with pytest.raises(EngineError, match="no requests"):
+        eng.run([])
+    qwen = prefjax.load("qwen35-tiny") if "qwen35-tiny" in _presets() else None
+    if qwen is not None:
+        with pytest.raises(EngineError, match="plain KV cache"):
+            Engine(qwen)
+
+
+def _presets():
+    from prefjax.models import qwen35
+    return getattr(qwen35, "PRESETS", {})
