@@ -15,6 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from prefjax.runconfig import RunConfigError, check_overrides  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where the run's stores, stages and report live.")
@@ -34,4 +36,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    try:
+        check_overrides(sys.argv[1:])  # a misspelt key names its section before anything loads
+    except RunConfigError as e:
+        sys.exit(f"FATAL Flags parsing error: {e}")
     app.run(main)

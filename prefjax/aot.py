@@ -744,7 +744,7 @@ class RunShapes:
 
 
 def run_shapes(cfg, mcfg, task_len: int, pair_len: int, batch_multiple: int) -> RunShapes:
-    from prefjax.pipeline import resolve_layers
+    from prefjax.runconfig import resolve_layers
     n = int(_get(cfg, "tasks.n", 66))
     personas = len(list(_get(cfg, "personas", ["default"])))
     stages = tuple(_get(cfg, "stages", ()))

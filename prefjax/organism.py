@@ -41,7 +41,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import prefjax
+from prefjax.checkpoints.gguf import default_gguf_path
+from prefjax.elicit import personas_from_spec
+from prefjax.elicit.prompts import DEFAULT_TEMPLATE, choice_messages
+from prefjax.elicit.runner import forced_text, label_token_ids
+from prefjax.hooks import CaptureSpec
 from prefjax.models import gemma3
+from prefjax.probes import RidgeProbe, default_splits, evaluate_probe, fit_ridge
+from prefjax.stages import RunLayout, read_json, resid_hook
+from prefjax.store import open_existing
+from prefjax.tasks import load_default_pool, load_tasks, save_jsonl
+from prefjax.tasks.pool import TaskPool
+from prefjax.tokenize import Tokenizer
 
 #: Default topic values of the ``default`` persona (centred below): helpful, well-defined work high,
 #: harmful or manipulative work low.
@@ -208,7 +220,6 @@ def hidden_utilities(spec: OrganismSpec, pool, z_N: np.ndarray) -> dict[str, np.
 
 def split_tasks(pool, train_frac: float, seed: int):
     """Stratified-by-topic split of the pool into (train, eval) TaskPools (each keeps pool order)."""
-    from prefjax.tasks.pool import TaskPool
     rng = np.random.default_rng(seed + 5)
     train_ids = set()
     for topic, sub in pool.by_topic().items():
@@ -223,8 +234,6 @@ def split_tasks(pool, train_frac: float, seed: int):
 
 def choice_prompt_ids(tokenizer, task_a, task_b, persona) -> list[int]:
     """Token ids of the logit-mode prompt exactly as :func:`prefjax.elicit.runner._logit_rows` builds it."""
-    from prefjax.elicit.prompts import DEFAULT_TEMPLATE, choice_messages
-    from prefjax.elicit.runner import forced_text
     text = tokenizer.chat(choice_messages(DEFAULT_TEMPLATE, task_a, task_b, persona), add_generation_prompt=True)
     return tokenizer.encode(text + forced_text(DEFAULT_TEMPLATE), add_bos=False)
 
@@ -233,7 +242,6 @@ def make_examples(spec: OrganismSpec, tokenizer, pool, util: Mapping[str, np.nda
                   only_first: bool = False):
     """``n`` random (pair, order, persona) examples from ``pool``: token lists and soft targets P(A)
     (``only_first``: every example under the first persona)."""
-    from prefjax.elicit import personas_from_spec
     personas = personas_from_spec([p.name for p in spec.personas])
     rng = np.random.default_rng(seed)
     seqs, targets, diffs = [], [], []
@@ -267,7 +275,6 @@ def _batches(seqs, targets, batch_size: int, bucket: int, pad_id: int, rng):
 
 
 def _ab_logits(cfg, trainable, embed, ids_BxT, valid_BxT, ab_ids):
-    from prefjax.hooks import CaptureSpec
     params = {"embed": embed, **trainable}
     t = ids_BxT.shape[1]
     pos = jnp.full((ids_BxT.shape[0], 1), t - 1, jnp.int32)
@@ -284,8 +291,6 @@ def train_organism(spec: OrganismSpec, embed_VxD: np.ndarray, tokenizer, train_p
     model's logit difference and the planted ``(u_a - u_b) / tau`` on held-out pairs of held-out tasks.
     """
     import optax
-    from prefjax.elicit.prompts import DEFAULT_TEMPLATE
-    from prefjax.elicit.runner import label_token_ids
     cfg = organism_config(spec)
     ab = jnp.asarray(label_token_ids(tokenizer, DEFAULT_TEMPLATE), jnp.int32)
     full = gemma3.init_params(cfg, jax.random.PRNGKey(spec.seed))
@@ -349,8 +354,6 @@ def train_organism(spec: OrganismSpec, embed_VxD: np.ndarray, tokenizer, train_p
 
 def pair_fit(spec, cfg, params, tokenizer, pool, util, *, n: int = 256, seed: int = 0) -> dict:
     """Pearson r (and sign agreement) of the model's " A" - " B" logit gap with the planted gap, on random pairs."""
-    from prefjax.elicit.prompts import DEFAULT_TEMPLATE
-    from prefjax.elicit.runner import label_token_ids
     ab = jnp.asarray(label_token_ids(tokenizer, DEFAULT_TEMPLATE), jnp.int32)
     seqs, _, diffs = make_examples(spec, tokenizer, pool, util, n, seed)
     fn = jax.jit(lambda tp, e, i, v: _ab_logits(cfg, tp, e, i, v, ab))
@@ -392,19 +395,15 @@ def save_checkpoint(folder: str, cfg: gemma3.Gemma3Config, params, tokenizer) ->
 def plant_organism(spec: OrganismSpec, folder: str, *, base_model=None, verbose: bool = True) -> dict:
     """Plant an organism into ``folder`` (checkpoint + tokenizer + ``hidden_utilities.json`` +
     ``train_tasks.jsonl`` / ``eval_tasks.jsonl``). Returns the training info (also in the JSON)."""
-    from prefjax.tasks import load_default_pool, save_jsonl
     t0 = time.time()
     pool = load_default_pool()
     if spec.n_tasks and spec.n_tasks < len(pool):
         pool = pool.subset(spec.n_tasks, seed=spec.seed, stratified=True)
     if base_model is None and spec.embed_init == "gemma3-270m":
-        import prefjax
         base_model = prefjax.load("gemma3-270m", dtype="float32")
     if base_model is not None:
         tok = base_model.tokenizer
     else:
-        from prefjax.checkpoints.gguf import default_gguf_path
-        from prefjax.tokenize import Tokenizer
         tok = Tokenizer.from_gguf(default_gguf_path())
     embed = organism_embedding(spec, base_model)
     z = content_feature(spec, embed, tok, pool)
@@ -453,39 +452,35 @@ def evaluate_recovery(workdir: str, organism_dir: str) -> dict:
     the train/eval splits *against hidden u*, test split r: where the truth is linearly readable);
     and globally ``transfer`` (the pipeline's persona transfer matrix) and ``steering`` slopes.
     """
-    from prefjax.probes import RidgeProbe, default_splits, evaluate_probe, fit_ridge
-    from prefjax.stages import read_json
-    from prefjax.store import open_existing
-    from prefjax.tasks import load_tasks
     hidden = load_hidden(organism_dir)
-    pool = load_tasks(os.path.join(workdir, "stages", "tasks", "tasks.jsonl"))
+    run = RunLayout(workdir)
+    pool = load_tasks(run.tasks_file())
     ids = list(pool.ids)
     missing = [i for i in ids if i not in hidden["utilities"][next(iter(hidden["utilities"]))]]
     if missing:
         raise ValueError(f"tasks {missing[:5]} of the run are not in {organism_dir}/{HIDDEN_FILE}")
     leaked = sorted(set(ids) & set(hidden["train_ids"]))
-    run_cfg = read_json(os.path.join(workdir, "run.json"))["config"]
-    seed = int(run_cfg.get("seed", 0))
+    run_cfg = read_json(run.run_json)["config"]
+    seed = int(run_cfg["seed"])
     n = len(ids)
     train_i, ev_i, test_i = default_splits(n, seed)
-    done = lambda name: os.path.join(workdir, "stages", f"{name}.done")
     out: dict[str, Any] = {"n_tasks": n, "train_tasks_in_run": len(leaked), "persona": {}}
-    probes_res = read_json(done("probes"))["result"] if os.path.exists(done("probes")) else None
+    probes_res = run.result("probes") if run.is_done("probes") else None
     for pname, table in hidden["utilities"].items():
-        f = os.path.join(workdir, "stages", "utilities", f"{pname}.npz")
+        f = run.utilities(pname)
         if not os.path.exists(f):
             continue
         u = np.array([table[i] for i in ids])
         mu = np.load(f)["mu"]
         res = {"utility_r": float(np.corrcoef(mu, u)[0, 1])}
-        acts = os.path.join(workdir, "activations", pname)
+        acts = run.activations_dir(pname)
         if probes_res is not None and pname in probes_res["persona"] and os.path.isdir(acts):
             ps = probes_res["persona"][pname]
             layer = ps["best_layer"]
-            hook = f"blocks.{layer}.hook_resid_post"
-            pos = int(run_cfg.get("probes", {}).get("position_index", 0))
+            hook = resid_hook(layer)
+            pos = int(run_cfg["probes"]["position_index"])
             st = open_existing(acts)
-            probe = RidgeProbe.load(os.path.join(workdir, "probes", pname, hook))
+            probe = RidgeProbe.load(run.probe_dir(pname, layer))
             X = st.read(hook=hook)[:, pos, :].astype(np.float32)
             res["best_layer"] = layer
             res["probe_r_hidden"] = float(np.corrcoef(probe.predict(X[test_i]), u[test_i])[0, 1])
@@ -494,16 +489,16 @@ def evaluate_recovery(workdir: str, organism_dir: str) -> dict:
             by_layer = {}
             for h in st.hooks if hasattr(st, "hooks") else [hook]:
                 Xl = st.read(hook=h)[:, pos, :].astype(np.float32)
-                pr = fit_ridge(Xl, u, alphas=tuple(run_cfg.get("probes", {}).get("alphas", (1.0, 10.0, 100.0, 1e3))),
+                pr = fit_ridge(Xl, u, alphas=tuple(run_cfg["probes"]["alphas"]),
                                eval_idx=ev_i, train_idx=train_i)
                 by_layer[h] = evaluate_probe(pr, Xl, u, test_i)["r"]
             res["probe_r_hidden_by_layer"] = by_layer
         out["persona"][pname] = res
-    if os.path.exists(done("transfer")):
-        tr = read_json(done("transfer"))["result"]
+    if run.is_done("transfer"):
+        tr = run.result("transfer")
         out["transfer"] = {"personas": tr["personas"], "persona_r": tr["persona_r"], "utility_corr": tr["utility_corr"]}
-    if os.path.exists(done("steering")):
-        s = read_json(done("steering"))["result"]
+    if run.is_done("steering"):
+        s = run.result("steering")
         out["steering"] = {k: s[k] for k in ("persona", "layer", "slope_probe", "slope_random", "coefs")}
         out["steering"]["p_probe"] = [r["p_steered_mean"] for r in s["probe"]]
         out["steering"]["p_random"] = [r["p_steered_mean"] for r in s["random"]]
