@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from prefjax.hooks import hook_name
 from prefjax.progress import log
 
 __all__ = [
@@ -221,7 +222,7 @@ def config_diff(old: Mapping, new: Mapping, safe: Sequence[str] = SAFE_TO_CHANGE
 
 def resid_hook(layer: int) -> str:
     """The residual-stream hook name of a layer (what activations and probes are keyed by)."""
-    return f"blocks.{int(layer)}.hook_resid_post"
+    return hook_name(int(layer), "hook_resid_post")
 
 
 class RunLayout:
