@@ -216,7 +216,7 @@ def test_random_direction_and_dose_response():
     assert rows[1]["n_a"] == 8 and rows[1]["n_unparsed"] == 1 and abs(rows[1]["p_a_lo"] - lo) < 1e-12
     table = format_table(rows).splitlines()
     assert len(table) == 3 and table[0].split()[:3] == ["coef", "n", "P(A)"]
-    assert table[2].split()[:3] == ["1", "12", "0.667"]  # 8 of 12 records chose A
+    assert table[2].split()[:3] == ["1", "12", "0.800"]  # 12 records; 8 of the 10 A/B answers chose A
     with pytest.raises(ValueError, match="'C'"):
         dose_response({0.0: ["C"]})
 
