@@ -26,6 +26,8 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not _CONFIG.value.progress:  # config.progress=False silences the progress bars (log lines stay)
+        os.environ["PREFJAX_PROGRESS"] = "0"
     from prefjax.launching import maybe_initialize_distributed
     maybe_initialize_distributed(force=_DISTRIBUTED.value)
     from prefjax.pipeline import run_pipeline

@@ -187,7 +187,7 @@ SECTIONS: dict[str, type] = {
     "activations": ActivationsConfig, "probes": ProbesConfig, "steering": SteeringConfig, "inlp": InlpConfig,
     "patching": PatchingConfig, "pref_shift": PrefShiftConfig, "truefalse": TrueFalseConfig,
 }
-# Top-level scalar keys, with their types.
+# Top-level scalar keys, with their types. ``progress`` (bars on/off) is read by launch/main.py.
 TOP_LEVEL = {"seed": "int", "stages": "tuple[str, ...]", "checkpoints_dir": "str", "adapters_dir": "str",
              "personas": "tuple[str, ...]", "truth": "str", "progress": "bool"}
 # Sections that are kept for provenance (run.json) but not read by the pipeline: ``organism`` is the
