@@ -10,9 +10,16 @@ real Gemma tokenizer, for tests), ``"gemma3-27b"``, ``"qwen35-122b-a10b"`` and `
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 
-ALL_STAGES = ("tasks", "choices", "utilities", "activations", "probes", "transfer", "steering", "inlp", "patching",
-              "pref_shift", "truefalse", "report")
+import ml_collections
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from prefjax.runconfig import STAGES as ALL_STAGES, check_stages  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +62,11 @@ def model_row(arg: str, config_file: str) -> ModelRow:
 
 
 def base_config(arg: str, config_file: str):
-    """A full pipeline config for the model ``arg`` with every stage on; experiments trim it."""
-    import ml_collections
+    """A full pipeline config for the model ``arg`` with every stage on; experiments trim it.
 
+    This is the one place defaults live: every key the code reads is declared here (and typed by
+    :class:`prefjax.runconfig.RunConfig`), so every key can be set with ``--config.section.key=value``.
+    """
     row = model_row(arg, config_file)
     key = ALIASES.get(arg, arg)
     c = ml_collections.ConfigDict()
@@ -77,7 +86,8 @@ def base_config(arg: str, config_file: str):
     c.choices = ml_collections.ConfigDict({
         "mode": "logit", "samples": 1, "orders": "both", "degree": 10, "active_rounds": 1,
         "pairs_per_round": 66, "batch_size": row.choices_batch, "max_new_tokens": 16, "temperature": 1.0,
-        "top_p": 1.0, "seed": 0})
+        "top_p": 1.0, "seed": 0,
+        "template": ""})  # "" = the default choice template; else a JSON file of ChoiceTemplate fields
     c.activations = ml_collections.ConfigDict({"layers": row.layers, "n_after": 0, "batch_size": row.acts_batch,
                                                "dtype": "float32"})
     c.probes = ml_collections.ConfigDict({"alphas": (1.0, 10.0, 100.0, 1e3, 1e4, 1e5), "position_index": 0,
@@ -90,9 +100,14 @@ def base_config(arg: str, config_file: str):
                                             "generate_tokens": 12})  # 0: logit mode only
     c.inlp = ml_collections.ConfigDict({"n_iter": 5})
     c.patching = ml_collections.ConfigDict({"n_pairs": 6, "layers": "every3", "sources": ("swap", "persona"),
-                                            "modes": ("eot", "span"), "min_effect": 0.02, "batch_size": 16})
-    c.pref_shift = ml_collections.ConfigDict({"n_boot": 1000, "n_perm": 1000})
-    c.truefalse = ml_collections.ConfigDict({"n_folds": 5, "reg": 1.0, "n_boot": 1000, "batch_size": 32})
+                                            "modes": ("eot", "span"), "min_effect": 0.02, "batch_size": 16,
+                                            "persona": "",          # "" = the first persona
+                                            "source_persona": ""})  # "" = the second persona, if any
+    # base "" = the first persona; shifts () = every other persona
+    c.pref_shift = ml_collections.ConfigDict({"n_boot": 1000, "n_perm": 1000, "base": "", "shifts": ()})
+    # path "" = the bundled statements
+    c.truefalse = ml_collections.ConfigDict({"n_folds": 5, "reg": 1.0, "n_boot": 1000, "batch_size": 32,
+                                             "path": ""})
     c.truth = ""  # a model organism's folder: the report then compares estimates with the planted utilities
     c.progress = True
     if key == "tiny":
@@ -110,8 +125,6 @@ def base_config(arg: str, config_file: str):
 
 
 def set_stages(c, *stages: str):
-    """Keep only ``stages`` (they must include their prerequisites; the pipeline checks)."""
-    from prefjax.pipeline import check_stages
-
+    """Keep only ``stages`` (they must include their prerequisites; checked here)."""
     c.stages = check_stages(stages)
     return c

@@ -15,6 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from prefjax.runconfig import RunConfigError, check_overrides  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where the run's stores, stages and report live.")
@@ -24,6 +26,8 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not _CONFIG.value.progress:  # config.progress=False silences the progress bars (log lines stay)
+        os.environ["PREFJAX_PROGRESS"] = "0"
     from prefjax.launching import maybe_initialize_distributed
     maybe_initialize_distributed(force=_DISTRIBUTED.value)
     from prefjax.pipeline import run_pipeline
@@ -34,4 +38,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    try:
+        check_overrides(sys.argv[1:])  # a misspelt key names its section before anything loads
+    except RunConfigError as e:
+        sys.exit(f"FATAL Flags parsing error: {e}")
     app.run(main)

@@ -46,6 +46,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from prefjax.runconfig import RunConfig, resolve_layers
+
 GiB = float(1 << 30)
 
 
@@ -432,18 +434,6 @@ def compile_program(name: str, lower: Callable[[], Any], chip: Chip, *, args_nam
 # --------------------------------------------------------------------------------------------
 # The model programs.
 
-def _get(cfg, dotted: str, default=None):
-    node = cfg
-    for part in dotted.split("."):
-        try:
-            node = node[part]
-        except (KeyError, TypeError, AttributeError):
-            node = getattr(node, part, None) if not isinstance(node, Mapping) else None
-        if node is None:
-            return default
-    return node
-
-
 def depth_variant(mcfg, layer_types: Sequence[str]):
     """``mcfg`` with the given layers only (same widths): the unrolled variants the layer-loop cost
     correction compiles."""
@@ -719,10 +709,10 @@ class Workload:
     assumptions: list[str]
 
 
-def _n_pairs(cfg, n: int) -> int:
-    degree = int(_get(cfg, "choices.degree", 6) or 6)
-    rounds = int(_get(cfg, "choices.active_rounds", 0) or 0)
-    per_round = int(_get(cfg, "choices.pairs_per_round", max(n // 2, 1)) or max(n // 2, 1))
+def _n_pairs(cfg: RunConfig, n: int) -> int:
+    degree = int(cfg.choices.degree or 6)
+    rounds = int(cfg.choices.active_rounds or 0)
+    per_round = int(cfg.choices.pairs_per_round or max(n // 2, 1))
     degree = min(degree, max(n - 1, 1))
     return int(math.ceil(n * degree / 2)) + rounds * per_round
 
@@ -751,27 +741,28 @@ class RunShapes:
 
 
 def run_shapes(cfg, mcfg, task_len: int, pair_len: int, batch_multiple: int) -> RunShapes:
-    from prefjax.pipeline import resolve_layers
-    n = int(_get(cfg, "tasks.n", 66))
-    personas = len(list(_get(cfg, "personas", ["default"])))
-    stages = tuple(_get(cfg, "stages", ()))
-    layers = resolve_layers(_get(cfg, "activations.layers", "all"), mcfg.n_layers) if "activations" in stages else []
-    mode = str(_get(cfg, "choices.mode", "sample"))
-    n_pairs = int(_get(cfg, "steering.n_pairs", 8))
+    """The run's shapes (tasks, layers, batches, token counts) from a pipeline config."""
+    cfg = RunConfig.from_config(cfg)
+    n = cfg.tasks.n
+    personas = len(cfg.personas)
+    stages = cfg.stages
+    layers = resolve_layers(cfg.activations.layers, mcfg.n_layers) if "activations" in stages else []
+    mode = cfg.choices.mode
+    n_pairs = cfg.steering.n_pairs
     steer_rows = 2 * min(n_pairs, max(n // 2, 1)) if "steering" in stages else 0
     return RunShapes(
         n_tasks=n, personas=personas, layers=list(layers),
-        acts_batch=int(_get(cfg, "activations.batch_size", 8)),
+        acts_batch=cfg.activations.batch_size,
         # generate pads a chunk to a multiple of the batch split (prefjax.generation.generate)
-        choices_batch=int(_get(cfg, "choices.batch_size", 16)), task_len=int(task_len), pair_len=int(pair_len),
-        n_after=int(_get(cfg, "activations.n_after", 0)), mode=mode,
-        samples=1 if mode == "logit" else int(_get(cfg, "choices.samples", 1)),
-        orders=2 if _get(cfg, "choices.orders", "both") == "both" else 1,
-        choice_new=int(_get(cfg, "choices.max_new_tokens", 24)), top_p=float(_get(cfg, "choices.top_p", 1.0)),
-        temperature=float(_get(cfg, "choices.temperature", 1.0)),
-        steer_rows=steer_rows, steer_coefs=len(tuple(_get(cfg, "steering.coefs", ()))),
-        steer_new=int(_get(cfg, "steering.generate_tokens", 0) or 0), pairs=_n_pairs(cfg, n),
-        rounds=int(_get(cfg, "choices.active_rounds", 0) or 0))
+        choices_batch=cfg.choices.batch_size, task_len=int(task_len), pair_len=int(pair_len),
+        n_after=cfg.activations.n_after, mode=mode,
+        samples=1 if mode == "logit" else cfg.choices.samples,
+        orders=2 if cfg.choices.orders == "both" else 1,
+        choice_new=cfg.choices.max_new_tokens, top_p=cfg.choices.top_p,
+        temperature=cfg.choices.temperature,
+        steer_rows=steer_rows, steer_coefs=len(cfg.steering.coefs),
+        steer_new=int(cfg.steering.generate_tokens or 0), pairs=_n_pairs(cfg, n),
+        rounds=int(cfg.choices.active_rounds or 0))
 
 
 def workload(shapes: RunShapes, *, fit_rows: int, fit_iters: int, n_topics: int = 10,
@@ -919,8 +910,7 @@ def resolve_mesh(cfg, sl: TpuSlice, mesh: Mapping[str, int] | None) -> dict[str,
     """``mesh`` if given, else the config's ``mesh`` block when it spans the slice; errors name both."""
     if mesh is not None:
         return {k: int(v) for k, v in dict(mesh).items()}
-    from prefjax.sharding import MESH_AXES
-    shape = {a: int(_get(cfg, f"mesh.{a}", 1) or 1) for a in MESH_AXES}
+    shape = RunConfig.from_config(cfg).mesh_shape()
     size = int(np.prod(list(shape.values())))
     if size != sl.n_chips:
         raise AOTError(f"the config's mesh {({k: v for k, v in shape.items() if v > 1}) or {'data': 1}} has {size} "
@@ -942,16 +932,17 @@ def check_run(cfg, topology: str, *, mesh: Mapping[str, int] | None = None, task
 
     from prefjax.checkpoints.hf import resolve_dtype
     from prefjax.models import family_for_preset
+    cfg = RunConfig.from_config(cfg)
     sl = tpu_slice(topology)
     shape = resolve_mesh(cfg, sl, mesh)
     m = slice_mesh(sl, shape)
-    preset = str(_get(cfg, "model.preset", "") or _get(cfg, "model.name", ""))
+    preset = cfg.model.preset or cfg.model.name
     fam = family_for_preset(preset)
     mcfg = fam.PRESETS[preset]
-    dtype = resolve_dtype(_get(cfg, "model.dtype", "float32")) or jnp.float32
+    dtype = resolve_dtype(cfg.model.dtype or "float32") or jnp.float32
     where = f"topology {sl.name}: "
     mp = ModelPrograms(fam, mcfg, dtype, m, strict=strict, where=where)
-    stages = tuple(_get(cfg, "stages", ()))
+    stages = cfg.stages
     rs = run_shapes(cfg, mcfg, task_len, pair_len, mp.batch_multiple())
     fit_rows = None
     warnings: list[str] = []

@@ -34,14 +34,29 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 
+import prefjax
+from prefjax.checkpoints.gguf import default_gguf_path
+from prefjax.elicit import personas_from_spec
+from prefjax.elicit.prompts import DEFAULT_TEMPLATE, choice_messages
+from prefjax.elicit.runner import forced_text, label_token_ids
+from prefjax.hooks import CaptureSpec
 from prefjax.models import gemma3
+from prefjax.probes import RidgeProbe, default_splits, evaluate_probe, fit_ridge
+from prefjax.stages import RunLayout, read_json, resid_hook
+from prefjax.store import open_existing
+from prefjax.tasks import load_default_pool, load_tasks, save_jsonl
+from prefjax.tasks.pool import TaskPool
+from prefjax.tokenize import Tokenizer
 
 #: Default topic values of the ``default`` persona (centred below): helpful, well-defined work high,
 #: harmful or manipulative work low.
@@ -54,6 +69,7 @@ DEFAULT_TOPIC_VALUES: dict[str, float] = {
 HIDDEN_FILE = "hidden_utilities.json"
 EVAL_TASKS_FILE = "eval_tasks.jsonl"
 TRAIN_TASKS_FILE = "train_tasks.jsonl"
+TRAINING_DIR = ".training"          # orbax checkpoints while training (removed when planted)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +182,6 @@ def organism_embedding(spec: OrganismSpec, base_model=None) -> np.ndarray:
         e = rng.standard_normal((262_144, spec.d_model), dtype=np.float32)
     else:
         if base_model is None:
-            import prefjax
             base_model = prefjax.load("gemma3-270m", dtype="float32")
         e270 = np.asarray(base_model.params["embed"], np.float32)
         q, _ = np.linalg.qr(rng.standard_normal((e270.shape[1], spec.d_model)))
@@ -208,7 +223,6 @@ def hidden_utilities(spec: OrganismSpec, pool, z_N: np.ndarray) -> dict[str, np.
 
 def split_tasks(pool, train_frac: float, seed: int):
     """Stratified-by-topic split of the pool into (train, eval) TaskPools (each keeps pool order)."""
-    from prefjax.tasks.pool import TaskPool
     rng = np.random.default_rng(seed + 5)
     train_ids = set()
     for topic, sub in pool.by_topic().items():
@@ -223,8 +237,6 @@ def split_tasks(pool, train_frac: float, seed: int):
 
 def choice_prompt_ids(tokenizer, task_a, task_b, persona) -> list[int]:
     """Token ids of the logit-mode prompt exactly as :func:`prefjax.elicit.runner._logit_rows` builds it."""
-    from prefjax.elicit.prompts import DEFAULT_TEMPLATE, choice_messages
-    from prefjax.elicit.runner import forced_text
     text = tokenizer.chat(choice_messages(DEFAULT_TEMPLATE, task_a, task_b, persona), add_generation_prompt=True)
     return tokenizer.encode(text + forced_text(DEFAULT_TEMPLATE), add_bos=False)
 
@@ -233,7 +245,6 @@ def make_examples(spec: OrganismSpec, tokenizer, pool, util: Mapping[str, np.nda
                   only_first: bool = False):
     """``n`` random (pair, order, persona) examples from ``pool``: token lists and soft targets P(A)
     (``only_first``: every example under the first persona)."""
-    from prefjax.elicit import personas_from_spec
     personas = personas_from_spec([p.name for p in spec.personas])
     rng = np.random.default_rng(seed)
     seqs, targets, diffs = [], [], []
@@ -267,7 +278,6 @@ def _batches(seqs, targets, batch_size: int, bucket: int, pad_id: int, rng):
 
 
 def _ab_logits(cfg, trainable, embed, ids_BxT, valid_BxT, ab_ids):
-    from prefjax.hooks import CaptureSpec
     params = {"embed": embed, **trainable}
     t = ids_BxT.shape[1]
     pos = jnp.full((ids_BxT.shape[0], 1), t - 1, jnp.int32)
@@ -276,16 +286,54 @@ def _ab_logits(cfg, trainable, embed, ids_BxT, valid_BxT, ab_ids):
     return jnp.einsum("bd,vd->bv", h[:, 0], embed[ab_ids])  # [B, 2]: " A", " B"
 
 
+class TrainingCheckpoints:
+    """Orbax checkpoints of the organism's training state under one folder: the trainable parameters
+    and the optimizer state (``state``), and the loop's position (``meta``: step, losses, the batch
+    sampler's RNG state and place, the spec). Orbax writes each step to a temporary folder and renames
+    it when complete, so a kill at any moment leaves the previous step as the latest."""
+
+    def __init__(self, directory: str, *, max_to_keep: int = 2):
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+    def latest_step(self) -> int | None:
+        """The newest complete step, or None."""
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, meta: dict) -> None:
+        """Save ``state`` (a pytree of arrays) and ``meta`` (JSON) as ``step``, and wait for it."""
+        self.manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                             meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, like) -> tuple[Any, dict]:
+        """``(state, meta)`` of ``step``; ``like`` is a pytree of the state's structure, shapes and dtypes."""
+        out = self.manager.restore(int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(like),
+                                                                     meta=ocp.args.JsonRestore()))
+        return out["state"], out["meta"]
+
+    def close(self) -> None:
+        """Release the manager (its background threads)."""
+        self.manager.close()
+
+
 def train_organism(spec: OrganismSpec, embed_VxD: np.ndarray, tokenizer, train_pool, util_train, *,
-                   eval_pool=None, util_eval=None, log_every: int = 50, verbose: bool = True):
+                   eval_pool=None, util_eval=None, log_every: int = 50, verbose: bool = True,
+                   checkpoint_dir: str | None = None, checkpoint_every: int = 100):
     """Train the blocks and final norm (embedding frozen). Returns ``(params, info)``.
 
     ``info`` holds the loss curve, wall time, and (given ``eval_pool``) the Pearson r between the
     model's logit difference and the planted ``(u_a - u_b) / tau`` on held-out pairs of held-out tasks.
+
+    With ``checkpoint_dir`` the training state is saved there with orbax every ``checkpoint_every``
+    steps (:class:`TrainingCheckpoints`), and a call that finds a checkpoint resumes from it: a run
+    killed mid-training and called again ends with the same parameters and loss curve as an
+    uninterrupted one (``info["resumed_from"]`` gives the step it resumed at). A checkpoint of a
+    different spec is refused.
     """
-    import optax
-    from prefjax.elicit.prompts import DEFAULT_TEMPLATE
-    from prefjax.elicit.runner import label_token_ids
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     cfg = organism_config(spec)
     ab = jnp.asarray(label_token_ids(tokenizer, DEFAULT_TEMPLATE), jnp.int32)
     full = gemma3.init_params(cfg, jax.random.PRNGKey(spec.seed))
@@ -322,22 +370,49 @@ def train_organism(spec: OrganismSpec, embed_VxD: np.ndarray, tokenizer, train_p
     losses, k, batches = [], 0, []
     t1 = time.time()
     phase_end, ph = 0, -1
-    while k < spec.steps:
-        if k >= phase_end:
-            ph += 1
-            phase_end += phases[ph][0]
-            batches = []
-        if not batches:
-            batches = _batches(phases[ph][1], phases[ph][2], spec.batch_size, spec.bucket, pad, rng)
-        ids, valid, tgt = batches.pop()
-        trainable, opt_state, loss = step(trainable, opt_state, embed, ids, valid, tgt)
-        losses.append(float(loss))
-        k += 1
-        if verbose and (k % log_every == 0 or k == spec.steps):
-            print(f"[organism] step {k}/{spec.steps} loss {np.mean(losses[-log_every:]):.4f} "
-                  f"({time.time() - t1:.0f}s)", flush=True)
+    gen_state, popped, resumed_from = None, 0, None  # the sampler's RNG state before the current batches
+    ckpt = TrainingCheckpoints(checkpoint_dir) if checkpoint_dir else None
+    try:
+        if ckpt is not None and ckpt.latest_step() is not None:
+            state, meta = ckpt.restore(ckpt.latest_step(), {"params": trainable, "opt": opt_state})
+            if meta["spec"] != json.loads(json.dumps(spec.to_dict())):
+                raise ValueError(f"{checkpoint_dir} holds training checkpoints of a different OrganismSpec; "
+                                 f"delete it or use another folder")
+            trainable, opt_state = state["params"], state["opt"]
+            k, losses, ph, phase_end = int(meta["step"]), list(meta["losses"]), int(meta["phase"]), \
+                int(meta["phase_end"])
+            gen_state, popped, resumed_from = meta["gen_state"], int(meta["popped"]), k
+            if gen_state is not None:  # the same batches, the same ones already used
+                rng.bit_generator.state = gen_state
+                batches = _batches(phases[ph][1], phases[ph][2], spec.batch_size, spec.bucket, pad, rng)
+                del batches[len(batches) - popped:]
+            if verbose:
+                print(f"[organism] resuming at step {k}/{spec.steps} from {checkpoint_dir}", flush=True)
+        while k < spec.steps:
+            if k >= phase_end:
+                ph += 1
+                phase_end += phases[ph][0]
+                batches = []
+            if not batches:
+                gen_state, popped = rng.bit_generator.state, 0
+                batches = _batches(phases[ph][1], phases[ph][2], spec.batch_size, spec.bucket, pad, rng)
+            ids, valid, tgt = batches.pop()
+            popped += 1
+            trainable, opt_state, loss = step(trainable, opt_state, embed, ids, valid, tgt)
+            losses.append(float(loss))
+            k += 1
+            if verbose and (k % log_every == 0 or k == spec.steps):
+                print(f"[organism] step {k}/{spec.steps} loss {np.mean(losses[-log_every:]):.4f} "
+                      f"({time.time() - t1:.0f}s)", flush=True)
+            if ckpt is not None and (k % checkpoint_every == 0 or k == spec.steps):
+                ckpt.save(k, {"params": trainable, "opt": opt_state},
+                          {"step": k, "losses": losses, "phase": ph, "phase_end": phase_end,
+                           "gen_state": gen_state, "popped": popped, "spec": spec.to_dict()})
+    finally:
+        if ckpt is not None:
+            ckpt.close()
     # The entropy floor of the soft targets, so the loss can be read as a KL.
-    info = {"losses": losses, "train_seconds": time.time() - t1, "data_seconds": t_data,
+    info = {"losses": losses, "train_seconds": time.time() - t1, "data_seconds": t_data, "resumed_from": resumed_from,
             "target_entropy": float(-np.mean(targets * np.log(targets + 1e-12)
                                              + (1 - targets) * np.log(1 - targets + 1e-12)))}
     params = {"embed": embed, **trainable}
@@ -349,8 +424,6 @@ def train_organism(spec: OrganismSpec, embed_VxD: np.ndarray, tokenizer, train_p
 
 def pair_fit(spec, cfg, params, tokenizer, pool, util, *, n: int = 256, seed: int = 0) -> dict:
     """Pearson r (and sign agreement) of the model's " A" - " B" logit gap with the planted gap, on random pairs."""
-    from prefjax.elicit.prompts import DEFAULT_TEMPLATE
-    from prefjax.elicit.runner import label_token_ids
     ab = jnp.asarray(label_token_ids(tokenizer, DEFAULT_TEMPLATE), jnp.int32)
     seqs, _, diffs = make_examples(spec, tokenizer, pool, util, n, seed)
     fn = jax.jit(lambda tp, e, i, v: _ab_logits(cfg, tp, e, i, v, ab))
@@ -391,20 +464,17 @@ def save_checkpoint(folder: str, cfg: gemma3.Gemma3Config, params, tokenizer) ->
 
 def plant_organism(spec: OrganismSpec, folder: str, *, base_model=None, verbose: bool = True) -> dict:
     """Plant an organism into ``folder`` (checkpoint + tokenizer + ``hidden_utilities.json`` +
-    ``train_tasks.jsonl`` / ``eval_tasks.jsonl``). Returns the training info (also in the JSON)."""
-    from prefjax.tasks import load_default_pool, save_jsonl
+    ``train_tasks.jsonl`` / ``eval_tasks.jsonl``). Returns the training info (also in the JSON).
+    Killed mid-training, the same call resumes from the orbax checkpoints in ``<folder>/.training``."""
     t0 = time.time()
     pool = load_default_pool()
     if spec.n_tasks and spec.n_tasks < len(pool):
         pool = pool.subset(spec.n_tasks, seed=spec.seed, stratified=True)
     if base_model is None and spec.embed_init == "gemma3-270m":
-        import prefjax
         base_model = prefjax.load("gemma3-270m", dtype="float32")
     if base_model is not None:
         tok = base_model.tokenizer
     else:
-        from prefjax.checkpoints.gguf import default_gguf_path
-        from prefjax.tokenize import Tokenizer
         tok = Tokenizer.from_gguf(default_gguf_path())
     embed = organism_embedding(spec, base_model)
     z = content_feature(spec, embed, tok, pool)
@@ -413,8 +483,10 @@ def plant_organism(spec: OrganismSpec, folder: str, *, base_model=None, verbose:
     idx = {tid: i for i, tid in enumerate(pool.ids)}
     sel = lambda sub: {p: u[[idx[i] for i in sub.ids]] for p, u in util.items()}
     t_setup = time.time() - t0
+    # Training resumes from <folder>/.training after a kill; the folder goes once the model is saved.
+    ckpt_dir = os.path.join(folder, TRAINING_DIR)
     params, info = train_organism(spec, embed, tok, train, sel(train), eval_pool=ev, util_eval=sel(ev),
-                                  verbose=verbose)
+                                  verbose=verbose, checkpoint_dir=ckpt_dir)
     cfg = organism_config(spec)
     save_checkpoint(folder, cfg, params, tok)
     save_jsonl(train, os.path.join(folder, TRAIN_TASKS_FILE))
@@ -429,6 +501,7 @@ def plant_organism(spec: OrganismSpec, folder: str, *, base_model=None, verbose:
               "training": summary}
     with open(os.path.join(folder, HIDDEN_FILE), "w") as f:
         json.dump(hidden, f, indent=1)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     return info
 
 
@@ -453,39 +526,35 @@ def evaluate_recovery(workdir: str, organism_dir: str) -> dict:
     the train/eval splits *against hidden u*, test split r: where the truth is linearly readable);
     and globally ``transfer`` (the pipeline's persona transfer matrix) and ``steering`` slopes.
     """
-    from prefjax.probes import RidgeProbe, default_splits, evaluate_probe, fit_ridge
-    from prefjax.stages import read_json
-    from prefjax.store import open_existing
-    from prefjax.tasks import load_tasks
     hidden = load_hidden(organism_dir)
-    pool = load_tasks(os.path.join(workdir, "stages", "tasks", "tasks.jsonl"))
+    run = RunLayout(workdir)
+    pool = load_tasks(run.tasks_file())
     ids = list(pool.ids)
     missing = [i for i in ids if i not in hidden["utilities"][next(iter(hidden["utilities"]))]]
     if missing:
         raise ValueError(f"tasks {missing[:5]} of the run are not in {organism_dir}/{HIDDEN_FILE}")
     leaked = sorted(set(ids) & set(hidden["train_ids"]))
-    run_cfg = read_json(os.path.join(workdir, "run.json"))["config"]
-    seed = int(run_cfg.get("seed", 0))
+    run_cfg = read_json(run.run_json)["config"]
+    seed = int(run_cfg["seed"])
     n = len(ids)
     train_i, ev_i, test_i = default_splits(n, seed)
-    done = lambda name: os.path.join(workdir, "stages", f"{name}.done")
     out: dict[str, Any] = {"n_tasks": n, "train_tasks_in_run": len(leaked), "persona": {}}
-    probes_res = read_json(done("probes"))["result"] if os.path.exists(done("probes")) else None
+    probes_res = run.result("probes") if run.is_done("probes") else None
     for pname, table in hidden["utilities"].items():
-        f = os.path.join(workdir, "stages", "utilities", f"{pname}.npz")
+        f = run.utilities(pname)
         if not os.path.exists(f):
             continue
         u = np.array([table[i] for i in ids])
         mu = np.load(f)["mu"]
         res = {"utility_r": float(np.corrcoef(mu, u)[0, 1])}
-        acts = os.path.join(workdir, "activations", pname)
+        acts = run.activations_dir(pname)
         if probes_res is not None and pname in probes_res["persona"] and os.path.isdir(acts):
             ps = probes_res["persona"][pname]
             layer = ps["best_layer"]
-            hook = f"blocks.{layer}.hook_resid_post"
-            pos = int(run_cfg.get("probes", {}).get("position_index", 0))
+            hook = resid_hook(layer)
+            pos = int(run_cfg["probes"]["position_index"])
             st = open_existing(acts)
-            probe = RidgeProbe.load(os.path.join(workdir, "probes", pname, hook))
+            probe = RidgeProbe.load(run.probe_dir(pname, layer))
             X = st.read(hook=hook)[:, pos, :].astype(np.float32)
             res["best_layer"] = layer
             res["probe_r_hidden"] = float(np.corrcoef(probe.predict(X[test_i]), u[test_i])[0, 1])
@@ -494,16 +563,16 @@ def evaluate_recovery(workdir: str, organism_dir: str) -> dict:
             by_layer = {}
             for h in st.hooks if hasattr(st, "hooks") else [hook]:
                 Xl = st.read(hook=h)[:, pos, :].astype(np.float32)
-                pr = fit_ridge(Xl, u, alphas=tuple(run_cfg.get("probes", {}).get("alphas", (1.0, 10.0, 100.0, 1e3))),
+                pr = fit_ridge(Xl, u, alphas=tuple(run_cfg["probes"]["alphas"]),
                                eval_idx=ev_i, train_idx=train_i)
                 by_layer[h] = evaluate_probe(pr, Xl, u, test_i)["r"]
             res["probe_r_hidden_by_layer"] = by_layer
         out["persona"][pname] = res
-    if os.path.exists(done("transfer")):
-        tr = read_json(done("transfer"))["result"]
+    if run.is_done("transfer"):
+        tr = run.result("transfer")
         out["transfer"] = {"personas": tr["personas"], "persona_r": tr["persona_r"], "utility_corr": tr["utility_corr"]}
-    if os.path.exists(done("steering")):
-        s = read_json(done("steering"))["result"]
+    if run.is_done("steering"):
+        s = run.result("steering")
         out["steering"] = {k: s[k] for k in ("persona", "layer", "slope_probe", "slope_random", "coefs")}
         out["steering"]["p_probe"] = [r["p_steered_mean"] for r in s["probe"]]
         out["steering"]["p_random"] = [r["p_steered_mean"] for r in s["random"]]

@@ -18,12 +18,13 @@ print(st.result)
 ```
 
 A stage's ``.done`` file (``stages/<name>.done``) is written atomically after its body returns
-and holds its JSON result, so a stage killed mid-way runs again in full next time. Long loops
-inside a stage use ``resumable_loop`` (a cursor file) or ``save_pytree``/``restore_latest``
-(orbax) so they also resume part-way.
+and holds its JSON result, so a stage killed mid-way runs again in full next time. The two long
+stages resume part-way through their own stores (the append-only comparisons store, the zarr3
+activations store's committed-row counter).
 
-Resume order, spelled out: an existing ``.done`` → skip; an existing cursor/checkpoint → continue
-from it; otherwise start fresh.
+:class:`RunLayout` owns every path a run writes (``layout.utilities(persona)``,
+``layout.probe_dir(persona, layer)``, ...); :class:`Run` is a layout tied to a config. Nothing else
+builds a path inside a workdir by hand.
 """
 
 from __future__ import annotations
@@ -39,12 +40,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from prefjax.progress import log, progress
+from prefjax.hooks import hook_name
+from prefjax.progress import log
 
 __all__ = [
     "Run", "Stage", "StageConfigError", "SAFE_TO_CHANGE", "config_fingerprint", "config_diff",
-    "atomic_write_json", "atomic_write_bytes", "atomic_save_npz", "to_jsonable",
-    "save_pytree", "restore_latest", "resumable_loop",
+    "atomic_write_json", "atomic_write_bytes", "atomic_save_npz", "to_jsonable", "read_json", "RunLayout",
+    "resid_hook",
 ]
 
 # Config fields that never change results: a bare name matches that key at any depth, a dotted
@@ -162,6 +164,7 @@ def atomic_save_npz(path: str, **arrays) -> str:
 
 
 def read_json(path: str):
+    """The parsed JSON file at ``path``."""
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -217,39 +220,40 @@ def config_diff(old: Mapping, new: Mapping, safe: Sequence[str] = SAFE_TO_CHANGE
 # Run and stages
 # ------------------------------------------------------------------------------------------
 
-class Run:
-    """A workdir tied to one config. ``Run(workdir, config)`` writes or checks ``run.json``.
+def resid_hook(layer: int) -> str:
+    """The residual-stream hook name of a layer (what activations and probes are keyed by)."""
+    return hook_name(int(layer), "hook_resid_post")
 
-    Raises StageConfigError listing every differing field when the workdir holds a run of a
-    config that differs in a field not named in ``safe_to_change``.
+
+class RunLayout:
+    """Every path inside a run's workdir, in one place. Paths only: nothing is created or checked,
+    except :meth:`stage_dir` (created on demand). Use it to read a finished workdir; :class:`Run`
+    adds the config check and the stage markers.
+
+    Layout::
+
+        run.json                          config + fingerprint
+        stages/<stage>.done               a finished stage's JSON result
+        stages/tasks/tasks.jsonl          the task pool of the run
+        stages/utilities/<persona>.npz    Thurstonian mu, sigma
+        stages/<stage>/<file>             other stages' arrays (transfer, steering, patching, truefalse)
+        comparisons/                      the append-only comparisons store
+        activations/<persona>/            zarr3 activation store (host_<i>/ per process on a pod)
+        probes/<persona>/<hook>/          the best layer's saved ridge probe
+        figures/<name>.png, summary.json, report.md
     """
 
-    def __init__(self, workdir: str, config: Mapping[str, Any], *,
-                 safe_to_change: Sequence[str] = SAFE_TO_CHANGE):
+    def __init__(self, workdir: str):
         self.workdir = os.path.abspath(os.fspath(workdir))
-        self.safe_to_change = tuple(safe_to_change)
-        self.config = to_jsonable(config)
-        self.fingerprint = config_fingerprint(self.config, self.safe_to_change)
-        run_json = os.path.join(self.workdir, "run.json")
-        if os.path.exists(run_json):
-            old = read_json(run_json)
-            old_cfg = old.get("config", {})
-            if old.get("fingerprint") != self.fingerprint or config_diff(old_cfg, self.config,
-                                                                          self.safe_to_change):
-                diff = config_diff(old_cfg, self.config, self.safe_to_change)
-                lines = "\n  ".join(diff) if diff else "(fingerprint differs; safe-field list changed?)"
-                raise StageConfigError(
-                    f"workdir {self.workdir!r} was written by a different config "
-                    f"(fingerprint {old.get('fingerprint')} vs {self.fingerprint}); differing fields:\n"
-                    f"  {lines}\nUse a new workdir, or delete {run_json} and the stages you want redone.")
-        else:
-            os.makedirs(self.workdir, exist_ok=True)
-            atomic_write_json(run_json, {"fingerprint": self.fingerprint, "config": self.config,
-                                         "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        os.makedirs(self.stages_dir, exist_ok=True)
+
+    @property
+    def run_json(self) -> str:
+        """``run.json``: the config and its fingerprint."""
+        return os.path.join(self.workdir, "run.json")
 
     @property
     def stages_dir(self) -> str:
+        """``stages/``: done markers and per-stage output folders."""
         return os.path.join(self.workdir, "stages")
 
     def stage_dir(self, name: str) -> str:
@@ -258,10 +262,56 @@ class Run:
         os.makedirs(d, exist_ok=True)
         return d
 
+    def stage_file(self, stage: str, filename: str) -> str:
+        """``stages/<stage>/<filename>`` (the folder created on demand)."""
+        return os.path.join(self.stage_dir(stage), _check_name(filename))
+
     def done_path(self, name: str) -> str:
+        """``stages/<name>.done``."""
         return os.path.join(self.stages_dir, f"{_check_name(name)}.done")
 
+    def tasks_file(self) -> str:
+        """The run's task pool, ``stages/tasks/tasks.jsonl``."""
+        return os.path.join(self.stages_dir, "tasks", "tasks.jsonl")
+
+    def utilities(self, persona: str) -> str:
+        """``stages/utilities/<persona>.npz`` (``mu``, ``sigma``)."""
+        return os.path.join(self.stages_dir, "utilities", f"{persona}.npz")
+
+    def comparisons_dir(self) -> str:
+        """The comparisons store, ``comparisons/``."""
+        return os.path.join(self.workdir, "comparisons")
+
+    def activations_dir(self, persona: str) -> str:
+        """The activation store of a persona, ``activations/<persona>/``."""
+        return os.path.join(self.workdir, "activations", persona)
+
+    def probes_dir(self, persona: str) -> str:
+        """The saved probes of a persona, ``probes/<persona>/``."""
+        return os.path.join(self.workdir, "probes", persona)
+
+    def probe_dir(self, persona: str, layer: int) -> str:
+        """The saved probe of a persona at a layer, ``probes/<persona>/blocks.<layer>.hook_resid_post/``."""
+        return os.path.join(self.probes_dir(persona), resid_hook(layer))
+
+    def figures_dir(self) -> str:
+        """``figures/``."""
+        return os.path.join(self.workdir, "figures")
+
+    def figure(self, name: str) -> str:
+        """``figures/<name>`` (a file name such as ``steering.png``)."""
+        return os.path.join(self.figures_dir(), _check_name(name))
+
+    def summary_json(self) -> str:
+        """``summary.json`` (written with the report)."""
+        return os.path.join(self.workdir, "summary.json")
+
+    def report_md(self) -> str:
+        """``report.md``."""
+        return os.path.join(self.workdir, "report.md")
+
     def is_done(self, name: str) -> bool:
+        """Whether ``stages/<name>.done`` exists."""
         return os.path.exists(self.done_path(name))
 
     def result(self, name: str) -> Any:
@@ -283,6 +333,38 @@ class Run:
                 d.setdefault("stage", entry[:-len(".done")])
                 out.append(d)
         return out
+
+
+class Run(RunLayout):
+    """A workdir tied to one config. ``Run(workdir, config)`` writes or checks ``run.json``.
+
+    Raises StageConfigError listing every differing field when the workdir holds a run of a
+    config that differs in a field not named in ``safe_to_change``.
+    """
+
+    def __init__(self, workdir: str, config: Mapping[str, Any], *,
+                 safe_to_change: Sequence[str] = SAFE_TO_CHANGE):
+        super().__init__(workdir)
+        self.safe_to_change = tuple(safe_to_change)
+        self.config = to_jsonable(config)
+        self.fingerprint = config_fingerprint(self.config, self.safe_to_change)
+        run_json = self.run_json
+        if os.path.exists(run_json):
+            old = read_json(run_json)
+            old_cfg = old.get("config", {})
+            if old.get("fingerprint") != self.fingerprint or config_diff(old_cfg, self.config,
+                                                                          self.safe_to_change):
+                diff = config_diff(old_cfg, self.config, self.safe_to_change)
+                lines = "\n  ".join(diff) if diff else "(fingerprint differs; safe-field list changed?)"
+                raise StageConfigError(
+                    f"workdir {self.workdir!r} was written by a different config "
+                    f"(fingerprint {old.get('fingerprint')} vs {self.fingerprint}); differing fields:\n"
+                    f"  {lines}\nUse a new workdir, or delete {run_json} and the stages you want redone.")
+        else:
+            os.makedirs(self.workdir, exist_ok=True)
+            atomic_write_json(run_json, {"fingerprint": self.fingerprint, "config": self.config,
+                                         "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        os.makedirs(self.stages_dir, exist_ok=True)
 
     def mark_done(self, name: str, result: Any = None, started: float | None = None) -> None:
         """Write ``stages/<name>.done`` (atomically) holding ``result``."""
@@ -360,125 +442,3 @@ class Stage:
         self.done = True
         log(f"stage {self.name}: done in {time.time() - (self._t0 or time.time()):.1f}s")
         return None
-
-
-# ------------------------------------------------------------------------------------------
-# Orbax checkpoints (fits, probes, sweep cursors)
-# ------------------------------------------------------------------------------------------
-
-def _manager(directory: str, max_to_keep: int | None):
-    import orbax.checkpoint as ocp
-
-    directory = os.path.abspath(os.fspath(directory))
-    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp, ocp.CheckpointManager(directory, options=opts)
-
-
-def save_pytree(directory: str, step: int, tree: Any, *, max_to_keep: int | None = 2) -> None:
-    """Save ``tree`` as checkpoint ``step`` under ``directory`` with orbax, and wait for it.
-
-    Orbax writes to a temporary folder and renames it when complete, so a kill mid-save leaves the
-    previous step as the latest. Works with orbax-checkpoint 0.10-0.12.
-    """
-    ocp, mngr = _manager(directory, max_to_keep)
-    try:
-        mngr.save(int(step), args=ocp.args.StandardSave(tree), force=True)
-        mngr.wait_until_finished()
-    finally:
-        mngr.close()
-
-
-def restore_latest(directory: str, target: Any = None) -> tuple[int | None, Any]:
-    """``(step, tree)`` of the newest complete checkpoint under ``directory``; ``(None, None)`` if none.
-
-    ``target`` (a tree of arrays or ``jax.ShapeDtypeStruct``) fixes structure/dtypes; without it
-    the tree comes back as saved, with arrays as numpy.
-    """
-    directory = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(directory):
-        return None, None
-    ocp, mngr = _manager(directory, None)
-    try:
-        step = mngr.latest_step()
-        if step is None:
-            return None, None
-        if target is not None:
-            tree = mngr.restore(step, args=ocp.args.StandardRestore(target))
-        else:
-            tree = _restore_untargeted(ocp, mngr, directory, step)
-        return int(step), _to_numpy(tree)
-    finally:
-        mngr.close()
-
-
-def _restore_untargeted(ocp, mngr, directory: str, step: int):
-    try:
-        return mngr.restore(step, args=ocp.args.StandardRestore())
-    except Exception as first:  # older orbax: restore through a plain PyTreeCheckpointer
-        try:
-            step_dir = os.path.join(directory, str(step))
-            item_dir = os.path.join(step_dir, "default")
-            with ocp.PyTreeCheckpointer() as ckptr:
-                return ckptr.restore(item_dir if os.path.isdir(item_dir) else step_dir)
-        except Exception:
-            raise first
-
-
-def _to_numpy(tree):
-    import jax
-
-    return jax.tree_util.tree_map(
-        lambda x: np.asarray(x) if hasattr(x, "__array__") and not isinstance(x, (int, float))
-        else x, tree)
-
-
-# ------------------------------------------------------------------------------------------
-# Resumable loop
-# ------------------------------------------------------------------------------------------
-
-def _items_digest(items: Sequence) -> str:
-    h = hashlib.sha256()
-    for it in items:
-        h.update(repr(it).encode("utf-8", "replace"))
-        h.update(b"\x00")
-    return h.hexdigest()[:16]
-
-
-def resumable_loop(items: Sequence, cursor_path: str, fn: Callable[[list], Any], batch: int, *,
-                   desc: str = "", check_items: bool = True) -> int:
-    """Call ``fn(chunk)`` on successive chunks of ``items``, persisting a cursor after each.
-
-    The cursor (JSON: next index, item count, a digest of the items' reprs) is written atomically
-    after ``fn`` returns, so a kill or exception re-runs only the unfinished chunk; ``fn`` should
-    make its own outputs idempotent for that chunk (e.g. a keyed store that skips re-appends).
-    Returns the number of items processed by this call. A cursor written for different items
-    raises ValueError (pass ``check_items=False`` to only compare the count).
-    """
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
-    items = list(items)
-    n = len(items)
-    digest = _items_digest(items) if check_items else None
-    start = 0
-    if os.path.exists(cursor_path):
-        cur = read_json(cursor_path)
-        if cur.get("n_items") != n or (check_items and cur.get("digest") not in (None, digest)):
-            raise ValueError(
-                f"cursor {cursor_path!r} was written for {cur.get('n_items')} items "
-                f"(digest {cur.get('digest')}), this loop has {n} (digest {digest}); "
-                f"delete the cursor to start over")
-        start = int(cur["next"])
-        if start:
-            log(f"{desc or 'loop'}: resuming at item {start} of {n}")
-    done_here = 0
-    bar = progress(None, total=n, desc=desc, initial=start)
-    try:
-        for lo in range(start, n, batch):
-            chunk = items[lo:lo + batch]
-            fn(chunk)
-            atomic_write_json(cursor_path, {"next": lo + len(chunk), "n_items": n, "digest": digest})
-            done_here += len(chunk)
-            bar.update(len(chunk))
-    finally:
-        bar.close()
-    return done_here

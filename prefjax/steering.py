@@ -1,4 +1,5 @@
-"""Steering as a pure function transform, and the steering experiment core.
+"""Steering as a pure function transform (the intervention; the experiment is
+:mod:`prefjax.experiments.steering`).
 
 A :class:`SteerSpec` says *where* (block ``layer``'s output, i.e. ``blocks.{layer}.hook_resid_post``),
 *what* (a direction, normalised to unit length on the host), *how much* (``coef * scale``; ``coef``
@@ -15,10 +16,6 @@ Token masks are aligned with the token array of the call: for :meth:`prefjax.mod
 columns are the columns of ``token_ids`` (left padding included); for
 :func:`prefjax.generation.generate` a mask is given per prompt (column ``j`` = token ``j`` of that
 prompt, unpadded; zeros past its end) and generate moves it into its left-padded layout.
-
-Experiment helpers: :func:`dose_response` (choice rate and refusal rate per coefficient with Wilson
-95% intervals) and :func:`completion_loglik` (coherence side effect: the *unsteered* model's mean
-log-likelihood per token of a completion).
 """
 
 from __future__ import annotations
@@ -26,13 +23,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefjax.stats_small import wilson_interval
 
 TOKEN_MODES = ("all", "prompt", "generated")
 STEER_POINT = "hook_resid_post"
@@ -285,135 +281,3 @@ def token_span_mask(tokenizer, text: str, char_spans, *, signs=None, within: str
             raise SteeringError(f"token_span_mask: span #{i} shares a token with an earlier span")
         mask[hit] = sign
     return ids, mask
-
-
-# --------------------------------------------------------------------------------------------
-# Experiment core.
-
-def _classify(rec) -> str:
-    """'A', 'B', 'refusal' or 'unparsed' for one record."""
-    if isinstance(rec, Mapping):
-        if rec.get("refusal"):
-            return "refusal"
-        rec = rec.get("choice")
-    if rec is None:
-        return "unparsed"
-    if rec in ("A", "B", "refusal"):
-        return rec
-    raise ValueError(f"dose_response: choice {rec!r} is not 'A', 'B', 'refusal' or None")
-
-
-def dose_response(choices_by_coef: Mapping[float, Iterable]) -> list[dict[str, float]]:
-    """Choice rate and refusal rate per steering coefficient, with Wilson 95% intervals.
-
-    ``choices_by_coef`` maps a coefficient to its records: ``"A"``, ``"B"``, ``"refusal"``, ``None``
-    (unparsed) or dicts with ``choice`` and ``refusal`` keys (rows of the choices table). Returns one
-    row per coefficient (sorted): ``coef, n, n_a, n_b, n_refusal, n_unparsed, p_a, p_a_lo, p_a_hi``
-    (P(A) among A/B answers) and ``refusal_rate, refusal_lo, refusal_hi`` (over all records).
-    """
-    rows = []
-    for c in sorted(choices_by_coef, key=float):
-        counts = {"A": 0, "B": 0, "refusal": 0, "unparsed": 0}
-        for rec in choices_by_coef[c]:
-            counts[_classify(rec)] += 1
-        n = sum(counts.values())
-        nab = counts["A"] + counts["B"]
-        lo, hi = wilson_interval(counts["A"], nab)
-        rlo, rhi = wilson_interval(counts["refusal"], n)
-        rows.append({"coef": float(c), "n": n, "n_a": counts["A"], "n_b": counts["B"],
-                     "n_refusal": counts["refusal"], "n_unparsed": counts["unparsed"],
-                     "p_a": counts["A"] / nab if nab else float("nan"), "p_a_lo": lo, "p_a_hi": hi,
-                     "refusal_rate": counts["refusal"] / n if n else float("nan"),
-                     "refusal_lo": rlo, "refusal_hi": rhi})
-    return rows
-
-
-def format_table(rows: Sequence[Mapping[str, float]]) -> str:
-    """A fixed-width text rendering of :func:`dose_response` rows."""
-    head = f"{'coef':>8} {'n':>5} {'P(A)':>6} {'95% CI':>15} {'refusal':>8} {'95% CI':>15}"
-    lines = [head]
-    for r in rows:
-        lines.append(f"{r['coef']:>8.3g} {r['n']:>5d} {r['p_a']:>6.3f} [{r['p_a_lo']:.3f}, {r['p_a_hi']:.3f}] "
-                     f"{r['refusal_rate']:>8.3f} [{r['refusal_lo']:.3f}, {r['refusal_hi']:.3f}]")
-    return "\n".join(lines)
-
-
-@jax.jit
-def _token_logp(logits_BxKxV, targets_BxK):
-    lp = jax.nn.log_softmax(logits_BxKxV.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(lp, targets_BxK[..., None], axis=-1)[..., 0]
-
-
-def completion_loglik(model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
-                      *, batch_size: int | None = None) -> np.ndarray:
-    """Mean log-likelihood per token of each completion under the (unsteered) ``model``.
-
-    The result [batch] float64 is ``mean_j log p(completion[j] | prompt, completion[:j])`` (NaN for an
-    empty completion). Used as the coherence side-effect measure of steering: score steered completions
-    with the model run without steering.
-
-    Only the logits that score a completion token are computed. Where the model keeps prefix caches
-    (:meth:`prefjax.model.Model.prefix_ok`), each distinct prompt runs once (a steering sweep scores many
-    completions of the same prompts), its common start once for all of them, and the completions run
-    on top; otherwise each ``prompt + completion`` runs left-padded in ``batch_size`` rows.
-    """
-    if len(prompt_ids) != len(completion_ids):
-        raise ValueError(f"completion_loglik: {len(prompt_ids)} prompts but {len(completion_ids)} completions")
-    n = len(prompt_ids)
-    out = np.full(n, np.nan)
-    prompts = [[int(t) for t in p] for p in prompt_ids]
-    comps = [[int(t) for t in c] for c in completion_ids]
-    for i in range(n):
-        if comps[i] and not prompts[i]:
-            raise ValueError(f"completion_loglik: prompt {i} is empty")
-    first = {}  # each distinct (prompt, completion) is scored once
-    for i in range(n):
-        if comps[i]:
-            first.setdefault((tuple(prompts[i]), tuple(comps[i])), i)
-    idx = sorted(first.values())
-    if not idx:
-        return out
-    k = max(len(comps[i]) for i in idx)
-    bs = min(batch_size or 32, len(idx))
-    if model.prefix_ok() and all(len(prompts[i]) > 1 for i in idx):
-        # Rows: [last prompt token] + completion[:-1], right-padded, on top of the prompt's other tokens.
-        bodies = list(dict.fromkeys(tuple(prompts[i][:-1]) for i in idx))
-        where = {b: r for r, b in enumerate(bodies)}
-        cache = model.prefill_rows(bodies, n_after=k)
-        seqs = [[prompts[i][-1]] + comps[i][:-1] for i in idx]
-        rows = [where[tuple(prompts[i][:-1])] for i in idx]
-        cols = [list(range(len(comps[i]))) for i in idx]
-        run = lambda toks, valid, pos, r: model.run(toks, attention_mask=valid, positions=pos, prefix=cache,
-                                                    prefix_rows=r)
-        width, right = k, True
-    else:
-        seqs = [prompts[i] + comps[i] for i in idx]
-        width = max(len(x) for x in seqs)
-        rows = [0] * len(idx)
-        # the logits at column c score the token at column c + 1 (left padding: the sequence ends at width)
-        cols = [list(range(width - len(comps[i]) - 1, width - 1)) for i in idx]
-        run = lambda toks, valid, pos, r: model.run(toks, attention_mask=valid, positions=pos)
-        right = False
-    pad = int(model.config.pad_id)
-    for lo in range(0, len(idx), bs):
-        part = list(range(lo, min(len(idx), lo + bs)))
-        part += [part[0]] * (bs - len(part))  # one shape for every chunk
-        toks = np.full((bs, width), pad, np.int32)
-        valid = np.zeros((bs, width), bool)
-        pos = np.zeros((bs, k), np.int32)
-        tgt = np.zeros((bs, k), np.int32)
-        for r, q in enumerate(part):
-            sq, m = seqs[q], len(comps[idx[q]])
-            sl = slice(0, len(sq)) if right else slice(width - len(sq), width)
-            toks[r, sl], valid[r, sl] = sq, True
-            pos[r, :m], pos[r, m:] = cols[q], cols[q][-1]
-            tgt[r, :m] = comps[idx[q]]
-        logits, _ = run(toks, valid, pos, np.asarray([rows[q] for q in part], np.int32))
-        lp = np.asarray(_token_logp(logits, jnp.asarray(tgt)), np.float64)
-        for r, q in enumerate(part[:min(bs, len(idx) - lo)]):
-            m = len(comps[idx[q]])
-            out[idx[q]] = float(np.mean(lp[r, :m]))
-    for i in range(n):
-        if comps[i]:
-            out[i] = out[first[(tuple(prompts[i]), tuple(comps[i]))]]
-    return out

@@ -1,7 +1,9 @@
 """Experiments: end-of-turn patching, preference-shift tracking, true/false discrimination."""
 
+import dataclasses
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,12 @@ from prefjax.experiments.patching import (ChoicePrompt, PatchError, choice_promp
 from prefjax.experiments.pref_shift import ShiftError, correlation_test, preference_shift, run_pref_shift_stage
 from prefjax.experiments.truefalse import (TrueFalseError, auc, cv_classifier_auc, load_statements,
                                            run_truefalse_stage, statement_activations, stratified_folds)
+from prefjax.runconfig import RunConfig
 from prefjax.tasks import load_default_pool
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 HOOKS = tuple(f"blocks.{l}.hook_resid_post" for l in range(4))
 
@@ -40,19 +47,24 @@ def tiny_run(model, pool, personas, tmp_path_factory):
     from prefjax.probes import fit_ridge
     from prefjax.stages import Run, atomic_save_npz
     wd = tmp_path_factory.mktemp("run")
-    cfg = {"seed": 0, "activations": {"layers": "all"}, "patching": {"n_pairs": 2, "min_effect": 0.0},
-           "pref_shift": {"n_boot": 200, "n_perm": 200}, "truefalse": {"n_boot": 100, "n_folds": 4}}
-    run = Run(str(wd), cfg)
+    from configs.common import base_config
+    c = RunConfig.from_config(base_config("tiny", "tests/test_experiments.py"))
+    cfg = dataclasses.replace(
+        c, seed=0, activations=dataclasses.replace(c.activations, layers="all"),
+        patching=dataclasses.replace(c.patching, n_pairs=2, min_effect=0.0, layers=""),
+        pref_shift=dataclasses.replace(c.pref_shift, n_boot=200, n_perm=200),
+        truefalse=dataclasses.replace(c.truefalse, n_boot=100, n_folds=4))
+    run = Run(str(wd), cfg.to_dict())
     rng = np.random.default_rng(0)
     summary = {"persona": {}}
     for k, name in enumerate(personas):
-        st = extract(model, pool, os.path.join(run.workdir, "activations", name), hooks=list(HOOKS),
+        st = extract(model, pool, run.activations_dir(name), hooks=list(HOOKS),
                      persona=personas[name], batch_size=14)
         X = st.read(hook=HOOKS[2])[:, 0, :]
         mu = X @ rng.standard_normal(X.shape[1]) + 0.1 * rng.standard_normal(len(pool))
-        atomic_save_npz(os.path.join(run.stage_dir("utilities"), f"{name}.npz"), mu=mu, sigma=np.ones_like(mu))
+        atomic_save_npz(run.utilities(name), mu=mu, sigma=np.ones_like(mu))
         probe = fit_ridge(X, mu, alphas=(1.0, 10.0), eval_idx=np.arange(9, 14), train_idx=np.arange(9))
-        probe.save(os.path.join(run.workdir, "probes", name, HOOKS[2]), hook=HOOKS[2], layer=2, position=0)
+        probe.save(run.probe_dir(name, 2), hook=HOOKS[2], layer=2, position=0)
         summary["persona"][name] = {"best_layer": 2}
     return run, cfg, summary
 
@@ -165,7 +177,8 @@ def test_patching_curves_recovered_and_errors(model, personas):
 
 def test_patching_stage(model, pool, personas, tiny_run):
     run, cfg, _ = tiny_run
-    out = run_patching_stage(cfg, run, model, pool, personas)
+    out = run_patching_stage(cfg.patching, run, model, pool, personas, activation_layers=cfg.activations.layers,
+                             seed=cfg.seed)
     json.dumps(out)
     assert out["layers"] == [0, 1, 2, 3] and out["n_pairs"] == 2
     for kind in ("swap", "persona"):
@@ -221,17 +234,18 @@ def test_preference_shift_synthetic():
 
 def test_pref_shift_stage(model, pool, personas, tiny_run):
     run, cfg, summary = tiny_run
-    out = run_pref_shift_stage(cfg, run, model, pool, personas, probe_summary=summary)
+    kw = dict(seed=cfg.seed, alphas=cfg.probes.alphas)
+    out = run_pref_shift_stage(cfg.pref_shift, run, model, pool, personas, probe_summary=summary, **kw)
     json.dumps(out)
     assert out["base"] == "default" and out["hook"] == HOOKS[2] and list(out["shifts"]) == ["evil"]
     ev = out["shifts"]["evil"]
     assert ev["all"]["n"] == 14 and ev["test"]["n"] == 3
     assert -1 <= ev["all"]["tracking"]["r"] <= 1 and "vs_mu_shift" in ev["all"]["baseline"]
     # without probe_summary the single saved probe folder is found
-    out2 = run_pref_shift_stage(cfg, run, model, pool, personas)
+    out2 = run_pref_shift_stage(cfg.pref_shift, run, model, pool, personas, **kw)
     assert out2["shifts"]["evil"]["all"]["tracking"]["r"] == pytest.approx(ev["all"]["tracking"]["r"])
     with pytest.raises(ShiftError, match="not one of the run's personas"):
-        run_pref_shift_stage({**cfg, "pref_shift": {"base": "nobody"}}, run, model, pool, personas)
+        run_pref_shift_stage(dataclasses.replace(cfg.pref_shift, base="nobody"), run, model, pool, personas, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +318,7 @@ def test_truefalse_stage(model, pool, personas, tiny_run):
     run, cfg, summary = tiny_run
     # "evil" has a probe; "assistant" has none and is skipped (one persona keeps the test fast)
     use = {"evil": personas["evil"], **{p.name: p for p in personas_from_spec(["assistant"])}}
-    out = run_truefalse_stage(cfg, run, model, pool, use)
+    out = run_truefalse_stage(cfg.truefalse, run, model, pool, use, seed=cfg.seed)
     json.dumps(out)
     assert out["n_statements"] >= 60 and "skipped" in out["persona"]["assistant"]
     for name in ["evil"]:

@@ -7,6 +7,7 @@ comments) with a margin; a change that breaks the statistics, the prompts, the a
 or the steering hook makes at least one of them fail.
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -112,3 +113,58 @@ def test_pipeline_recovers_planted_preferences(tmp_path):
 # random -0.0057 (ratio 9.2). Thresholds sit ~0.2 below (ratio: a third).
 THRESH = {"pair_r": 0.35, "utility_r": 0.45, "probe_r_hidden": 0.4, "transfer_max": 0.2, "transfer_min": -0.4,
           "utility_corr_max": -0.7, "steer_ratio": 3.0}
+
+
+KILL_SCRIPT = r"""
+import os, signal, sys
+sys.path.insert(0, {root!r})
+sys.path.insert(0, os.path.join({root!r}, "tests"))
+from prefjax import organism as O
+from test_organism import tiny_training_inputs
+real_save = O.TrainingCheckpoints.save
+def save(self, step, state, meta):
+    if step == 6:  # killed (SIGKILL: no cleanup) after step 6 ran, before its checkpoint was written
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(self, step, state, meta)
+O.TrainingCheckpoints.save = save
+spec, args = tiny_training_inputs()
+O.train_organism(spec, *args, verbose=False, checkpoint_dir={ckpt!r}, checkpoint_every=2)
+"""
+
+
+def tiny_training_inputs():
+    """A 10-step organism training problem (random embedding, 40 tasks) that runs in seconds."""
+    from prefjax.checkpoints.gguf import default_gguf_path
+    from prefjax.tasks import load_default_pool
+    from prefjax.tokenize import Tokenizer
+    spec = O.OrganismSpec(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64,
+                          embed_init="random", n_tasks=40, steps=10, batch_size=4, warmup=2, bucket=64)
+    pool = load_default_pool().subset(40, seed=0, stratified=True)
+    tok = Tokenizer.from_gguf(default_gguf_path())
+    embed = O.organism_embedding(spec)
+    util = O.hidden_utilities(spec, pool, O.content_feature(spec, embed, tok, pool))
+    return spec, (embed, tok, pool, util)
+
+
+@pytest.mark.slow
+def test_training_resumes_after_a_kill(tmp_path):
+    """Killed mid-training (SIGKILL in a subprocess), the same call resumes from the orbax checkpoint
+    and ends with the parameters and loss curve of an uninterrupted run."""
+    import subprocess
+    import sys
+    ckpt = str(tmp_path / "ckpt")
+    r = subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(root=ROOT, ckpt=ckpt)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert O.TrainingCheckpoints(ckpt).latest_step() == 4  # step 6 never reached the disk
+    spec, args = tiny_training_inputs()
+    ref_params, ref = O.train_organism(spec, *args, verbose=False)
+    params, info = O.train_organism(spec, *args, verbose=False, checkpoint_dir=ckpt, checkpoint_every=2)
+    assert info["resumed_from"] == 4 and ref["resumed_from"] is None
+    np.testing.assert_allclose(info["losses"], ref["losses"], rtol=1e-6, atol=0)
+    assert len(info["losses"]) == spec.steps
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ref_params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert O.TrainingCheckpoints(ckpt).latest_step() == spec.steps
+    with pytest.raises(ValueError, match="different OrganismSpec"):
+        O.train_organism(dataclasses.replace(spec, lr=1e-3), *args, verbose=False, checkpoint_dir=ckpt)

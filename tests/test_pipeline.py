@@ -118,9 +118,10 @@ def test_steering_zero_coef_equals_unsteered_forward(finished, tiny_model):
     from prefjax.elicit.prompts import DEFAULT_TEMPLATE, choice_messages
     from prefjax.elicit.runner import forced_text, label_token_ids
     from prefjax.pipeline import load_task_pool
+    from prefjax.runconfig import RunConfig
     wd, _, s = finished
     cfg = tiny_config()
-    pool = load_task_pool(cfg)
+    pool = load_task_pool(RunConfig.from_config(cfg).tasks)
     persona = personas_from_spec([s["steering"]["persona"]])[0]
     idx = np.random.default_rng(cfg.seed).permutation(len(pool))
     tok = tiny_model.tokenizer
@@ -210,7 +211,7 @@ def test_config_typo_on_command_line_is_an_absl_error(tmp_path):
                         "--workdir", str(wd)], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode != 0
-    assert "nn" in r.stderr and ("FATAL Flags parsing error" in r.stderr or "KeyError" in r.stderr), r.stderr[-2000:]
+    assert "FATAL Flags parsing error" in r.stderr and "section 'tasks' has no key 'nn'" in r.stderr, r.stderr[-2000:]
     assert not wd.exists()
 
 
@@ -233,7 +234,7 @@ def _load_config(name, arg):
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_configs_lock_and_validate(name):
-    from prefjax.pipeline import STAGES, check_stages, persona_spec
+    from prefjax.runconfig import STAGES, RunConfig, check_stages
     for arg in MODEL_ARGS:
         c = _load_config(name, arg)
         with pytest.raises(AttributeError):
@@ -245,7 +246,7 @@ def test_experiment_configs_lock_and_validate(name):
         assert c.mesh.data * c.mesh.fsdp * c.mesh.tensor * c.mesh.expert >= 1
         if arg == "llama31-8b":
             c.adapters_dir = "/mnt/loras"
-            spec = persona_spec(c)
+            spec = RunConfig.from_config(c).persona_spec()
             assert spec[0] == "default" and all(s.startswith("adapter:/mnt/loras/") for s in spec[1:]), spec
             c.checkpoints_dir = "/mnt/ckpt"
             assert c.model.source == "/mnt/ckpt/Llama-3.1-8B-Instruct"  # follows the field
@@ -261,7 +262,7 @@ def test_big_model_rows_fit_their_mesh_and_layers(arg):
     """Shape-level checks only (no weights here): layers to capture exist, the mesh can shard the model."""
     import jax
     from prefjax.models import family_for_preset
-    from prefjax.pipeline import resolve_layers
+    from prefjax.runconfig import resolve_layers
     c = _load_config("probes", arg)
     fam = family_for_preset(c.model.preset)
     cfg = fam.PRESETS[c.model.preset]

@@ -1,4 +1,4 @@
-"""Stage runner: run.json fingerprint, skip-on-rerun, atomic writers, orbax helpers, resumable_loop."""
+"""Stage runner: run.json fingerprint, skip-on-rerun, atomic writers, the workdir layout."""
 
 import json
 import os
@@ -8,8 +8,7 @@ import pytest
 
 from prefjax import stages as stages_mod
 from prefjax.stages import (Run, StageConfigError, atomic_save_npz, atomic_write_bytes,
-                            atomic_write_json, config_fingerprint, restore_latest, resumable_loop,
-                            save_pytree, to_jsonable)
+                            atomic_write_json, config_fingerprint, to_jsonable)
 
 CFG = {"model": {"name": "tiny", "layers": [1, 2]}, "seed": 0, "progress": True,
        "elicit": {"samples": 3, "log_every": 10}}
@@ -113,43 +112,31 @@ def test_atomic_writers(tmp_path, monkeypatch):
         to_jsonable({"obj": object()})
 
 
-def test_orbax_save_restore(tmp_path):
-    d = tmp_path / "ckpt"
-    assert restore_latest(d) == (None, None)
-    save_pytree(d, 0, {"mu": np.arange(3.0), "cursor": 5})
-    save_pytree(d, 4, {"mu": np.arange(4.0, dtype=np.float32), "cursor": 9})
-    step, tree = restore_latest(d)
-    assert step == 4
-    np.testing.assert_array_equal(tree["mu"], np.arange(4.0))
-    assert int(tree["cursor"]) == 9
-    step, tree = restore_latest(d, target={"mu": np.zeros(4, np.float32), "cursor": 0})
-    assert step == 4 and tree["mu"].dtype == np.float32
-
-
-def test_resumable_loop_exactly_once(tmp_path):
-    items = [f"item{i}" for i in range(23)]
-    cursor = tmp_path / "cursor.json"
-    processed = []
-    state = {"calls": 0}
-
-    def fn(chunk):
-        state["calls"] += 1
-        if state["calls"] == 4 and not state.get("crashed"):
-            state["crashed"] = True
-            raise RuntimeError("killed mid-way")
-        processed.extend(chunk)  # only a completed chunk counts as processed
-
-    with pytest.raises(RuntimeError):
-        resumable_loop(items, cursor, fn, batch=5)
-    assert processed == items[:15]
-    assert json.load(open(cursor))["next"] == 15
-    n = resumable_loop(items, cursor, fn, batch=5)
-    assert n == 8
-    assert processed == items  # each item exactly once, in order
-    assert resumable_loop(items, cursor, fn, batch=5) == 0  # finished: nothing more
-    assert processed == items
-    with pytest.raises(ValueError, match="cursor"):
-        resumable_loop(items[:-1] + ["other"], cursor, fn, batch=5)
+def test_run_layout_owns_every_path(tmp_path):
+    """Every path a run writes comes from the layout; a Run is a layout plus the config check."""
+    from prefjax.stages import RunLayout, resid_hook
+    lay = RunLayout(str(tmp_path / "wd"))
+    wd = str(tmp_path / "wd")
+    assert lay.run_json == os.path.join(wd, "run.json")
+    assert lay.tasks_file() == os.path.join(wd, "stages", "tasks", "tasks.jsonl")
+    assert lay.utilities("evil") == os.path.join(wd, "stages", "utilities", "evil.npz")
+    assert lay.activations_dir("evil") == os.path.join(wd, "activations", "evil")
+    assert lay.probe_dir("evil", 7) == os.path.join(wd, "probes", "evil", "blocks.7.hook_resid_post")
+    assert resid_hook(7) == "blocks.7.hook_resid_post"
+    assert lay.figure("steering.png") == os.path.join(wd, "figures", "steering.png")
+    assert lay.summary_json() == os.path.join(wd, "summary.json") and lay.report_md() == os.path.join(wd, "report.md")
+    assert not os.path.exists(wd)  # a layout only names paths
+    assert lay.stage_file("steering", "p_a.npz") == os.path.join(wd, "stages", "steering", "p_a.npz")
+    assert os.path.isdir(os.path.join(wd, "stages", "steering"))  # stage folders are made on demand
+    with pytest.raises(ValueError, match="bad stage name"):
+        lay.stage_file("../x", "a.npz")
+    run = Run(wd, {"seed": 1})
+    assert isinstance(run, RunLayout) and run.utilities("a") == lay.utilities("a")
+    run.mark_done("probes", {"r": 0.5})
+    assert lay.is_done("probes") and lay.result("probes") == {"r": 0.5}
+    assert [d["stage"] for d in lay.done_records()] == ["probes"]
+    with pytest.raises(KeyError, match="'utilities' is not done"):
+        lay.result("utilities")
 
 
 # ------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ import pytest
 
 import prefjax
 from prefjax.generation import generate
-from prefjax.steering import (SteerSpec, SteeringError, completion_loglik, dose_response, random_direction,
-                              spec_intervention, steer, token_span_mask, wilson_interval)
+from prefjax.experiments.steering import completion_loglik, dose_response, format_table
+from prefjax.stats_small import wilson_interval
+from prefjax.steering import SteerSpec, SteeringError, random_direction, spec_intervention, steer, token_span_mask
 
 LAYER = 3
 NAMES = tuple(f"blocks.{l}.hook_resid_post" for l in range(7))
@@ -213,6 +214,9 @@ def test_random_direction_and_dose_response():
     assert [r["coef"] for r in rows] == [-1.0, 1.0]
     assert rows[0]["p_a"] == 0.0 and rows[0]["refusal_rate"] == 0.25 and rows[0]["n"] == 4
     assert rows[1]["n_a"] == 8 and rows[1]["n_unparsed"] == 1 and abs(rows[1]["p_a_lo"] - lo) < 1e-12
+    table = format_table(rows).splitlines()
+    assert len(table) == 3 and table[0].split()[:3] == ["coef", "n", "P(A)"]
+    assert table[2].split()[:3] == ["1", "12", "0.800"]  # 12 records; 8 of the 10 A/B answers chose A
     with pytest.raises(ValueError, match="'C'"):
         dose_response({0.0: ["C"]})
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -31,7 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefjax import hooks as H
-from prefjax.runconfig import lookup as _get
+from prefjax.elicit.prompts import DEFAULT_TEMPLATE, choice_messages
+from prefjax.elicit.runner import forced_text, label_token_ids
+from prefjax.progress import progress
+from prefjax.runconfig import PatchingConfig, resolve_layers
+from prefjax.stages import atomic_save_npz, to_jsonable
 
 PATCH_MODES = ("eot", "span")
 
@@ -136,8 +139,6 @@ class ChoicePrompt:
 
 def choice_prompt(model, task_a, task_b, persona=None, template=None) -> ChoicePrompt:
     """Render and tokenise the logit-mode prompt showing ``task_a`` as Task A and ``task_b`` as Task B."""
-    from prefjax.elicit.prompts import DEFAULT_TEMPLATE, choice_messages
-    from prefjax.elicit.runner import forced_text
     template = template or DEFAULT_TEMPLATE
     tok = model.tokenizer
     if tok is None:
@@ -221,8 +222,6 @@ def patching_curves(model, prompt_pairs: Sequence[tuple[ChoicePrompt, ChoiceProm
     token run once as a cache and every run is only the turn boundary and the forced prefix.
     ``desc``: show a progress bar with this label (process 0; see :mod:`prefjax.progress`).
     """
-    from prefjax.elicit.prompts import DEFAULT_TEMPLATE
-    from prefjax.elicit.runner import label_token_ids
     template = template or DEFAULT_TEMPLATE
     src_model = source_model or model
     tgt_model = target_model or model
@@ -244,7 +243,6 @@ def patching_curves(model, prompt_pairs: Sequence[tuple[ChoicePrompt, ChoiceProm
     p_t, p_s, ld_t, ld_s = (np.zeros(n) for _ in range(4))
     p_p = {m: np.zeros((nl, n)) for m in modes}
     ld_p = {m: np.zeros((nl, n)) for m in modes}
-    from prefjax.progress import progress
     bar = progress(total=n * (2 + len(modes) * nl), desc=desc, unit="run") if desc else None
     use_cache = src_model.prefix_ok() and tgt_model.prefix_ok()
     for start in range(0, n, batch_size):
@@ -314,15 +312,15 @@ def _task_frame(res: dict, modes, min_effect: float) -> dict:
             for m in modes}
 
 
-def run_patching_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, layers=None) -> dict:
-    """End-of-turn patching on ``patching.n_pairs`` random pairs of the pool; JSON-able summary.
+def run_patching_stage(config: PatchingConfig, run, model, pool, personas: Mapping[str, Any], *,
+                       activation_layers: str, seed: int, layers=None) -> dict:
+    """End-of-turn patching on ``config.n_pairs`` random pairs of the pool; JSON-able summary.
 
-    Config (all optional): ``patching.n_pairs`` (8), ``patching.layers`` (default
-    ``activations.layers``), ``patching.sources`` (``("swap", "persona")``: the same pair in the other
-    order under the target persona; the same pair and order under ``patching.source_persona``, default
-    the second persona, skipped when there is only one), ``patching.persona`` (target persona, default
-    the first), ``patching.modes`` (``("eot", "span")``), ``patching.min_effect`` (0.02),
-    ``patching.batch_size`` (16), ``seed``. Raw per-pair arrays go to
+    ``config`` is the ``patching`` section: ``layers`` ("" = ``activation_layers``, the
+    ``activations.layers`` spec), ``sources`` (``swap``: the same pair in the other order under the
+    target persona; ``persona``: the same pair and order under ``source_persona``, "" = the second
+    persona, skipped when there is only one), ``persona`` (target, "" = the first), ``modes``
+    (``eot``, ``span``), ``min_effect``, ``batch_size``. Raw per-pair arrays go to
     ``stages/patching/<source>.npz`` of ``run``.
 
     ``recovered`` compares label probabilities (P of the label "A" in source and target). For the swap
@@ -330,25 +328,22 @@ def run_patching_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, la
     against the source's probability of choosing the target's task A (``1 - P_source(A)``): a
     boundary that carries "which task" rather than "which label" scores high there.
     """
-    from prefjax.pipeline import resolve_layers
-    from prefjax.stages import atomic_save_npz, to_jsonable
     names = list(personas)
-    tname = _get(cfg, "patching.persona", None) or names[0]
+    tname = config.persona or names[0]
     if tname not in personas:
         raise PatchError(f"patching.persona {tname!r} is not one of the run's personas {names}")
-    sname = _get(cfg, "patching.source_persona", None) or (names[1] if len(names) > 1 else None)
+    sname = config.source_persona or (names[1] if len(names) > 1 else None)
     if sname is not None and sname not in personas:
         raise PatchError(f"patching.source_persona {sname!r} is not one of the run's personas {names}")
     if layers is None:
-        layers = resolve_layers(_get(cfg, "patching.layers", None) or _get(cfg, "activations.layers", "all"),
-                                model.n_layers)
-    sources = list(_get(cfg, "patching.sources", ("swap", "persona")))
+        layers = resolve_layers(config.layers or activation_layers, model.n_layers)
+    sources = list(config.sources)
     bad = [s for s in sources if s not in ("swap", "persona")]
     if bad:
         raise PatchError(f"patching.sources has unknown source kind(s) {bad}; known: swap, persona")
-    modes = tuple(_get(cfg, "patching.modes", PATCH_MODES))
-    n_pairs = min(int(_get(cfg, "patching.n_pairs", 8)), len(pool) // 2)
-    rng = np.random.default_rng(int(_get(cfg, "seed", 0)) + 17)
+    modes = tuple(config.modes)
+    n_pairs = min(int(config.n_pairs), len(pool) // 2)
+    rng = np.random.default_rng(int(seed) + 17)
     idx = rng.permutation(len(pool))
     pairs = [(pool[int(idx[2 * k])], pool[int(idx[2 * k + 1])]) for k in range(n_pairs)]
     tp = personas[tname]
@@ -365,9 +360,9 @@ def run_patching_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, la
                 for a, b in pairs]
         res = patching_curves(model, list(zip(targets, srcs)), layers, modes=modes,
                               source_model=_persona_model(model, sp), target_model=tmodel,
-                              batch_size=int(_get(cfg, "patching.batch_size", 16)),
-                              min_effect=float(_get(cfg, "patching.min_effect", 0.02)), desc=f"patching[{kind}]")
-        atomic_save_npz(os.path.join(run.stage_dir("patching"), f"{kind}.npz"),
+                              batch_size=int(config.batch_size),
+                              min_effect=float(config.min_effect), desc=f"patching[{kind}]")
+        atomic_save_npz(run.stage_file("patching", f"{kind}.npz"),
                         layers=np.asarray(layers), p_target=res["p_target"], p_source=res["p_source"],
                         **{f"p_patched_{m}": res["p_patched"][m] for m in modes},
                         **{f"ld_patched_{m}": res["ld_patched"][m] for m in modes})
@@ -376,6 +371,6 @@ def run_patching_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, la
             "mean_abs_effect": float(np.abs(res["p_source"] - res["p_target"]).mean()),
             "p_target_mean": float(res["p_target"].mean()), "p_source_mean": float(res["p_source"].mean()),
             "recovered": res["recovered"], "recovered_logit": res["recovered_logit"],
-            **({"recovered_task_frame": _task_frame(res, modes, float(_get(cfg, "patching.min_effect", 0.02)))}
+            **({"recovered_task_frame": _task_frame(res, modes, float(config.min_effect))}
                if kind == "swap" else {})}, nan_to_none=True)
     return out

@@ -20,6 +20,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from prefjax.baselines import content_embeddings
+from prefjax.probes import RidgeProbe, default_splits, fit_ridge
+from prefjax.runconfig import PrefShiftConfig
+from prefjax.stages import to_jsonable
+from prefjax.stats_small import rankdata
+from prefjax.store import open_existing
+
 
 class ShiftError(ValueError):
     """Inputs of the shift analysis that do not line up (lengths, NaN, missing files)."""
@@ -58,7 +65,6 @@ def correlation_test(x, y, *, n_boot: int = 1000, n_perm: int = 1000, level: flo
     squares slope of ``x`` on ``y`` (1 when ``x`` moves one-for-one with ``y``). The p-value is
     ``(1 + #{|r_perm| >= |r|}) / (1 + n_perm)``. A constant input gives ``r = nan`` (no error).
     """
-    from prefjax.stats_small import rankdata
     x = _vec("x", x)
     y = _vec("y", y, len(x))
     n = len(x)
@@ -128,11 +134,12 @@ def preference_shift(mu_base, mu_shift, score_base, score_shift, *, baseline_sco
 # ---------------------------------------------------------------------------------------------
 # The pipeline stage.
 
-def probe_dir(run, persona: str, probe_summary=None) -> str:
-    base = os.path.join(run.workdir, "probes", persona)
+def saved_probe_dir(run, persona: str, probe_summary=None) -> str:
+    """The folder of a persona's saved probe in ``run`` (a :class:`prefjax.stages.RunLayout`): the best
+    layer of ``probe_summary`` when given, else the one saved probe folder (ShiftError otherwise)."""
+    base = run.probes_dir(persona)
     if probe_summary is not None:
-        layer = probe_summary["persona"][persona]["best_layer"]
-        d = os.path.join(base, f"blocks.{layer}.hook_resid_post")
+        d = run.probe_dir(persona, probe_summary["persona"][persona]["best_layer"])
     else:
         subs = sorted(s for s in os.listdir(base) if os.path.isfile(os.path.join(base, s, "cfg.json"))) \
             if os.path.isdir(base) else []
@@ -146,8 +153,7 @@ def probe_dir(run, persona: str, probe_summary=None) -> str:
 
 
 def _acts(run, persona: str, hook: str, position: int) -> np.ndarray:
-    from prefjax.store import open_existing
-    path = os.path.join(run.workdir, "activations", persona)
+    path = run.activations_dir(persona)
     if not os.path.isfile(os.path.join(path, "store.json")):
         raise ShiftError(f"no activations for persona {persona!r} at {path} (run the activations stage)")
     st = open_existing(path)
@@ -159,37 +165,33 @@ def _acts(run, persona: str, hook: str, position: int) -> np.ndarray:
 
 
 def _mu(run, persona: str) -> np.ndarray:
-    p = os.path.join(run.stage_dir("utilities"), f"{persona}.npz")
+    p = run.utilities(persona)
     if not os.path.isfile(p):
         raise ShiftError(f"no utilities for persona {persona!r} at {p} (run the utilities stage)")
     return np.load(p)["mu"]
 
 
-def run_pref_shift_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, probe_summary=None) -> dict:
+def run_pref_shift_stage(config: PrefShiftConfig, run, model, pool, personas: Mapping[str, Any], *,
+                         seed: int, alphas, probe_summary=None) -> dict:
     """Probe-score tracking of utility shifts, base persona vs every other persona of the run.
 
-    Reads what the pipeline wrote: ``stages/utilities/<p>.npz``, ``activations/<p>`` and the base
-    persona's probe ``probes/<base>/<hook>/`` (the best layer of ``probe_summary`` when given).
-    Config (optional): ``pref_shift.base`` (default: first persona), ``pref_shift.shifts`` (default:
-    the other personas), ``pref_shift.n_boot`` (1000), ``pref_shift.n_perm`` (1000), ``seed``,
-    ``probes.alphas``. A shift such as "You love math" is run as a persona of the pipeline (its own
-    choices, utilities and activations). Reports every task and the held-out test split.
+    Reads what the pipeline wrote (through ``run``'s layout): each persona's utilities and activations
+    and the base persona's saved probe (the best layer of ``probe_summary`` when given). ``config`` is
+    the ``pref_shift`` section: ``base`` ("" = the first persona), ``shifts`` (() = the other
+    personas), ``n_boot``, ``n_perm``; ``alphas`` are the probes' ridge penalties (content baseline).
+    A shift such as "You love math" is run as a persona of the pipeline (its own choices, utilities
+    and activations). Reports every task and the held-out test split.
     """
-    from prefjax.pipeline import content_embeddings
-    from prefjax.runconfig import lookup as _get
-    from prefjax.probes import RidgeProbe, default_splits, fit_ridge
-    from prefjax.stages import to_jsonable
     names = list(personas)
-    base = _get(cfg, "pref_shift.base", None) or names[0]
-    shifts = list(_get(cfg, "pref_shift.shifts", None) or [p for p in names if p != base])
+    base = config.base or names[0]
+    shifts = list(config.shifts or [p for p in names if p != base])
     for p in [base] + shifts:
         if p not in personas:
             raise ShiftError(f"pref_shift names persona {p!r}, which is not one of the run's personas {names}")
     if not shifts:
         return {"base": base, "skipped": "no shift persona (the run has one persona)"}
-    seed = int(_get(cfg, "seed", 0))
     n = len(pool)
-    pdir = probe_dir(run, base, probe_summary)
+    pdir = saved_probe_dir(run, base, probe_summary)
     probe = RidgeProbe.load(pdir)
     hook = probe.cfg.get("hook", os.path.basename(pdir))
     position = int(probe.cfg.get("position", 0))
@@ -199,10 +201,10 @@ def run_pref_shift_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, 
     if min(len(ev), len(test)) < 3:
         raise ShiftError(f"a pool of {n} tasks leaves {len(ev)} eval and {len(test)} test tasks; need >= 3 each "
                          f"(use at least 14 tasks)")
-    alphas = tuple(float(a) for a in _get(cfg, "probes.alphas", (0.1, 1, 10, 100, 1e3, 1e4, 1e5)))
+    alphas = tuple(float(a) for a in alphas)
     emb = content_embeddings(model, pool)
     bl = fit_ridge(emb, mu_b, alphas=alphas, eval_idx=ev, train_idx=train).predict(emb)
-    kw = dict(n_boot=int(_get(cfg, "pref_shift.n_boot", 1000)), n_perm=int(_get(cfg, "pref_shift.n_perm", 1000)),
+    kw = dict(n_boot=int(config.n_boot), n_perm=int(config.n_perm),
               seed=seed)
     out = {"base": base, "probe": os.path.relpath(pdir, run.workdir), "hook": hook, "position": position, "shifts": {}}
     for sp in shifts:

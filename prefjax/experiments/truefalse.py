@@ -17,6 +17,18 @@ import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from scipy.optimize import minimize
+
+from prefjax.activations import boundary_positions
+from prefjax.elicit.prompts import task_messages
+from prefjax.experiments.pref_shift import ShiftError, saved_probe_dir
+from prefjax.hooks import CaptureSpec
+from prefjax.model import common_prefix_len
+from prefjax.probes import RidgeProbe
+from prefjax.progress import progress
+from prefjax.runconfig import TrueFalseConfig
+from prefjax.stages import atomic_save_npz, to_jsonable
+from prefjax.stats_small import rankdata
 
 
 class TrueFalseError(ValueError):
@@ -87,7 +99,6 @@ def _labels(labels, n: int | None = None) -> np.ndarray:
 def auc(scores, labels) -> float:
     """ROC AUC of ``scores`` for ``labels`` (True = positive): P(score of a positive > score of a
     negative), ties counted half (Mann-Whitney U with average ranks)."""
-    from prefjax.stats_small import rankdata
     s = np.asarray(scores, np.float64)
     if s.ndim != 1 or not np.isfinite(s).all():
         raise TrueFalseError(f"scores must be 1-D and finite; got shape {s.shape}")
@@ -145,7 +156,6 @@ def _ridge_scores(x_tr, y_tr, x_te, alpha: float):
 
 
 def _logistic_scores(x_tr, y_tr, x_te, l2: float):
-    from scipy.optimize import minimize
     xs, xt = _standardize(x_tr, x_te)
     t = y_tr.astype(np.float64)
     d = xs.shape[1]
@@ -200,9 +210,6 @@ def statement_activations(model, statements: Sequence[Statement | str], hooks: S
     Every batch is padded to one length (the longest, rounded up to ``pad_multiple``) and one batch
     size, so the whole set runs through a single compiled program. Where the model keeps prefix caches
     the start all statements share (chat header, system prompt) runs once."""
-    from prefjax.activations import boundary_positions
-    from prefjax.elicit.prompts import task_messages
-    from prefjax.hooks import CaptureSpec
     CaptureSpec.from_names(hooks, model.n_layers)
     if model.tokenizer is None:
         raise TrueFalseError("statement activations need a model with a tokenizer")
@@ -215,7 +222,6 @@ def statement_activations(model, statements: Sequence[Statement | str], hooks: S
     out = np.zeros((len(hooks), len(seqs), n_after + 1, model.d_model), np.float32)
     pad = tok.pad_id or 0
     bsz = min(batch_size, len(seqs))
-    from prefjax.model import common_prefix_len
     # The start every prompt shares (the persona's system prompt) runs once, as a prefix cache; each
     # batch then runs the rest, right-padded (its tokens follow the prefix directly).
     skip = common_prefix_len(seqs, limit=min(p[0] for p in pos)) if model.prefix_ok() else 0
@@ -251,30 +257,25 @@ def probe_truth_auc(probe, X_NxD, labels, *, n_boot: int = 1000, seed: int = 0) 
 # ---------------------------------------------------------------------------------------------
 # The pipeline stage.
 
-def run_truefalse_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, probe_summary=None) -> dict:
+def run_truefalse_stage(config: TrueFalseConfig, run, model, pool, personas: Mapping[str, Any], *, seed: int,
+                        probe_summary=None) -> dict:
     """Score the statements with each persona's saved probe; cross-validated classifiers for comparison.
 
-    For every persona with a saved probe (``probes/<persona>/<hook>/``, the best layer of
-    ``probe_summary`` when given), statements are shown under that persona and captured at the probe's
-    hook and turn-boundary position. Per persona: the probe AUC (CI), and ridge and logistic CV AUCs at
-    the probe's layer. Config (optional): ``truefalse.path`` (default: bundled), ``truefalse.n_folds``
-    (5), ``truefalse.reg`` (1.0), ``truefalse.n_boot`` (1000), ``truefalse.batch_size`` (32), ``seed``.
-    ``pool`` is unused (kept for the common stage signature). Scores go to ``stages/truefalse/<persona>.npz``.
+    For every persona with a saved probe (the best layer of ``probe_summary`` when given), statements
+    are shown under that persona and captured at the probe's hook and turn-boundary position. Per
+    persona: the probe AUC (CI), and ridge and logistic CV AUCs at the probe's layer. ``config`` is the
+    ``truefalse`` section: ``path`` ("" = the bundled statements), ``n_folds``, ``reg``, ``n_boot``,
+    ``batch_size``. ``pool`` is unused (kept for the common stage signature). Scores go to
+    ``stages/truefalse/<persona>.npz``.
     """
-    from prefjax.experiments.pref_shift import ShiftError, probe_dir
-    from prefjax.runconfig import lookup as _get
-    from prefjax.probes import RidgeProbe
-    from prefjax.stages import atomic_save_npz, to_jsonable
-    stm = load_statements(_get(cfg, "truefalse.path", None))
+    stm = load_statements(config.path or None)
     y = np.asarray([s.label for s in stm])
-    seed = int(_get(cfg, "seed", 0))
-    n_folds = int(_get(cfg, "truefalse.n_folds", 5))
-    reg = float(_get(cfg, "truefalse.reg", 1.0))
+    n_folds = int(config.n_folds)
+    reg = float(config.reg)
     out = {"n_statements": len(stm), "n_true": int(y.sum()), "persona": {}}
-    from prefjax.progress import progress
     for pname, persona in progress(list(personas.items()), desc="truefalse", unit="persona"):
         try:
-            pdir = probe_dir(run, pname, probe_summary)
+            pdir = saved_probe_dir(run, pname, probe_summary)
         except (ShiftError, KeyError) as e:
             out["persona"][pname] = {"skipped": str(e)}
             continue
@@ -282,8 +283,8 @@ def run_truefalse_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, p
         hook = probe.cfg.get("hook", os.path.basename(pdir))
         position = int(probe.cfg.get("position", 0))
         X = statement_activations(model, stm, [hook], persona=persona, n_after=position,
-                                  batch_size=int(_get(cfg, "truefalse.batch_size", 32)))[0, :, position]
-        res = probe_truth_auc(probe, X, y, n_boot=int(_get(cfg, "truefalse.n_boot", 1000)), seed=seed)
+                                  batch_size=int(config.batch_size))[0, :, position]
+        res = probe_truth_auc(probe, X, y, n_boot=int(config.n_boot), seed=seed)
         s = probe.predict(X)
         topics = sorted({st.topic for st in stm})
         per_topic = {}
@@ -292,7 +293,7 @@ def run_truefalse_stage(cfg, run, model, pool, personas: Mapping[str, Any], *, p
             if y[m].all() or not y[m].any():
                 continue
             per_topic[t] = auc(s[m], y[m])
-        atomic_save_npz(os.path.join(run.stage_dir("truefalse"), f"{pname}.npz"), score=s, label=y)
+        atomic_save_npz(run.stage_file("truefalse", f"{pname}.npz"), score=s, label=y)
         out["persona"][pname] = to_jsonable({
             "probe": os.path.relpath(pdir, run.workdir), "hook": hook, "position": position, "probe_auc": res, "probe_auc_per_topic": per_topic,
             "ridge_cv": cv_classifier_auc(X, y, kind="ridge", n_folds=n_folds, reg=reg, seed=seed),

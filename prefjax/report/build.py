@@ -11,7 +11,6 @@ import numpy as np
 from prefjax.report.figures import (dose_response, inlp_trajectory, probe_r_by_layer, transfer_heatmap,
                                     utilities_by_topic)
 from prefjax.report.summary import write_report
-from prefjax.runconfig import lookup as _get
 
 
 def _fmt(x, nd=3):
@@ -52,21 +51,23 @@ def _timing_table(rows, load_s, report_s) -> tuple[str, dict]:
     return note + "\n\n" + "\n".join(lines), timing
 
 
-def build_report(run, cfg, *, pool, personas, mu, utilities, probes, transfer, steering, inlp, extra=None,
+def build_report(run, *, model_source: str, pool, personas, mu, utilities, probes, transfer, steering, inlp, extra=None,
                  truth=None, load_seconds: float | None = None, stage_order: Sequence[str] = ()) -> str:
     """Write figures + ``summary.json`` + ``report.md`` into the run's workdir; return the report path.
+
+    ``run`` is a :class:`prefjax.stages.RunLayout` (figure paths come from it); ``model_source`` is
+    the config's ``model.source`` (shown in the headline); the rest are the stages' summaries.
 
     The report ends with the table of stage times (:func:`stage_times`; ``load_seconds``: how long this
     process took to load the model); ``summary.json`` keeps them under ``timing``."""
     t0 = time.time()
     wd = run.workdir
-    fig_dir = os.path.join(wd, "figures")
-    os.makedirs(fig_dir, exist_ok=True)
+    os.makedirs(run.figures_dir(), exist_ok=True)
     figures = {}
     topics = list(pool.topic_array())
     figures["utilities by topic"] = utilities_by_topic({p: mu[p] for p in personas}, topics,
-                                                       os.path.join(fig_dir, "utilities_by_topic.png"))
-    headline = {"model": str(_get(cfg, "model.source", "")), "tasks": len(pool), "personas": ", ".join(personas)}
+                                                       run.figure("utilities_by_topic.png"))
+    headline = {"model": str(model_source), "tasks": len(pool), "personas": ", ".join(personas)}
     sections = []
     util_lines = ["| persona | comparisons (pairs) | ok | refusal | unparseable | split-half r |", "|---|---|---|---|---|---|"]
     for p in personas:
@@ -96,22 +97,22 @@ def build_report(run, cfg, *, pool, personas, mu, utilities, probes, transfer, s
                       "content baseline": np.full(len(layers), cb["heldout_r"] if cb["heldout_r"] is not None
                                                   else np.nan)}
             figures[f"probe r by layer [{p}]"] = probe_r_by_layer(layers, curves,
-                                                                  os.path.join(fig_dir, f"probe_r_{p}.png"))
+                                                                  run.figure(f"probe_r_{p}.png"))
         sections.append(("Probes", "\n".join(lines) + "\n\nHeld-out r: ridge probe on a 20% test split (alpha "
                          "chosen on a separate 20% eval split). LOTO: each topic held out in turn, pooled."))
     if transfer and transfer.get("persona_r") is not None:
         figures["cross-persona transfer"] = transfer_heatmap(
-            np.asarray(transfer["persona_r"], float), transfer["personas"], os.path.join(fig_dir, "transfer_persona.png"),
+            np.asarray(transfer["persona_r"], float), transfer["personas"], run.figure("transfer_persona.png"),
             baseline=np.asarray(transfer["utility_corr"], float))
     if transfer:
         figures["cross-layer transfer"] = transfer_heatmap(
             np.asarray(transfer["layer_r"], float), [str(l) for l in transfer["layers"]],
-            os.path.join(fig_dir, "transfer_layer.png"), title="Cross-layer probe transfer (r)")
+            run.figure("transfer_layer.png"), title="Cross-layer probe transfer (r)")
     if steering:
         coefs = steering["coefs"]
         figures["steering dose-response"] = dose_response(
             coefs, [r["k"] for r in steering["probe"]], [r["n"] for r in steering["probe"]],
-            os.path.join(fig_dir, "steering.png"),
+            run.figure("steering.png"),
             control={"k": [r["k"] for r in steering["random"]], "n": [r["n"] for r in steering["random"]],
                      "label": "random direction"})
         lines = ["| coef | P(steered) probe | choice rate probe [95% CI] | P(steered) random | on-label rate |",
@@ -142,7 +143,7 @@ def build_report(run, cfg, *, pool, personas, mu, utilities, probes, transfer, s
                              "the unsteered model (lower = less coherent).\n\n" + "\n".join(lines)))
             figures["steering (sampled)"] = dose_response(
                 coefs, [r["k"] for r in sm["probe"]], [r["n"] for r in sm["probe"]],
-                os.path.join(fig_dir, "steering_sampled.png"),
+                run.figure("steering_sampled.png"),
                 refusal={"k": [round(r["refusal_rate"] * sm["n_prompts"]) for r in sm["probe"]],
                          "n": [sm["n_prompts"]] * len(coefs), "label": "refusal"},
                 control={"k": [r["k"] for r in sm["random"]], "n": [r["n"] for r in sm["random"]],
@@ -154,7 +155,7 @@ def build_report(run, cfg, *, pool, personas, mu, utilities, probes, transfer, s
         if k:
             figures["INLP"] = inlp_trajectory(k, inlp["test_r"], inlp.get("loto_r") or [np.nan] * len(k),
                                               inlp.get("shuffled_test_r") or [np.nan] * len(k),
-                                              os.path.join(fig_dir, "inlp.png"))
+                                              run.figure("inlp.png"))
     extra = extra or {}
     if extra.get("patching"):
         pt = extra["patching"]

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from prefjax.stages import RunLayout, atomic_write_bytes, atomic_write_json, to_jsonable
 from prefjax.stats_small import wilson_interval
 
 __all__ = ["wilson_interval", "write_report", "format_value"]
@@ -80,11 +81,10 @@ def write_report(workdir: str, summary: Mapping[str, Any], figures: Mapping[str,
     ``footer`` sections (title, markdown) close the report, after the summary values. A top-level
     ``timing`` entry of ``summary`` goes to ``summary.json`` only (the caller shows it, e.g. in a footer).
     """
-    from prefjax.stages import atomic_write_bytes, atomic_write_json, to_jsonable
-
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    atomic_write_json(os.path.join(workdir, "summary.json"), summary, nan="null")
+    layout = RunLayout(workdir)
+    atomic_write_json(layout.summary_json(), summary, nan="null")
     clean = to_jsonable(summary, nan_to_none=True)
 
     head = clean.get("headline") if isinstance(clean.get("headline"), Mapping) else None
@@ -110,6 +110,6 @@ def write_report(workdir: str, summary: Mapping[str, Any], figures: Mapping[str,
     parts += ["_Full values: `summary.json`._", ""]
     for sec_title, body in footer:
         parts += [f"## {sec_title}", "", body.strip(), ""]
-    path = os.path.join(workdir, "report.md")
+    path = layout.report_md()
     atomic_write_bytes(path, "\n".join(parts).encode("utf-8"))
     return path

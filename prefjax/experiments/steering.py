@@ -1,0 +1,393 @@
+"""The steering experiment: contrastive dose-response of the choice, probe direction vs a random one.
+
+The intervention itself (a pure transform of the forward pass) is :mod:`prefjax.steering`; this
+module is the experiment around it: the steered prompts (:func:`steering_prompts`), the batched sweep
+over (direction, coefficient, prompt) (:func:`steering_sweep`), the dose-response and its sampled
+completions, and the pipeline stage :func:`run_steering_stage`. Helpers for other designs:
+:func:`dose_response` (choice rate and refusal rate per coefficient with Wilson 95% intervals),
+:func:`format_table`, and :func:`completion_loglik` (coherence side effect: the *unsteered* model's
+mean log-likelihood per token of a completion).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prefjax.elicit.parse import parse_choice
+from prefjax.elicit.prompts import DEFAULT_TEMPLATE, choice_messages, render_choice, shift_spans
+from prefjax.elicit.runner import forced_text, label_token_ids
+from prefjax.generation import generate
+from prefjax.model import common_prefix_len
+from prefjax.probes import RidgeProbe
+from prefjax.progress import log, progress
+from prefjax.runconfig import SteeringConfig
+from prefjax.stages import atomic_save_npz, atomic_write_json, resid_hook
+from prefjax.stats_small import wilson_interval
+from prefjax.steering import SteerSpec, random_direction, token_span_mask
+
+
+def steering_persona(config: SteeringConfig, personas) -> str:
+    """The persona the steering experiment uses: ``steering.persona``, or the run's first persona."""
+    return config.persona or list(personas)[0]
+
+
+def steering_prompts(tok, pairs, persona, mode: str, *, forced: bool):
+    """Token ids, signed task-span masks and steered label for each pair shown twice (steered towards
+    Task A, then towards Task B). ``forced`` appends logit mode's forced prefix to the prompt."""
+    seqs, masks, toward = [], [], []
+    for a, b in pairs:
+        user, spans = render_choice(DEFAULT_TEMPLATE, a, b)
+        full = tok.chat(choice_messages(DEFAULT_TEMPLATE, a, b, persona), add_generation_prompt=True)
+        if forced:
+            full += forced_text(DEFAULT_TEMPLATE)
+        spans_full = shift_spans(full, user, spans)
+        for steered, other in (("A", "B"), ("B", "A")):
+            signs = {steered: 1.0, other: -1.0} if mode == "contrastive" else {steered: 1.0}
+            ids, m = token_span_mask(tok, full, {k: spans_full[k] for k in signs}, signs=signs, add_bos=False)
+            seqs.append(ids)
+            masks.append(m)
+            toward.append(steered)
+    return seqs, masks, toward
+
+
+def run_steering_stage(config: SteeringConfig, run, model, pool, personas, *, probe_summary, mean_norms,
+                       seed: int) -> dict:
+    """Dose-response of P(choose the steered task) over coefficients, probe direction vs random.
+
+    Every sampled pair is shown twice, once steering towards Task A and once towards Task B, so the
+    model's label-position bias cancels at c = 0. ``contrastive`` adds +c on the steered task's tokens
+    and -c on the other's; ``single`` adds +c on the steered task only. The coefficient is in units of
+    the mean residual norm at the steering layer (``mean_norms``: hook -> norm, from the activation stage).
+
+    Logit mode reads P(A) after the forced prefix; with ``config.generate_tokens`` > 0 the same sweep
+    also writes greedy completions (see :func:`steered_completions`). Every (direction, coefficient,
+    prompt) is one row of a batched sweep (:func:`steering_sweep`). Writes
+    ``stages/steering/p_a.npz`` (and ``completions.json``) of ``run``.
+    """
+    pname = steering_persona(config, personas)
+    ps = probe_summary["persona"][pname]
+    layer = ps["best_layer"] if config.layer in ("", "best") else int(config.layer)
+    if not 0 <= layer < model.n_layers:
+        raise ValueError(f"steering.layer {layer} is outside the model's layers 0..{model.n_layers - 1}")
+    note = None
+    if layer == model.n_layers - 1:
+        note = ("steering at the last layer adds to the task tokens after every attention layer has read them: "
+                "the answer position cannot see it, so no effect is possible")
+        log("warning: " + note)
+    hook = resid_hook(layer)
+    direction = RidgeProbe.load(run.probe_dir(pname, ps["best_layer"])).direction
+    scale = float(mean_norms.get(hook, ps["mean_resid_norm"]))
+    coefs = [float(c) for c in config.coefs]
+    n_pairs = config.n_pairs
+    mode = config.mode
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(pool))
+    pairs = [(pool[int(idx[2 * k])], pool[int(idx[2 * k + 1])]) for k in range(min(n_pairs, len(pool) // 2))]
+    tok = model.tokenizer
+    ida, idb = label_token_ids(tok, DEFAULT_TEMPLATE)
+    persona = personas[pname]
+    n_new = int(config.generate_tokens or 0)
+    directions = {"probe": direction, "random": random_direction(model.d_model, 1234)}
+    sweep = steering_sweep(model, pairs, persona, mode, layer, scale, coefs, directions, n_new)
+    toward_a = np.asarray([t == "A" for t in sweep["toward"]])
+    P = len(toward_a)
+    results, p_a_all = {}, {}
+    for name in directions:
+        rows, p_a_all[name] = [], []
+        for ci, c in enumerate(coefs):
+            lg = sweep["logits"][name][ci]
+            pa = np.exp(lg[:, ida] - np.logaddexp(lg[:, ida], lg[:, idb]))
+            p_steered = np.where(toward_a, pa, 1.0 - pa)
+            p_a_all[name].append(pa)
+            k = int((p_steered >= 0.5).sum())
+            lo, hi = wilson_interval(k, P)
+            on_label = float(np.isin(lg.argmax(-1), [ida, idb]).mean())
+            rows.append({"coef": c, "p_steered_mean": float(p_steered.mean()), "k": k, "n": P,
+                         "ci": [float(lo), float(hi)], "on_label_rate": on_label})
+        results[name] = rows
+    atomic_save_npz(run.stage_file("steering", "p_a.npz"), coefs=np.asarray(coefs),
+                    toward_a=toward_a, probe=np.asarray(p_a_all["probe"]), random=np.asarray(p_a_all["random"]))
+    sampled = None
+    if n_new > 0:
+        sampled = steered_completions(run, model, sweep, coefs, n_new)
+    slope = float(np.polyfit(coefs, [r["p_steered_mean"] for r in results["probe"]], 1)[0])
+    slope_rand = float(np.polyfit(coefs, [r["p_steered_mean"] for r in results["random"]], 1)[0])
+    return {"persona": pname, "layer": layer, "scale": scale, "mode": mode, "n_pairs": len(pairs), "n_prompts": P,
+            "coefs": coefs, "probe": results["probe"], "random": results["random"],
+            "slope_probe": slope, "slope_random": slope_rand, "note": note, "sampled": sampled}
+
+
+def steering_sweep(model, pairs, persona, mode, layer, scale, coefs, directions, n_new, *, chunk: int = 112) -> dict:
+    """Run every (direction, coefficient, prompt) of the steering sweep.
+
+    Returns ``toward`` (the steered label of each prompt), ``logits[name][ci]`` [P, V] float64 (the
+    label position after the forced prefix) and, with ``n_new`` > 0, ``prompts`` (the unforced prompt
+    ids), ``tokens[name][ci]`` / ``texts[name][ci]`` (greedy completions of the unforced prompts,
+    stop token excluded).
+
+    Where the model keeps prefix caches, the rows run batched: the prompts' shared start once, then each
+    row's steered prompt (all but its last token) once as a cache (directions and coefficients are
+    per-row steering leaves of one compiled program), from which both the forced-prefix logits (the
+    last token plus the forced prefix on top) and the greedy completion (the last token, then decoding)
+    are read. Otherwise each coefficient runs as its own forward pass and ``generate`` call.
+    """
+    tok = model.tokenizer
+    plain, masks, toward = steering_prompts(tok, pairs, persona, mode, forced=False)
+    forced, fmasks, _ = steering_prompts(tok, pairs, persona, mode, forced=True)
+    P, names = len(plain), list(directions)
+    extra = [f[len(p):] for p, f in zip(plain, forced)]
+    batched = (model.prefix_ok() and all(f[:len(p)] == p for p, f in zip(plain, forced))
+               and len({tuple(e) for e in extra}) == 1 and len(extra[0]) > 0
+               and all(not np.any(m[len(p) - 1:]) for p, m in zip(plain, masks))
+               and all(not np.any(m[len(p):]) for p, m in zip(plain, fmasks)))
+    out = {"toward": toward, "logits": {n: [None] * len(coefs) for n in names}, "prompts": plain,
+           "tokens": {n: [None] * len(coefs) for n in names}, "texts": {n: [None] * len(coefs) for n in names}}
+    bar = progress(total=len(names) * len(coefs) * P, desc="steering", unit="prompt")
+    if not batched:  # one coefficient at a time: a forced-prefix forward, then generate
+        t = max(len(s) for s in forced)
+        ids, att, msk = (np.zeros((P, t), np.int32), np.zeros((P, t), np.int32), np.zeros((P, t), np.float32))
+        for r, (s, m) in enumerate(zip(forced, fmasks)):
+            ids[r, t - len(s):], att[r, t - len(s):], msk[r, t - len(s):] = s, 1, m
+        width = max(len(p) for p in plain)
+        gmask = np.zeros((P, width), np.float32)
+        for r, m in enumerate(masks):
+            gmask[r, :len(m)] = m
+        for name, vec in directions.items():
+            for ci, c in enumerate(coefs):
+                spec = SteerSpec(layer=layer, direction=vec, coef=np.full((P,), c, np.float32), scale=scale, tokens=msk)
+                logits, _ = model.run(ids, attention_mask=att, positions=np.full((P, 1), t - 1, np.int32), steer=spec)
+                out["logits"][name][ci] = np.asarray(logits[:, 0, :], np.float64)
+                if n_new > 0:
+                    gen = generate(model, plain, max_new_tokens=n_new, temperature=0.0,
+                                   steer=spec.replace(tokens=gmask))
+                    out["tokens"][name][ci], out["texts"][name][ci] = gen.token_ids, gen.texts
+                bar.update(P)
+        bar.close()
+        return out
+    # Batched: row (direction d, coefficient ci, prompt r); every prompt but its last token is steered
+    # and cached once (the masks cover task spans only), on top of the prompts' common start. Rows that
+    # add the same vector to the same tokens are the same computation and run once: at c = 0 every
+    # direction and mask, and in contrastive mode "towards B at c" is "towards A at -c" (same prompt,
+    # mask negated), so a symmetric sweep runs about half its rows.
+    def key(name, ci, r):
+        if coefs[ci] == 0:
+            return ("c=0", tuple(plain[r]))
+        return (name, tuple(plain[r]), tuple((coefs[ci] * np.asarray(masks[r], np.float64)).tolist()))
+    every = [(name, ci, r) for name in names for ci in range(len(coefs)) for r in range(P)]
+    cells = list({key(*cell): cell for cell in every}.values())  # one cell per key (all equal within a key)
+    bodies = [p[:-1] for p in plain]
+    hit = [int(np.flatnonzero(m)[0]) for m in masks if np.any(m)]
+    skip = common_prefix_len(bodies, limit=min(hit) if hit else None)
+    width = max(len(b) for b in bodies) - skip
+    if skip and not model.fits_window(skip + width + 1 + max(len(extra[0]), n_new)):
+        skip, width = 0, max(len(b) for b in bodies)  # left padding after the shared start: past the window
+    shared = model.prefill(np.asarray([bodies[0][:skip]], np.int32)) if skip else None
+    chunk = -(-len(cells) // -(-len(cells) // chunk))  # equal chunks of at most `chunk` rows
+    pad = int(model.config.pad_id)
+    done = {}
+    for lo in range(0, len(cells), chunk):
+        part = cells[lo:lo + chunk]
+        part = part + [part[0]] * (chunk - len(part))  # one shape for every chunk
+        toks = np.full((chunk, width), pad, np.int32)
+        valid = np.zeros((chunk, width), bool)
+        msk = np.zeros((chunk, width), np.float32)
+        coef = {name: np.zeros(chunk, np.float32) for name in names}
+        for j, (name, ci, r) in enumerate(part):
+            b = bodies[r][skip:]
+            toks[j, width - len(b):], valid[j, width - len(b):] = b, True
+            msk[j, width - len(b):] = masks[r][skip:len(bodies[r])]
+            coef[name][j] = coefs[ci]
+        specs = tuple(SteerSpec(layer=layer, direction=directions[name], coef=coef[name], scale=scale, tokens=msk)
+                      for name in names)
+        cache = model.prefill(toks, attention_mask=valid, prefix=shared, steer=specs)
+        last = np.asarray([[plain[r][-1]] + list(extra[r]) for _, _, r in part], np.int32)
+        logits, _ = model.run(last, positions=np.full((chunk, 1), last.shape[1] - 1, np.int32), prefix=cache)
+        logits = np.asarray(logits[:, 0, :], np.float64)
+        gen = None
+        if n_new > 0:
+            gen = generate(model, [[plain[r][-1]] for _, _, r in part], max_new_tokens=n_new, temperature=0.0,
+                           prefix=cache, pad_multiple=1)
+        n_real = min(chunk, len(cells) - lo)
+        for j, cell in enumerate(part[:n_real]):
+            done[key(*cell)] = (logits[j],) + ((gen.token_ids[j], gen.texts[j]) if gen is not None else (None, None))
+        bar.update(sum(key(*cell) in done for cell in every) - bar.n)
+    bar.close()
+    for name, ci, r in every:
+        lg, ids, text = done[key(name, ci, r)]
+        if out["logits"][name][ci] is None:
+            out["logits"][name][ci] = np.zeros((P, lg.shape[0]))
+            out["tokens"][name][ci], out["texts"][name][ci] = [None] * P, [None] * P
+        out["logits"][name][ci][r], out["tokens"][name][ci][r], out["texts"][name][ci][r] = lg, ids, text
+    return out
+
+
+def steered_completions(run, model, sweep, coefs, n_new) -> dict:
+    """The steering sweep with sampled completions: choice, refusal and coherence per coefficient.
+
+    Each pair is shown twice (steered towards A, then towards B) without the forced prefix; the model
+    writes ``n_new`` tokens (greedy), which are parsed like elicitation replies. Coherence is the mean
+    per-token log-likelihood of the steered completion under the unsteered model.
+    """
+
+    prompts, toward = sweep["prompts"], sweep["toward"]
+    names = list(sweep["tokens"])
+    # every completion of the sweep scored in one call (each distinct prompt runs once)
+    all_tokens = [t for name in names for per_coef in sweep["tokens"][name] for t in per_coef]
+    ll_all = completion_loglik(model, [p for _ in names for _ in coefs for p in prompts], all_tokens)
+    out, raw = {}, {}
+    for d, name in enumerate(names):
+        rows = []
+        for ci, c in enumerate(coefs):
+            texts = sweep["texts"][name][ci]
+            parsed = [parse_choice(t, DEFAULT_TEMPLATE) for t in texts]
+            chose = [p.choice for p in parsed]
+            k = sum(ch == st for ch, st in zip(chose, toward))
+            n = sum(ch in ("A", "B") for ch in chose)
+            lo, hi = wilson_interval(k, n)
+            at = (d * len(coefs) + ci) * len(prompts)
+            ll = ll_all[at:at + len(prompts)]
+            rows.append({"coef": c, "k": int(k), "n": int(n), "ci": [float(lo), float(hi)],
+                         "refusal_rate": float(np.mean([p.refusal for p in parsed])),
+                         "unparseable_rate": float(np.mean([p.status in ("unparseable", "both") for p in parsed])),
+                         "coherence_loglik": float(np.nanmean(ll)) if np.isfinite(ll).any() else None})
+            raw[f"{name}_{c:+g}"] = list(texts)
+        out[name] = rows
+    atomic_write_json(run.stage_file("steering", "completions.json"),
+                      {"toward": toward, "texts": raw})
+    return {"n_prompts": len(prompts), "new_tokens": n_new, **out}
+
+
+# ---------------------------------------------------------------------------------------------
+# Dose-response helpers and the coherence side effect.
+
+def _classify(rec) -> str:
+    """'A', 'B', 'refusal' or 'unparsed' for one record."""
+    if isinstance(rec, Mapping):
+        if rec.get("refusal"):
+            return "refusal"
+        rec = rec.get("choice")
+    if rec is None:
+        return "unparsed"
+    if rec in ("A", "B", "refusal"):
+        return rec
+    raise ValueError(f"dose_response: choice {rec!r} is not 'A', 'B', 'refusal' or None")
+
+
+def dose_response(choices_by_coef: Mapping[float, Iterable]) -> list[dict[str, float]]:
+    """Choice rate and refusal rate per steering coefficient, with Wilson 95% intervals.
+
+    ``choices_by_coef`` maps a coefficient to its records: ``"A"``, ``"B"``, ``"refusal"``, ``None``
+    (unparsed) or dicts with ``choice`` and ``refusal`` keys (rows of the choices table). Returns one
+    row per coefficient (sorted): ``coef, n, n_a, n_b, n_refusal, n_unparsed, p_a, p_a_lo, p_a_hi``
+    (P(A) among A/B answers) and ``refusal_rate, refusal_lo, refusal_hi`` (over all records).
+    """
+    rows = []
+    for c in sorted(choices_by_coef, key=float):
+        counts = {"A": 0, "B": 0, "refusal": 0, "unparsed": 0}
+        for rec in choices_by_coef[c]:
+            counts[_classify(rec)] += 1
+        n = sum(counts.values())
+        nab = counts["A"] + counts["B"]
+        lo, hi = wilson_interval(counts["A"], nab)
+        rlo, rhi = wilson_interval(counts["refusal"], n)
+        rows.append({"coef": float(c), "n": n, "n_a": counts["A"], "n_b": counts["B"],
+                     "n_refusal": counts["refusal"], "n_unparsed": counts["unparsed"],
+                     "p_a": counts["A"] / nab if nab else float("nan"), "p_a_lo": lo, "p_a_hi": hi,
+                     "refusal_rate": counts["refusal"] / n if n else float("nan"),
+                     "refusal_lo": rlo, "refusal_hi": rhi})
+    return rows
+
+
+def format_table(rows: Sequence[Mapping[str, float]]) -> str:
+    """A fixed-width text rendering of :func:`dose_response` rows."""
+    head = f"{'coef':>8} {'n':>5} {'P(A)':>6} {'95% CI':>15} {'refusal':>8} {'95% CI':>15}"
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r['coef']:>8.3g} {r['n']:>5d} {r['p_a']:>6.3f} [{r['p_a_lo']:.3f}, {r['p_a_hi']:.3f}] "
+                     f"{r['refusal_rate']:>8.3f} [{r['refusal_lo']:.3f}, {r['refusal_hi']:.3f}]")
+    return "\n".join(lines)
+
+
+@jax.jit
+def _token_logp(logits_BxKxV, targets_BxK):
+    lp = jax.nn.log_softmax(logits_BxKxV.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(lp, targets_BxK[..., None], axis=-1)[..., 0]
+
+
+def completion_loglik(model, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+                      *, batch_size: int | None = None) -> np.ndarray:
+    """Mean log-likelihood per token of each completion under the (unsteered) ``model``.
+
+    The result [batch] float64 is ``mean_j log p(completion[j] | prompt, completion[:j])`` (NaN for an
+    empty completion). Used as the coherence side-effect measure of steering: score steered completions
+    with the model run without steering.
+
+    Only the logits that score a completion token are computed. Where the model keeps prefix caches
+    (:meth:`prefjax.model.Model.prefix_ok`), each distinct prompt runs once (a steering sweep scores many
+    completions of the same prompts), its common start once for all of them, and the completions run
+    on top; otherwise each ``prompt + completion`` runs left-padded in ``batch_size`` rows.
+    """
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"completion_loglik: {len(prompt_ids)} prompts but {len(completion_ids)} completions")
+    n = len(prompt_ids)
+    out = np.full(n, np.nan)
+    prompts = [[int(t) for t in p] for p in prompt_ids]
+    comps = [[int(t) for t in c] for c in completion_ids]
+    for i in range(n):
+        if comps[i] and not prompts[i]:
+            raise ValueError(f"completion_loglik: prompt {i} is empty")
+    first = {}  # each distinct (prompt, completion) is scored once
+    for i in range(n):
+        if comps[i]:
+            first.setdefault((tuple(prompts[i]), tuple(comps[i])), i)
+    idx = sorted(first.values())
+    if not idx:
+        return out
+    k = max(len(comps[i]) for i in idx)
+    bs = min(batch_size or 32, len(idx))
+    if model.prefix_ok() and all(len(prompts[i]) > 1 for i in idx):
+        # Rows: [last prompt token] + completion[:-1], right-padded, on top of the prompt's other tokens.
+        bodies = list(dict.fromkeys(tuple(prompts[i][:-1]) for i in idx))
+        where = {b: r for r, b in enumerate(bodies)}
+        cache = model.prefill_rows(bodies, n_after=k)
+        seqs = [[prompts[i][-1]] + comps[i][:-1] for i in idx]
+        rows = [where[tuple(prompts[i][:-1])] for i in idx]
+        cols = [list(range(len(comps[i]))) for i in idx]
+        run = lambda toks, valid, pos, r: model.run(toks, attention_mask=valid, positions=pos, prefix=cache,
+                                                    prefix_rows=r)
+        width, right = k, True
+    else:
+        seqs = [prompts[i] + comps[i] for i in idx]
+        width = max(len(x) for x in seqs)
+        rows = [0] * len(idx)
+        # the logits at column c score the token at column c + 1 (left padding: the sequence ends at width)
+        cols = [list(range(width - len(comps[i]) - 1, width - 1)) for i in idx]
+        run = lambda toks, valid, pos, r: model.run(toks, attention_mask=valid, positions=pos)
+        right = False
+    pad = int(model.config.pad_id)
+    for lo in range(0, len(idx), bs):
+        part = list(range(lo, min(len(idx), lo + bs)))
+        part += [part[0]] * (bs - len(part))  # one shape for every chunk
+        toks = np.full((bs, width), pad, np.int32)
+        valid = np.zeros((bs, width), bool)
+        pos = np.zeros((bs, k), np.int32)
+        tgt = np.zeros((bs, k), np.int32)
+        for r, q in enumerate(part):
+            sq, m = seqs[q], len(comps[idx[q]])
+            sl = slice(0, len(sq)) if right else slice(width - len(sq), width)
+            toks[r, sl], valid[r, sl] = sq, True
+            pos[r, :m], pos[r, m:] = cols[q], cols[q][-1]
+            tgt[r, :m] = comps[idx[q]]
+        logits, _ = run(toks, valid, pos, np.asarray([rows[q] for q in part], np.int32))
+        lp = np.asarray(_token_logp(logits, jnp.asarray(tgt)), np.float64)
+        for r, q in enumerate(part[:min(bs, len(idx) - lo)]):
+            m = len(comps[idx[q]])
+            out[idx[q]] = float(np.mean(lp[r, :m]))
+    for i in range(n):
+        if comps[i]:
+            out[i] = out[first[(tuple(prompts[i]), tuple(comps[i]))]]
+    return out
