@@ -149,7 +149,7 @@ def test_layer_loop_cost_extrapolation_matches_the_unrolled_program():
     mcfg = dataclasses.replace(gemma3.PRESETS["gemma3-tiny"], d_model=512, n_heads=8, n_kv_heads=4, head_dim=64,
                                d_ff=2048)
     assert aot.layer_groups(mcfg) == {"sliding_attention": 6, "full_attention": 1}
-    mp = aot.ModelPrograms(gemma3, mcfg, jnp.bfloat16, mesh)
+    mp = aot.ModelPrograms(gemma3.FAMILY, mcfg, jnp.bfloat16, mesh)
     builds = {"forward": lambda c, u: mp.forward(c, batch=8, seq=64, k_pos=1, capture=range(c.n_layers), unroll=u)[0],
               "decode": lambda c, u: mp.decode_step(c, batch=8, prompt_len=64, n_new=8, unroll=u)[0]}
     for name, build in builds.items():

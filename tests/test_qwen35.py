@@ -25,6 +25,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import prefjax  # noqa: E402
 from prefjax.hooks import BLOCK_POINTS, FINAL_HOOK, CaptureSpec, hook_name  # noqa: E402
 from prefjax.models import deltanet as DN  # noqa: E402
 from prefjax.models import moe as M  # noqa: E402
@@ -67,7 +68,7 @@ def moe_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def moe_model(moe_dir):
-    return Q.load_dir(moe_dir[0])
+    return prefjax.load(moe_dir[0])
 
 
 def hf_capture(m, ids, mask=None):
@@ -155,7 +156,7 @@ def test_dense_qwen35_matches_transformers(tmp_path):
     cfg = dict(TEXT, num_hidden_layers=4, intermediate_size=40)
     m = _perturb(Qwen3_5ForCausalLM(Qwen3_5TextConfig(**cfg)), seed=1)
     m.save_pretrained(tmp_path)
-    model = Q.load_dir(tmp_path)
+    model = prefjax.load(tmp_path)
     assert not model.config.is_moe and model.config.d_ff == 40
     ids = np.random.RandomState(1).randint(0, cfg["vocab_size"], (2, 70))
     assert_parity(pj_arrays(model, ids, all_hooks(4)), *hf_refs(m, ids))
@@ -172,7 +173,7 @@ def test_multimodal_checkpoint_layout(tmp_path):
     m.save_pretrained(tmp_path)
     hf_cfg = json.loads((tmp_path / "config.json").read_text())
     assert "text_config" in hf_cfg and hf_cfg["model_type"] == "qwen3_5_moe"
-    model = Q.load_dir(tmp_path)
+    model = prefjax.load(tmp_path)
     ids = np.random.RandomState(2).randint(0, text["vocab_size"], (1, 40))
     refs = []
     for mm in (m, float64_copy(m)):
@@ -199,7 +200,7 @@ def test_fused_expert_layout_loads_the_same(moe_dir, moe_model, tmp_path):
         fused[p + "down_proj"] = np.stack([tensors[p + f"{i}.down_proj.weight"] for i in range(e)])
     save_file(fused, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((src / "config.json").read_text())
-    model = Q.load_dir(tmp_path)
+    model = prefjax.load(tmp_path)
     for path in ("blocks/experts_gate", "blocks/experts_up", "blocks/experts_down"):
         a, b = path.split("/")
         np.testing.assert_array_equal(np.asarray(model.params[a][b]), np.asarray(moe_model.params[a][b]))
@@ -207,7 +208,7 @@ def test_fused_expert_layout_loads_the_same(moe_dir, moe_model, tmp_path):
     del fused["model.layers.3.mlp.experts.down_proj"]
     save_file(fused, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="layers.3.mlp.experts.down_proj"):
-        Q.load_dir(tmp_path)
+        prefjax.load(tmp_path)
 
 
 def test_config_refuses_unknown_fields(moe_dir):
@@ -391,12 +392,13 @@ _SHARDED = textwrap.dedent("""
     jax.config.update("jax_default_matmul_precision", "highest")
     assert len(jax.devices()) == 8, jax.devices()
     from prefjax.sharding import make_mesh
+    import prefjax
     from prefjax.models import moe as M, qwen35 as Q
     calls = []
     ep = M.experts_parallel
     M.experts_parallel = lambda *a, **k: calls.append(k["impl"]) or ep(*a, **k)
     mesh = make_mesh({"data": 2, "tensor": 2, "expert": 2})
-    model = Q.load_dir(sys.argv[1], mesh=mesh)
+    model = prefjax.load(sys.argv[1], mesh=mesh)
     spec = model.params["blocks"]["experts_gate"].sharding.spec
     assert "expert" in str(spec) and "tensor" in str(spec), spec
     ids = np.load(sys.argv[2])

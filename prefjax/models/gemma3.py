@@ -18,7 +18,6 @@ Parameters are a plain pytree with a leading ``layer`` axis on every block weigh
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -26,12 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefjax.checkpoints.hf import check_hf_fields
+from prefjax.checkpoints.hf import check_hf_fields, get_path
 from prefjax.models import layers as L
-from prefjax.models.stack import fold, gather_positions, kv_state, next_state, step_inputs
-
-FAMILY = "gemma3"
-SUPPORTS_LORA = True  # forward() reads params["blocks"]["lora"] (PEFT adapters applied on the fly)
+from prefjax.models.family import Family, random_params
+from prefjax.models.stack import ForwardOut, fold, forward_tail, kv_state, step_inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +58,7 @@ class Gemma3Config:
     eos_ids: tuple[int, ...] = (1,)
     name: str = "gemma3"
 
-    family = FAMILY
+    family = "gemma3"
 
     def __post_init__(self):
         if len(self.layer_types) != self.n_layers:
@@ -210,10 +207,11 @@ def param_shapes(cfg: Gemma3Config) -> dict[str, Any]:
     }
 
 
-def hf_names(cfg: Gemma3Config) -> dict[str, Any]:
+def hf_names(cfg: Gemma3Config, has=None) -> dict[str, Any]:
     """For each prefjax parameter: the HF tensor name (``{l}`` = layer) and a host transform.
 
-    The transform maps the HF tensor (torch Linear layout [out, in]) to prefjax's layout.
+    The transform maps the HF tensor (torch Linear layout [out, in]) to prefjax's layout. ``has`` (which
+    tensors a checkpoint holds) is not needed: Gemma-3 checkpoints name their tensors one way.
     """
     h, kv, hd, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
     lp = "model.layers.{l}."
@@ -267,9 +265,7 @@ def params_to_hf(cfg: Gemma3Config, params, *, dtype=np.float32):
                "blocks/v": lambda w: w.reshape(d, kv * hd).T, "blocks/o": lambda w: w.reshape(h * hd, d).T,
                "blocks/gate": lambda w: w.T, "blocks/up": lambda w: w.T, "blocks/down": lambda w: w.T}
     for path, (template, _) in hf_names(cfg).items():
-        node = params
-        for part in path.split("/"):
-            node = node[part]
+        node = get_path(params, path)
         inv = inverse.get(path, lambda w: w)
         if path.startswith("blocks/"):
             for l in range(cfg.n_layers):
@@ -349,12 +345,13 @@ def unembed(cfg: Gemma3Config, params, h_BxKxD):
 
 
 def forward(cfg: Gemma3Config, params, tokens_BxT, valid_BxT, *, capture, pos_BxK=None, intervene=None,
-            unroll=False, state=None, start=0, pos_ids_BxT=None, is_prompt=True, logits=True):
+            unroll=False, state=None, start=0, pos_ids_BxT=None, is_prompt=True, logits=True) -> ForwardOut:
     """One pass over ``tokens_BxT`` (prefill, or a decode step when ``state`` is a KV cache).
 
     ``valid_BxT`` is 1 on real tokens, 0 on left padding. With ``state`` (a dict ``k``/``v`` of
     [L, B, S, K, H] plus ``valid`` [B, S]) the tokens are written at slots ``start .. start+T-1``.
-    Returns ``(logits [B, K|T, V] or None, captured dict, final-normed h, new_state)``.
+    Returns a :class:`~prefjax.models.stack.ForwardOut` ``(logits [B, K|T, V] or None, captured dict,
+    final-normed h, new_state)``.
     """
     si = step_inputs(valid_BxT, state=state, start=start, pos_ids_BxT=pos_ids_BxT, is_prompt=is_prompt)
     x = embed(cfg, params, tokens_BxT)
@@ -363,11 +360,10 @@ def forward(cfg: Gemma3Config, params, tokens_BxT, valid_BxT, *, capture, pos_Bx
     x, captured, layer_state = fold(block, params["blocks"], x, n_layers=cfg.n_layers, aux=aux,
                                     state=si.layer_state, capture=capture, pos_BxK=pos_BxK,
                                     intervene=intervene, ctx=si.ctx, unroll=unroll)
-    h = gather_positions(x, pos_BxK)
-    h = L.rms_norm(h, params["final_norm"], cfg.rms_eps, plus_one=True)
-    if capture.final:
-        captured["ln_final.hook_normalized"] = h
-    return (unembed(cfg, params, h) if logits else None), captured, h, next_state(state, si, layer_state)
+    return forward_tail(x, captured, pos_BxK=pos_BxK, capture=capture,
+                        final_norm=lambda h: L.rms_norm(h, params["final_norm"], cfg.rms_eps, plus_one=True),
+                        unembed=(lambda h: unembed(cfg, params, h)) if logits else None,
+                        state=state, inputs=si, layer_state=layer_state)
 
 
 def init_state(cfg: Gemma3Config, batch: int, max_len: int, dtype) -> dict[str, Any]:
@@ -384,26 +380,8 @@ def init_params(cfg: Gemma3Config, key, dtype=jnp.float32, scale: float = 0.02) 
     return random_params(param_shapes(cfg), key, dtype, scale)
 
 
-def random_params(shapes: dict[str, Any], key, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Any]:
-    """Random pytree for a ``param_shapes`` table (shared by every family)."""
-    dtype = jnp.dtype(dtype)
-    out: dict[str, Any] = {}
-    keys = jax.random.split(key, len(shapes))
-    for k_, (name, (shape, axes)) in zip(keys, shapes.items()):
-        s = 0.1 if "norm" in axes else scale
-        if axes and axes[0] == "layers":
-            arr = _layerwise_normal(k_, tuple(shape), dtype, s)
-        else:
-            arr = (jax.random.normal(k_, shape, dtype) * jnp.asarray(s, dtype))
-        node = out
-        parts = name.split("/")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = arr
-    return out
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _layerwise_normal(key, shape, dtype, s):
-    keys = jax.random.split(key, shape[0])
-    return jax.lax.map(lambda k: jax.random.normal(k, shape[1:], dtype) * jnp.asarray(s, dtype), keys)
+FAMILY = Family(
+    name="gemma3", presets=PRESETS, config_from_hf=config_from_hf, hf_config=hf_config, param_shapes=param_shapes,
+    hf_names=hf_names, hf_prefixes=HF_PREFIXES, hf_skip_prefixes=HF_SKIP_PREFIXES, init_params=init_params,
+    init_state=init_state, forward_fn=forward, embed=embed, unembed=unembed,
+    supports_lora=True)  # forward reads params["blocks"]["lora"] (PEFT adapters applied on the fly)

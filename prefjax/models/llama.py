@@ -21,7 +21,7 @@ block, so the base weights are shared between personas and never copied.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefjax.checkpoints.hf import check_hf_fields as _check_hf_fields
-from prefjax.models import layers as L
-from prefjax.models.stack import fold, gather_positions, kv_state, next_state, step_inputs
+from safetensors import safe_open
 
-FAMILY = "llama"
-SUPPORTS_LORA = True  # forward() reads params["blocks"]["lora"]
+from prefjax.checkpoints import hf as HF
+from prefjax.models import layers as L
+from prefjax.models.family import Family, random_params
+from prefjax.models.stack import ForwardOut, fold, forward_tail, kv_state, step_inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +122,7 @@ _HANDLED = {
 
 def check_hf_fields(hf: dict[str, Any], *, pinned: dict[str, Any], extra_handled=(), source: str, port: str):
     """The shared field check (:func:`prefjax.checkpoints.hf.check_hf_fields`) with the Llama-family fields."""
-    _check_hf_fields(hf, handled=_HANDLED | set(extra_handled), pinned=pinned, ignored=HF_IGNORED, source=source,
+    HF.check_hf_fields(hf, handled=_HANDLED | set(extra_handled), pinned=pinned, ignored=HF_IGNORED, source=source,
                      port=port)
 
 
@@ -174,13 +174,11 @@ def checkpoint_has_lm_head(source: str) -> bool | None:
         return None
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        import json
         names = json.loads(index.read_text()).get("weight_map", {})
         return any(n.endswith("lm_head.weight") for n in names)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
-    from safetensors import safe_open
     for f in files:
         with safe_open(str(f), framework="numpy") as fh:
             if any(n.endswith("lm_head.weight") for n in fh.keys()):
@@ -260,10 +258,11 @@ LINEAR_MODULES = {
 }
 
 
-def hf_names(cfg: LlamaConfig) -> dict[str, Any]:
+def hf_names(cfg: LlamaConfig, has=None) -> dict[str, Any]:
     """For each prefjax parameter: the HF tensor name (``{l}`` = layer) and a host transform.
 
-    The transform maps the HF tensor (torch Linear layout [out, in]) to prefjax's layout.
+    The transform maps the HF tensor (torch Linear layout [out, in]) to prefjax's layout. ``has`` (which
+    tensors a checkpoint holds) is not needed: the names are fixed by the config.
     """
     h, kv, hd, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
     lp = "model.layers.{l}."
@@ -349,13 +348,14 @@ def unembed(cfg: LlamaConfig, params, h_BxKxD):
 
 
 def forward(cfg: LlamaConfig, params, tokens_BxT, valid_BxT, *, capture, pos_BxK=None, intervene=None,
-            unroll=False, state=None, start=0, pos_ids_BxT=None, is_prompt=True, logits=True):
+            unroll=False, state=None, start=0, pos_ids_BxT=None, is_prompt=True, logits=True) -> ForwardOut:
     """One pass over ``tokens_BxT`` (prefill, or a decode step when ``state`` is a KV cache).
 
     ``valid_BxT`` is 1 on real tokens, 0 on left padding; positions default to the count of real
     tokens before each one (so left padding does not shift RoPE). With ``state`` (a dict ``k``/``v``
     of [L, B, S, K, H] plus ``valid`` [B, S]) the tokens are written at slots ``start .. start+T-1``.
-    Returns ``(logits [B, K|T, V] or None, captured dict, final-normed h, new_state)``.
+    Returns a :class:`~prefjax.models.stack.ForwardOut` ``(logits [B, K|T, V] or None, captured dict,
+    final-normed h, new_state)``.
     """
     si = step_inputs(valid_BxT, state=state, start=start, pos_ids_BxT=pos_ids_BxT, is_prompt=is_prompt)
     x = embed(cfg, params, tokens_BxT)
@@ -364,11 +364,11 @@ def forward(cfg: LlamaConfig, params, tokens_BxT, valid_BxT, *, capture, pos_BxK
     x, captured, layer_state = fold(block, params["blocks"], x, n_layers=cfg.n_layers, aux=None,
                                     state=si.layer_state, capture=capture, pos_BxK=pos_BxK,
                                     intervene=intervene, ctx=si.ctx, unroll=unroll)
-    h = gather_positions(x, pos_BxK)
-    h = L.rms_norm(h, params["final_norm"], cfg.rms_eps, plus_one=False, cast_before_weight=True)
-    if capture.final:
-        captured["ln_final.hook_normalized"] = h
-    return (unembed(cfg, params, h) if logits else None), captured, h, next_state(state, si, layer_state)
+    return forward_tail(x, captured, pos_BxK=pos_BxK, capture=capture,
+                        final_norm=lambda h: L.rms_norm(h, params["final_norm"], cfg.rms_eps, plus_one=False,
+                                                        cast_before_weight=True),
+                        unembed=(lambda h: unembed(cfg, params, h)) if logits else None,
+                        state=state, inputs=si, layer_state=layer_state)
 
 
 def init_state(cfg: LlamaConfig, batch: int, max_len: int, dtype) -> dict[str, Any]:
@@ -377,24 +377,12 @@ def init_state(cfg: LlamaConfig, batch: int, max_len: int, dtype) -> dict[str, A
 
 
 def init_params(cfg: LlamaConfig, key, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Any]:
-    """Random parameters: normal * scale for matrices, 1 + small normal for norm weights (one jit)."""
-    return _init_jit(cfg, key, jnp.dtype(dtype), float(scale))
+    """Random parameters (:func:`prefjax.models.family.random_params`): normal * scale for matrices,
+    1 + normal * 0.1 for norm weights (Llama's norms multiply by ``w``, not ``1 + w``)."""
+    return random_params(param_shapes(cfg), key, dtype, scale, norm_offset=1.0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _init_jit(cfg, key, dtype, scale):
-    out: dict[str, Any] = {"blocks": {}}
-    shapes = param_shapes(cfg)
-    # RngBitGenerator keys: XLA compiles them far faster than threefry's unrolled rounds.
-    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    rkey = jax.random.wrap_key_data(jnp.tile(data.astype(jnp.uint32).reshape(-1)[:2], 2), impl="rbg")
-    keys = jax.random.split(rkey, len(shapes))
-    for k_, (name, (shape, axes)) in zip(keys, shapes.items()):
-        z = jax.random.normal(k_, shape, jnp.float32)
-        arr = (1.0 + 0.1 * z) if "norm" in axes else z * scale
-        arr = arr.astype(dtype)
-        if name.startswith("blocks/"):
-            out["blocks"][name.split("/", 1)[1]] = arr
-        else:
-            out[name] = arr
-    return out
+FAMILY = Family(
+    name="llama", presets=PRESETS, config_from_hf=config_from_hf, param_shapes=param_shapes, hf_names=hf_names,
+    hf_prefixes=HF_PREFIXES, hf_skip_prefixes=HF_SKIP_PREFIXES, init_params=init_params, init_state=init_state,
+    forward_fn=forward, embed=embed, unembed=unembed, supports_lora=True)  # forward reads params["blocks"]["lora"]
