@@ -28,6 +28,36 @@ from prefjax.checkpoints.hf import nest_paths
 from prefjax.models.stack import ForwardOut
 
 
+@dataclasses.dataclass(frozen=True)
+class DecoderShape:
+    """The fields every family's config starts with (``Model``, generation and steering read them).
+
+    Family configs are frozen dataclasses deriving from this one, so they hash and serve as static
+    arguments; each adds its own fields and calls :meth:`check_shape` from ``__post_init__``.
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+    def check_shape(self, *, activation: str, activations, layer_types=None, allowed_layer_types=()) -> None:
+        """Refuse a config whose heads do not group, whose activation the port lacks (``activations``:
+        the supported names) or whose ``layer_types`` are of the wrong length or kind."""
+        if layer_types is not None:
+            if len(layer_types) != self.n_layers:
+                raise ValueError(f"layer_types has {len(layer_types)} entries for {self.n_layers} layers")
+            bad = set(layer_types) - set(allowed_layer_types)
+            if bad:
+                raise ValueError(f"unknown layer_types {sorted(bad)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if activation not in activations:
+            raise ValueError(f"hidden_activation {activation!r} is not supported")
+
+
 class ModelFamily(Protocol):
     """The surface a model family offers (what :class:`Family` holds). Signatures:
 

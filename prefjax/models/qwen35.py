@@ -41,25 +41,19 @@ from prefjax.models import deltanet as DN
 from prefjax.models import layers as L
 from prefjax.models import moe as M
 from prefjax.models import moe_pallas as MP
-from prefjax.models.family import Family, random_params
+from prefjax.models.family import DecoderShape, Family, random_params
 from prefjax.models.stack import ForwardOut, fold, forward_tail, step_inputs
 
 LINEAR, FULL = "linear_attention", "full_attention"
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen35Config:
+class Qwen35Config(DecoderShape):
     """Frozen model configuration (prefjax field names; :func:`config_from_hf` maps HF's).
 
     ``n_experts == 0`` is the dense ``qwen3_5`` model (SwiGLU MLP of width ``d_ff``).
     """
 
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
     layer_types: tuple[str, ...]
     lin_n_k_heads: int
     lin_n_v_heads: int
@@ -87,18 +81,11 @@ class Qwen35Config:
     family = "qwen35"
 
     def __post_init__(self):
-        if len(self.layer_types) != self.n_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
-        bad = set(self.layer_types) - {LINEAR, FULL}
-        if bad:
-            raise ValueError(f"unknown layer_types {sorted(bad)}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        self.check_shape(activation=self.hidden_activation, activations=L.ACTIVATIONS, layer_types=self.layer_types,
+                         allowed_layer_types=(LINEAR, FULL))
         if self.lin_n_v_heads % self.lin_n_k_heads:
             raise ValueError(f"lin_n_v_heads={self.lin_n_v_heads} is not a multiple of "
                              f"lin_n_k_heads={self.lin_n_k_heads}")
-        if self.hidden_activation not in L.ACTIVATIONS:
-            raise ValueError(f"hidden_activation {self.hidden_activation!r} is not supported")
         if self.moe_impl not in M.IMPLS:
             raise ValueError(f"moe_impl must be one of {sorted(M.IMPLS)}, got {self.moe_impl!r}")
         if self.n_experts:
@@ -516,13 +503,8 @@ def attention_mixer(cfg: Qwen35Config, p, h_BxTxD, cos, sin, mask, st=None, star
     v = jnp.einsum("btd,dkh->btkh", h_BxTxD, p["v"])
     q, k = _norm(cfg, q, p["q_norm"]), _norm(cfg, k, p["k_norm"])
     q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
-    new = None
-    if st is not None:
-        k_all = jax.lax.dynamic_update_slice_in_dim(st["k"], k.astype(st["k"].dtype), start, axis=1)
-        v_all = jax.lax.dynamic_update_slice_in_dim(st["v"], v.astype(st["v"].dtype), start, axis=1)
-        new = {"k": k_all, "v": v_all}
-        k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-    o = L.dot_attention(q, k, v, mask, cfg.head_dim ** -0.5)
+    k, v, new = L.write_kv(st, k, v, start)
+    o = L.dot_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.head_dim ** -0.5)
     o = o * jax.nn.sigmoid(gate)
     return jnp.einsum("btnh,nhd->btd", o, p["o"]), new
 
