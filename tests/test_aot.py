@@ -113,14 +113,15 @@ def test_moe_on_tpu_never_picks_triton_and_grouped_drops_other_rows():
     from jax.sharding import Mesh
 
     from prefjax.models import moe as M
+    from prefjax.models import moe_layout as ML
     from prefjax.models import qwen35
     import dataclasses
     cfg = dataclasses.replace(qwen35.PRESETS["qwen35-moe-tiny"], moe_impl="pallas")
     sl = aot.tpu_slice("v5e:2x2")
     with jax.set_mesh(Mesh(np.array(sl.devices), ("expert",))):
-        assert M.target_platform() == "tpu"
+        assert ML.target_platform() == "tpu"
         assert qwen35.moe_impl(cfg) == "grouped"
-    assert M.target_platform() == jax.default_backend()
+    assert ML.target_platform() == jax.default_backend()
     # grouped with a validity mask equals the dense reference restricted to the valid rows
     rng = np.random.default_rng(0)
     n, d, f, e, k = 12, 8, 6, 5, 2

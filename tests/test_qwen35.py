@@ -30,6 +30,7 @@ import prefjax  # noqa: E402
 from prefjax.hooks import BLOCK_POINTS, FINAL_HOOK, CaptureSpec, hook_name  # noqa: E402
 from prefjax.models import deltanet as DN  # noqa: E402
 from prefjax.models import moe as M  # noqa: E402
+from prefjax.models import moe_layout as ML  # noqa: E402
 from prefjax.models import moe_pallas as MP  # noqa: E402
 from prefjax.models import qwen35 as Q  # noqa: E402
 
@@ -285,7 +286,7 @@ def test_moe_dense_and_grouped_agree(moe_model):
     # the block bound is tight: 6 rows on 6 distinct experts of 64 need (and get) exactly 6 blocks,
     # every row gets its own slot, and an expert's block is its own
     few_i = jnp.arange(6, dtype=jnp.int32).reshape(3, 2) * 7
-    lay = M.block_layout(jnp.full((3, 2), 0.5), few_i, 64, 16)
+    lay = ML.block_layout(jnp.full((3, 2), 0.5), few_i, 64, 16)
     assert lay.n_blocks == 6 and int(lay.n_used) == 6
     placed = np.asarray(lay.src)[np.asarray(lay.src) < 6]
     assert sorted(placed.tolist()) == list(range(6))
@@ -295,7 +296,7 @@ def test_moe_dense_and_grouped_agree(moe_model):
     want = M.experts_dense(x, jnp.where(valid, w, 0), i, gate, up, down)
     for impl in ("blocked", "pallas", "dense", "grouped"):
         assert rel(M.run_experts(impl, x, w, i, (gate, up, down), jax.nn.silu, valid_NxK=valid), want) <= TOL, impl
-    lay = M.block_layout(w, i, e, 4, valid_NxK=valid)
+    lay = ML.block_layout(w, i, e, 4, valid_NxK=valid)
     assert int((np.asarray(lay.src) < n * k).sum()) == int(valid.sum())
     # whole model: moe_impl="dense" gives the same logits as the default grouped path
     ids = np.random.RandomState(4).randint(0, TEXT["vocab_size"], (2, 30))

@@ -40,6 +40,7 @@ from prefjax.checkpoints.hf import CheckpointError, HFMulti, check_hf_fields
 from prefjax.models import deltanet as DN
 from prefjax.models import layers as L
 from prefjax.models import moe as M
+from prefjax.models import moe_layout as ML
 from prefjax.models import moe_pallas as MP
 from prefjax.models.family import DecoderShape, Family, random_params
 from prefjax.models.stack import ForwardOut, fold, forward_tail, step_inputs
@@ -510,7 +511,7 @@ def attention_mixer(cfg: Qwen35Config, p, h_BxTxD, cos, sin, mask, st=None, star
 
 
 def moe_impl(cfg: Qwen35Config) -> str:
-    """The expert path to run, chosen by the platform the trace targets (:func:`prefjax.models.moe.target_platform`:
+    """The expert path to run, chosen by the platform the trace targets (:func:`prefjax.models.moe_layout.target_platform`:
     the mesh's under ``jax.set_mesh``, so an ahead-of-time compile for a TPU slice from a CPU host picks the TPU
     path): ``cfg.moe_impl``, except that
 
@@ -519,7 +520,7 @@ def moe_impl(cfg: Qwen35Config) -> str:
       get the partitionable "blocked" path, since a Pallas call on sharded weights would gather them whole;
     * on TPUs "pallas" (Triton, GPU-only) means "grouped": ``ragged_dot`` lowers to the TPU's native grouped
       matmul there (only the routed rows are multiplied; checked in tests/test_aot.py)."""
-    platform = M.target_platform()
+    platform = ML.target_platform()
     if cfg.moe_impl == "grouped" and platform == "gpu":
         if jax.device_count() > 1 and jax.sharding.get_abstract_mesh().empty:
             return "blocked"
