@@ -459,11 +459,9 @@ class ModelPrograms:
     def __init__(self, fam, mcfg, dtype, mesh, *, strict: bool = True, where: str = ""):
         import jax.numpy as jnp
 
-        from prefjax.model import register_family
         self.fam, self.mcfg, self.mesh = fam, mcfg, mesh
         self.dtype = jnp.dtype(dtype)
         self.strict, self.where = strict, where
-        register_family(fam)
         self._params: dict = {}
         self.notes: list[str] = []
         param_structs(fam, mcfg, self.dtype, mesh, strict=strict, where=where)  # check divisibility now
@@ -540,13 +538,13 @@ class ModelPrograms:
         spec = H.CaptureSpec.from_names([H.hook_name(l, "hook_resid_post") for l in capture], mcfg.n_layers)
         iv = None if steer_layer is None else self.steer(mcfg, batch, seq, steer_layer)
         with mesh_context(self.mesh):
-            lowered = model_mod._run_jit.lower(params, tokens, valid, pos, iv, family_name=self.fam.FAMILY, cfg=mcfg,
+            lowered = model_mod._run_jit.lower(params, tokens, valid, pos, iv, family=self.fam, cfg=mcfg,
                                                spec=spec, unroll=unroll, want_logits=logits)
         return lowered, {**_named_params(params), "tokens": tokens}
 
     def _gen_static(self, mcfg, n_new, greedy, top_k, use_top_p):
         from prefjax import hooks as H
-        return dict(family_name=self.fam.FAMILY, cfg=mcfg, spec=H.CaptureSpec.from_names((), mcfg.n_layers),
+        return dict(family=self.fam, cfg=mcfg, spec=H.CaptureSpec.from_names((), mcfg.n_layers),
                     n_new=int(n_new), greedy=bool(greedy), top_k=0 if greedy else int(top_k),
                     use_top_p=bool(use_top_p), state_dtype=self.dtype, mesh=self.mesh)
 
@@ -938,7 +936,7 @@ def check_run(cfg, topology: str, *, mesh: Mapping[str, int] | None = None, task
     m = slice_mesh(sl, shape)
     preset = cfg.model.preset or cfg.model.name
     fam = family_for_preset(preset)
-    mcfg = fam.PRESETS[preset]
+    mcfg = fam.presets[preset]
     dtype = resolve_dtype(cfg.model.dtype or "float32") or jnp.float32
     where = f"topology {sl.name}: "
     mp = ModelPrograms(fam, mcfg, dtype, m, strict=strict, where=where)
@@ -1028,7 +1026,7 @@ def check_run(cfg, topology: str, *, mesh: Mapping[str, int] | None = None, task
                     res.notes.append(f"layer-cost variants failed ({type(e).__name__}: {str(e)[:200]}); "
                                      "cost counts the layer loop once")
             res.roofline_s = roofline(res.flops, res.bytes_accessed, sl.chip)
-            if fam.FAMILY == "qwen35" and getattr(mcfg, "is_moe", False) and kind in ("prefill", "decode"):
+            if fam.name == "qwen35" and getattr(mcfg, "is_moe", False) and kind in ("prefill", "decode"):
                 _check_moe(res, raw_flops, mcfg, tokens, m)
         res.stage, res.kind, res.tokens = stage, kind, tokens
         results.append(res)

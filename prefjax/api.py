@@ -6,9 +6,10 @@ from pathlib import Path
 
 import jax
 
-from prefjax.checkpoints.hf import CheckpointError, load_params, read_config, resolve_dtype
+from prefjax.checkpoints.hf import CheckpointError, load_params, nest_paths, read_config, resolve_dtype
 from prefjax.model import Model
 from prefjax.models import family_for_model_type, family_for_preset
+from prefjax.sharding import named
 
 # Presets backed by real weights (everything else named like a preset is random-init).
 REAL_PRESETS = {"gemma3-270m": "packaged-gguf"}
@@ -41,7 +42,7 @@ def load(source: str | Path, *, dtype=None, mesh=None, adapter=None, merge: bool
                                 "a .gguf file, or a preset name)")
     else:
         fam = family_for_preset(src)
-        cfg = fam.PRESETS[src]
+        cfg = fam.presets[src]
         init = lambda key: fam.init_params(cfg, key, dtype=dt or "float32")
         # jitted either way (same numbers with and without a mesh); with one, drawn straight into
         # their shards, so a 122B preset never sits whole on one device
@@ -61,15 +62,7 @@ def load(source: str | Path, *, dtype=None, mesh=None, adapter=None, merge: bool
 
 def sharding_tree(shapes, mesh):
     """Nested dict of ``NamedSharding`` for ``{"a/b": (shape, logical axes)}`` on ``mesh``."""
-    from prefjax.sharding import named
-    out: dict = {}
-    for path, (shape, axes) in shapes.items():
-        parts = path.split("/")
-        tgt = out
-        for p in parts[:-1]:
-            tgt = tgt.setdefault(p, {})
-        tgt[parts[-1]] = named(shape, axes, mesh)
-    return out
+    return nest_paths({path: named(shape, axes, mesh) for path, (shape, axes) in shapes.items()})
 
 
 def _load_hf_dir(folder: Path, *, dtype, mesh) -> Model:

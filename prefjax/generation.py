@@ -1,7 +1,8 @@
 """Text generation: batched left-padded prefill, then KV-cache decode under jit.
 
-Only ``model.family.forward`` and ``model.family.init_state`` are used, so every family with the
-shared signature (Gemma-3, Qwen-3.5, Llama, ...) works unchanged.
+Only ``model.family.forward`` and ``model.family.init_state`` are used (the family contract,
+:class:`prefjax.models.family.ModelFamily`; the family is a static argument of the compiled
+programs), so every family (Gemma-3, Qwen-3.5, Llama, ...) works unchanged.
 
 Design (see :func:`generate`):
 
@@ -40,6 +41,7 @@ import numpy as np
 
 from prefjax import hooks as H
 from prefjax.model import auto_unroll, check_prefix_rows, common_prefix_len, extend_kv_state
+from prefjax.models.family import Family
 from prefjax.models.stack import unstack_layers
 from prefjax.sharding import batch_axes, batch_multiple, batch_sharding, mesh_context
 
@@ -130,7 +132,7 @@ def per_layer_cache(state, n_layers: int, unroll: bool | None = None):
 # --------------------------------------------------------------------------------------------
 # The compiled core.
 
-_STATIC = ("family_name", "cfg", "spec", "n_new", "greedy", "top_k", "use_top_p", "state_dtype",
+_STATIC = ("family", "cfg", "spec", "n_new", "greedy", "top_k", "use_top_p", "state_dtype",
            "mesh")
 
 
@@ -161,8 +163,8 @@ def _prefix_len(prefix_state) -> int:
     return 0 if prefix_state is None else prefix_state["valid"].shape[1]
 
 
-def _prefill(fam, cfg, params, tokens_BxP, valid_BxP, intervene, spec, state_dtype, n_new, mesh, prefix_state=None,
-             rows_B=None):
+def _prefill(fam: Family, cfg, params, tokens_BxP, valid_BxP, intervene, spec, state_dtype, n_new, mesh,
+             prefix_state=None, rows_B=None):
     b, p = tokens_BxP.shape
     if prefix_state is None:
         state = fam.init_state(cfg, b, p + n_new, state_dtype)
@@ -176,7 +178,7 @@ def _prefill(fam, cfg, params, tokens_BxP, valid_BxP, intervene, spec, state_dty
     return logits[:, 0], captured, state
 
 
-def _decode_step(fam, cfg, params, tok_B, state, start, intervene, spec):
+def _decode_step(fam: Family, cfg, params, tok_B, state, start, intervene, spec):
     b = tok_B.shape[0]
     logits, captured, _, state = fam.forward(cfg, params, tok_B[:, None], jnp.ones((b, 1), bool),
                                              capture=spec, intervene=intervene, state=state, start=start,
@@ -193,14 +195,12 @@ def _init_carry(spec, captured, b, n_new, tok0, stop_K, d_dtype):
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate_while(params, tokens_BxP, valid_BxP, keys_Bx2, temperature, top_p, stop_K, intervene, prefix_state,
-                    rows_B, *, family_name, cfg, spec, n_new, greedy, top_k, use_top_p, state_dtype, mesh):
-    from prefjax.model import _FAMILIES
-    fam = _FAMILIES[family_name]
+                    rows_B, *, family, cfg, spec, n_new, greedy, top_k, use_top_p, state_dtype, mesh):
     b, p = tokens_BxP.shape
     p = p + _prefix_len(prefix_state)  # slot of the first new token
     samp = functools.partial(sample_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
                              top_k=top_k, use_top_p=use_top_p)
-    logits, captured, state = _prefill(fam, cfg, params, tokens_BxP, valid_BxP, intervene, spec, state_dtype,
+    logits, captured, state = _prefill(family, cfg, params, tokens_BxP, valid_BxP, intervene, spec, state_dtype,
                                        n_new, mesh, prefix_state, rows_B)
     tok0 = samp(logits, keys_Bx2, 0)
     out, bufs, fin = _init_carry(spec, captured, b, n_new, tok0, stop_K, None)
@@ -211,7 +211,7 @@ def _generate_while(params, tokens_BxP, valid_BxP, keys_Bx2, temperature, top_p,
 
     def body(c):
         i, state, out, bufs, fin, prev = c
-        logits, cap, state = _decode_step(fam, cfg, params, prev, state, p + i - 1, intervene, spec)
+        logits, cap, state = _decode_step(family, cfg, params, prev, state, p + i - 1, intervene, spec)
         tok = samp(logits, keys_Bx2, i)
         out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(fin, -1, tok)[:, None], i, axis=1)
         bufs = {k: jax.lax.dynamic_update_slice_in_dim(v, cap[k].astype(v.dtype), i, axis=1)
@@ -226,11 +226,9 @@ def _generate_while(params, tokens_BxP, valid_BxP, keys_Bx2, temperature, top_p,
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _python_prefill(params, tokens_BxP, valid_BxP, keys_Bx2, temperature, top_p, stop_K, intervene, prefix_state,
-                    rows_B, *, family_name, cfg, spec, n_new, greedy, top_k, use_top_p, state_dtype, mesh):
-    from prefjax.model import _FAMILIES
-    fam = _FAMILIES[family_name]
+                    rows_B, *, family, cfg, spec, n_new, greedy, top_k, use_top_p, state_dtype, mesh):
     b, _ = tokens_BxP.shape
-    logits, captured, state = _prefill(fam, cfg, params, tokens_BxP, valid_BxP, intervene, spec, state_dtype,
+    logits, captured, state = _prefill(family, cfg, params, tokens_BxP, valid_BxP, intervene, spec, state_dtype,
                                        n_new, mesh, prefix_state, rows_B)
     tok0 = sample_tokens(logits, keys_Bx2, 0, temperature, top_p, greedy=greedy, top_k=top_k,
                          use_top_p=use_top_p)
@@ -240,10 +238,8 @@ def _python_prefill(params, tokens_BxP, valid_BxP, keys_Bx2, temperature, top_p,
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnums=(1, 2, 3))
 def _python_step(params, state, out, bufs, fin, prev, i, p, keys_Bx2, temperature, top_p, stop_K, intervene,
-                 *, family_name, cfg, spec, n_new, greedy, top_k, use_top_p, state_dtype, mesh):
-    from prefjax.model import _FAMILIES
-    fam = _FAMILIES[family_name]
-    logits, cap, state = _decode_step(fam, cfg, params, prev, state, p + i - 1, intervene, spec)
+                 *, family, cfg, spec, n_new, greedy, top_k, use_top_p, state_dtype, mesh):
+    logits, cap, state = _decode_step(family, cfg, params, prev, state, p + i - 1, intervene, spec)
     tok = sample_tokens(logits, keys_Bx2, i, temperature, top_p, greedy=greedy, top_k=top_k,
                         use_top_p=use_top_p)
     out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(fin, -1, tok)[:, None], i, axis=1)
@@ -427,7 +423,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 1.0, t
     greedy = temperature == 0.0
     use_top_p = (not greedy) and top_p < 1.0
     params = model._params_for_run()
-    static = dict(family_name=model.family.FAMILY, cfg=model.config, spec=cap_spec, n_new=int(max_new_tokens),
+    static = dict(family=model.family, cfg=model.config, spec=cap_spec, n_new=int(max_new_tokens),
                   greedy=greedy, top_k=0 if greedy else top_k, use_top_p=use_top_p, state_dtype=model.dtype,
                   mesh=mesh)
 

@@ -185,7 +185,7 @@ def load_adapter(path, family, cfg, *, dtype=jnp.float32) -> LoraAdapter:
         raise AdapterError(f"{where}: r={r} must be positive")
     shapes = family.param_shapes(cfg)
     model_modules = {m for m in MODULES.values() if f"blocks/{m}" in shapes}
-    targets = _targets(acfg["target_modules"], where, model_modules, family.FAMILY)
+    targets = _targets(acfg["target_modules"], where, model_modules, family.name)
     n = cfg.n_layers
     ltt = acfg.get("layers_to_transform")
     if ltt is None:
@@ -215,7 +215,7 @@ def load_adapter(path, family, cfg, *, dtype=jnp.float32) -> LoraAdapter:
                                "(expected base_model.model.model.layers.<l>.<self_attn|mlp>.<module>.lora_<A|B>.weight)")
         l, _, module, ab = int(m.group(1)), m.group(2), m.group(3), m.group(4)
         if module not in MODULES:
-            raise AdapterError(f"{wstr}: tensor {name!r} targets module {module!r}, which the {family.FAMILY} "
+            raise AdapterError(f"{wstr}: tensor {name!r} targets module {module!r}, which the {family.name} "
                                "model lacks")
         if MODULES[module] not in targets:
             raise AdapterError(f"{wstr}: tensor {name!r} targets {module!r}, which is not in target_modules")
@@ -268,8 +268,7 @@ def load_adapter(path, family, cfg, *, dtype=jnp.float32) -> LoraAdapter:
         factors[t] = {"A": jnp.asarray(np.stack(a_list), dtype), "B": jnp.asarray(np.stack(b_list), dtype),
                       "scale": jnp.asarray(np.stack(s_list), jnp.float32)}
     return LoraAdapter(path=str(folder), r=r, alpha=alpha, use_rslora=rslora, targets=targets, layers=layers,
-                       factors=factors, family=family.FAMILY,
-                       on_the_fly=bool(getattr(family, "SUPPORTS_LORA", False)))
+                       factors=factors, family=family.name, on_the_fly=family.supports_lora)
 
 
 @jax.jit
@@ -306,9 +305,9 @@ def attach_adapter(model, adapter, *, merge: bool = False):
         return base
     if isinstance(adapter, LoraAdapter):
         ad = adapter
-        if ad.family != model.family.FAMILY:
+        if ad.family != model.family.name:
             raise AdapterError(f"adapter {ad.path!r} was prepared for family {ad.family!r}, "
-                               f"not {model.family.FAMILY!r}")
+                               f"not {model.family.name!r}")
         shapes = model.family.param_shapes(model.config)
         for t, f in ad.factors.items():
             w = shapes[f"blocks/{t}"][0]
@@ -321,5 +320,5 @@ def attach_adapter(model, adapter, *, merge: bool = False):
         return dataclasses.replace(model, params=merged, adapter=MergedAdapter(ad.path))
     if not ad.on_the_fly:
         log.warning("family %s has no on-the-fly LoRA path; adapter %s is merged at every run",
-                    model.family.FAMILY, ad.path)
+                    model.family.name, ad.path)
     return dataclasses.replace(model, adapter=ad)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefjax import hooks as H
+from prefjax.models.family import Family
 from prefjax.sharding import batch_sharding, mesh_context
 
 
@@ -40,36 +41,32 @@ def as_intervention(fn) -> jax.tree_util.Partial | None:
     return jax.tree_util.Partial(fn)
 
 
-@functools.partial(jax.jit, static_argnames=("family_name", "cfg", "spec", "unroll", "want_logits"))
-def _run_jit(params, tokens, valid, pos, intervene, *, family_name, cfg, spec, unroll, want_logits):
-    fam = _FAMILIES[family_name]
-    logits, captured, _, _ = fam.forward(cfg, params, tokens, valid, capture=spec, pos_BxK=pos,
-                                         intervene=intervene, unroll=unroll, logits=want_logits)
-    return logits, captured
+@functools.partial(jax.jit, static_argnames=("family", "cfg", "spec", "unroll", "want_logits"))
+def _run_jit(params, tokens, valid, pos, intervene, *, family: Family, cfg, spec, unroll, want_logits):
+    out = family.forward(cfg, params, tokens, valid, capture=spec, pos_BxK=pos, intervene=intervene, unroll=unroll,
+                         logits=want_logits)
+    return out.logits, out.captured
 
 
-@functools.partial(jax.jit, static_argnames=("family_name", "cfg", "spec", "unroll", "want_logits"))
-def _run_prefix_jit(params, prefix_state, rows, tokens, valid, pos, intervene, *, family_name, cfg, spec, unroll,
+@functools.partial(jax.jit, static_argnames=("family", "cfg", "spec", "unroll", "want_logits"))
+def _run_prefix_jit(params, prefix_state, rows, tokens, valid, pos, intervene, *, family: Family, cfg, spec, unroll,
                     want_logits):
-    fam = _FAMILIES[family_name]
     p = prefix_state["valid"].shape[1]
     state = extend_kv_state(prefix_state, rows, tokens.shape[1])
-    logits, captured, _, _ = fam.forward(cfg, params, tokens, valid, capture=spec, pos_BxK=pos, intervene=intervene,
-                                         state=state, start=p, is_prompt=True, unroll=unroll, logits=want_logits)
-    return logits, captured
+    out = family.forward(cfg, params, tokens, valid, capture=spec, pos_BxK=pos, intervene=intervene, state=state,
+                         start=p, is_prompt=True, unroll=unroll, logits=want_logits)
+    return out.logits, out.captured
 
 
-@functools.partial(jax.jit, static_argnames=("family_name", "cfg", "unroll", "dtype"))
-def _prefill_jit(params, prefix_state, rows, tokens, valid, intervene, *, family_name, cfg, unroll, dtype):
-    fam = _FAMILIES[family_name]
+@functools.partial(jax.jit, static_argnames=("family", "cfg", "unroll", "dtype"))
+def _prefill_jit(params, prefix_state, rows, tokens, valid, intervene, *, family: Family, cfg, unroll, dtype):
     b, t = tokens.shape
     if prefix_state is None:
-        state, p = fam.init_state(cfg, b, t, dtype), 0
+        state, p = family.init_state(cfg, b, t, dtype), 0
     else:
         state, p = extend_kv_state(prefix_state, rows, t), prefix_state["valid"].shape[1]
-    _, _, _, state = fam.forward(cfg, params, tokens, valid, capture=H.CaptureSpec(), pos_BxK=None, state=state,
-                                 start=p, is_prompt=True, intervene=intervene, unroll=unroll, logits=False)
-    return state
+    return family.forward(cfg, params, tokens, valid, capture=H.CaptureSpec(), pos_BxK=None, state=state, start=p,
+                          is_prompt=True, intervene=intervene, unroll=unroll, logits=False).state
 
 
 def extend_kv_state(state, rows_B, n_new: int):
@@ -125,18 +122,12 @@ class PrefixCache:
     contiguous: bool = True  # every row's real tokens end at the last slot, with no padding between them
 
 
-_FAMILIES: dict[str, Any] = {}
-
-
-def register_family(module) -> None:
-    _FAMILIES[module.FAMILY] = module
-
-
 @dataclasses.dataclass
 class Model:
-    """A loaded model. ``params`` is a pytree of (possibly sharded) ``jax.Array``."""
+    """A loaded model. ``params`` is a pytree of (possibly sharded) ``jax.Array``; ``family`` is its
+    :class:`prefjax.models.family.Family` (from :data:`prefjax.models.FAMILIES`)."""
 
-    family: Any
+    family: Family
     config: Any
     params: Any
     tokenizer: Any = None
@@ -145,7 +136,9 @@ class Model:
     adapter: Any = None
 
     def __post_init__(self):
-        register_family(self.family)
+        if not isinstance(self.family, Family):
+            raise TypeError(f"Model.family must be a prefjax.models.family.Family (e.g. prefjax.models.FAMILIES"
+                            f"['gemma3']), got {type(self.family).__name__}")
 
     @property
     def n_layers(self) -> int:
@@ -180,7 +173,7 @@ class Model:
     def prefix_ok(self) -> bool:
         """Whether :meth:`prefill` and ``run(prefix=...)`` work for this model: one device, and a decode
         state that is a plain KV cache (not a recurrent state)."""
-        return self.mesh is None and _plain_kv_state(self.family.FAMILY, self.config, self.dtype)
+        return self.mesh is None and self.family.plain_kv_state
 
     def fits_window(self, n_slots: int) -> bool:
         """Whether ``n_slots`` cache slots fit in the model's sliding window (always true without one).
@@ -212,7 +205,7 @@ class Model:
         iv = self._intervention(intervene, steer, b, t)
         state = _prefill_jit(self._params_for_run(), None if prefix is None else prefix.state, rows,
                              jnp.asarray(tokens.astype(np.int32)), jnp.asarray(valid), iv,
-                             family_name=self.family.FAMILY, cfg=self.config,
+                             family=self.family, cfg=self.config,
                              unroll=auto_unroll() if unroll is None else unroll, dtype=self.dtype)
         return PrefixCache(state=state, batch=b, length=t + (prefix.length if prefix is not None else 0),
                            contiguous=contiguous)
@@ -327,12 +320,12 @@ class Model:
             out_logits, captured = _run_prefix_jit(
                 self._params_for_run(), prefix.state, jnp.asarray(check_prefix_rows(prefix, prefix_rows, b)),
                 jnp.asarray(tokens.astype(np.int32)), jnp.asarray(valid), None if pos is None else jnp.asarray(pos),
-                iv, family_name=self.family.FAMILY, cfg=self.config, spec=spec, unroll=unroll, want_logits=logits)
+                iv, family=self.family, cfg=self.config, spec=spec, unroll=unroll, want_logits=logits)
             return out_logits, H.order_cache(spec, captured)
         with mesh_context(self.mesh):
             out_logits, captured = _run_jit(
                 self._params_for_run(), shard(tokens.astype(np.int32)), shard(valid),
-                None if pos is None else shard(pos), iv, family_name=self.family.FAMILY, cfg=self.config,
+                None if pos is None else shard(pos), iv, family=self.family, cfg=self.config,
                 spec=spec, unroll=unroll, want_logits=logits)
         return out_logits, H.order_cache(spec, captured)
 
@@ -361,12 +354,6 @@ def _right_padded(valid) -> bool:
     """Every row is 1...1 0...0 (real tokens at the start)."""
     v = np.asarray(valid, bool)
     return bool(np.all(v[:, 1:] <= v[:, :-1]))
-
-
-@functools.lru_cache(maxsize=None)
-def _plain_kv_state(family_name, cfg, dtype) -> bool:
-    shapes = jax.eval_shape(lambda: _FAMILIES[family_name].init_state(cfg, 1, 1, dtype))
-    return isinstance(shapes, dict) and set(shapes) == {"k", "v", "valid"}
 
 
 def check_prefix_rows(prefix: PrefixCache, rows, batch: int):

@@ -122,14 +122,15 @@ def test_moe_on_tpu_never_picks_triton_and_grouped_drops_other_rows():
     from jax.sharding import Mesh
 
     from prefjax.models import moe as M
+    from prefjax.models import moe_layout as ML
     from prefjax.models import qwen35
     import dataclasses
     cfg = dataclasses.replace(qwen35.PRESETS["qwen35-moe-tiny"], moe_impl="pallas")
     sl = aot.tpu_slice("v5e:2x2")
     with jax.set_mesh(Mesh(np.array(sl.devices), ("expert",))):
-        assert M.target_platform() == "tpu"
+        assert ML.target_platform() == "tpu"
         assert qwen35.moe_impl(cfg) == "grouped"
-    assert M.target_platform() == jax.default_backend()
+    assert ML.target_platform() == jax.default_backend()
     # grouped with a validity mask equals the dense reference restricted to the valid rows
     rng = np.random.default_rng(0)
     n, d, f, e, k = 12, 8, 6, 5, 2
@@ -158,7 +159,7 @@ def test_layer_loop_cost_extrapolation_matches_the_unrolled_program():
     mcfg = dataclasses.replace(gemma3.PRESETS["gemma3-tiny"], d_model=512, n_heads=8, n_kv_heads=4, head_dim=64,
                                d_ff=2048)
     assert aot.layer_groups(mcfg) == {"sliding_attention": 6, "full_attention": 1}
-    mp = aot.ModelPrograms(gemma3, mcfg, jnp.bfloat16, mesh)
+    mp = aot.ModelPrograms(gemma3.FAMILY, mcfg, jnp.bfloat16, mesh)
     builds = {"forward": lambda c, u: mp.forward(c, batch=8, seq=64, k_pos=1, capture=range(c.n_layers), unroll=u)[0],
               "decode": lambda c, u: mp.decode_step(c, batch=8, prompt_len=64, n_new=8, unroll=u)[0]}
     for name, build in builds.items():

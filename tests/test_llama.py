@@ -134,7 +134,7 @@ def llama_model(llama_dir):
 
 def test_config_and_rope_table(llama_dir, llama_model):
     cfg = llama_model.config
-    assert llama_model.family.FAMILY == "llama"
+    assert llama_model.family.name == "llama"
     assert (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_type) == (4, 2, 12, "llama3")
     hf32 = llama_dir[1].model.rotary_emb.inv_freq.numpy()
     hf64 = float64_copy(llama_dir[1]).model.rotary_emb.inv_freq.numpy()  # built in float64 throughout

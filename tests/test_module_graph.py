@@ -14,11 +14,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "prefjax")
 
-# The one circle left to the model-family contract (issue 14 item 4, prefjax/models/*): remove this
-# entry when moe.py and moe_pallas.py stop importing each other.
-KNOWN_CIRCLES = [{"prefjax.models.moe", "prefjax.models.moe_pallas"}]
-# Likewise the global family registry read by private name (issue 14 item 4 replaces it).
-KNOWN_PRIVATE = {("prefjax.generation", "prefjax.model._FAMILIES")}
+# No known exceptions: the moe <-> moe_pallas circle and the private family registry are gone.
+KNOWN_CIRCLES: list[set[str]] = []
+KNOWN_PRIVATE: set[tuple[str, str]] = set()
 # Modules that must have every import at their top (no function-level imports).
 TOP_IMPORTS_ONLY = ("prefjax.pipeline", "prefjax.runconfig", "prefjax.stages", "prefjax.baselines",
                     "prefjax.experiments.steering", "prefjax.experiments.patching",

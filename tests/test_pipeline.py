@@ -265,7 +265,7 @@ def test_big_model_rows_fit_their_mesh_and_layers(arg):
     from prefjax.runconfig import resolve_layers
     c = _load_config("probes", arg)
     fam = family_for_preset(c.model.preset)
-    cfg = fam.PRESETS[c.model.preset]
+    cfg = fam.presets[c.model.preset]
     shapes = jax.eval_shape(lambda k: fam.init_params(cfg, k, dtype=c.model.dtype), jax.random.PRNGKey(0))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
     layers = resolve_layers(c.activations.layers, cfg.n_layers)

@@ -46,7 +46,7 @@ def qwen_model(qwen_dir):
 
 def test_loaded_config(qwen_model):
     cfg = qwen_model.config
-    assert qwen_model.family.FAMILY == "qwen3"
+    assert qwen_model.family.name == "qwen3"
     assert cfg.qk_norm and not cfg.tie_embeddings and cfg.has_lm_head
     assert (cfg.head_dim, cfg.rope_base) == (16, 1_000_000.0)  # head_dim != d_model / n_heads
     assert "q_norm" in qwen_model.params["blocks"]
@@ -129,7 +129,7 @@ def test_config_refusals(field, value):
 def test_presets():
     e8 = qwen3.PRESETS["qwen3-embedding-8b"]
     assert not e8.has_lm_head and e8.qk_norm
-    shapes = jax.eval_shape(lambda k: qwen3.init_params(e8, k, jnp.bfloat16), jax.random.PRNGKey(0))
+    shapes = jax.eval_shape(lambda k: qwen3.FAMILY.init_params(e8, k, jnp.bfloat16), jax.random.PRNGKey(0))
     n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
     assert 7.5e9 < n < 7.6e9  # Qwen3-Embedding-8B: ~7.57B parameters without lm_head
     m = prefjax.load("qwen3-tiny")

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,9 +26,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import prefjax  # noqa: E402
 from prefjax.hooks import BLOCK_POINTS, FINAL_HOOK, CaptureSpec, hook_name  # noqa: E402
 from prefjax.models import deltanet as DN  # noqa: E402
 from prefjax.models import moe as M  # noqa: E402
+from prefjax.models import moe_layout as ML  # noqa: E402
 from prefjax.models import moe_pallas as MP  # noqa: E402
 from prefjax.models import qwen35 as Q  # noqa: E402
 
@@ -67,7 +70,7 @@ def moe_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def moe_model(moe_dir):
-    return Q.load_dir(moe_dir[0])
+    return prefjax.load(moe_dir[0])
 
 
 def hf_capture(m, ids, mask=None):
@@ -155,7 +158,7 @@ def test_dense_qwen35_matches_transformers(tmp_path):
     cfg = dict(TEXT, num_hidden_layers=4, intermediate_size=40)
     m = _perturb(Qwen3_5ForCausalLM(Qwen3_5TextConfig(**cfg)), seed=1)
     m.save_pretrained(tmp_path)
-    model = Q.load_dir(tmp_path)
+    model = prefjax.load(tmp_path)
     assert not model.config.is_moe and model.config.d_ff == 40
     ids = np.random.RandomState(1).randint(0, cfg["vocab_size"], (2, 70))
     assert_parity(pj_arrays(model, ids, all_hooks(4)), *hf_refs(m, ids))
@@ -172,7 +175,7 @@ def test_multimodal_checkpoint_layout(tmp_path):
     m.save_pretrained(tmp_path)
     hf_cfg = json.loads((tmp_path / "config.json").read_text())
     assert "text_config" in hf_cfg and hf_cfg["model_type"] == "qwen3_5_moe"
-    model = Q.load_dir(tmp_path)
+    model = prefjax.load(tmp_path)
     ids = np.random.RandomState(2).randint(0, text["vocab_size"], (1, 40))
     refs = []
     for mm in (m, float64_copy(m)):
@@ -199,15 +202,14 @@ def test_fused_expert_layout_loads_the_same(moe_dir, moe_model, tmp_path):
         fused[p + "down_proj"] = np.stack([tensors[p + f"{i}.down_proj.weight"] for i in range(e)])
     save_file(fused, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((src / "config.json").read_text())
-    model = Q.load_dir(tmp_path)
-    for path in ("blocks/experts_gate", "blocks/experts_up", "blocks/experts_down"):
-        a, b = path.split("/")
-        np.testing.assert_array_equal(np.asarray(model.params[a][b]), np.asarray(moe_model.params[a][b]))
+    model = prefjax.load(tmp_path)
+    # every parameter (not only the experts) equals the per-expert load: one loader, two layouts
+    chex.assert_trees_all_equal(model.params, moe_model.params)
     # a missing expert tensor is named
     del fused["model.layers.3.mlp.experts.down_proj"]
     save_file(fused, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="layers.3.mlp.experts.down_proj"):
-        Q.load_dir(tmp_path)
+        prefjax.load(tmp_path)
 
 
 def test_config_refuses_unknown_fields(moe_dir):
@@ -284,7 +286,7 @@ def test_moe_dense_and_grouped_agree(moe_model):
     # the block bound is tight: 6 rows on 6 distinct experts of 64 need (and get) exactly 6 blocks,
     # every row gets its own slot, and an expert's block is its own
     few_i = jnp.arange(6, dtype=jnp.int32).reshape(3, 2) * 7
-    lay = M.block_layout(jnp.full((3, 2), 0.5), few_i, 64, 16)
+    lay = ML.block_layout(jnp.full((3, 2), 0.5), few_i, 64, 16)
     assert lay.n_blocks == 6 and int(lay.n_used) == 6
     placed = np.asarray(lay.src)[np.asarray(lay.src) < 6]
     assert sorted(placed.tolist()) == list(range(6))
@@ -294,7 +296,7 @@ def test_moe_dense_and_grouped_agree(moe_model):
     want = M.experts_dense(x, jnp.where(valid, w, 0), i, gate, up, down)
     for impl in ("blocked", "pallas", "dense", "grouped"):
         assert rel(M.run_experts(impl, x, w, i, (gate, up, down), jax.nn.silu, valid_NxK=valid), want) <= TOL, impl
-    lay = M.block_layout(w, i, e, 4, valid_NxK=valid)
+    lay = ML.block_layout(w, i, e, 4, valid_NxK=valid)
     assert int((np.asarray(lay.src) < n * k).sum()) == int(valid.sum())
     # whole model: moe_impl="dense" gives the same logits as the default grouped path
     ids = np.random.RandomState(4).randint(0, TEXT["vocab_size"], (2, 30))
@@ -391,12 +393,13 @@ _SHARDED = textwrap.dedent("""
     jax.config.update("jax_default_matmul_precision", "highest")
     assert len(jax.devices()) == 8, jax.devices()
     from prefjax.sharding import make_mesh
+    import prefjax
     from prefjax.models import moe as M, qwen35 as Q
     calls = []
     ep = M.experts_parallel
     M.experts_parallel = lambda *a, **k: calls.append(k["impl"]) or ep(*a, **k)
     mesh = make_mesh({"data": 2, "tensor": 2, "expert": 2})
-    model = Q.load_dir(sys.argv[1], mesh=mesh)
+    model = prefjax.load(sys.argv[1], mesh=mesh)
     spec = model.params["blocks"]["experts_gate"].sharding.spec
     assert "expert" in str(spec) and "tensor" in str(spec), spec
     ids = np.load(sys.argv[2])

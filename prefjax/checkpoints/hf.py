@@ -1,14 +1,16 @@
 """Hugging Face checkpoint directories -> sharded prefjax parameters.
 
-Each model family declares ``param_shapes(cfg)`` (prefjax name -> shape, logical axes) and
-``hf_names(cfg)`` (prefjax name -> HF tensor name template with ``{l}`` for the layer, and a host
-transform to prefjax's layout). :func:`load_params` builds every parameter with
+Each model family declares ``param_shapes(cfg)`` (prefjax name -> shape, logical axes),
+``hf_names(cfg, has)`` (prefjax name -> HF tensor name template with ``{l}`` for the layer, or an
+:class:`HFMulti` of several tensors, and a host transform to prefjax's layout) and ``layer_rows``
+(which HF layers a stacked parameter holds). :func:`load_params` builds every parameter with
 ``jax.make_array_from_callback``: each device shard is filled from a memory-mapped read of the
 layers it holds, so no host ever holds the whole model, and nothing is cast or truncated silently.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -90,80 +92,118 @@ def find_prefix(src: TensorSource, probe: str, prefixes) -> str:
     raise CheckpointError(f"no tensor named like {probe!r} under any of the prefixes {list(prefixes)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class HFMulti:
+    """One prefjax row built from several HF tensors: ``combine([arrays in names order])`` (e.g. the
+    per-expert weights ``save_pretrained`` writes, stacked into one [experts, ...] row)."""
+
+    names: tuple[str, ...]
+    combine: Callable
+
+
+EMBED_TENSOR = "model.embed_tokens.weight"  # every family's embedding; finds the checkpoint's prefix
+
+
 def load_params(family, cfg, src: TensorSource, *, dtype=None, mesh=None, rules=DEFAULT_RULES,
                 where: str = "checkpoint", extra_skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Load every parameter of ``family`` (a model module) from ``src`` onto ``mesh``.
+    """Load every parameter of ``family`` (a :class:`prefjax.models.family.Family`) from ``src`` onto ``mesh``.
 
-    Raises :class:`CheckpointError` naming the tensor (and ``where``) when one is missing, has the
-    wrong shape, or when the checkpoint holds tensors the port would silently ignore.
+    The family declares ``param_shapes(cfg)`` (a leading ``layers`` axis marks a stacked parameter),
+    ``hf_names(cfg, has)`` (per parameter: an HF name template with ``{l}`` for the HF layer, or an
+    :class:`HFMulti`, plus a host transform; ``has(template)`` says whether the checkpoint holds a
+    tensor, for families whose names depend on how the checkpoint was written) and
+    ``layer_rows(cfg, path)`` (the HF layer of each row of a stacked parameter: every layer, or a
+    subset such as Qwen-3.5's attention layers). Every tensor's presence and shape is checked before
+    any array is built. Raises :class:`CheckpointError` naming the tensor (and ``where``) when one is
+    missing, has the wrong shape, or when the checkpoint holds tensors the port would silently ignore.
+    Each device shard reads only the rows it holds.
     """
-    if hasattr(family, "load_params"):  # families whose layers are not uniform (Qwen-3.5) load themselves
-        return family.load_params(cfg, src, dtype=dtype, mesh=mesh, rules=rules, where=where, extra_skip=extra_skip)
-    shapes = family.param_shapes(cfg)
-    names = family.hf_names(cfg)
-    prefix = find_prefix(src, names["embed"][0], family.HF_PREFIXES)
-    n = cfg.n_layers
-    consumed: set[str] = set()
     available = set(src.names())
-    if dtype is None:
-        emb_dtype = np.dtype(src.get(prefix + names["embed"][0][len("model."):]).dtype)
-        dtype = resolve_dtype(emb_dtype.name if emb_dtype.name in _FLOAT_DTYPES else "float32")
+    prefix = find_prefix(src, EMBED_TENSOR, family.hf_prefixes)
 
     def hf(template: str, l: int | None = None) -> str:
-        t = template if not template.startswith("model.") else prefix + template[len("model."):]
+        t = prefix + template[len("model."):] if template.startswith("model.") else template
         return t.format(l=l) if l is not None else t
 
+    shapes = family.param_shapes(cfg)
+    names = family.hf_names(cfg, lambda template: hf(template, 0) in available)
+    if dtype is None:
+        emb_dtype = np.dtype(src.get(hf(EMBED_TENSOR)).dtype)
+        dtype = resolve_dtype(emb_dtype.name if emb_dtype.name in _FLOAT_DTYPES else "float32")
+
+    def row_names(entry, l):
+        return [hf(t, l) for t in entry.names] if isinstance(entry, HFMulti) else [hf(entry, l)]
+
+    def build(entry, transform, arrays):
+        a = entry.combine(arrays) if isinstance(entry, HFMulti) else arrays[0]
+        return a if transform is None else transform(a)
+
     # Validate every tensor's presence and shape before any compute.
-    plan: dict[str, tuple[list[str], Callable | None, tuple[int, ...]]] = {}
+    plan: dict[str, tuple[Any, Callable | None, list[list[str]], bool]] = {}
+    consumed: set[str] = set()
     for path, (shape, axes) in shapes.items():
         if path not in names:
-            raise CheckpointError(f"{family.FAMILY}: no HF name for parameter {path}")
-        template, transform = names[path]
-        stacked = axes[0] == "layers"
-        tensor_names = [hf(template, l) for l in range(n)] if stacked else [hf(template)]
+            raise CheckpointError(f"{family.name}: no HF name for parameter {path}")
+        entry, transform = names[path]
+        stacked = bool(axes) and axes[0] == "layers"
+        rows = family.layer_rows(cfg, path) if stacked else (None,)
         target = tuple(shape[1:]) if stacked else tuple(shape)
-        for tn in tensor_names:
-            if tn not in available:
-                raise CheckpointError(f"{where}: tensor {tn!r} (for {path}) is missing")
-            got = tuple(src.shape(tn))
-            want = tuple(jax.eval_shape(transform, jax.ShapeDtypeStruct(got, jnp.float32)).shape) \
-                if transform is not None else got
+        row_tensors = [row_names(entry, l) for l in rows]
+        for tns in row_tensors:
+            for tn in tns:
+                if tn not in available:
+                    raise CheckpointError(f"{where}: tensor {tn!r} (for {path}) is missing")
+            got = [jax.ShapeDtypeStruct(tuple(src.shape(tn)), jnp.float32) for tn in tns]
+            want = tuple(jax.eval_shape(lambda *xs: build(entry, transform, list(xs)), *got).shape)
             if want != target:
-                raise CheckpointError(f"{where}: tensor {tn!r} has shape {got}, which gives {want} for {path}; "
-                                      f"the config implies {target}")
-        consumed.update(tensor_names)
-        plan[path] = (tensor_names, transform, shape)
+                raise CheckpointError(f"{where}: tensor(s) {tns[:2]} of shape {[g.shape for g in got[:2]]} give "
+                                      f"{want} for {path}; the config implies {target}")
+            consumed.update(tns)
+        plan[path] = (entry, transform, row_tensors, stacked)
 
-    leftovers = [t for t in available if t not in consumed
-                 and not any(t.startswith(s) for s in family.HF_SKIP_PREFIXES + tuple(extra_skip))]
+    skip = tuple(family.hf_skip_prefixes) + tuple(extra_skip)
+    leftovers = sorted(t for t in available if t not in consumed and not t.startswith(skip))
     if leftovers:
-        raise CheckpointError(f"{where}: {len(leftovers)} tensor(s) the {family.FAMILY} port would ignore, "
+        raise CheckpointError(f"{where}: {len(leftovers)} tensor(s) the {family.name} port would ignore, "
                               f"e.g. {leftovers[:5]}; refusing to load silently")
 
-    out: dict[str, Any] = {}
-    for path, (tensor_names, transform, shape) in plan.items():
-        axes = shapes[path][1]
+    def host(entry, transform, tensor_names):
+        return build(entry, transform, [np.asarray(src.get(tn)) for tn in tensor_names])
+
+    flat: dict[str, Any] = {}
+    for path, (entry, transform, row_tensors, stacked) in plan.items():
+        shape, axes = shapes[path]
         sharding = named(shape, axes, mesh, rules) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        stacked = axes[0] == "layers"
-
-        def host(tn, transform=transform):
-            a = np.asarray(src.get(tn))
-            return a if transform is None else transform(a)
-
         if stacked:
-            def cb(index, tensor_names=tensor_names, host=host):
-                rows = range(len(tensor_names))[index[0]]
-                return np.stack([np.asarray(host(tensor_names[l])[index[1:]]).astype(dtype) for l in rows])
+            def cb(index, entry=entry, transform=transform, row_tensors=row_tensors):
+                rows = range(len(row_tensors))[index[0]]
+                return np.stack([np.asarray(host(entry, transform, row_tensors[r])[index[1:]]).astype(dtype)
+                                 for r in rows])
         else:
-            def cb(index, tn=tensor_names[0], host=host):
-                return np.asarray(host(tn)[index]).astype(dtype)
-        arr = jax.make_array_from_callback(shape, sharding, cb)
-        assign_path(out, path, arr)
-    return out
+            def cb(index, entry=entry, transform=transform, row_tensors=row_tensors):
+                return np.asarray(host(entry, transform, row_tensors[0])[index]).astype(dtype)
+        flat[path] = jax.make_array_from_callback(shape, sharding, cb)
+    return nest_paths(flat)
 
 
-def assign_path(tree: dict, path: str, value):
+def assign_path(tree: dict, path: str, value) -> None:
+    """Set ``tree[a][b] = value`` for ``path = "a/b"``, creating the inner dicts."""
     parts = path.split("/")
     for p in parts[:-1]:
         tree = tree.setdefault(p, {})
     tree[parts[-1]] = value
+
+
+def nest_paths(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"a/b": x, "c": y}`` -> ``{"a": {"b": x}, "c": y}`` (keys in order)."""
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        assign_path(out, path, value)
+    return out
+
+
+def get_path(tree, path: str):
+    """``tree[a][b]`` for ``path = "a/b"``."""
+    for part in path.split("/"):
+        tree = tree[part]
+    return tree

@@ -1,56 +1,47 @@
-"""Model families. Each family module exposes the same small surface:
+"""Model families: the declared table of every family prefjax ports.
 
-``FAMILY``, ``PRESETS`` (frozen configs), ``config_from_hf(dict)``, ``param_shapes(cfg)``,
-``hf_names(cfg)``, ``HF_PREFIXES``, ``HF_SKIP_PREFIXES``, ``forward(cfg, params, tokens, valid, ...)``,
-``init_state(cfg, batch, max_len, dtype)`` and ``init_params(cfg, key, dtype)``.
+A family is a :class:`prefjax.models.family.Family` value (the contract is
+:class:`prefjax.models.family.ModelFamily`). :data:`FAMILIES` maps each family's name to it;
+:data:`MODEL_TYPES` maps an HF ``model_type`` to a family name. Both are built once, at import, and
+never change. A new family is a module that defines ``FAMILY = Family(...)``, plus one row in each
+table below.
 """
 
 from __future__ import annotations
 
-import importlib
+from types import MappingProxyType
 
-# HF model_type -> family module (imported lazily).
-MODEL_TYPES = {
-    "gemma3": "prefjax.models.gemma3",
-    "gemma3_text": "prefjax.models.gemma3",
-    "llama": "prefjax.models.llama",
-    "qwen3": "prefjax.models.qwen3",
-    "qwen3_5": "prefjax.models.qwen35",
-    "qwen3_5_text": "prefjax.models.qwen35",
-    "qwen3_5_moe": "prefjax.models.qwen35",
-    "qwen3_5_moe_text": "prefjax.models.qwen35",
-}
+from prefjax.models import gemma3, llama, qwen3, qwen35
+from prefjax.models.family import Family
 
-# Preset-name prefix -> family module.
-PRESET_PREFIXES = {
-    "gemma3-": "prefjax.models.gemma3",
-    "llama31-": "prefjax.models.llama",
-    "llama-": "prefjax.models.llama",
-    "qwen3-": "prefjax.models.qwen3",
-    "qwen35-": "prefjax.models.qwen35",
-}
+FAMILIES: MappingProxyType[str, Family] = MappingProxyType(
+    {f.name: f for f in (gemma3.FAMILY, llama.FAMILY, qwen3.FAMILY, qwen35.FAMILY)})
+
+# HF model_type -> family name.
+MODEL_TYPES: MappingProxyType[str, str] = MappingProxyType({
+    "gemma3": "gemma3",
+    "gemma3_text": "gemma3",
+    "llama": "llama",
+    "qwen3": "qwen3",
+    "qwen3_5": "qwen35",
+    "qwen3_5_text": "qwen35",
+    "qwen3_5_moe": "qwen35",
+    "qwen3_5_moe_text": "qwen35",
+})
 
 
-def family_for_model_type(model_type: str, *, source: str = "config.json"):
+def family_for_model_type(model_type: str, *, source: str = "config.json") -> Family:
+    """The family that reads HF ``model_type``; an error naming ``source`` and the supported types if none."""
     if model_type not in MODEL_TYPES:
         raise ValueError(f"{source}: model_type {model_type!r} is not supported; "
                          f"supported: {sorted(MODEL_TYPES)}")
-    return importlib.import_module(MODEL_TYPES[model_type])
+    return FAMILIES[MODEL_TYPES[model_type]]
 
 
-def family_for_preset(name: str):
-    for prefix, mod in PRESET_PREFIXES.items():
-        if name.startswith(prefix):
-            try:
-                fam = importlib.import_module(mod)
-            except ModuleNotFoundError:
-                break
-            if name in fam.PRESETS:
-                return fam
-    known = []
-    for mod in sorted(set(PRESET_PREFIXES.values())):
-        try:
-            known += list(importlib.import_module(mod).PRESETS)
-        except ModuleNotFoundError:
-            pass
-    raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(known)}")
+def family_for_preset(name: str) -> Family:
+    """The family whose presets include ``name``; an error listing every preset if none."""
+    for fam in FAMILIES.values():
+        if name in fam.presets:
+            return fam
+    known = sorted(p for fam in FAMILIES.values() for p in fam.presets)
+    raise ValueError(f"unknown model preset {name!r}; known presets: {known}")

@@ -18,32 +18,22 @@ Parameters are a plain pytree with a leading ``layer`` axis on every block weigh
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefjax.checkpoints.hf import check_hf_fields
+from prefjax.checkpoints.hf import check_hf_fields, get_path
+from prefjax.models import decoder as D
 from prefjax.models import layers as L
-from prefjax.models.stack import fold, gather_positions, kv_state, next_state, step_inputs
-
-FAMILY = "gemma3"
-SUPPORTS_LORA = True  # forward() reads params["blocks"]["lora"] (PEFT adapters applied on the fly)
+from prefjax.models.family import DecoderShape, Family, random_params
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma3Config:
+class Gemma3Config(DecoderShape):
     """Frozen model configuration. Field names are prefjax's; :func:`config_from_hf` maps HF's."""
 
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
     d_ff: int
     layer_types: tuple[str, ...]
     sliding_window: int
@@ -61,18 +51,11 @@ class Gemma3Config:
     eos_ids: tuple[int, ...] = (1,)
     name: str = "gemma3"
 
-    family = FAMILY
+    family = "gemma3"
 
     def __post_init__(self):
-        if len(self.layer_types) != self.n_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
-        bad = set(self.layer_types) - {"sliding_attention", "full_attention"}
-        if bad:
-            raise ValueError(f"unknown layer_types {sorted(bad)}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-        if self.hidden_activation not in L.ACTIVATIONS:
-            raise ValueError(f"hidden_activation {self.hidden_activation!r} is not supported")
+        self.check_shape(activation=self.hidden_activation, activations=L.ACTIVATIONS, layer_types=self.layer_types,
+                         allowed_layer_types=("sliding_attention", "full_attention"))
 
     @property
     def is_global(self) -> np.ndarray:
@@ -190,50 +173,21 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> Gemma3
 
 def param_shapes(cfg: Gemma3Config) -> dict[str, Any]:
     """``{path: (shape, logical_axes)}`` for every parameter (block weights carry a layer axis)."""
-    n, d, h, kv, hd, ff = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-    return {
-        "embed": ((cfg.vocab_size, d), ("vocab", "embed")),
-        "final_norm": ((d,), ("norm",)),
-        "blocks/ln_attn": ((n, d), ("layers", "norm")),
-        "blocks/q": ((n, d, h, hd), ("layers", "embed", "heads", "head_dim")),
-        "blocks/k": ((n, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim")),
-        "blocks/v": ((n, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim")),
-        "blocks/o": ((n, h, hd, d), ("layers", "heads", "head_dim", "embed")),
-        "blocks/q_norm": ((n, hd), ("layers", "norm")),
-        "blocks/k_norm": ((n, hd), ("layers", "norm")),
-        "blocks/ln_post_attn": ((n, d), ("layers", "norm")),
-        "blocks/ln_pre_mlp": ((n, d), ("layers", "norm")),
-        "blocks/gate": ((n, d, ff), ("layers", "embed", "mlp")),
-        "blocks/up": ((n, d, ff), ("layers", "embed", "mlp")),
-        "blocks/down": ((n, ff, d), ("layers", "mlp", "embed")),
-        "blocks/ln_post_mlp": ((n, d), ("layers", "norm")),
-    }
+    return {**D.embedding_shapes(cfg), **D.norm_shapes(cfg, "ln_attn"), **D.attention_shapes(cfg),
+            **D.norm_shapes(cfg, "q_norm", "k_norm", width="head_dim"),
+            **D.norm_shapes(cfg, "ln_post_attn", "ln_pre_mlp"), **D.mlp_shapes(cfg), **D.norm_shapes(cfg, "ln_post_mlp")}
 
 
-def hf_names(cfg: Gemma3Config) -> dict[str, Any]:
+def hf_names(cfg: Gemma3Config, has=None) -> dict[str, Any]:
     """For each prefjax parameter: the HF tensor name (``{l}`` = layer) and a host transform.
 
-    The transform maps the HF tensor (torch Linear layout [out, in]) to prefjax's layout.
+    The transform maps the HF tensor (torch Linear layout [out, in]) to prefjax's layout. ``has`` (which
+    tensors a checkpoint holds) is not needed: Gemma-3 checkpoints name their tensors one way.
     """
-    h, kv, hd, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
-    lp = "model.layers.{l}."
-    return {
-        "embed": ("model.embed_tokens.weight", None),
-        "final_norm": ("model.norm.weight", None),
-        "blocks/ln_attn": (lp + "input_layernorm.weight", None),
-        "blocks/q": (lp + "self_attn.q_proj.weight", lambda w: w.T.reshape(d, h, hd)),
-        "blocks/k": (lp + "self_attn.k_proj.weight", lambda w: w.T.reshape(d, kv, hd)),
-        "blocks/v": (lp + "self_attn.v_proj.weight", lambda w: w.T.reshape(d, kv, hd)),
-        "blocks/o": (lp + "self_attn.o_proj.weight", lambda w: w.T.reshape(h, hd, d)),
-        "blocks/q_norm": (lp + "self_attn.q_norm.weight", None),
-        "blocks/k_norm": (lp + "self_attn.k_norm.weight", None),
-        "blocks/ln_post_attn": (lp + "post_attention_layernorm.weight", None),
-        "blocks/ln_pre_mlp": (lp + "pre_feedforward_layernorm.weight", None),
-        "blocks/gate": (lp + "mlp.gate_proj.weight", lambda w: w.T),
-        "blocks/up": (lp + "mlp.up_proj.weight", lambda w: w.T),
-        "blocks/down": (lp + "mlp.down_proj.weight", lambda w: w.T),
-        "blocks/ln_post_mlp": (lp + "post_feedforward_layernorm.weight", None),
-    }
+    return {**D.embedding_hf_names(), **D.attention_hf_names(cfg), **D.mlp_hf_names(),
+            **D.norm_hf_names(ln_attn="input_layernorm", q_norm="self_attn.q_norm", k_norm="self_attn.k_norm",
+                              ln_post_attn="post_attention_layernorm", ln_pre_mlp="pre_feedforward_layernorm",
+                              ln_post_mlp="post_feedforward_layernorm")}
 
 
 def hf_config(cfg: Gemma3Config) -> dict[str, Any]:
@@ -267,9 +221,7 @@ def params_to_hf(cfg: Gemma3Config, params, *, dtype=np.float32):
                "blocks/v": lambda w: w.reshape(d, kv * hd).T, "blocks/o": lambda w: w.reshape(h * hd, d).T,
                "blocks/gate": lambda w: w.T, "blocks/up": lambda w: w.T, "blocks/down": lambda w: w.T}
     for path, (template, _) in hf_names(cfg).items():
-        node = params
-        for part in path.split("/"):
-            node = node[part]
+        node = get_path(params, path)
         inv = inverse.get(path, lambda w: w)
         if path.startswith("blocks/"):
             for l in range(cfg.n_layers):
@@ -297,42 +249,12 @@ def aux_arrays(cfg: Gemma3Config) -> dict[str, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 # Forward.
 
-def _block(cfg: Gemma3Config, kv_valid_BxS, q_slot_T, kv_slot_S, pos_BxT, start):
-    act = L.ACTIVATIONS[cfg.hidden_activation]
-    scale = cfg.query_pre_attn_scalar ** -0.5
-    norm = lambda x, w: L.rms_norm(x, w, cfg.rms_eps, plus_one=True)
-
-    def block(p, x, layer, aux, hook, state):
-        lora = p.get("lora")  # on-the-fly LoRA factors (prefjax.lora), or None
-        x = hook("hook_resid_pre", x)
-        h = norm(x, p["ln_attn"])
-        q = L.linear(h, p, lora, "q", "btd,dnh->btnh", "btd,dr->btr", "btr,rnh->btnh")
-        k = L.linear(h, p, lora, "k", "btd,dkh->btkh", "btd,dr->btr", "btr,rkh->btkh")
-        v = L.linear(h, p, lora, "v", "btd,dkh->btkh", "btd,dr->btr", "btr,rkh->btkh")
-        q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
-        cos, sin = L.rope_cos_sin(pos_BxT, aux["inv_freq"], x.dtype)
-        q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
-        if state is not None:
-            k_all = jax.lax.dynamic_update_slice_in_dim(state["k"], k.astype(state["k"].dtype), start, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(state["v"], v.astype(state["v"].dtype), start, axis=1)
-            state = {"k": k_all, "v": v_all}
-        else:
-            k_all, v_all = k, v
-        window = jnp.where(aux["is_global"] > 0, 0, cfg.sliding_window)
-        mask = L.attention_mask(q_slot_T, kv_slot_S, kv_valid_BxS, window)
-        o = L.dot_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, scale)
-        attn = L.linear(o, p, lora, "o", "btnh,nhd->btd", "btnh,nhr->btr", "btr,rd->btd")
-        attn = hook("hook_attn_out", norm(attn, p["ln_post_attn"]))
-        x = hook("hook_resid_mid", x + attn)
-        h = norm(x, p["ln_pre_mlp"])
-        g = L.linear(h, p, lora, "gate", "btd,df->btf", "btd,dr->btr", "btr,rf->btf")
-        u = L.linear(h, p, lora, "up", "btd,df->btf", "btd,dr->btr", "btr,rf->btf")
-        mlp = L.linear(act(g) * u, p, lora, "down", "btf,fd->btd", "btf,fr->btr", "btr,rd->btd")
-        mlp = hook("hook_mlp_out", norm(mlp, p["ln_post_mlp"]))
-        x = hook("hook_resid_post", x + mlp)
-        return x, state
-
-    return block
+def block_spec(cfg: Gemma3Config) -> D.BlockSpec:
+    """Gemma-3's block: ``1 + w`` norms, q/k norms, post-branch norms, per-layer RoPE tables and windows."""
+    return D.BlockSpec(norm=lambda x, w: L.rms_norm(x, w, cfg.rms_eps, plus_one=True), qk_norm=True,
+                       mlp_norm="ln_pre_mlp", post_norms=True, inv_freq=lambda aux: aux["inv_freq"],
+                       window=lambda aux: jnp.where(aux["is_global"] > 0, 0, cfg.sliding_window),
+                       scale=cfg.query_pre_attn_scalar ** -0.5, act=L.ACTIVATIONS[cfg.hidden_activation])
 
 
 def embed(cfg: Gemma3Config, params, tokens_BxT):
@@ -348,31 +270,8 @@ def unembed(cfg: Gemma3Config, params, h_BxKxD):
     return logits
 
 
-def forward(cfg: Gemma3Config, params, tokens_BxT, valid_BxT, *, capture, pos_BxK=None, intervene=None,
-            unroll=False, state=None, start=0, pos_ids_BxT=None, is_prompt=True, logits=True):
-    """One pass over ``tokens_BxT`` (prefill, or a decode step when ``state`` is a KV cache).
-
-    ``valid_BxT`` is 1 on real tokens, 0 on left padding. With ``state`` (a dict ``k``/``v`` of
-    [L, B, S, K, H] plus ``valid`` [B, S]) the tokens are written at slots ``start .. start+T-1``.
-    Returns ``(logits [B, K|T, V] or None, captured dict, final-normed h, new_state)``.
-    """
-    si = step_inputs(valid_BxT, state=state, start=start, pos_ids_BxT=pos_ids_BxT, is_prompt=is_prompt)
-    x = embed(cfg, params, tokens_BxT)
-    aux = {k: jnp.asarray(v) for k, v in aux_arrays(cfg).items()}
-    block = _block(cfg, si.kv_valid_BxS, si.q_slot_T, si.kv_slot_S, si.pos_ids_BxT, start)
-    x, captured, layer_state = fold(block, params["blocks"], x, n_layers=cfg.n_layers, aux=aux,
-                                    state=si.layer_state, capture=capture, pos_BxK=pos_BxK,
-                                    intervene=intervene, ctx=si.ctx, unroll=unroll)
-    h = gather_positions(x, pos_BxK)
-    h = L.rms_norm(h, params["final_norm"], cfg.rms_eps, plus_one=True)
-    if capture.final:
-        captured["ln_final.hook_normalized"] = h
-    return (unembed(cfg, params, h) if logits else None), captured, h, next_state(state, si, layer_state)
-
-
-def init_state(cfg: Gemma3Config, batch: int, max_len: int, dtype) -> dict[str, Any]:
-    """An empty KV cache for ``max_len`` slots (every layer keeps the full length)."""
-    return kv_state(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype)
+forward = D.make_forward(block_spec, embed, unembed, aux=aux_arrays)
+init_state = D.init_state
 
 
 def init_params(cfg: Gemma3Config, key, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Any]:
@@ -384,26 +283,8 @@ def init_params(cfg: Gemma3Config, key, dtype=jnp.float32, scale: float = 0.02) 
     return random_params(param_shapes(cfg), key, dtype, scale)
 
 
-def random_params(shapes: dict[str, Any], key, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Any]:
-    """Random pytree for a ``param_shapes`` table (shared by every family)."""
-    dtype = jnp.dtype(dtype)
-    out: dict[str, Any] = {}
-    keys = jax.random.split(key, len(shapes))
-    for k_, (name, (shape, axes)) in zip(keys, shapes.items()):
-        s = 0.1 if "norm" in axes else scale
-        if axes and axes[0] == "layers":
-            arr = _layerwise_normal(k_, tuple(shape), dtype, s)
-        else:
-            arr = (jax.random.normal(k_, shape, dtype) * jnp.asarray(s, dtype))
-        node = out
-        parts = name.split("/")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = arr
-    return out
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _layerwise_normal(key, shape, dtype, s):
-    keys = jax.random.split(key, shape[0])
-    return jax.lax.map(lambda k: jax.random.normal(k, shape[1:], dtype) * jnp.asarray(s, dtype), keys)
+FAMILY = Family(
+    name="gemma3", presets=PRESETS, config_from_hf=config_from_hf, hf_config=hf_config, param_shapes=param_shapes,
+    hf_names=hf_names, hf_prefixes=HF_PREFIXES, hf_skip_prefixes=HF_SKIP_PREFIXES, init_params=init_params,
+    init_state=init_state, forward_fn=forward, embed=embed, unembed=unembed,
+    supports_lora=True)  # forward reads params["blocks"]["lora"] (PEFT adapters applied on the fly)

@@ -89,6 +89,17 @@ def apply_rope(x_BxTxNxH, cos_BxTxR, sin_BxTxR):
     return out if x_pass.shape[-1] == 0 else jnp.concatenate([out, x_pass], axis=-1)
 
 
+def write_kv(state, k_BxTxKxH, v_BxTxKxH, start):
+    """Write this call's keys and values at slots ``start ..`` of a KV cache ``state`` (``{"k", "v"}``
+    [B, S, K, H], or None for a forward without cache). Returns ``(keys, values, new state)``: the whole
+    cache's keys and values (in the cache's dtype), or this call's own when there is no cache."""
+    if state is None:
+        return k_BxTxKxH, v_BxTxKxH, None
+    k_all = jax.lax.dynamic_update_slice_in_dim(state["k"], k_BxTxKxH.astype(state["k"].dtype), start, axis=1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(state["v"], v_BxTxKxH.astype(state["v"].dtype), start, axis=1)
+    return k_all, v_all, {"k": k_all, "v": v_all}
+
+
 def attention_mask(q_idx_T, kv_idx_S, kv_valid_BxS, window):
     """Boolean [B, 1, T, S] mask: causal, key not padding, and (optionally) inside the window.
 

@@ -21,32 +21,25 @@ block, so the base weights are shared between personas and never copied.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import json
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefjax.checkpoints.hf import check_hf_fields as _check_hf_fields
-from prefjax.models import layers as L
-from prefjax.models.stack import fold, gather_positions, kv_state, next_state, step_inputs
+from safetensors import safe_open
 
-FAMILY = "llama"
-SUPPORTS_LORA = True  # forward() reads params["blocks"]["lora"]
+from prefjax.checkpoints import hf as HF
+from prefjax.models import decoder as D
+from prefjax.models import layers as L
+from prefjax.models.family import DecoderShape, Family, random_params
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(DecoderShape):
     """Frozen configuration shared by Llama and Qwen-3 dense decoders (prefjax field names)."""
 
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
     d_ff: int
     rope_base: float = 500_000.0
     rope_type: str = "default"          # default | linear | llama3
@@ -67,10 +60,7 @@ class LlamaConfig:
     family_name: str = "llama"
 
     def __post_init__(self):
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-        if self.hidden_activation not in L.ACTIVATIONS:
-            raise ValueError(f"hidden_activation {self.hidden_activation!r} is not supported")
+        self.check_shape(activation=self.hidden_activation, activations=L.ACTIVATIONS)
         if self.rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"rope_type {self.rope_type!r} is not supported (default, linear, llama3)")
         if self.rope_type == "llama3" and self.rope_high_freq_factor == self.rope_low_freq_factor:
@@ -122,7 +112,7 @@ _HANDLED = {
 
 def check_hf_fields(hf: dict[str, Any], *, pinned: dict[str, Any], extra_handled=(), source: str, port: str):
     """The shared field check (:func:`prefjax.checkpoints.hf.check_hf_fields`) with the Llama-family fields."""
-    _check_hf_fields(hf, handled=_HANDLED | set(extra_handled), pinned=pinned, ignored=HF_IGNORED, source=source,
+    HF.check_hf_fields(hf, handled=_HANDLED | set(extra_handled), pinned=pinned, ignored=HF_IGNORED, source=source,
                      port=port)
 
 
@@ -174,13 +164,11 @@ def checkpoint_has_lm_head(source: str) -> bool | None:
         return None
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        import json
         names = json.loads(index.read_text()).get("weight_map", {})
         return any(n.endswith("lm_head.weight") for n in names)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
-    from safetensors import safe_open
     for f in files:
         with safe_open(str(f), framework="numpy") as fh:
             if any(n.endswith("lm_head.weight") for n in fh.keys()):
@@ -231,58 +219,25 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> LlamaC
 
 def param_shapes(cfg: LlamaConfig) -> dict[str, Any]:
     """``{path: (shape, logical_axes)}`` for every parameter (block weights carry a layer axis)."""
-    n, d, h, kv, hd, ff = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-    out = {
-        "embed": ((cfg.vocab_size, d), ("vocab", "embed")),
-        "final_norm": ((d,), ("norm",)),
-        "blocks/ln_attn": ((n, d), ("layers", "norm")),
-        "blocks/q": ((n, d, h, hd), ("layers", "embed", "heads", "head_dim")),
-        "blocks/k": ((n, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim")),
-        "blocks/v": ((n, d, kv, hd), ("layers", "embed", "kv_heads", "head_dim")),
-        "blocks/o": ((n, h, hd, d), ("layers", "heads", "head_dim", "embed")),
-        "blocks/ln_mlp": ((n, d), ("layers", "norm")),
-        "blocks/gate": ((n, d, ff), ("layers", "embed", "mlp")),
-        "blocks/up": ((n, d, ff), ("layers", "embed", "mlp")),
-        "blocks/down": ((n, ff, d), ("layers", "mlp", "embed")),
-    }
+    out = {**D.embedding_shapes(cfg), **D.norm_shapes(cfg, "ln_attn"), **D.attention_shapes(cfg),
+           **D.norm_shapes(cfg, "ln_mlp"), **D.mlp_shapes(cfg)}
     if cfg.qk_norm:
-        out["blocks/q_norm"] = ((n, hd), ("layers", "norm"))
-        out["blocks/k_norm"] = ((n, hd), ("layers", "norm"))
+        out.update(D.norm_shapes(cfg, "q_norm", "k_norm", width="head_dim"))
     if cfg.has_lm_head and not cfg.tie_embeddings:
-        out["unembed"] = ((cfg.vocab_size, d), ("vocab", "embed"))
+        out["unembed"] = ((cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
     return out
 
 
-# prefjax block weight -> (HF module path inside a layer, in-dims, out-dims) used by hf_names and LoRA.
-LINEAR_MODULES = {
-    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
-}
-
-
-def hf_names(cfg: LlamaConfig) -> dict[str, Any]:
+def hf_names(cfg: LlamaConfig, has=None) -> dict[str, Any]:
     """For each prefjax parameter: the HF tensor name (``{l}`` = layer) and a host transform.
 
-    The transform maps the HF tensor (torch Linear layout [out, in]) to prefjax's layout.
+    The transform maps the HF tensor (torch Linear layout [out, in]) to prefjax's layout. ``has`` (which
+    tensors a checkpoint holds) is not needed: the names are fixed by the config.
     """
-    h, kv, hd, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
-    lp = "model.layers.{l}."
-    out = {
-        "embed": ("model.embed_tokens.weight", None),
-        "final_norm": ("model.norm.weight", None),
-        "blocks/ln_attn": (lp + "input_layernorm.weight", None),
-        "blocks/q": (lp + "self_attn.q_proj.weight", lambda w: w.T.reshape(d, h, hd)),
-        "blocks/k": (lp + "self_attn.k_proj.weight", lambda w: w.T.reshape(d, kv, hd)),
-        "blocks/v": (lp + "self_attn.v_proj.weight", lambda w: w.T.reshape(d, kv, hd)),
-        "blocks/o": (lp + "self_attn.o_proj.weight", lambda w: w.T.reshape(h, hd, d)),
-        "blocks/ln_mlp": (lp + "post_attention_layernorm.weight", None),
-        "blocks/gate": (lp + "mlp.gate_proj.weight", lambda w: w.T),
-        "blocks/up": (lp + "mlp.up_proj.weight", lambda w: w.T),
-        "blocks/down": (lp + "mlp.down_proj.weight", lambda w: w.T),
-    }
+    out = {**D.embedding_hf_names(), **D.attention_hf_names(cfg), **D.mlp_hf_names(),
+           **D.norm_hf_names(ln_attn="input_layernorm", ln_mlp="post_attention_layernorm")}
     if cfg.qk_norm:
-        out["blocks/q_norm"] = (lp + "self_attn.q_norm.weight", None)
-        out["blocks/k_norm"] = (lp + "self_attn.k_norm.weight", None)
+        out.update(D.norm_hf_names(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"))
     if cfg.has_lm_head and not cfg.tie_embeddings:
         out["unembed"] = ("lm_head.weight", None)
     return out
@@ -296,42 +251,13 @@ HF_SKIP_PREFIXES = ("lm_head.",)
 # --------------------------------------------------------------------------------------------
 # Forward.
 
-def _block(cfg: LlamaConfig, kv_valid_BxS, q_slot_T, kv_slot_S, pos_BxT, start, inv_freq):
-    act = L.ACTIVATIONS[cfg.hidden_activation]
-    scale = cfg.head_dim ** -0.5
-    norm = lambda x, w: L.rms_norm(x, w, cfg.rms_eps, plus_one=False, cast_before_weight=True)
-
-    def block(p, x, layer, aux, hook, state):
-        lora = p.get("lora")
-        x = hook("hook_resid_pre", x)
-        h = norm(x, p["ln_attn"])
-        q = L.linear(h, p, lora, "q", "btd,dnh->btnh", "btd,dr->btr", "btr,rnh->btnh")
-        k = L.linear(h, p, lora, "k", "btd,dkh->btkh", "btd,dr->btr", "btr,rkh->btkh")
-        v = L.linear(h, p, lora, "v", "btd,dkh->btkh", "btd,dr->btr", "btr,rkh->btkh")
-        if cfg.qk_norm:
-            q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
-        cos, sin = L.rope_cos_sin(pos_BxT, inv_freq, x.dtype)
-        q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
-        if state is not None:
-            k_all = jax.lax.dynamic_update_slice_in_dim(state["k"], k.astype(state["k"].dtype), start, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(state["v"], v.astype(state["v"].dtype), start, axis=1)
-            state = {"k": k_all, "v": v_all}
-        else:
-            k_all, v_all = k, v
-        mask = L.attention_mask(q_slot_T, kv_slot_S, kv_valid_BxS, None)
-        o = L.dot_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask, scale)
-        attn = L.linear(o, p, lora, "o", "btnh,nhd->btd", "btnh,nhr->btr", "btr,rd->btd")
-        attn = hook("hook_attn_out", attn)
-        x = hook("hook_resid_mid", x + attn)
-        h = norm(x, p["ln_mlp"])
-        g = L.linear(h, p, lora, "gate", "btd,df->btf", "btd,dr->btr", "btr,rf->btf")
-        u = L.linear(h, p, lora, "up", "btd,df->btf", "btd,dr->btr", "btr,rf->btf")
-        mlp = L.linear(act(g) * u, p, lora, "down", "btf,fd->btd", "btf,fr->btr", "btr,rd->btd")
-        mlp = hook("hook_mlp_out", mlp)
-        x = hook("hook_resid_post", x + mlp)
-        return x, state
-
-    return block
+def block_spec(cfg: LlamaConfig) -> D.BlockSpec:
+    """Llama's block (Qwen-3's with ``qk_norm``): cast-before-weight norms, no post-branch norms, one RoPE
+    table for every layer, no sliding window."""
+    return D.BlockSpec(norm=lambda x, w: L.rms_norm(x, w, cfg.rms_eps, plus_one=False, cast_before_weight=True),
+                       qk_norm=cfg.qk_norm, mlp_norm="ln_mlp", post_norms=False,
+                       inv_freq=D.constant(jnp.asarray(cfg.inv_freq())), window=D.no_window,
+                       scale=cfg.head_dim ** -0.5, act=L.ACTIVATIONS[cfg.hidden_activation])
 
 
 def embed(cfg: LlamaConfig, params, tokens_BxT):
@@ -348,53 +274,17 @@ def unembed(cfg: LlamaConfig, params, h_BxKxD):
     return jnp.einsum("bkd,vd->bkv", h_BxKxD, w)
 
 
-def forward(cfg: LlamaConfig, params, tokens_BxT, valid_BxT, *, capture, pos_BxK=None, intervene=None,
-            unroll=False, state=None, start=0, pos_ids_BxT=None, is_prompt=True, logits=True):
-    """One pass over ``tokens_BxT`` (prefill, or a decode step when ``state`` is a KV cache).
-
-    ``valid_BxT`` is 1 on real tokens, 0 on left padding; positions default to the count of real
-    tokens before each one (so left padding does not shift RoPE). With ``state`` (a dict ``k``/``v``
-    of [L, B, S, K, H] plus ``valid`` [B, S]) the tokens are written at slots ``start .. start+T-1``.
-    Returns ``(logits [B, K|T, V] or None, captured dict, final-normed h, new_state)``.
-    """
-    si = step_inputs(valid_BxT, state=state, start=start, pos_ids_BxT=pos_ids_BxT, is_prompt=is_prompt)
-    x = embed(cfg, params, tokens_BxT)
-    block = _block(cfg, si.kv_valid_BxS, si.q_slot_T, si.kv_slot_S, si.pos_ids_BxT, start,
-                   jnp.asarray(cfg.inv_freq()))
-    x, captured, layer_state = fold(block, params["blocks"], x, n_layers=cfg.n_layers, aux=None,
-                                    state=si.layer_state, capture=capture, pos_BxK=pos_BxK,
-                                    intervene=intervene, ctx=si.ctx, unroll=unroll)
-    h = gather_positions(x, pos_BxK)
-    h = L.rms_norm(h, params["final_norm"], cfg.rms_eps, plus_one=False, cast_before_weight=True)
-    if capture.final:
-        captured["ln_final.hook_normalized"] = h
-    return (unembed(cfg, params, h) if logits else None), captured, h, next_state(state, si, layer_state)
-
-
-def init_state(cfg: LlamaConfig, batch: int, max_len: int, dtype) -> dict[str, Any]:
-    """An empty KV cache for ``max_len`` slots."""
-    return kv_state(cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim, dtype)
+forward = D.make_forward(block_spec, embed, unembed)
+init_state = D.init_state
 
 
 def init_params(cfg: LlamaConfig, key, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Any]:
-    """Random parameters: normal * scale for matrices, 1 + small normal for norm weights (one jit)."""
-    return _init_jit(cfg, key, jnp.dtype(dtype), float(scale))
+    """Random parameters (:func:`prefjax.models.family.random_params`): normal * scale for matrices,
+    1 + normal * 0.1 for norm weights (Llama's norms multiply by ``w``, not ``1 + w``)."""
+    return random_params(param_shapes(cfg), key, dtype, scale, norm_offset=1.0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _init_jit(cfg, key, dtype, scale):
-    out: dict[str, Any] = {"blocks": {}}
-    shapes = param_shapes(cfg)
-    # RngBitGenerator keys: XLA compiles them far faster than threefry's unrolled rounds.
-    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    rkey = jax.random.wrap_key_data(jnp.tile(data.astype(jnp.uint32).reshape(-1)[:2], 2), impl="rbg")
-    keys = jax.random.split(rkey, len(shapes))
-    for k_, (name, (shape, axes)) in zip(keys, shapes.items()):
-        z = jax.random.normal(k_, shape, jnp.float32)
-        arr = (1.0 + 0.1 * z) if "norm" in axes else z * scale
-        arr = arr.astype(dtype)
-        if name.startswith("blocks/"):
-            out["blocks"][name.split("/", 1)[1]] = arr
-        else:
-            out[name] = arr
-    return out
+FAMILY = Family(
+    name="llama", presets=PRESETS, config_from_hf=config_from_hf, param_shapes=param_shapes, hf_names=hf_names,
+    hf_prefixes=HF_PREFIXES, hf_skip_prefixes=HF_SKIP_PREFIXES, init_params=init_params, init_state=init_state,
+    forward_fn=forward, embed=embed, unembed=unembed, supports_lora=True)  # forward reads params["blocks"]["lora"]

@@ -4,7 +4,7 @@ XLA in JAX 0.11 has no grouped-matmul kernel for GPUs: ``jax.lax.ragged_dot`` ru
 every row, and gathering each block's expert weights (:func:`prefjax.models.moe.experts_blocked`)
 writes and re-reads a copy of them. These kernels read the weights in place.
 
-The rows come in the expert-sorted, block-padded layout of :func:`prefjax.models.moe.block_layout`:
+The rows come in the expert-sorted, block-padded layout of :func:`prefjax.models.moe_layout.block_layout`:
 block ``b`` (``block`` rows) belongs to expert ``block_e[b]``, and blocks from ``n_used`` on are
 padding. One kernel, :func:`grouped_matmul`, over a grid of (row block, output tile), serves both
 projections:
@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from prefjax.models import moe as M
+from prefjax.models import moe_layout as ML
 
 
 def _tile(n: int, pref: int) -> int:
@@ -140,13 +140,13 @@ def experts_pallas(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFxD
     n, k = top_i_NxK.shape
     n_exp = gate_ExDxF.shape[-3]
     if interpret is None:  # Triton kernels only where the trace is for a GPU (the interpreter elsewhere)
-        interpret = M.target_platform() != "gpu"
+        interpret = ML.target_platform() != "gpu"
     block = block or pick_block(n * k, n_exp)
     tiles.setdefault("num_warps", 8 if block >= 128 else 4)
-    lay = M.block_layout(top_w_NxK, top_i_NxK, n_exp, block, valid_NxK=valid)
-    rows = M.gather_rows(x_NxD, lay)
+    lay = ML.block_layout(top_w_NxK, top_i_NxK, n_exp, block, valid_NxK=valid)
+    rows = ML.gather_rows(x_NxD, lay)
     h = gate_up(rows, lay.block_e, lay.n_used, gate_ExDxF, up_ExDxF, block=block, layer=layer, act=act,
                 interpret=interpret, **tiles)
     y = down(h, lay.block_e, lay.n_used, down_ExFxD, block=block, layer=layer, interpret=interpret, **tiles)
-    return M.combine_rows(y, lay, x_NxD)
+    return ML.combine_rows(y, lay, x_NxD)
 

@@ -7,19 +7,22 @@ sliding-window attention is off on every released dense model and refused when s
 
 Embedding checkpoints (``Qwen/Qwen3-Embedding-*``) are saved without ``lm_head``; the loader sees that
 and the model then has no logits (run it with ``logits=False``; see :mod:`prefjax.embed`).
+
+The family value :data:`FAMILY` is Llama's (:data:`prefjax.models.llama.FAMILY`) with this module's
+name, presets and config reader: forward, init, parameter names and HF names are Llama's functions,
+named there (``llama.forward``, ``llama.init_params``, ...), not re-exported here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from prefjax.models import llama as _llama
-from prefjax.models.llama import (  # noqa: F401  (the family surface, shared with Llama)
-    HF_PREFIXES, HF_SKIP_PREFIXES, LlamaConfig, embed, forward, hf_names, init_params, init_state,
-    param_shapes, unembed)
+from prefjax.models import llama
+from prefjax.models.llama import LlamaConfig
 
-FAMILY = "qwen3"
-SUPPORTS_LORA = True
+__all__ = ["FAMILY", "PRESETS", "Qwen3Config", "config_from_hf"]
+
 Qwen3Config = LlamaConfig
 
 
@@ -49,12 +52,15 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> LlamaC
     mt = hf.get("model_type", "qwen3")
     if mt != "qwen3":
         raise ValueError(f"{source}: model_type {mt!r} is not qwen3")
-    _llama.check_hf_fields(hf, pinned={"attention_bias": False, "use_sliding_window": False}, source=source,
-                           port="Qwen3", extra_handled={"sliding_window", "max_window_layers", "layer_types"})
+    llama.check_hf_fields(hf, pinned={"attention_bias": False, "use_sliding_window": False}, source=source,
+                          port="Qwen3", extra_handled={"sliding_window", "max_window_layers", "layer_types"})
     lt = hf.get("layer_types")
     if lt is not None:
         if len(lt) != int(hf["num_hidden_layers"]) or set(lt) != {"full_attention"}:
             raise ValueError(f"{source}: layer_types {lt!r} is not supported (only full_attention everywhere)")
-    kw = _llama.common_from_hf(hf, source=source, default_theta=10_000.0, arch_no_head="Qwen3Model")
+    kw = llama.common_from_hf(hf, source=source, default_theta=10_000.0, arch_no_head="Qwen3Model")
     kw["name"] = kw["name"] or "qwen3"
     return LlamaConfig(**kw, qk_norm=True, family_name="qwen3")
+
+
+FAMILY = dataclasses.replace(llama.FAMILY, name="qwen3", presets=PRESETS, config_from_hf=config_from_hf)

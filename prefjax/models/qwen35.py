@@ -36,31 +36,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefjax.checkpoints.hf import check_hf_fields
+from prefjax.checkpoints.hf import CheckpointError, HFMulti, check_hf_fields
 from prefjax.models import deltanet as DN
 from prefjax.models import layers as L
 from prefjax.models import moe as M
+from prefjax.models import moe_layout as ML
 from prefjax.models import moe_pallas as MP
-from prefjax.models.stack import fold, gather_positions, next_state, step_inputs
-
-FAMILY = "qwen35"
+from prefjax.models.family import DecoderShape, Family, random_params
+from prefjax.models.stack import ForwardOut, fold, forward_tail, step_inputs
 
 LINEAR, FULL = "linear_attention", "full_attention"
 
 
 @dataclasses.dataclass(frozen=True)
-class Qwen35Config:
+class Qwen35Config(DecoderShape):
     """Frozen model configuration (prefjax field names; :func:`config_from_hf` maps HF's).
 
     ``n_experts == 0`` is the dense ``qwen3_5`` model (SwiGLU MLP of width ``d_ff``).
     """
 
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
     layer_types: tuple[str, ...]
     lin_n_k_heads: int
     lin_n_v_heads: int
@@ -85,21 +79,14 @@ class Qwen35Config:
     eos_ids: tuple[int, ...] = ()
     name: str = "qwen35"
 
-    family = FAMILY
+    family = "qwen35"
 
     def __post_init__(self):
-        if len(self.layer_types) != self.n_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
-        bad = set(self.layer_types) - {LINEAR, FULL}
-        if bad:
-            raise ValueError(f"unknown layer_types {sorted(bad)}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        self.check_shape(activation=self.hidden_activation, activations=L.ACTIVATIONS, layer_types=self.layer_types,
+                         allowed_layer_types=(LINEAR, FULL))
         if self.lin_n_v_heads % self.lin_n_k_heads:
             raise ValueError(f"lin_n_v_heads={self.lin_n_v_heads} is not a multiple of "
                              f"lin_n_k_heads={self.lin_n_k_heads}")
-        if self.hidden_activation not in L.ACTIVATIONS:
-            raise ValueError(f"hidden_activation {self.hidden_activation!r} is not supported")
         if self.moe_impl not in M.IMPLS:
             raise ValueError(f"moe_impl must be one of {sorted(M.IMPLS)}, got {self.moe_impl!r}")
         if self.n_experts:
@@ -302,28 +289,26 @@ def param_count(cfg: Qwen35Config) -> int:
 # HF names. An entry is (template, transform) as in gemma3 -- template with ``{l}`` = the HF layer
 # index -- or an HFMulti when one prefjax row is combined from several HF tensors.
 
-@dataclasses.dataclass(frozen=True)
-class HFMulti:
-    """One prefjax row built from several HF tensors: ``combine([arrays in names order])``."""
-
-    names: tuple[str, ...]
-    combine: Callable
-
-
 # Prefixes under which checkpoints store the text decoder ("model." is replaced by the prefix).
 HF_PREFIXES = ("model.", "model.language_model.")
-HF_SKIP_PREFIXES = ("model.visual.", "visual.", "mtp.", "model.mtp.")
+# "lm_head." is left only when tied (untied models name it in hf_names, so the loader requires it).
+HF_SKIP_PREFIXES = ("model.visual.", "visual.", "mtp.", "model.mtp.", "lm_head.")
 
 
-def hf_names(cfg: Qwen35Config, expert_layout: str = "fused") -> dict[str, Any]:
-    """For each prefjax parameter: (HF name template or :class:`HFMulti`, host transform).
+def hf_names(cfg: Qwen35Config, has: Callable[[str], bool] | None = None,
+             expert_layout: str | None = None) -> dict[str, Any]:
+    """For each prefjax parameter: (HF name template or :class:`~prefjax.checkpoints.hf.HFMulti`, host transform).
 
     Templates use ``{l}`` for the HF layer index; ``lin/*`` rows map to ``cfg.linear_layers`` and
     ``attn/*`` rows to ``cfg.full_layers`` (see :func:`layer_rows`). ``expert_layout`` is
     ``"fused"`` (``mlp.experts.gate_up_proj`` [E, 2F, D], ``mlp.experts.down_proj`` [E, D, F], as in
     transformers >= 5 and the released Qwen-3.5 checkpoints) or ``"per_expert"``
-    (``mlp.experts.{e}.gate_proj.weight`` ..., as ``save_pretrained`` writes them).
+    (``mlp.experts.{e}.gate_proj.weight`` ..., as ``save_pretrained`` writes them); by default it is
+    read from the checkpoint through ``has(template)`` (:func:`detect_expert_layout`), and "fused"
+    without one.
     """
+    if expert_layout is None:
+        expert_layout = "fused" if has is None else detect_expert_layout(cfg, has)
     d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     hk, hv, dk, dv = cfg.lin_n_k_heads, cfg.lin_n_v_heads, cfg.lin_k_dim, cfg.lin_v_dim
     kd = hk * dk
@@ -401,132 +386,27 @@ def _stack_transposed(ws):
     return xp.stack([w.T for w in ws])
 
 
-def _apply(entry, transform, arrays):
-    a = entry.combine(arrays) if isinstance(entry, HFMulti) else arrays[0]
-    return a if transform is None else transform(a)
-
-
-def layer_rows(cfg: Qwen35Config, path: str) -> tuple[int, ...] | None:
-    """HF layer index of each row of a stacked parameter (None for unstacked ones)."""
+def layer_rows(cfg: Qwen35Config, path: str) -> tuple[int, ...]:
+    """HF layer index of each row of a stacked parameter: ``lin/*`` the linear-attention layers,
+    ``attn/*`` the full-attention layers, ``blocks/*`` every layer."""
     if path.startswith("lin/"):
         return cfg.linear_layers
     if path.startswith("attn/"):
         return cfg.full_layers
-    if path.startswith("blocks/"):
-        return tuple(range(cfg.n_layers))
-    return None
+    return tuple(range(cfg.n_layers))
 
 
-def detect_expert_layout(cfg: Qwen35Config, names, prefix: str) -> str:
-    """``"fused"`` or ``"per_expert"`` from the tensor names present (prefix replaces ``model.``)."""
+def detect_expert_layout(cfg: Qwen35Config, has: Callable[[str], bool]) -> str:
+    """``"fused"`` or ``"per_expert"`` from the tensors a checkpoint holds (``has(template)``, templates
+    spelt with the ``model.`` prefix as in :func:`hf_names`)."""
     if not cfg.is_moe:
         return "fused"
-    names = set(names)
-    if f"{prefix}layers.0.mlp.experts.gate_up_proj" in names:
+    if has("model.layers.0.mlp.experts.gate_up_proj"):
         return "fused"
-    if f"{prefix}layers.0.mlp.experts.0.gate_proj.weight" in names:
+    if has("model.layers.0.mlp.experts.0.gate_proj.weight"):
         return "per_expert"
-    raise ValueError(f"no MoE expert tensors for layer 0 under {prefix!r} (neither fused "
-                     "mlp.experts.gate_up_proj nor per-expert mlp.experts.0.gate_proj.weight)")
-
-
-def load_params(cfg: Qwen35Config, src, *, dtype=None, mesh=None, rules=None, where: str = "checkpoint",
-                extra_skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Load every parameter from ``src`` (a :class:`prefjax.checkpoints.hf.TensorSource`).
-
-    Like :func:`prefjax.checkpoints.hf.load_params`, but knows that ``lin/*`` and ``attn/*`` stack
-    a subset of the layers and that per-expert checkpoints stack many tensors into one row. Every
-    tensor's presence and shape is checked before any array is built; tensors the port would
-    ignore are refused. Each device shard reads only the layers (rows) it holds.
-    """
-    from prefjax.checkpoints.hf import CheckpointError, assign_path, find_prefix, resolve_dtype
-    from prefjax.sharding import DEFAULT_RULES, named
-
-    rules = DEFAULT_RULES if rules is None else rules
-    available = set(src.names())
-    prefix = find_prefix(src, "model.embed_tokens.weight", HF_PREFIXES)
-    layout = detect_expert_layout(cfg, available, prefix)
-    shapes = param_shapes(cfg)
-    names = hf_names(cfg, layout)
-    if dtype is None:
-        emb = np.dtype(src.get(prefix + "embed_tokens.weight").dtype)
-        dtype = resolve_dtype(emb.name if emb.name in ("float32", "bfloat16", "float16") else "float32")
-
-    def hf(template: str, l: int | None) -> str:
-        t = prefix + template[len("model."):] if template.startswith("model.") else template
-        return t.format(l=l) if l is not None else t
-
-    def row_names(entry, l):
-        if isinstance(entry, HFMulti):
-            return [hf(t, l) for t in entry.names]
-        return [hf(entry, l)]
-
-    def build_row(entry, transform, tensor_names):
-        return _apply(entry, transform, [np.asarray(src.get(tn)) for tn in tensor_names])
-
-    plan = {}
-    consumed: set[str] = set()
-    for path, (shape, _axes) in shapes.items():
-        entry, transform = names[path]
-        rows = layer_rows(cfg, path)
-        target = tuple(shape[1:]) if rows is not None else tuple(shape)
-        row_tensors = [row_names(entry, l) for l in (rows if rows is not None else [None])]
-        for tns in row_tensors:
-            for tn in tns:
-                if tn not in available:
-                    raise CheckpointError(f"{where}: tensor {tn!r} (for {path}) is missing")
-            shp = [jax.ShapeDtypeStruct(tuple(src.shape(tn)), jnp.float32) for tn in tns]
-            want = jax.eval_shape(lambda *xs: _apply(entry, transform, list(xs)), *shp).shape
-            if tuple(want) != target:
-                raise CheckpointError(f"{where}: tensor(s) {tns[:2]} give shape {tuple(want)} for {path}; "
-                                      f"the config implies {target}")
-            consumed.update(tns)
-        plan[path] = (entry, transform, row_tensors, rows is not None)
-    skip = HF_SKIP_PREFIXES + tuple(extra_skip) + (("lm_head.",) if cfg.tie_word_embeddings else ())
-    leftovers = sorted(t for t in available if t not in consumed and not t.startswith(skip))
-    if leftovers:
-        raise CheckpointError(f"{where}: {len(leftovers)} tensor(s) the {FAMILY} port would ignore, "
-                              f"e.g. {leftovers[:5]}; refusing to load silently")
-
-    out: dict[str, Any] = {}
-    for path, (entry, transform, row_tensors, stacked) in plan.items():
-        shape, axes = shapes[path]
-        sharding = named(shape, axes, mesh, rules) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        if stacked:
-            def cb(index, entry=entry, transform=transform, row_tensors=row_tensors):
-                rows = range(len(row_tensors))[index[0]]
-                return np.stack([np.asarray(build_row(entry, transform, row_tensors[r])[index[1:]]).astype(dtype)
-                                 for r in rows])
-        else:
-            def cb(index, entry=entry, transform=transform, row_tensors=row_tensors):
-                return np.asarray(build_row(entry, transform, row_tensors[0])[index]).astype(dtype)
-        assign_path(out, path, jax.make_array_from_callback(shape, sharding, cb))
-    return out
-
-
-def load_dir(folder, *, dtype=None, mesh=None):
-    """Load an HF checkpoint folder of ``qwen3_5_moe`` / ``qwen3_5`` as a :class:`prefjax.model.Model`.
-
-    The same as ``prefjax.load(folder)`` once the generic loader dispatches to
-    :func:`load_params` (this family stacks layer subsets, which the generic loader cannot).
-    """
-    from pathlib import Path
-
-    from prefjax.checkpoints.hf import read_config, resolve_dtype
-    from prefjax.checkpoints.safetensors_io import SafetensorsDir
-    from prefjax.model import Model
-
-    folder = Path(folder)
-    cfg = config_from_hf(read_config(folder), source=str(folder / "config.json"))
-    params = load_params(cfg, SafetensorsDir(folder), dtype=resolve_dtype(dtype), mesh=mesh, where=str(folder))
-    tok = None
-    try:
-        from prefjax.tokenize import Tokenizer
-        tok = Tokenizer.maybe_from_dir(folder)
-    except ImportError:
-        tok = None
-    import sys
-    return Model(sys.modules[__name__], cfg, params, tokenizer=tok, mesh=mesh, source=str(folder))
+    raise CheckpointError("no MoE expert tensors for layer 0 (neither fused mlp.experts.gate_up_proj nor "
+                          "per-expert mlp.experts.0.gate_proj.weight)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,19 +504,14 @@ def attention_mixer(cfg: Qwen35Config, p, h_BxTxD, cos, sin, mask, st=None, star
     v = jnp.einsum("btd,dkh->btkh", h_BxTxD, p["v"])
     q, k = _norm(cfg, q, p["q_norm"]), _norm(cfg, k, p["k_norm"])
     q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
-    new = None
-    if st is not None:
-        k_all = jax.lax.dynamic_update_slice_in_dim(st["k"], k.astype(st["k"].dtype), start, axis=1)
-        v_all = jax.lax.dynamic_update_slice_in_dim(st["v"], v.astype(st["v"].dtype), start, axis=1)
-        new = {"k": k_all, "v": v_all}
-        k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
-    o = L.dot_attention(q, k, v, mask, cfg.head_dim ** -0.5)
+    k, v, new = L.write_kv(st, k, v, start)
+    o = L.dot_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.head_dim ** -0.5)
     o = o * jax.nn.sigmoid(gate)
     return jnp.einsum("btnh,nhd->btd", o, p["o"]), new
 
 
 def moe_impl(cfg: Qwen35Config) -> str:
-    """The expert path to run, chosen by the platform the trace targets (:func:`prefjax.models.moe.target_platform`:
+    """The expert path to run, chosen by the platform the trace targets (:func:`prefjax.models.moe_layout.target_platform`:
     the mesh's under ``jax.set_mesh``, so an ahead-of-time compile for a TPU slice from a CPU host picks the TPU
     path): ``cfg.moe_impl``, except that
 
@@ -645,7 +520,7 @@ def moe_impl(cfg: Qwen35Config) -> str:
       get the partitionable "blocked" path, since a Pallas call on sharded weights would gather them whole;
     * on TPUs "pallas" (Triton, GPU-only) means "grouped": ``ragged_dot`` lowers to the TPU's native grouped
       matmul there (only the routed rows are multiplied; checked in tests/test_aot.py)."""
-    platform = M.target_platform()
+    platform = ML.target_platform()
     if cfg.moe_impl == "grouped" and platform == "gpu":
         if jax.device_count() > 1 and jax.sharding.get_abstract_mesh().empty:
             return "blocked"
@@ -706,26 +581,32 @@ def _block(cfg: Qwen35Config, lin_p, attn_p, experts, valid_BxT, cos, sin, mask,
     return block
 
 
+def embed(cfg: Qwen35Config, params, tokens_BxT):
+    """Token embeddings (unscaled)."""
+    return jnp.take(params["embed"], tokens_BxT, axis=0)
+
+
 def unembed(cfg: Qwen35Config, params, h_BxKxD):
+    """Logits from final-normed hidden states (the tied embedding or ``lm_head``)."""
     w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
     return jnp.einsum("bkd,vd->bkv", h_BxKxD, w.astype(h_BxKxD.dtype))
 
 
 def forward(cfg: Qwen35Config, params, tokens_BxT, valid_BxT, *, capture, pos_BxK=None, intervene=None,
-            unroll=False, state=None, start=0, pos_ids_BxT=None, is_prompt=True, logits=True):
+            unroll=False, state=None, start=0, pos_ids_BxT=None, is_prompt=True, logits=True) -> ForwardOut:
     """One pass over ``tokens_BxT`` (a prompt, or a decode step / continuation when ``state`` is given).
 
     ``valid_BxT`` is 1 on real tokens and 0 on (left) padding; padding is masked out of attention
     and never enters the DeltaNet state. With ``state`` (from :func:`init_state`) the tokens are
     written at slots ``start .. start+T-1``; a single-token call (T == 1) uses the recurrent delta
-    rule, longer ones the chunked form. Returns ``(logits [B, K|T, V] or None, captured dict,
-    final-normed h, new_state)``. ``blocks.{L}.hook_resid_post`` equals HF ``hidden_states[L+1]``
+    rule, longer ones the chunked form. Returns a :class:`~prefjax.models.stack.ForwardOut` ``(logits
+    [B, K|T, V] or None, captured dict, final-normed h, new_state)``. ``blocks.{L}.hook_resid_post`` equals HF ``hidden_states[L+1]``
     except after the last layer (HF applies the final norm there).
     """
     t = tokens_BxT.shape[1]
     valid_BxT = valid_BxT.astype(bool)
     si = step_inputs(valid_BxT, state=state, start=start, pos_ids_BxT=pos_ids_BxT, is_prompt=is_prompt)
-    x = jnp.take(params["embed"], tokens_BxT, axis=0)
+    x = embed(cfg, params, tokens_BxT)
     inv_freq = L.rope_inv_freq(cfg.head_dim, cfg.rope_base, rotary_dim=cfg.rotary_dim)
     cos, sin = L.rope_cos_sin(si.pos_ids_BxT, inv_freq, x.dtype)
     mask = L.attention_mask(si.q_slot_T, si.kv_slot_S, si.kv_valid_BxS, None)
@@ -738,11 +619,10 @@ def forward(cfg: Qwen35Config, params, tokens_BxT, valid_BxT, *, capture, pos_Bx
     (x, st), captured, _ = fold(block, blocks, (x, si.layer_state), n_layers=cfg.n_layers, aux=aux,
                                 state=None, capture=capture, pos_BxK=pos_BxK, intervene=intervene, ctx=si.ctx,
                                 unroll=unroll)
-    h = gather_positions(x, pos_BxK)
-    h = _norm(cfg, h, params["final_norm"])
-    if capture.final:
-        captured["ln_final.hook_normalized"] = h
-    return (unembed(cfg, params, h) if logits else None), captured, h, next_state(state, si, st)
+    return forward_tail(x, captured, pos_BxK=pos_BxK, capture=capture,
+                        final_norm=lambda h: _norm(cfg, h, params["final_norm"]),
+                        unembed=(lambda h: unembed(cfg, params, h)) if logits else None,
+                        state=state, inputs=si, layer_state=st)
 
 
 def init_state(cfg: Qwen35Config, batch: int, max_len: int, dtype) -> dict[str, Any]:
@@ -760,25 +640,24 @@ def init_state(cfg: Qwen35Config, batch: int, max_len: int, dtype) -> dict[str, 
             "valid": jnp.zeros((batch, max_len), bool)}
 
 
+def _near_one(key, shape, dtype):
+    return (1.0 + 0.1 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _log_uniform_1_16(key, shape, dtype):
+    return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
+
+
 def init_params(cfg: Qwen35Config, key, dtype=jnp.float32, scale: float = 0.02) -> dict[str, Any]:
-    """Random parameters: normal * scale for matrices, small normal for norm offsets, HF-like
-    ``A_log`` (log of U(1, 16)) and ``dt_bias`` (around 1) so the decay is realistic."""
-    out: dict[str, Any] = {}
-    shapes = param_shapes(cfg)
-    keys = jax.random.split(key, len(shapes))
-    for k_, (name, (shape, axes)) in zip(keys, shapes.items()):
-        if name.endswith("A_log"):
-            arr = jnp.log(jax.random.uniform(k_, shape, jnp.float32, 1.0, 16.0))
-        elif name.endswith("dt_bias"):
-            arr = 1.0 + 0.1 * jax.random.normal(k_, shape, jnp.float32)
-        elif name == "lin/norm":
-            arr = 1.0 + 0.1 * jax.random.normal(k_, shape, jnp.float32)
-        else:
-            s = 0.1 if "norm" in axes else scale
-            arr = jax.random.normal(k_, shape, jnp.float32) * s
-        parts = name.split("/")
-        node = out
-        for p_ in parts[:-1]:
-            node = node.setdefault(p_, {})
-        node[parts[-1]] = arr.astype(dtype)
-    return out
+    """Random parameters (:func:`prefjax.models.family.random_params`): normal * scale for matrices, small
+    normal for zero-centred norm offsets, and HF-like ``A_log`` (log of U(1, 16)), ``dt_bias`` (around 1)
+    and gated-norm weight ``lin/norm`` (around 1, it multiplies by ``w``) so the decay is realistic."""
+    special = {"lin/A_log": _log_uniform_1_16, "lin/dt_bias": _near_one, "lin/norm": _near_one}
+    return random_params(param_shapes(cfg), key, dtype, scale, special=special)
+
+
+FAMILY = Family(
+    name="qwen35", presets=PRESETS, config_from_hf=config_from_hf, param_shapes=param_shapes, hf_names=hf_names,
+    layer_rows=layer_rows, hf_prefixes=HF_PREFIXES, hf_skip_prefixes=HF_SKIP_PREFIXES, init_params=init_params,
+    init_state=init_state, forward_fn=forward, embed=embed, unembed=unembed,
+    plain_kv_state=False)  # DeltaNet layers keep conv windows and a recurrent state

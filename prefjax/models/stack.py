@@ -76,6 +76,27 @@ def next_state(state, inputs: StepInputs, layer_state):
     return None if state is None else {**layer_state, "valid": inputs.kv_valid_BxS}
 
 
+class ForwardOut(NamedTuple):
+    """What every family's ``forward`` returns. Unpacks as the 4-tuple it replaces:
+    ``logits, captured, h, state = forward(...)``."""
+
+    logits: Any     # [B, K|T, V], or None when called with logits=False
+    captured: Any   # hook name -> [B, K|T, D]
+    h: Any          # final-normed hidden state [B, K|T, D]
+    state: Any      # the decode state after the call (None in a plain forward)
+
+
+def forward_tail(x_BxTxD, captured, *, pos_BxK, capture: CaptureSpec, final_norm: Callable,
+                 unembed: Callable | None, state, inputs: StepInputs, layer_state) -> ForwardOut:
+    """The end every family's ``forward`` shares: gather the requested positions, apply the final norm
+    (``final_norm(h)``), record ``ln_final.hook_normalized`` when asked, unembed (``unembed(h)``; None
+    skips the logits) and assemble the new decode state."""
+    h = final_norm(gather_positions(x_BxTxD, pos_BxK))
+    if capture.final:
+        captured["ln_final.hook_normalized"] = h
+    return ForwardOut(None if unembed is None else unembed(h), captured, h, next_state(state, inputs, layer_state))
+
+
 def kv_state(n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype) -> dict[str, Any]:
     """An empty KV cache of ``max_len`` slots for every layer, plus the slot-validity mask."""
     shape = (n_layers, batch, max_len, n_kv_heads, head_dim)
