@@ -97,7 +97,11 @@ def base_config(arg: str, config_file: str):
     # 270M off the answer format; the sweep stays within +-0.1.
     c.steering = ml_collections.ConfigDict({"persona": "default", "layer": "best", "mode": "contrastive",
                                             "coefs": (-0.1, -0.05, -0.02, 0.0, 0.02, 0.05, 0.1), "n_pairs": 12,
-                                            "generate_tokens": 12})  # 0: logit mode only
+                                            "generate_tokens": 12,  # 0: logit mode only
+                                            # "" = the probe fit at the steering layer itself
+                                            "direction_layer": "",
+                                            # random directions placing the probe's local slope in a null
+                                            "n_null": 1000})
     c.inlp = ml_collections.ConfigDict({"n_iter": 5})
     c.patching = ml_collections.ConfigDict({"n_pairs": 6, "layers": "every3", "sources": ("swap", "persona"),
                                             "modes": ("eot", "span"), "min_effect": 0.02, "batch_size": 16,

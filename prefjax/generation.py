@@ -422,7 +422,7 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 1.0, t
     bs = -(-bs // dsize) * dsize
     greedy = temperature == 0.0
     use_top_p = (not greedy) and top_p < 1.0
-    params = model._params_for_run()
+    params = model.run_params()
     static = dict(family=model.family, cfg=model.config, spec=cap_spec, n_new=int(max_new_tokens),
                   greedy=greedy, top_k=0 if greedy else top_k, use_top_p=use_top_p, state_dtype=model.dtype,
                   mesh=mesh)

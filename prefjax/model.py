@@ -165,7 +165,8 @@ class Model:
         from prefjax.lora import attach_adapter
         return attach_adapter(self, adapter, merge=merge)
 
-    def _params_for_run(self):
+    def run_params(self):
+        """The parameters a forward pass uses: the base weights, with the LoRA adapter applied if any."""
         if self.adapter is None:
             return self.params
         return self.adapter.apply(self.params)
@@ -203,7 +204,7 @@ class Model:
             contiguous = prefix.contiguous and bool(valid.all())
             self._check_layout(prefix, valid)
         iv = self._intervention(intervene, steer, b, t)
-        state = _prefill_jit(self._params_for_run(), None if prefix is None else prefix.state, rows,
+        state = _prefill_jit(self.run_params(), None if prefix is None else prefix.state, rows,
                              jnp.asarray(tokens.astype(np.int32)), jnp.asarray(valid), iv,
                              family=self.family, cfg=self.config,
                              unroll=auto_unroll() if unroll is None else unroll, dtype=self.dtype)
@@ -318,13 +319,13 @@ class Model:
                            else jax.device_put(a, batch_sharding(self.mesh, a.ndim, b)))
         if prefix is not None:
             out_logits, captured = _run_prefix_jit(
-                self._params_for_run(), prefix.state, jnp.asarray(check_prefix_rows(prefix, prefix_rows, b)),
+                self.run_params(), prefix.state, jnp.asarray(check_prefix_rows(prefix, prefix_rows, b)),
                 jnp.asarray(tokens.astype(np.int32)), jnp.asarray(valid), None if pos is None else jnp.asarray(pos),
                 iv, family=self.family, cfg=self.config, spec=spec, unroll=unroll, want_logits=logits)
             return out_logits, H.order_cache(spec, captured)
         with mesh_context(self.mesh):
             out_logits, captured = _run_jit(
-                self._params_for_run(), shard(tokens.astype(np.int32)), shard(valid),
+                self.run_params(), shard(tokens.astype(np.int32)), shard(valid),
                 None if pos is None else shard(pos), iv, family=self.family, cfg=self.config,
                 spec=spec, unroll=unroll, want_logits=logits)
         return out_logits, H.order_cache(spec, captured)

@@ -284,8 +284,10 @@ def _fit_probes(ctx: Context) -> dict:
         null = shuffle_null(X[best], y, n_perm=cfg.probes.n_perm, alphas=alphas, splits=(train, ev, test),
                             seed=seed)
         mean_norm = ctx.act_summ[pname]["mean_norms"][hooks[best]]
-        probes[best].save(ctx.run.probe_dir(pname, best_layer), hook=hooks[best], layer=best_layer,
-                          position=pos_index, mean_resid_norm=mean_norm, persona=pname, alpha=probes[best].alpha)
+        # every layer's probe is kept: steering takes its direction from the layer it steers at
+        for li, (l, pr) in enumerate(zip(layers, probes)):
+            pr.save(ctx.run.probe_dir(pname, l), hook=hooks[li], layer=l, position=pos_index,
+                    mean_resid_norm=ctx.act_summ[pname]["mean_norms"][hooks[li]], persona=pname, alpha=pr.alpha)
         out["persona"][pname] = {"per_layer": per_layer, "best_layer": best_layer,
                                  "content_baseline": {"heldout_r": base["r"], "loto_r": base_loto["pooled_r"]},
                                  "shuffle_null": {k: null[k] for k in ("p_value", "observed_r", "null_mean")

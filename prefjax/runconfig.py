@@ -132,13 +132,17 @@ class ProbesConfig:
 @dataclasses.dataclass(frozen=True)
 class SteeringConfig:
     """``steering``: persona ("" = first), ``layer`` ("best" or an index), ``mode`` contrastive|single,
-    ``coefs`` (fractions of the mean residual norm), ``n_pairs``, ``generate_tokens`` (0 = logit only)."""
+    ``coefs`` (fractions of the mean residual norm), ``n_pairs``, ``generate_tokens`` (0 = logit only),
+    ``direction_layer`` (the layer whose probe gives the direction: "" = the steering layer; any other
+    value is an explicit, logged mismatch), ``n_null`` (random directions of the local-slope null)."""
     persona: str
     layer: str
     mode: str
     coefs: tuple[float, ...]
     n_pairs: int
     generate_tokens: int
+    direction_layer: str
+    n_null: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prefjax.hooks import CaptureSpec
+
 
 TOKEN_MODES = ("all", "prompt", "generated")
 STEER_POINT = "hook_resid_post"
@@ -203,6 +205,68 @@ def spec_intervention(spec, model, *, batch: int, seq: int, prompt_len: int | No
     if len(parts) == 1:
         return parts[0]
     return jax.tree_util.Partial(_apply_many, tuple(parts))
+
+
+def _add_vector(layers_K, mask_BxS, v_D, point, layer, x_BxTxD, ctx):
+    if point != STEER_POINT:
+        return x_BxTxD
+    hit = jnp.any(jnp.asarray(layer) == layers_K)
+    add = mask_BxS[:, :, None] * v_D[None, None, :]
+    return x_BxTxD + jnp.where(hit, add, 0.0).astype(x_BxTxD.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("family", "cfg"))
+def _readout_grad(params, tokens_BxT, valid_BxT, pos_Bx1, layers_K, mask_BxT, readout_BxV, *, family, cfg):
+    def objective(v_D):
+        iv = jax.tree_util.Partial(_add_vector, layers_K, mask_BxT, v_D)
+        out = family.forward(cfg, params, tokens_BxT, valid_BxT, capture=CaptureSpec(), pos_BxK=pos_Bx1,
+                             intervene=iv, unroll=False)
+        return jnp.sum(out.logits[:, 0, :].astype(jnp.float32) * readout_BxV)
+    return jax.grad(objective)(jnp.zeros((cfg.d_model,), jnp.float32))
+
+
+def readout_gradient(model, token_ids, attention_mask, positions, token_mask, layer: int, readout,
+                     *, batch_size: int = 16) -> np.ndarray:
+    """The gradient [d_model] of ``sum_b readout[b] . logits[b, positions[b]]`` with respect to a vector
+    ``v`` added at ``blocks.{layer}.hook_resid_post`` on every token, weighted by ``token_mask`` [B, T].
+
+    The local (coefficient -> 0) steering slope of that readout along any unit direction ``u`` with
+    :class:`SteerSpec` (``coef * scale * mask * u``) is then ``scale * <gradient, u>``: one backward pass
+    gives the slope of every direction at once, so a null over thousands of random directions is a
+    matrix product. ``token_ids``/``attention_mask``/``token_mask``: [B, T] (left padding allowed);
+    ``positions``: [B] (one read position per row); ``readout``: [B, vocab]. Rows run in chunks of
+    ``batch_size`` (one shape per chunk); one device only.
+    """
+    cfg = model.config
+    ids = np.asarray(token_ids, np.int32)
+    if ids.ndim != 2:
+        raise SteeringError(f"readout_gradient: token_ids must be [batch, seq], got shape {ids.shape}")
+    b, t = ids.shape
+    valid = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask, bool)
+    mask = np.asarray(token_mask, np.float32)
+    pos = np.asarray(positions, np.int32).reshape(-1)
+    ro = np.asarray(readout, np.float32)
+    for name, a, want in (("attention_mask", valid, (b, t)), ("token_mask", mask, (b, t)), ("positions", pos, (b,)),
+                          ("readout", ro, (b, int(cfg.vocab_size)))):
+        if a.shape != want:
+            raise SteeringError(f"readout_gradient: {name} has shape {a.shape}, expected {want}")
+    if not 0 <= int(layer) < cfg.n_layers:
+        raise SteeringError(f"readout_gradient: layer {layer} is outside the model's layers 0..{cfg.n_layers - 1}")
+    if np.any((pos < 0) | (pos >= t)):
+        raise SteeringError(f"readout_gradient: a position is outside 0..{t - 1}")
+    if model.mesh is not None:
+        raise SteeringError("readout_gradient runs on one device (the model has a mesh)")
+    layers = jnp.asarray([int(layer)], jnp.int32)
+    params = model.run_params()
+    grad = np.zeros(cfg.d_model, np.float64)
+    bs = max(1, min(int(batch_size), b))
+    for lo in range(0, b, bs):
+        rows = np.arange(lo, lo + bs) % b
+        keep = (np.arange(lo, lo + bs) < b).astype(np.float32)[:, None]  # the padding rows read nothing
+        g = _readout_grad(params, jnp.asarray(ids[rows]), jnp.asarray(valid[rows]), jnp.asarray(pos[rows, None]),
+                          layers, jnp.asarray(mask[rows]), jnp.asarray(ro[rows] * keep), family=model.family, cfg=cfg)
+        grad += np.asarray(g, np.float64)
+    return grad
 
 
 def steer(run_fn: Callable, spec) -> Callable:

@@ -53,7 +53,7 @@ def test_gemma3_lora_on_the_fly_and_merged_match_peft(lora_case):
     base, ad, ids, hf32, hf64 = lora_case
     fly = base.with_adapter(str(ad))
     assert fly.params is base.params  # base weights shared
-    assert "lora" in fly._params_for_run()["blocks"]  # applied inside the forward, not merged
+    assert "lora" in fly.run_params()["blocks"]  # applied inside the forward, not merged
     merged = base.with_adapter(str(ad), merge=True)
     for label, m in (("on the fly", fly), ("merged", merged)):
         assert_parity(_arrays(m, ids), hf32, hf64, label=label)

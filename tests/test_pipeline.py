@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -110,6 +111,17 @@ def test_summary_contents(finished):
     assert st["probe"][zero]["p_steered_mean"] == st["random"][zero]["p_steered_mean"]
     assert st["probe"][zero]["k"] == st["random"][zero]["k"]
     assert len(s["inlp"]["test_r"]) >= 1
+    # the direction comes from the probe fit at the steering layer (every layer's probe is saved)
+    assert st["direction_layer"] == st["layer"]
+    for layer in layers:
+        assert (wd / "probes" / "default" / f"blocks.{layer}.hook_resid_post").is_dir()
+    ls = st["local_slope"]  # the random-direction null of the local slope
+    assert ls["null"]["n_null"] == tiny_config().steering.n_null >= 100
+    assert 0 <= ls["null"]["percentile"] <= 100 and 0 < ls["null"]["p_two_sided"] <= 1
+    assert ls["slopes"]["probe"] == ls["null"]["effect"] and abs(ls["probe_cosine_with_gradient"]) <= 1
+    # the null of unit directions is centred on 0 with sd |g| / sqrt(d)
+    d = 64
+    assert abs(ls["null"]["null_sd"] - ls["gradient_norm"] / np.sqrt(d)) < 0.15 * ls["gradient_norm"] / np.sqrt(d)
 
 
 def test_steering_zero_coef_equals_unsteered_forward(finished, tiny_model):
@@ -296,3 +308,22 @@ def test_experiment_tiny_runs_first_two_stages(name, tmp_path, tiny_model):
         from prefjax.store import open_existing
         st = open_existing(str(tmp_path / "activations" / "default"))
         assert st.read().shape == (8, 4, 5, 64)
+
+
+def test_steering_direction_from_a_layer_without_a_probe_is_refused(finished, tiny_model):
+    """A direction layer with no probe is an error naming the layer and where probes exist, before compute."""
+    import dataclasses
+
+    from prefjax.experiments.steering import run_steering_stage
+    from prefjax.runconfig import RunConfig
+    from prefjax.stages import RunLayout
+    wd, _, s = finished
+    sc = dataclasses.replace(RunConfig.from_config(tiny_config()).steering, direction_layer="99")
+    layers = s["probes"]["layers"]
+    with pytest.raises(ValueError, match=re.escape(f"no probe at layer 99 for persona 'default' (probes exist at "
+                                                   f"layers {layers}")):
+        run_steering_stage(sc, RunLayout(str(wd)), tiny_model, [], {"default": None}, probe_summary=s["probes"],
+                           mean_norms={}, seed=0)
+    with pytest.raises(ValueError, match="steering.n_null is 10"):
+        run_steering_stage(dataclasses.replace(sc, n_null=10), RunLayout(str(wd)), tiny_model, [], {"default": None},
+                           probe_summary=s["probes"], mean_norms={}, seed=0)

@@ -255,3 +255,44 @@ def test_token_span_mask():
     assert [w for w, m in zip(words, mask) if m == -1] == ["sort", "numbers"]
     with pytest.raises(SteeringError, match="outside the text"):
         token_span_mask(_FakeTok(), text, [(5, 5000)])
+
+
+def test_readout_gradient_equals_finite_differences_of_steering(model):
+    """<readout_gradient, u> is the slope of the readout under SteerSpec steering along u (central
+    differences through Model.run), for a signed token mask with left padding; a wrong layer is refused."""
+    from prefjax.steering import readout_gradient
+    rng = np.random.default_rng(3)
+    b, t, v = 3, 10, model.config.vocab_size
+    ids = rng.integers(5, v, size=(b, t)).astype(np.int32)
+    att = np.ones((b, t), np.int32)
+    att[1, :3] = 0  # left padding
+    mask = np.zeros((b, t), np.float32)
+    mask[0, 2:5], mask[0, 6:8] = 1.0, -1.0
+    mask[1, 4:7] = 1.0
+    mask[2, 1:9] = 0.5
+    pos = np.full(b, t - 1)
+    readout = np.zeros((b, v), np.float32)
+    readout[np.arange(b), [11, 12, 13]] = [1.0, -2.0, 0.5]
+    readout[np.arange(b), [21, 22, 23]] = [-1.0, 1.0, -0.5]
+    layer = 1
+    grad = readout_gradient(model, ids, att, pos, mask, layer, readout, batch_size=2)
+    assert np.linalg.norm(grad) > 0
+
+    def value(u, c):
+        spec = SteerSpec(layer=layer, direction=u, coef=np.full(b, c, np.float32), scale=1.0, tokens=mask)
+        logits, _ = model.run(ids, attention_mask=att, positions=pos[:, None], steer=spec)
+        return float(np.sum(np.asarray(logits[:, 0, :], np.float64) * readout))
+
+    for seed in range(3):
+        u = rng.standard_normal(model.config.d_model)
+        u /= np.linalg.norm(u)
+        eps = 1e-2
+        fd = (value(u, eps) - value(u, -eps)) / (2 * eps)
+        np.testing.assert_allclose(grad @ u, fd, rtol=2e-3, atol=1e-4 * np.abs(grad).sum())
+    # a gradient taken at another layer gives other slopes
+    other = readout_gradient(model, ids, att, pos, mask, 0, readout)
+    assert np.linalg.norm(other - grad) > 1e-3 * np.linalg.norm(grad)
+    with pytest.raises(SteeringError, match="layer 99 is outside"):
+        readout_gradient(model, ids, att, pos, mask, 99, readout)
+    with pytest.raises(SteeringError, match="readout has shape"):
+        readout_gradient(model, ids, att, pos, mask, layer, readout[:, :5])

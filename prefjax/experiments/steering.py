@@ -23,11 +23,12 @@ from prefjax.elicit.runner import forced_text, label_token_ids
 from prefjax.generation import generate
 from prefjax.model import common_prefix_len
 from prefjax.probes import RidgeProbe
+from prefjax.probes.nulls import random_direction_null, random_unit_directions
 from prefjax.progress import log, progress
 from prefjax.runconfig import SteeringConfig
 from prefjax.stages import atomic_save_npz, atomic_write_json, resid_hook
 from prefjax.stats_small import wilson_interval
-from prefjax.steering import SteerSpec, random_direction, token_span_mask
+from prefjax.steering import SteerSpec, random_direction, readout_gradient, token_span_mask
 
 
 def steering_persona(config: SteeringConfig, personas) -> str:
@@ -68,6 +69,8 @@ def run_steering_stage(config: SteeringConfig, run, model, pool, personas, *, pr
     prompt) is one row of a batched sweep (:func:`steering_sweep`). Writes
     ``stages/steering/p_a.npz`` (and ``completions.json``) of ``run``.
     """
+    if config.n_null < 100:
+        raise ValueError(f"steering.n_null is {config.n_null}: the random-direction null needs at least 100 directions")
     pname = steering_persona(config, personas)
     ps = probe_summary["persona"][pname]
     layer = ps["best_layer"] if config.layer in ("", "best") else int(config.layer)
@@ -79,7 +82,16 @@ def run_steering_stage(config: SteeringConfig, run, model, pool, personas, *, pr
                 "the answer position cannot see it, so no effect is possible")
         log("warning: " + note)
     hook = resid_hook(layer)
-    direction = RidgeProbe.load(run.probe_dir(pname, ps["best_layer"])).direction
+    dir_layer = layer if config.direction_layer in ("", None) else int(config.direction_layer)
+    if dir_layer != layer:
+        log(f"steering: direction from the layer-{dir_layer} probe added at layer {layer} "
+            f"(steering.direction_layer={config.direction_layer!r})")
+    probe_layers = [d["layer"] for d in ps.get("per_layer", [])]
+    if probe_layers and dir_layer not in probe_layers:
+        raise ValueError(f"steering: no probe at layer {dir_layer} for persona {pname!r} (probes exist at layers "
+                         f"{probe_layers}, the captured activations.layers); steer at one of them or set "
+                         f"steering.direction_layer to one")
+    direction = RidgeProbe.load(run.probe_dir(pname, dir_layer)).direction
     scale = float(mean_norms.get(hook, ps["mean_resid_norm"]))
     coefs = [float(c) for c in config.coefs]
     n_pairs = config.n_pairs
@@ -116,9 +128,44 @@ def run_steering_stage(config: SteeringConfig, run, model, pool, personas, *, pr
         sampled = steered_completions(run, model, sweep, coefs, n_new)
     slope = float(np.polyfit(coefs, [r["p_steered_mean"] for r in results["probe"]], 1)[0])
     slope_rand = float(np.polyfit(coefs, [r["p_steered_mean"] for r in results["random"]], 1)[0])
-    return {"persona": pname, "layer": layer, "scale": scale, "mode": mode, "n_pairs": len(pairs), "n_prompts": P,
-            "coefs": coefs, "probe": results["probe"], "random": results["random"],
-            "slope_probe": slope, "slope_random": slope_rand, "note": note, "sampled": sampled}
+    local = local_slope_null(model, pairs, persona, mode, layer, scale, directions, n_null=config.n_null, seed=seed)
+    return {"persona": pname, "layer": layer, "direction_layer": dir_layer, "scale": scale, "mode": mode,
+            "n_pairs": len(pairs), "n_prompts": P, "coefs": coefs, "probe": results["probe"],
+            "random": results["random"], "slope_probe": slope, "slope_random": slope_rand,
+            "local_slope": local, "note": note, "sampled": sampled}
+
+
+def local_slope_null(model, pairs, persona, mode, layer, scale, directions, *, n_null: int, seed: int) -> dict:
+    """The probe's local steering slope placed among ``n_null`` random directions.
+
+    The slope of mean P(choose the steered task) in the coefficient at c = 0 along a unit direction u
+    is ``<g, u>`` for one vector g (``prefjax.steering.readout_gradient`` of the label-logit gap, each
+    prompt weighted by p(1 - p) at c = 0 and the sign of its steered label, times ``scale`` over the
+    number of prompts). So a null over many random directions costs one backward pass. Returns the
+    local slopes of the sweep's directions, the probe's cosine with g, and
+    :func:`prefjax.probes.nulls.random_direction_null` of the probe's slope among the random ones.
+    """
+    tok = model.tokenizer
+    ida, idb = label_token_ids(tok, DEFAULT_TEMPLATE)
+    seqs, masks, toward = steering_prompts(tok, pairs, persona, mode, forced=True)
+    P, t = len(seqs), max(len(s) for s in seqs)
+    ids, att, msk = np.zeros((P, t), np.int32), np.zeros((P, t), np.int32), np.zeros((P, t), np.float32)
+    for r, (sq, m) in enumerate(zip(seqs, masks)):
+        ids[r, t - len(sq):], att[r, t - len(sq):], msk[r, t - len(sq):] = sq, 1, m
+    logits, _ = model.run(ids, attention_mask=att, positions=np.full((P, 1), t - 1, np.int32))
+    lg = np.asarray(logits[:, 0, :], np.float64)
+    sign = np.where(np.asarray(toward) == "A", 1.0, -1.0)
+    p_steered = 1.0 / (1.0 + np.exp(-sign * (lg[:, ida] - lg[:, idb])))
+    readout = np.zeros((P, lg.shape[1]), np.float32)
+    w = scale * p_steered * (1.0 - p_steered) * sign / P
+    readout[:, ida], readout[:, idb] = w, -w
+    g = readout_gradient(model, ids, att, np.full(P, t - 1), msk, layer, readout)
+    units = {name: np.asarray(v, np.float64) / np.linalg.norm(v) for name, v in directions.items()}
+    slopes = {name: float(g @ u) for name, u in units.items()}
+    null = random_unit_directions(n_null, g.shape[0], seed=seed + 7919).astype(np.float64) @ g
+    gn = float(np.linalg.norm(g))
+    return {"slopes": slopes, "probe_cosine_with_gradient": float(units["probe"] @ g / gn) if gn > 0 else None,
+            "gradient_norm": gn, "null": random_direction_null(slopes["probe"], null)}
 
 
 def steering_sweep(model, pairs, persona, mode, layer, scale, coefs, directions, n_new, *, chunk: int = 112) -> dict:

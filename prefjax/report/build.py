@@ -51,6 +51,24 @@ def _timing_table(rows, load_s, report_s) -> tuple[str, dict]:
     return note + "\n\n" + "\n".join(lines), timing
 
 
+def _local_slope_text(steering: dict) -> str:
+    """The random-direction null of the steering slope, in words."""
+    ls = steering.get("local_slope")
+    if not ls:
+        return ""
+    nl = ls["null"]
+    q = nl["quantiles"]
+    lo, hi = q.get("0.025", q.get("0.05")), q.get("0.975", q.get("0.95"))
+    verdict = ("distinguishable from" if nl["p_two_sided"] < 0.05 else "not distinguishable from")
+    band = f" (central null range {lo:+.4f} to {hi:+.4f})" if lo is not None and hi is not None else ""
+    return (f"\n\nRandom-direction null (local slope at c = 0, one backward pass, {nl['n_null']} random unit "
+            f"directions at layer {steering['layer']}; direction from the layer-{steering.get('direction_layer', '?')} "
+            f"probe): the probe's slope {nl['effect']:+.4f} per unit coef sits at percentile "
+            f"{nl['percentile']:.1f} of the null{band}, two-sided p = {nl['p_two_sided']:.3g}: "
+            f"**{verdict} random directions**. Cosine of the probe with the slope gradient: "
+            f"{_fmt(ls['probe_cosine_with_gradient'], 3)}.")
+
+
 def build_report(run, *, model_source: str, pool, personas, mu, utilities, probes, transfer, steering, inlp, extra=None,
                  truth=None, load_seconds: float | None = None, stage_order: Sequence[str] = ()) -> str:
     """Write figures + ``summary.json`` + ``report.md`` into the run's workdir; return the report path.
@@ -127,7 +145,8 @@ def build_report(run, *, model_source: str, pool, personas, mu, utilities, probe
                          "the two labels (a coherence check: low means the steered model left the format).\n\n"
                          + "\n".join(lines) + f"\n\nSlope of P(steered) per unit coef: probe "
                          f"{steering['slope_probe']:+.3f}, random {steering['slope_random']:+.3f}."
-                         + (f"\n\n**Note:** {steering['note']}." if steering.get("note") else "")))
+                         + (f"\n\n**Note:** {steering['note']}." if steering.get("note") else "")
+                         + _local_slope_text(steering)))
         if steering.get("sampled"):
             sm = steering["sampled"]
             lines = ["| coef | chose steered (probe) [95% CI] | refusal | unparseable | coherence (loglik/token) | "
@@ -150,6 +169,10 @@ def build_report(run, *, model_source: str, pool, personas, mu, utilities, probe
                          "label": "random direction"}, title="Steering dose-response (sampled completions)")
         headline["steering slope (probe)"] = steering["slope_probe"]
         headline["steering slope (random)"] = steering["slope_random"]
+        if steering.get("local_slope"):
+            nl = steering["local_slope"]["null"]
+            headline["steering local slope: probe percentile among random directions"] = nl["percentile"]
+            headline["steering local slope: two-sided p"] = nl["p_two_sided"]
     if inlp:
         k = list(range(len(inlp.get("test_r", []))))
         if k:
