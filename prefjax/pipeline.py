@@ -43,8 +43,8 @@ from prefjax.experiments.steering import run_steering_stage, steering_persona
 from prefjax.experiments.truefalse import run_truefalse_stage
 from prefjax.launching import barrier, process_info
 from prefjax.organism import evaluate_recovery
-from prefjax.probes import (default_splits, evaluate_probe, fit_ridge, inlp, leave_one_topic_out, shuffle_null,
-                            transfer_matrix)
+from prefjax.probes import (default_splits, evaluate_probe, fit_ridge, inlp, leave_one_topic_out, nested_transfer,
+                            shuffle_null, transfer_matrix)
 from prefjax.progress import log, progress
 from prefjax.report.build import build_report
 from prefjax.runconfig import (STAGE_DEPS, STAGES, ChoicesConfig, RunConfig, TasksConfig, check_stages,
@@ -312,6 +312,13 @@ def transfer_stage(ctx: Context) -> dict:
         tp = transfer_matrix(Xs, Y, alphas=alphas, splits=splits, names=names) if len(names) > 1 else None
         tl = transfer_matrix(c.X_of(first), c.mu[first], alphas=alphas, splits=splits,
                              names=[str(l) for l in layers])
+        nested = None
+        if len(names) > 1:  # alpha by nested CV, bootstrap intervals, shuffle nulls, the whole alpha grid
+            nt = nested_transfer(Xs, Y, alphas=alphas, n_perm=c.cfg.probes.n_perm, seed=c.cfg.seed, names=names)
+            nested = {k: (np.asarray(nt[k]).tolist() if isinstance(nt[k], np.ndarray) else nt[k])
+                      for k in ("names", "alphas", "r", "ci_lo", "ci_hi", "p_value", "p_value_two_sided", "r_grid",
+                                "alpha_spread", "hangs_on_alpha", "fold_alpha", "utility_corr", "utility_corr_lo",
+                                "utility_corr_hi") if k in nt}
         atomic_save_npz(c.run.stage_file("transfer", "matrices.npz"),
                         persona_r=np.asarray(tp["r"]) if tp else np.zeros((1, 1)),
                         persona_utility_corr=np.asarray(tp["utility_corr"]) if tp else np.zeros((1, 1)),
@@ -319,7 +326,7 @@ def transfer_stage(ctx: Context) -> dict:
         return {"personas": names, "layer": best,
                 "persona_r": None if tp is None else np.asarray(tp["r"]).tolist(),
                 "utility_corr": None if tp is None else np.asarray(tp["utility_corr"]).tolist(),
-                "layers": layers, "layer_r": np.asarray(tl["r"]).tolist()}
+                "layers": layers, "layer_r": np.asarray(tl["r"]).tolist(), "persona_nested": nested}
     return ctx.once("transfer", body)
 
 

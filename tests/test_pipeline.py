@@ -91,6 +91,12 @@ def test_summary_contents(finished):
     assert t["personas"] == ["default", "evil"]
     assert np.asarray(t["persona_r"]).shape == (2, 2) and np.asarray(t["utility_corr"]).shape == (2, 2)
     assert np.asarray(t["layer_r"]).shape == (4, 4)
+    nt = t["persona_nested"]  # nested-CV alpha, bootstrap intervals, shuffle nulls, the whole alpha grid
+    r, lo, hi = (np.asarray(nt[k]) for k in ("r", "ci_lo", "ci_hi"))
+    assert r.shape == (2, 2) and np.all(lo <= r + 1e-12) and np.all(r <= hi + 1e-12)
+    assert np.asarray(nt["r_grid"]).shape == (len(tiny_config().probes.alphas), 2, 2)
+    assert np.all((np.asarray(nt["p_value_two_sided"]) > 0) & (np.asarray(nt["p_value_two_sided"]) <= 1))
+    assert "Cross-persona transfer" in (wd / "report.md").read_text()
     m = np.load(wd / "stages" / "transfer" / "matrices.npz")
     assert m["persona_r"].shape == (2, 2) and m["layer_r"].shape == (4, 4)
     st = s["steering"]
