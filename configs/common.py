@@ -36,19 +36,27 @@ class ModelRow:
     acts_batch: int
     from_checkpoints_dir: bool = False
     personas: tuple[str, ...] = ("default", "evil")
+    # TPU slices this model is meant for, each with its mesh (first = launch/aot.py's default); every
+    # preset compiles and fits with >= 10% HBM headroom (BUILD_NOTES "TPU ahead-of-time checks").
+    tpu: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
 
 
 MODELS: dict[str, ModelRow] = {
     "tiny": ModelRow("gemma3-tiny-tok", "gemma3-tiny-tok", "float32", (1, 1, 1, 1), "all", 16, 16),
     "gemma3-270m": ModelRow("gemma3-270m", "gemma3-270m", "float32", (1, 1, 1, 1), "all", 16, 16),
     "gemma3-27b": ModelRow("gemma-3-27b-it", "gemma3-27b", "bfloat16", (1, 8, 1, 1), "every4", 32, 32,
-                           from_checkpoints_dir=True),
+                           from_checkpoints_dir=True,
+                           tpu=(("v5e:4x4", (("fsdp", 16),)),            # v5e-16
+                                ("v5p:2x2x1", (("fsdp", 4),)))),          # v5p-8 (4 chips)
     "qwen35-122b-a10b": ModelRow("Qwen3.5-122B-A10B", "qwen35-122b-a10b", "bfloat16", (1, 2, 1, 4), "every4",
-                                 32, 32, from_checkpoints_dir=True),
+                                 32, 32, from_checkpoints_dir=True,
+                                 tpu=(("v5p:2x2x4", (("fsdp", 2), ("expert", 8))),                 # v5p-32
+                                      ("v6e:8x8", (("fsdp", 2), ("tensor", 2), ("expert", 16))))),  # v6e-64
     # Personas are LoRA adapters trained on Llama-3.1-8B-Instruct: relative names resolve under adapters_dir.
     "llama31-8b": ModelRow("Llama-3.1-8B-Instruct", "llama31-8b", "bfloat16", (1, 1, 1, 1), "every2", 32, 32,
                            from_checkpoints_dir=True,
-                           personas=("default", "adapter:evil", "adapter:sycophant", "adapter:scholar")),
+                           personas=("default", "adapter:evil", "adapter:sycophant", "adapter:scholar"),
+                           tpu=(("v5e:2x2", (("fsdp", 4),)),)),          # v5e-4
 }
 ALIASES = {"": "gemma3-270m"}
 

@@ -1,4 +1,5 @@
-"""TPU mesh presets per model: which slice each model runs on and how its arrays are split.
+"""TPU mesh presets per model (declared in ``configs/common.py``'s model table): which slice each model runs
+on and how its arrays are split.
 
 ``tpu_mesh(model, topology)`` gives the mesh ``{axis: size}`` (axes of :data:`prefjax.sharding.MESH_AXES`)
 for a model of ``configs/common.py`` on a TPU slice (``"v5e:4x4"``, or an accelerator-type name such as
@@ -27,21 +28,15 @@ process sees the whole slice, and the mesh spans all of its chips.
 
 from __future__ import annotations
 
+from configs.common import MODELS
+
+# The presets live in the model table (configs/common.py, ModelRow.tpu); these are views of it.
 # (model, topology) -> mesh. Topologies in libtpu's '<generation>:<chips per axis>' form.
 TPU_MESHES: dict[tuple[str, str], dict[str, int]] = {
-    ("gemma3-27b", "v5e:4x4"): {"fsdp": 16},            # v5e-16
-    ("gemma3-27b", "v5p:2x2x1"): {"fsdp": 4},           # v5p-8 (4 chips)
-    ("qwen35-122b-a10b", "v5p:2x2x4"): {"fsdp": 2, "expert": 8},                # v5p-32 (16 chips)
-    ("qwen35-122b-a10b", "v6e:8x8"): {"fsdp": 2, "tensor": 2, "expert": 16},    # v6e-64
-    ("llama31-8b", "v5e:2x2"): {"fsdp": 4},             # v5e-4
-}
+    (model, topo): dict(mesh) for model, row in MODELS.items() for topo, mesh in row.tpu}
 
-# The slice each large model is meant for (first = default for launch/aot.py's --topology=preset).
-TPU_SLICES: dict[str, tuple[str, ...]] = {
-    "gemma3-27b": ("v5e:4x4", "v5p:2x2x1"),
-    "qwen35-122b-a10b": ("v5p:2x2x4", "v6e:8x8"),
-    "llama31-8b": ("v5e:2x2",),
-}
+# The slices each large model is meant for (first = default for launch/aot.py's --topology=preset).
+TPU_SLICES: dict[str, tuple[str, ...]] = {model: tuple(t for t, _ in row.tpu) for model, row in MODELS.items() if row.tpu}
 
 # Accelerator-type names accepted for the topology (v5p counts TensorCores, two per chip).
 _ALIASES = {"v5e-4": "v5e:2x2", "v5e-16": "v5e:4x4", "v5p-8": "v5p:2x2x1", "v5p-32": "v5p:2x2x4",
