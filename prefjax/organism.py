@@ -576,4 +576,10 @@ def evaluate_recovery(workdir: str, organism_dir: str) -> dict:
         out["steering"] = {k: s[k] for k in ("persona", "layer", "slope_probe", "slope_random", "coefs")}
         out["steering"]["p_probe"] = [r["p_steered_mean"] for r in s["probe"]]
         out["steering"]["p_random"] = [r["p_steered_mean"] for r in s["random"]]
+        if s.get("local_slope"):
+            nl = s["local_slope"]["null"]
+            out["steering"]["direction_layer"] = s.get("direction_layer")
+            out["steering"]["local_slope"] = {"probe": nl["effect"], "percentile": nl["percentile"],
+                                              "p_two_sided": nl["p_two_sided"], "n_null": nl["n_null"],
+                                              "cosine": s["local_slope"]["probe_cosine_with_gradient"]}
     return out

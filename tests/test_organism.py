@@ -101,18 +101,24 @@ def test_pipeline_recovers_planted_preferences(tmp_path):
     assert max(tr[0, 1], tr[1, 0]) < THRESH["transfer_max"], tr
     assert min(tr[0, 1], tr[1, 0]) < THRESH["transfer_min"], tr
     assert rec["transfer"]["utility_corr"][0][1] < THRESH["utility_corr_max"]
-    # Steering: the probe direction moves P(A) far more than a random direction. The SIGN is not
-    # asserted: in this organism +probe on Task A's span lowers P(A) (measured slope -0.052).
+    # Steering, direction from the probe at the steering layer (layer 0): its local slope lies outside
+    # the null of 1,000 random directions. The SIGN is not asserted: nothing in this organism's training
+    # ties the end-of-turn direction to what the model reads on the task span (issue 15: the layer-0
+    # probe is anti-aligned with the slope gradient).
     st = rec["steering"]
-    assert abs(st["slope_probe"]) > THRESH["steer_ratio"] * abs(st["slope_random"]), st
+    assert st["direction_layer"] == st["layer"] == 0
+    assert st["local_slope"]["n_null"] >= 100 and st["local_slope"]["p_two_sided"] <= THRESH["steer_null_p"], st
 
 
 # Measured on the 2-core CPU sandbox, 2026-11-27 (seed 0, 600 steps): held-out pair r 0.547;
 # utility r 0.667 (default) / 0.637 (evil); probe r vs hidden 0.641 / 0.594; transfer r
 # default->evil -0.80, evil->default -0.07; utility corr -0.885; steering slope probe -0.052 vs
-# random -0.0057 (ratio 9.2). Thresholds sit ~0.2 below (ratio: a third).
+# random -0.0057 (ratio 9.2; that was the layer-1 probe added at layer 0). Thresholds sit ~0.2 below.
+# 2026-11-30, direction from the matching layer-0 probe: finite slopes -0.043 (probe) vs -0.017 (one random
+# direction); local slope at percentile 0.0 of 1,000 random directions, two-sided p = 1/1001 (the
+# smallest possible): the null threshold 0.01 is ten times that.
 THRESH = {"pair_r": 0.35, "utility_r": 0.45, "probe_r_hidden": 0.4, "transfer_max": 0.2, "transfer_min": -0.4,
-          "utility_corr_max": -0.7, "steer_ratio": 3.0}
+          "utility_corr_max": -0.7, "steer_null_p": 0.01}
 
 
 KILL_SCRIPT = r"""
