@@ -55,6 +55,15 @@ def steering_prompts(tok, pairs, persona, mode: str, *, forced: bool):
     return seqs, masks, toward
 
 
+def left_pad(seqs, masks):
+    """Token-id rows and their steering masks, left-padded to the longest: (ids, attention, mask) [P, T]."""
+    P, t = len(seqs), max(len(s) for s in seqs)
+    ids, att, msk = np.zeros((P, t), np.int32), np.zeros((P, t), np.int32), np.zeros((P, t), np.float32)
+    for r, (sq, m) in enumerate(zip(seqs, masks)):
+        ids[r, t - len(sq):], att[r, t - len(sq):], msk[r, t - len(sq):] = sq, 1, m
+    return ids, att, msk
+
+
 def run_steering_stage(config: SteeringConfig, run, model, pool, personas, *, probe_summary, mean_norms,
                        seed: int) -> dict:
     """Dose-response of P(choose the steered task) over coefficients, probe direction vs random.
@@ -148,10 +157,8 @@ def local_slope_null(model, pairs, persona, mode, layer, scale, directions, *, n
     tok = model.tokenizer
     ida, idb = label_token_ids(tok, DEFAULT_TEMPLATE)
     seqs, masks, toward = steering_prompts(tok, pairs, persona, mode, forced=True)
-    P, t = len(seqs), max(len(s) for s in seqs)
-    ids, att, msk = np.zeros((P, t), np.int32), np.zeros((P, t), np.int32), np.zeros((P, t), np.float32)
-    for r, (sq, m) in enumerate(zip(seqs, masks)):
-        ids[r, t - len(sq):], att[r, t - len(sq):], msk[r, t - len(sq):] = sq, 1, m
+    ids, att, msk = left_pad(seqs, masks)
+    P, t = ids.shape
     logits, _ = model.run(ids, attention_mask=att, positions=np.full((P, 1), t - 1, np.int32))
     lg = np.asarray(logits[:, 0, :], np.float64)
     sign = np.where(np.asarray(toward) == "A", 1.0, -1.0)
@@ -195,10 +202,8 @@ def steering_sweep(model, pairs, persona, mode, layer, scale, coefs, directions,
            "tokens": {n: [None] * len(coefs) for n in names}, "texts": {n: [None] * len(coefs) for n in names}}
     bar = progress(total=len(names) * len(coefs) * P, desc="steering", unit="prompt")
     if not batched:  # one coefficient at a time: a forced-prefix forward, then generate
-        t = max(len(s) for s in forced)
-        ids, att, msk = (np.zeros((P, t), np.int32), np.zeros((P, t), np.int32), np.zeros((P, t), np.float32))
-        for r, (s, m) in enumerate(zip(forced, fmasks)):
-            ids[r, t - len(s):], att[r, t - len(s):], msk[r, t - len(s):] = s, 1, m
+        ids, att, msk = left_pad(forced, fmasks)
+        t = ids.shape[1]
         width = max(len(p) for p in plain)
         gmask = np.zeros((P, width), np.float32)
         for r, m in enumerate(masks):

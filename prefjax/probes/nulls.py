@@ -53,6 +53,12 @@ def _check_count(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def _check_cv_args(alphas, inner, n_perm, n_boot, level):
+    """The arguments the nested procedures share, checked (errors name the argument)."""
+    return (_check_alphas(alphas), _check_count("inner", inner, 2), _check_count("n_perm", n_perm, 0),
+            _check_count("n_boot", n_boot, 100), _check_level(level))
+
+
 def kfold_ids(n: int, k: int, seed: int = 0, groups=None) -> np.ndarray:
     """Fold id in ``0..k-1`` for each of ``n`` tasks: a balanced random assignment under ``seed``.
 
@@ -231,11 +237,7 @@ def nested_cv_ridge(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, outer=5, 
         raise ValueError(f"X must be [n, d], got shape {X.shape}")
     if y.shape != (X.shape[0],):
         raise ValueError(f"y must have shape ({X.shape[0]},) to match X, got {y.shape}")
-    alphas = _check_alphas(alphas)
-    inner = _check_count("inner", inner, 2)
-    n_perm = _check_count("n_perm", n_perm, 0)
-    n_boot = _check_count("n_boot", n_boot, 100)
-    level = _check_level(level)
+    alphas, inner, n_perm, n_boot, level = _check_cv_args(alphas, inner, n_perm, n_boot, level)
     n = len(y)
     if groups is not None and np.asarray(groups).shape != (n,):
         raise ValueError(f"groups must have shape ({n},), got {np.asarray(groups).shape}")
@@ -331,11 +333,7 @@ def nested_transfer(X_SxNxD, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, out
         check_finite(f"y[{s}]" if y.ndim == 2 else "y", Y[s])
     if names is not None and len(names) != S:
         raise ValueError(f"names has {len(names)} entries for S={S} sources")
-    alphas = _check_alphas(alphas)
-    inner = _check_count("inner", inner, 2)
-    n_perm = _check_count("n_perm", n_perm, 0)
-    n_boot = _check_count("n_boot", n_boot, 100)
-    level = _check_level(level)
+    alphas, inner, n_perm, n_boot, level = _check_cv_args(alphas, inner, n_perm, n_boot, level)
     if not alpha_window_decades >= 0:
         raise ValueError(f"alpha_window_decades must be >= 0, got {alpha_window_decades}")
     if not alpha_tolerance >= 0:
