@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from prefjax.checkpoints.hf import CheckpointError, load_params, nest_paths, read_config, resolve_dtype
 from prefjax.model import Model
-from prefjax.models import family_for_model_type, family_for_preset
+from prefjax.models import FAMILIES, family_for_model_type, family_for_preset
+from prefjax.models.planted import PlantedConfig
 from prefjax.sharding import named
 
 # Presets backed by real weights (everything else named like a preset is random-init).
 REAL_PRESETS = {"gemma3-270m": "packaged-gguf"}
+PLANTED_FILE = "planted.json"          # a planted organism folder (prefjax.organism_planted)
+PLANTED_ARRAYS = "planted.npz"
 # Random-init presets that borrow the packaged Gemma-3 tokenizer (same vocabulary), for tests.
 TOKENIZER_PRESETS = {"gemma3-tiny-tok": "packaged-gguf"}
 
@@ -35,6 +42,8 @@ def load(source: str | Path, *, dtype=None, mesh=None, adapter=None, merge: bool
         model = _load_gguf(default_gguf_path(), dtype=dt, mesh=mesh, name=src)
     elif src.endswith(".gguf"):
         model = _load_gguf(Path(src), dtype=dt, mesh=mesh, name=src)
+    elif Path(src).is_dir() and (Path(src) / PLANTED_FILE).is_file():
+        model = _load_planted(Path(src), dtype=dtype, mesh=mesh)
     elif Path(src).is_dir():
         model = _load_hf_dir(Path(src), dtype=dt, mesh=mesh)
     elif "/" in src or Path(src).suffix:
@@ -63,6 +72,52 @@ def load(source: str | Path, *, dtype=None, mesh=None, adapter=None, merge: bool
 def sharding_tree(shapes, mesh):
     """Nested dict of ``NamedSharding`` for ``{"a/b": (shape, logical axes)}`` on ``mesh``."""
     return nest_paths({path: named(shape, axes, mesh) for path, (shape, axes) in shapes.items()})
+
+
+def _load_planted(folder: Path, *, dtype, mesh) -> Model:
+    """A :mod:`prefjax.models.planted` organism: its base model plus the planted circuit's arrays."""
+    if mesh is not None:
+        raise ValueError(f"{folder}: a planted organism runs on one device (no mesh)")
+    where = folder / PLANTED_FILE
+    meta = json.loads(where.read_text())
+    for key in ("base", "config"):
+        if key not in meta:
+            raise CheckpointError(f"{where}: missing field {key!r}")
+    base = load(meta["base"], dtype=dtype)
+    if base.family is not FAMILIES["gemma3"]:
+        raise CheckpointError(f"{where}: base {meta['base']!r} is a {base.family.name} model; the planted "
+                              "circuit is defined on Gemma-3")
+    fields = {f.name for f in dataclasses.fields(PlantedConfig)} - {f.name for f in dataclasses.fields(base.config)}
+    extra = set(meta["config"]) - fields
+    if extra:
+        raise CheckpointError(f"{where}: unknown config field(s) {sorted(extra)}; known: {sorted(fields)}")
+    conf = dict(meta["config"])
+    conf["label_ids"] = tuple(conf.get("label_ids", (0, 0)))
+    cfg = PlantedConfig(**{**dataclasses.asdict(base.config), **conf})
+    arrays_file = folder / PLANTED_ARRAYS
+    with np.load(arrays_file) as z:
+        a = {k: np.asarray(z[k]) for k in z.files}
+    need = {"dirs": (cfg.n_features, cfg.d_model), "lex_ids": None, "lex_scores": None,
+            "triggers": (max(cfg.n_personas, 1),), "weights": (cfg.n_personas + 1, cfg.n_features),
+            "gain": (), "kappa": ()}
+    for k, shape in need.items():
+        if k not in a:
+            raise CheckpointError(f"{arrays_file}: missing array {k!r}")
+        if shape is not None and a[k].shape != shape:
+            raise CheckpointError(f"{arrays_file}: array {k!r} has shape {a[k].shape}, expected {shape}")
+    ids = a["lex_ids"].astype(np.int64)
+    if a["lex_scores"].shape != (len(ids), cfg.n_features) or ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise CheckpointError(f"{arrays_file}: lex_ids/lex_scores must be [N] token ids and [N, {cfg.n_features}]")
+    scores = np.zeros((cfg.vocab_size, cfg.n_features), np.float32)
+    scores[ids] = a["lex_scores"]
+    is_lex = np.zeros((cfg.vocab_size,), np.float32)
+    is_lex[ids] = 1.0
+    planted = {"dirs": a["dirs"].astype(np.float32), "scores": scores, "is_lex": is_lex,
+               "triggers": a["triggers"].astype(np.int32), "weights": a["weights"].astype(np.float32),
+               "gain": np.float32(a["gain"]), "kappa": np.float32(a["kappa"])}
+    params = dict(base.params)
+    params["planted"] = jax.tree_util.tree_map(jnp.asarray, planted)
+    return Model(FAMILIES["gemma3_planted"], cfg, params, tokenizer=base.tokenizer, source=str(folder))
 
 
 def _load_hf_dir(folder: Path, *, dtype, mesh) -> Model:

@@ -41,7 +41,7 @@ class DictSource:
 
 
 def test_table_is_declared_and_complete():
-    assert set(FAMILIES) == {"gemma3", "llama", "qwen3", "qwen35"}
+    assert set(FAMILIES) == {"gemma3", "llama", "qwen3", "qwen35", "gemma3_planted"}
     for name, fam in FAMILIES.items():
         assert isinstance(fam, Family) and fam.name == name
         for field in ModelFamily.__annotations__:  # every declared part of the contract is there
@@ -55,7 +55,7 @@ def test_table_is_declared_and_complete():
     assert not hasattr(model_mod, "_FAMILIES") and not hasattr(model_mod, "register_family")
     assert qwen3.FAMILY.forward_fn is llama.forward and qwen3.FAMILY.presets is qwen3.PRESETS
     assert FAMILIES["gemma3"].hf_config is gemma3.hf_config and FAMILIES["llama"].hf_config is None
-    assert [f.plain_kv_state for f in FAMILIES.values()] == [True, True, True, False]
+    assert [f.plain_kv_state for f in FAMILIES.values()] == [True, True, True, False, False]
 
 
 def test_unknown_names_are_clear_errors():

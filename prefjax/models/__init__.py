@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from prefjax.models import gemma3, llama, qwen3, qwen35
+from prefjax.models import gemma3, llama, planted, qwen3, qwen35
 from prefjax.models.family import Family
 
 FAMILIES: MappingProxyType[str, Family] = MappingProxyType(
-    {f.name: f for f in (gemma3.FAMILY, llama.FAMILY, qwen3.FAMILY, qwen35.FAMILY)})
+    {f.name: f for f in (gemma3.FAMILY, llama.FAMILY, qwen3.FAMILY, qwen35.FAMILY, planted.FAMILY)})
 
 # HF model_type -> family name.
 MODEL_TYPES: MappingProxyType[str, str] = MappingProxyType({
