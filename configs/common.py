@@ -98,8 +98,10 @@ def base_config(arg: str, config_file: str):
         "template": ""})  # "" = the default choice template; else a JSON file of ChoiceTemplate fields
     c.activations = ml_collections.ConfigDict({"layers": row.layers, "n_after": 0, "batch_size": row.acts_batch,
                                                "dtype": "float32"})
+    # alpha by nested cross-validation: cv_outer folds estimate held-out r, cv_inner folds (inside each
+    # outer training set) choose alpha
     c.probes = ml_collections.ConfigDict({"alphas": (1.0, 10.0, 100.0, 1e3, 1e4, 1e5), "position_index": 0,
-                                          "n_perm": 100})
+                                          "n_perm": 100, "cv_outer": 5, "cv_inner": 5})
     # Coefficients are fractions of the mean residual norm at the steering layer. Gemma's residual norms
     # are dominated by a few huge dimensions (6e3 at layer 9 of the 270M), so 0.25 already pushes the
     # 270M off the answer format; the sweep stays within +-0.1.
@@ -109,7 +111,10 @@ def base_config(arg: str, config_file: str):
                                             # "" = the probe fit at the steering layer itself
                                             "direction_layer": "",
                                             # random directions placing the probe's local slope in a null
-                                            "n_null": 1000})
+                                            "n_null": 1000,
+                                            # dose-response slopes use |c| <= linear_max only (the
+                                            # paper's linear range); larger coefs are shown, not fitted
+                                            "linear_max": 0.1})
     c.inlp = ml_collections.ConfigDict({"n_iter": 5})
     c.patching = ml_collections.ConfigDict({"n_pairs": 6, "layers": "every3", "sources": ("swap", "persona"),
                                             "modes": ("eot", "span"), "min_effect": 0.02, "batch_size": 16,
@@ -128,7 +133,7 @@ def base_config(arg: str, config_file: str):
         c.choices.active_rounds = 0
         c.probes.n_perm = 10
         c.steering.n_pairs = 3
-        c.steering.coefs = (-1.0, 0.0, 1.0)
+        c.steering.coefs = (-1.0, -0.1, 0.0, 0.1, 1.0)  # +-1 saturates: shown, not used for slopes
         c.inlp.n_iter = 1
         c.patching.n_pairs = 2
         c.pref_shift.n_boot = c.pref_shift.n_perm = 100

@@ -43,8 +43,8 @@ from prefjax.experiments.steering import run_steering_stage, steering_persona
 from prefjax.experiments.truefalse import run_truefalse_stage
 from prefjax.launching import barrier, process_info
 from prefjax.organism import evaluate_recovery
-from prefjax.probes import (default_splits, evaluate_probe, fit_ridge, inlp, leave_one_topic_out, nested_transfer,
-                            shuffle_null, transfer_matrix)
+from prefjax.probes import (bootstrap_ci, default_splits, evaluate_probe, fit_ridge_at, inlp, leave_one_topic_out,
+                            nested_cv_ridge, nested_transfer, transfer_matrix)
 from prefjax.progress import log, progress
 from prefjax.report.build import build_report
 from prefjax.runconfig import (STAGE_DEPS, STAGES, ChoicesConfig, RunConfig, TasksConfig, check_stages,
@@ -58,7 +58,7 @@ from prefjax.tasks.pool import TaskPool
 from prefjax.utility import ActiveConfig, ActiveLearner, fit_thurstonian
 
 __all__ = ["STAGES", "STAGE_DEPS", "STAGE_FNS", "Context", "run_pipeline", "check_stages", "resolve_layers",
-           "load_task_pool", "config_mesh", "split_half_reliability", "elicit_persona"]
+           "load_task_pool", "config_mesh", "check_cv_folds", "split_half_reliability", "elicit_persona"]
 
 
 def config_mesh(cfg: RunConfig):
@@ -252,46 +252,97 @@ def activations_stage(ctx: Context) -> dict:
 
 
 def probes_stage(ctx: Context) -> dict:
-    """Ridge probes per layer and persona with held-out, leave-one-topic-out, content-baseline and
-    shuffle-null controls; the best layer's probe is saved (``run.probe_dir(persona, layer)``)."""
+    """Ridge probes per layer and persona. The headline held-out r of each layer comes from nested
+    cross-validation (``probes.cv_outer`` outer folds estimate; ``probes.cv_inner`` inner folds inside
+    each outer training set choose alpha), with a bootstrap interval, the per-fold alphas and a
+    label-shuffle null refitted through the same procedure. The probe saved for the later stages
+    (``run.probe_dir(persona, layer)``, every layer) is fitted once on the tasks outside the test split,
+    at the alpha that inner-fold cross-validation on those tasks chooses; its test-split r is
+    ``heldout_r`` (with interval and its own shuffle null). Leave-one-topic-out and content-baseline
+    controls carry bootstrap intervals."""
     return ctx.once("probes", _fit_probes)
+
+
+def check_cv_folds(n: int, outer: int, inner: int) -> None:
+    """Refuse a task count too small for the nested cross-validation (before any compute): every outer
+    test fold needs >= 3 tasks and every outer training set >= 2 * inner."""
+    if outer < 2 or inner < 2:
+        raise ValueError(f"probes.cv_outer and probes.cv_inner must be >= 2, got {outer} and {inner}")
+    if n // outer < 3 or n - -(-n // outer) < 2 * inner:
+        raise ValueError(f"{n} tasks are too few for probes.cv_outer={outer}, probes.cv_inner={inner}: each outer "
+                         f"test fold needs >= 3 tasks and each outer training set >= {2 * inner}")
+
+
+def _nested_summary(cv: dict) -> dict:
+    out = {k: cv[k] for k in ("r", "ci", "level", "fold_r", "fold_alpha", "fold_n", "alpha", "alphas", "r_by_alpha")}
+    nl = cv.get("null")
+    out.update(p_value=nl["p_value"] if nl else None, null_mean=nl["mean"] if nl else None,
+               n_perm=nl["n_perm"] if nl else 0)
+    return out
 
 
 def _fit_probes(ctx: Context) -> dict:
     cfg, layers, hooks, n = ctx.cfg, ctx.layers, ctx.hooks, len(ctx.pool)
-    alphas, seed, pos_index = cfg.probes.alphas, cfg.seed, cfg.probes.position_index
-    train, ev, test = default_splits(n, seed)
+    pc = cfg.probes
+    alphas, seed, pos_index, n_perm = pc.alphas, cfg.seed, pc.position_index, pc.n_perm
+    check_cv_folds(n, pc.cv_outer, pc.cv_inner)
+    _, _, test = default_splits(n, seed)
+    fit_idx = np.setdiff1d(np.arange(n), test)  # train + eval: alpha is chosen by inner CV, no eval split
     topics = np.asarray(ctx.pool.topic_array())
     emb = content_embeddings(ctx.model, ctx.pool)
-    out = {"layers": layers, "persona": {}}
+    cv_kw = dict(alphas=alphas, inner=pc.cv_inner, seed=seed)
+
+    def probe_at(X1, y):
+        """(nested CV over all tasks, the saved probe fitted outside the test split, its fixed-split CV)."""
+        cv = nested_cv_ridge(X1, y, outer=pc.cv_outer, n_perm=n_perm, **cv_kw)
+        split = nested_cv_ridge(X1, y, outer=[test], n_perm=n_perm, **cv_kw)
+        probe = fit_ridge_at(X1, y, split["fold_alpha"][0], fit_idx, alphas=alphas, cv_r=split["inner_r"][0])
+        return cv, split, probe
+
+    def loto_with_ci(X1, y):
+        loto = leave_one_topic_out(X1, y, topics, alphas=alphas, seed=seed)
+        ci = bootstrap_ci(loto["predictions"], y, seed=seed)
+        return loto["pooled_r"], [ci["lo"], ci["hi"]]
+
+    out = {"layers": layers, "persona": {}, "cv_outer": pc.cv_outer, "cv_inner": pc.cv_inner, "n_perm": n_perm,
+           "n_test": int(len(test)), "n_fit": int(len(fit_idx))}
     bar = progress(total=len(ctx.personas) * (len(layers) + 1), desc="probes", unit="fit")
     for pname in ctx.personas:
         X = ctx.X_of(pname)
         y = ctx.mu[pname]
-        probes = fit_ridge(X, y, alphas=alphas, eval_idx=ev, train_idx=train)
-        per_layer = []
-        for li, (l, pr) in enumerate(zip(layers, probes)):
+        per_layer, probes = [], []
+        for li, l in enumerate(layers):
+            cv, split, pr = probe_at(X[li], y)
             m = evaluate_probe(pr, X[li], y, test)
-            loto = leave_one_topic_out(X[li], y, topics, alphas=alphas, seed=seed)
-            per_layer.append({"layer": l, "alpha": pr.alpha, "heldout_r": m["r"],
-                              "heldout_acc": m["pairwise_acc"], "loto_r": loto["pooled_r"]})
+            loto_r, loto_ci = loto_with_ci(X[li], y)
+            sn = split.get("null")
+            per_layer.append({"layer": l, "nested": _nested_summary(cv), "alpha": pr.alpha,
+                              "heldout_r": m["r"], "heldout_ci": split["ci"],
+                              "heldout_p": sn["p_value"] if sn else None, "heldout_acc": m["pairwise_acc"],
+                              "loto_r": loto_r, "loto_ci": loto_ci})
+            probes.append(pr)
             bar.update(1)
-        best = int(np.nanargmax([d["heldout_r"] if d["heldout_r"] is not None else -2 for d in per_layer]))
+        # best layer by the nested-CV r (the maximum over layers is mildly optimistic: said in the report)
+        best = int(np.nanargmax([d["nested"]["r"] if np.isfinite(d["nested"]["r"]) else -2 for d in per_layer]))
         best_layer = layers[best]
-        base_probe = fit_ridge(emb, y, alphas=alphas, eval_idx=ev, train_idx=train)
-        base = evaluate_probe(base_probe, emb, y, test)
-        base_loto = leave_one_topic_out(emb, y, topics, alphas=alphas, seed=seed)
-        null = shuffle_null(X[best], y, n_perm=cfg.probes.n_perm, alphas=alphas, splits=(train, ev, test),
-                            seed=seed)
+        bcv, _, bpr = probe_at(emb, y)
+        base = evaluate_probe(bpr, emb, y, test)
+        base_loto_r, base_loto_ci = loto_with_ci(emb, y)
         mean_norm = ctx.act_summ[pname]["mean_norms"][hooks[best]]
         # every layer's probe is kept: steering takes its direction from the layer it steers at
         for li, (l, pr) in enumerate(zip(layers, probes)):
             pr.save(ctx.run.probe_dir(pname, l), hook=hooks[li], layer=l, position=pos_index,
-                    mean_resid_norm=ctx.act_summ[pname]["mean_norms"][hooks[li]], persona=pname, alpha=pr.alpha)
+                    mean_resid_norm=ctx.act_summ[pname]["mean_norms"][hooks[li]], persona=pname, alpha=pr.alpha,
+                    alpha_from=f"inner {pc.cv_inner}-fold CV on the {len(fit_idx)} tasks outside the test split")
+        bn = per_layer[best]["nested"]
         out["persona"][pname] = {"per_layer": per_layer, "best_layer": best_layer,
-                                 "content_baseline": {"heldout_r": base["r"], "loto_r": base_loto["pooled_r"]},
-                                 "shuffle_null": {k: null[k] for k in ("p_value", "observed_r", "null_mean")
-                                                  if k in null},
+                                 "content_baseline": {"heldout_r": base["r"], "nested": _nested_summary(bcv),
+                                                      "loto_r": base_loto_r, "loto_ci": base_loto_ci},
+                                 # the label-shuffle null of the best layer's headline (nested-CV) r: every
+                                 # permutation re-runs the nested procedure, alpha re-chosen
+                                 "shuffle_null": {"p_value": bn["p_value"], "observed_r": bn["r"],
+                                                  "null_mean": bn["null_mean"], "n_perm": bn["n_perm"],
+                                                  "procedure": "nested CV"},
                                  "mean_resid_norm": mean_norm}
         bar.update(1)
     bar.close()
@@ -314,11 +365,12 @@ def transfer_stage(ctx: Context) -> dict:
                              names=[str(l) for l in layers])
         nested = None
         if len(names) > 1:  # alpha by nested CV, bootstrap intervals, shuffle nulls, the whole alpha grid
-            nt = nested_transfer(Xs, Y, alphas=alphas, n_perm=c.cfg.probes.n_perm, seed=c.cfg.seed, names=names)
+            nt = nested_transfer(Xs, Y, alphas=alphas, outer=c.cfg.probes.cv_outer, inner=c.cfg.probes.cv_inner,
+                                 n_perm=c.cfg.probes.n_perm, seed=c.cfg.seed, names=names)
             nested = {k: (np.asarray(nt[k]).tolist() if isinstance(nt[k], np.ndarray) else nt[k])
                       for k in ("names", "alphas", "r", "ci_lo", "ci_hi", "p_value", "p_value_two_sided", "r_grid",
                                 "alpha_spread", "hangs_on_alpha", "fold_alpha", "utility_corr", "utility_corr_lo",
-                                "utility_corr_hi") if k in nt}
+                                "utility_corr_hi", "n_perm") if k in nt}
         atomic_save_npz(c.run.stage_file("transfer", "matrices.npz"),
                         persona_r=np.asarray(tp["r"]) if tp else np.zeros((1, 1)),
                         persona_utility_corr=np.asarray(tp["utility_corr"]) if tp else np.zeros((1, 1)),
@@ -404,6 +456,8 @@ def run_pipeline(config, workdir: str, *, model=None) -> str | None:
     """
     cfg = RunConfig.from_config(config)
     pool = load_task_pool(cfg.tasks)
+    if "probes" in cfg.stages:
+        check_cv_folds(len(pool), cfg.probes.cv_outer, cfg.probes.cv_inner)
     personas = {p.name: p for p in personas_from_spec(cfg.persona_spec())}
     share = process_info()
     run = Run(workdir, cfg.to_dict())  # after the cheap input checks: bad input leaves no workdir behind

@@ -123,10 +123,14 @@ class ActivationsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ProbesConfig:
-    """``probes``: ridge ``alphas``, the stored position read (``position_index``), shuffle-null ``n_perm``."""
+    """``probes``: ridge ``alphas``, the stored position read (``position_index``), shuffle-null ``n_perm``,
+    and the folds of the nested cross-validation that chooses alpha and estimates held-out r
+    (``cv_outer`` outer folds estimate, ``cv_inner`` inner folds inside each outer training set choose)."""
     alphas: tuple[float, ...]
     position_index: int
     n_perm: int
+    cv_outer: int
+    cv_inner: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +138,9 @@ class SteeringConfig:
     """``steering``: persona ("" = first), ``layer`` ("best" or an index), ``mode`` contrastive|single,
     ``coefs`` (fractions of the mean residual norm), ``n_pairs``, ``generate_tokens`` (0 = logit only),
     ``direction_layer`` (the layer whose probe gives the direction: "" = the steering layer; any other
-    value is an explicit, logged mismatch), ``n_null`` (random directions of the local-slope null)."""
+    value is an explicit, logged mismatch), ``n_null`` (random directions of the local-slope null),
+    ``linear_max`` (dose-response slopes use only coefficients with |c| <= this; larger ones are shown
+    as saturating, not fitted)."""
     persona: str
     layer: str
     mode: str
@@ -143,6 +149,7 @@ class SteeringConfig:
     generate_tokens: int
     direction_layer: str
     n_null: int
+    linear_max: float
 
 
 @dataclasses.dataclass(frozen=True)

@@ -286,3 +286,114 @@ def test_transfer_null_is_calibrated_for_an_unrelated_target():
         assert res["p_value"][0][0] == pytest.approx(1 / 40)
     ps = np.asarray(ps)
     assert 0.3 < ps.mean() < 0.7 and np.mean(ps <= 0.1) <= 0.25
+
+
+# ---------------------------------------------------------------------------------------------------------
+# nested CV chooses the right alpha; the saved probe is the one the fixed-split CV scores; power
+
+
+def _bayes_world(tau2, seed, d=40):
+    """y = X w + N(0, 1) with w ~ N(0, tau2 I) and two strong shared factors in X: ridge (unstandardised)
+    at alpha = 1 / tau2 is the posterior mean, the best linear predictor on average over worlds."""
+    rng = np.random.default_rng(seed)
+    L, w = 3 * rng.normal(size=(2, d)), rng.normal(size=d) * np.sqrt(tau2)
+
+    def sample(n, s):
+        r = np.random.default_rng(s)
+        X = r.normal(size=(n, 2)) @ L + r.normal(size=(n, d))
+        return X, X @ w + r.normal(size=n)
+    return sample
+
+
+@pytest.mark.parametrize("tau2", [1.0, 1e-2])
+def test_nested_cv_chooses_the_known_alpha(tau2):
+    """The right alpha is 1 / tau2 (1 and 100 here, two decades apart): nested CV's final alpha and the
+    median of its per-fold alphas land within one decade of it, for every world drawn."""
+    grid = tuple(float(a) for a in np.logspace(-2, 6, 17))
+    right = np.log10(1.0 / tau2)
+    for seed in range(4):
+        X, y = _bayes_world(tau2, seed)(150, 1)
+        cv = nested_cv_ridge(X, y, alphas=grid, seed=seed, n_boot=200, standardize=False)
+        assert abs(np.log10(cv["alpha"]) - right) <= 1.0, (seed, cv["alpha"], cv["fold_alpha"])
+        assert abs(np.median(np.log10(cv["fold_alpha"])) - right) <= 1.0, (seed, cv["fold_alpha"])
+        assert len(cv["fold_alpha"]) == 5 and set(cv["fold_alpha"]) <= set(grid)
+
+
+def test_fit_ridge_at_is_the_probe_the_fixed_split_cv_scores():
+    """The pipeline saves fit_ridge_at(alpha = the fixed split's inner-CV alpha) on the tasks outside the
+    test split: its test predictions are nested_cv_ridge(outer=[test])'s, and its r is that fold's r."""
+    from prefjax.probes import fit_ridge_at
+    from prefjax.stats_small import pearson
+    X, y, _ = planted(n=80, d=30, noise=1.0, seed=3)
+    test = np.arange(0, 80, 5)
+    fit = np.setdiff1d(np.arange(80), test)
+    split = nested_cv_ridge(X, y, alphas=ALPHAS, outer=[test], n_boot=200)
+    pr = fit_ridge_at(X, y, split["fold_alpha"][0], fit, alphas=ALPHAS, cv_r=split["inner_r"][0])
+    np.testing.assert_allclose(pr.predict(X[test]), np.asarray([split["predictions"][i] for i in test], float),
+                               rtol=1e-4, atol=1e-4)
+    assert pearson(pr.predict(X[test]), y[test]) == pytest.approx(split["fold_r"][0], abs=1e-4)
+    assert all(v is None for i, v in enumerate(split["predictions"]) if i not in set(test))
+    assert pr.alpha == split["fold_alpha"][0] and list(pr.alphas) == list(ALPHAS)
+    with pytest.raises(ValueError, match="alpha must be positive"):
+        fit_ridge_at(X, y, 0.0, fit)
+
+
+def test_min_detectable_effect_has_the_stated_power_and_shrinks_with_n():
+    from prefjax.stats_small import min_detectable_effect, n_for_effect, t_power, t_summary
+    mdes = [min_detectable_effect(2.0, n) for n in (6, 12, 24, 48, 96, 384)]
+    assert all(a > b for a, b in zip(mdes, mdes[1:]))
+    assert mdes[-1] == pytest.approx(2.0 * (1.959964 + 0.841621) / np.sqrt(384), rel=0.01)  # the z approximation
+    # Monte Carlo: at the stated effect a two-sided t test at 0.05 rejects 80% of the time
+    rng = np.random.default_rng(0)
+    for n in (8, 30):
+        d = min_detectable_effect(2.0, n)
+        x = rng.normal(d, 2.0, (8000, n))
+        rate = float(np.mean(stats.ttest_1samp(x, 0, axis=1).pvalue < 0.05))
+        assert abs(rate - 0.8) < 0.02, (n, rate)
+        assert t_power(d, 2.0, n) == pytest.approx(0.8, abs=1e-6)
+        assert n_for_effect(d, 2.0) == n and n_for_effect(d * 1.01, 2.0) <= n
+    assert min_detectable_effect(0.0, 10) == 0.0 and min_detectable_effect(1.0, 1) is None
+    s = t_summary([0.1, 0.3, 0.2, 0.4])
+    ref = stats.ttest_1samp([0.1, 0.3, 0.2, 0.4], 0)
+    assert s["p_value"] == pytest.approx(ref.pvalue) and s["ci"][0] < s["mean"] < s["ci"][1]
+
+
+def _pair_curves(n_pairs, slope, sd, coefs, seed, saturate=None):
+    """[C, 2 * n_pairs] P(steered): per pair a linear slope ~ N(slope, sd) around 0.5 (the two showings of
+    a pair share it, with opposite label bias that cancels), and ``saturate`` at |c| > 0.1."""
+    rng = np.random.default_rng(seed)
+    b = rng.normal(slope, sd, n_pairs)
+    bias = rng.normal(0, 0.05, n_pairs)
+    c = np.asarray(coefs)[:, None]
+    p = np.empty((len(coefs), 2 * n_pairs))
+    p[:, 0::2] = 0.5 + bias + b * c
+    p[:, 1::2] = 0.5 - bias + b * c
+    if saturate is not None:
+        p[np.abs(np.asarray(coefs)) > 0.1] = saturate
+    return p
+
+
+def test_dose_slopes_power_shrinks_with_pairs_and_ignores_saturating_coefs():
+    from prefjax.experiments.steering import dose_slopes, linear_range
+    coefs = [-1.0, -0.1, -0.05, 0.0, 0.05, 0.1, 1.0]
+    assert linear_range(coefs, 0.1) == ([-0.1, -0.05, 0.0, 0.05, 0.1], [-1.0, 1.0])
+    mdes = []
+    for n in (12, 48, 192):
+        p = {"probe": _pair_curves(n, 1.0, 1.5, coefs, n, saturate=0.5),
+             "random": _pair_curves(n, 0.0, 1.5, coefs, n + 1, saturate=0.5)}
+        d = dose_slopes(coefs, p, linear_max=0.1)
+        assert d["linear_coefs"] == [-0.1, -0.05, 0.0, 0.05, 0.1] and d["saturating_coefs"] == [-1.0, 1.0]
+        # the slope is the linear part's (the saturated ends would flatten a fit over every coef)
+        lin = [i for i, c in enumerate(coefs) if abs(c) <= 0.1]
+        ref = np.polyfit(np.asarray(coefs)[lin], p["probe"][lin].mean(1), 1)[0]
+        assert d["slope"]["probe"] == pytest.approx(ref)
+        assert abs(np.polyfit(coefs, p["probe"].mean(1), 1)[0]) < 0.2 * abs(ref)
+        assert d["per_pair"]["probe"]["n"] == n and d["n_pairs"] == n
+        mdes.append(d["mde"]["probe_vs_zero"])
+        assert d["mde"]["probe_vs_random"] > 0
+    assert mdes[0] > mdes[1] > mdes[2]
+    assert mdes[1] == pytest.approx(mdes[0] / 2, rel=0.25)  # ~ 1 / sqrt(n)
+    none = dose_slopes([-1.0, 0.0, 1.0], {"probe": _pair_curves(4, 1, 1, [-1, 0, 1], 0)}, linear_max=0.1)
+    assert none["slope"] == {"probe": None} and "fewer than two" in none["note"]
+    with pytest.raises(ValueError, match="linear_max"):
+        linear_range(coefs, 0.0)

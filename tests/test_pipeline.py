@@ -26,6 +26,9 @@ def tiny_config(**edits):
     c.steering.n_pairs = 3
     c.inlp.n_iter = 1
     c.probes.n_perm = 5
+    # steer at a middle layer: the tiny random model's best probe layer can be the last, where steering
+    # cannot reach the answer position (no effect, a degenerate null and no power statement)
+    c.steering.layer = "1"
     c.personas = ("default", "evil")
     c.progress = False
     for k, v in edits.items():
@@ -87,6 +90,23 @@ def test_summary_contents(finished):
         assert [d["layer"] for d in per] == layers
         assert all(d["heldout_r"] is None or -1 <= d["heldout_r"] <= 1 for d in per)
         assert s["probes"]["persona"][p]["best_layer"] in layers
+        # headline r per layer from nested CV: interval, per-fold alphas, a shuffle null through the same procedure
+        alphas = list(tiny_config().probes.alphas)
+        for d in per:
+            nst = d["nested"]
+            assert -1 <= nst["r"] <= 1 and nst["ci"][0] <= nst["ci"][1]
+            assert len(nst["fold_alpha"]) == tiny_config().probes.cv_outer and set(nst["fold_alpha"]) <= set(alphas)
+            assert nst["n_perm"] == tiny_config().probes.n_perm and 0 < nst["p_value"] <= 1
+            assert d["alpha"] in alphas and d["heldout_ci"][0] <= d["heldout_ci"][1] and 0 < d["heldout_p"] <= 1
+            assert d["loto_ci"][0] <= d["loto_ci"][1]
+            # the saved probe is fitted at the alpha the nested CV chose on the tasks outside the test split
+            cfg = json.loads((wd / "probes" / p / f"blocks.{d['layer']}.hook_resid_post" / "cfg.json").read_text())
+            assert cfg["alpha"] == d["alpha"] and "inner" in cfg["alpha_from"]
+        best = max(per, key=lambda d: d["nested"]["r"])
+        assert s["probes"]["persona"][p]["best_layer"] == best["layer"]
+        sn = s["probes"]["persona"][p]["shuffle_null"]
+        assert sn["p_value"] == best["nested"]["p_value"] and sn["observed_r"] == best["nested"]["r"]
+        assert s["probes"]["persona"][p]["content_baseline"]["nested"]["ci"] is not None
     t = s["transfer"]
     assert t["personas"] == ["default", "evil"]
     assert np.asarray(t["persona_r"]).shape == (2, 2) and np.asarray(t["utility_corr"]).shape == (2, 2)
@@ -121,6 +141,18 @@ def test_summary_contents(finished):
     assert st["direction_layer"] == st["layer"]
     for layer in layers:
         assert (wd / "probes" / "default" / f"blocks.{layer}.hook_resid_post").is_dir()
+    # slopes from the linear range, tested over pairs, with the smallest detectable slope
+    dose, pw = st["dose_slopes"], st["power"]
+    assert dose["linear_coefs"] == [c for c in coefs if abs(c) <= tiny_config().steering.linear_max]
+    assert st["slope_probe"] == dose["slope"]["probe"] == pytest.approx(dose["per_pair"]["probe"]["mean"])
+    assert pw["n_pairs"] == 3 and pw["mde_slope_probe_vs_zero"] > 0 and pw["mde_slope_probe_vs_random"] > 0
+    assert 0 < pw["local_abs_slope_p05"] < pw["local_abs_slope_p01"] and 0 < pw["local_abs_cosine_p05"] < 1
+    assert all(r["linear"] == (abs(r["coef"]) <= tiny_config().steering.linear_max) for r in st["probe"])
+    text = (wd / "report.md").read_text()
+    top = text[:text.index("## Headline")]
+    assert "What is and is not distinguishable from the nulls" in top
+    assert "the dose-response test could detect a probe slope of" in top and "label-shuffle p" in top
+    assert "from random directions" in top
     ls = st["local_slope"]  # the random-direction null of the local slope
     assert ls["null"]["n_null"] == tiny_config().steering.n_null >= 100
     assert 0 <= ls["null"]["percentile"] <= 100 and 0 < ls["null"]["p_two_sided"] <= 1

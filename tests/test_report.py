@@ -107,3 +107,51 @@ def test_write_report_top_level_scalars_as_headline(tmp_path):
     text = open(path).read()
     headline = text[text.index("## Headline"):text.index("## All summary values")]
     assert "| r | 0.5 |" in headline and "per_layer" not in headline
+
+
+def _stats_fixture(n_pairs=24, p_probe=0.2, p_local=0.3):
+    probes = {"layers": [0, 1], "persona": {"default": {"best_layer": 1, "per_layer": [
+        {"layer": 0, "nested": {"r": 0.2, "ci": [0.0, 0.4], "p_value": 0.2, "n_perm": 100, "fold_alpha": [10.0] * 5}},
+        {"layer": 1, "nested": {"r": 0.61, "ci": [0.42, 0.77], "p_value": 0.0099, "n_perm": 100,
+                                "fold_alpha": [10.0, 10.0, 100.0, 10.0, 1000.0]}}]}}}
+    transfer = {"persona_nested": {"p_value_two_sided": [[0.01, 0.02], [0.5, 0.01]], "n_perm": 200,
+                                   "hangs_on_alpha": [[False, True], [False, False]]}}
+    steering = {"n_pairs": n_pairs,
+                "dose_slopes": {"linear_max": 0.1, "note": None, "alpha": 0.05, "power": 0.8,
+                                "per_pair": {"probe": {"mean": 0.8, "ci": [-0.1, 1.7], "p_value": p_probe}},
+                                "difference": {"mean": 0.5, "ci": [-0.4, 1.4], "p_value": 0.27}},
+                "power": {"alpha": 0.05, "power": 0.8, "saturating_coefs": [-1.0, 1.0],
+                          "mde_slope_probe_vs_zero": 1.234, "mde_slope_probe_vs_random": 1.5,
+                          "n_pairs_for_observed_difference": 190},
+                "local_slope": {"null": {"n_null": 1000, "effect": 0.004, "percentile": 80.0,
+                                         "p_two_sided": p_local},
+                                "detectable": {"abs_slope_p05": 0.0123, "abs_slope_p01": 0.0161,
+                                               "abs_cosine_p05": 0.077, "abs_cosine_p01": 0.101}}}
+    return probes, transfer, steering
+
+
+def test_distinguishability_text_states_the_nulls_and_the_smallest_detectable_effect(tmp_path):
+    from prefjax.report.build import distinguishability_text
+    text = distinguishability_text(*_stats_fixture())
+    assert text.startswith("**What is and is not distinguishable from the nulls**")
+    assert "nested-CV held-out r = 0.61 [0.42, 0.77]" in text and "**distinguishable from shuffled labels**" in text
+    assert "Alpha per outer fold: 10, 10, 100, 10, 1000 (spans 2 decades)" in text
+    assert "1 of 2 cross-persona cells distinguishable" in text and "1 of 2 hang on alpha" in text
+    assert ("at α = 0.05 with 80% power the dose-response test could detect a probe slope of 1.234 per unit coef"
+            in text)
+    assert "probe − random difference of 1.500" in text and "about 190 pairs" in text
+    assert "saturating coefficients -1, 1 shown, not used for slopes" in text
+    assert "**not distinguishable from 0**" in text and "**not distinguishable from the random direction**" in text
+    assert "needs |slope| ≥ 0.0123 (|cosine with the slope gradient| ≥ 0.077)" in text
+    assert "**not distinguishable from random directions**" in text
+    # a significant local slope flips the verdict; without any stats there is nothing to say
+    assert "**distinguishable from random directions**" in distinguishability_text(*_stats_fixture(p_local=0.001))
+    assert distinguishability_text(None, None, None) == ""
+    assert "p < 0.05 is impossible" not in text
+    probes, transfer, steering = _stats_fixture()
+    probes["persona"]["default"]["per_layer"][1]["nested"]["n_perm"] = 10
+    assert "the smallest attainable p is 0.0909, so p < 0.05 is impossible" in distinguishability_text(probes, None, None)
+    # write_report puts it first: under the title, before the headline
+    path = write_report(tmp_path, {"headline": {"x": 1.0}}, {}, [("S", "body")], preamble=text)
+    md = open(path).read()
+    assert md.index("What is and is not distinguishable") < md.index("## Headline") < md.index("## S")

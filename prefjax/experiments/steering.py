@@ -27,7 +27,7 @@ from prefjax.probes.nulls import random_direction_null, random_unit_directions
 from prefjax.progress import log, progress
 from prefjax.runconfig import SteeringConfig
 from prefjax.stages import atomic_save_npz, atomic_write_json, resid_hook
-from prefjax.stats_small import wilson_interval
+from prefjax.stats_small import min_detectable_effect, n_for_effect, t_summary, wilson_interval
 from prefjax.steering import SteerSpec, random_direction, readout_gradient, token_span_mask
 
 
@@ -55,6 +55,84 @@ def steering_prompts(tok, pairs, persona, mode: str, *, forced: bool):
     return seqs, masks, toward
 
 
+POWER_ALPHA, POWER = 0.05, 0.8  # the test level and power of the minimum-detectable-effect statements
+
+
+def linear_range(coefs: Sequence[float], linear_max: float) -> tuple[list[float], list[float]]:
+    """(coefficients used for slopes, saturating ones shown but not used): |c| <= ``linear_max``."""
+    if not (np.isfinite(linear_max) and linear_max > 0):
+        raise ValueError(f"steering.linear_max must be positive and finite, got {linear_max}")
+    lin = [float(c) for c in coefs if abs(c) <= linear_max + 1e-12]
+    return lin, [float(c) for c in coefs if abs(c) > linear_max + 1e-12]
+
+
+def dose_slopes(coefs: Sequence[float], p_steered: Mapping[str, np.ndarray], *, linear_max: float,
+                alpha: float = POWER_ALPHA, power: float = POWER) -> dict:
+    """Dose-response slopes within the linear range, tested over pairs, with the smallest detectable slope.
+
+    ``p_steered[name]`` is [C, P] (coefficient, prompt): P(choose the steered task) with prompts ``2k``
+    and ``2k + 1`` the two showings (steered towards A, towards B) of pair ``k``. Only coefficients with
+    ``|c| <= linear_max`` enter a slope. Per pair, the two showings are averaged (label bias cancels) and
+    regressed on c; the pair slopes are the units of a one-sample t test (``per_pair[name]``: mean = the
+    slope of the mean curve, t interval, p against 0) and, for the probe minus the random direction, a
+    paired test (``difference``). ``mde`` gives the smallest mean slope (per unit coef) each test detects
+    at level ``alpha`` with probability ``power`` given the number of pairs and the observed spread of
+    pair slopes, and ``n_pairs_for_observed`` how many pairs the observed effect would need.
+    With fewer than two distinct coefficients in the range every slope is None (and ``note`` says why).
+    """
+    lin, sat = linear_range(coefs, linear_max)
+    out = {"linear_max": float(linear_max), "linear_coefs": lin, "saturating_coefs": sat, "alpha": alpha,
+           "power": power, "slope": {}, "per_pair": {}, "difference": None, "mde": None,
+           "n_pairs_for_observed": None, "note": None, "note_power": None}
+    names = list(p_steered)
+    if len(set(lin)) < 2:
+        out["note"] = (f"fewer than two distinct coefficients within |c| <= {linear_max:g} "
+                       f"(coefs {list(coefs)}): no dose-response slope is computed")
+        out["slope"] = {n: None for n in names}
+        return out
+    sel = [i for i, c in enumerate(coefs) if abs(c) <= linear_max + 1e-12]
+    c = np.asarray([coefs[i] for i in sel], np.float64)
+    cc = c - c.mean()
+    per = {}
+    for name in names:
+        p = np.asarray(p_steered[name], np.float64)[sel]              # [C_lin, P]
+        if p.shape[1] % 2:
+            raise ValueError(f"p_steered[{name!r}] has {p.shape[1]} prompts; expected two per pair")
+        pair = p.reshape(len(sel), -1, 2).mean(-1)                      # [C_lin, n_pairs]
+        per[name] = cc @ (pair - pair.mean(0)) / (cc @ cc)              # [n_pairs]
+        out["per_pair"][name] = t_summary(per[name])
+        out["slope"][name] = float(per[name].mean())
+    n = len(next(iter(per.values())))
+    mde = {}
+    # an observed spread of 0 (every pair the same slope: saturated or degenerate responses) gives no
+    # usable variance estimate, so no detectable-effect statement (None), rather than "0"
+    mde_of = lambda sd: min_detectable_effect(sd, n, alpha=alpha, power=power) if sd else None
+    if "probe" in per:
+        mde["probe_vs_zero"] = mde_of(out["per_pair"]["probe"]["sd"])
+    if "probe" in per and "random" in per:
+        diff = per["probe"] - per["random"]
+        out["difference"] = t_summary(diff)
+        sd = out["difference"]["sd"]
+        mde["probe_vs_random"] = mde_of(sd)
+        if sd:
+            out["n_pairs_for_observed"] = n_for_effect(float(diff.mean()), sd, alpha=alpha, power=power)
+    if any(v is None for v in mde.values()):
+        out["note_power"] = ("the pair slopes have no spread (every pair the same slope: no response at all, "
+                             "or saturated responses), so the smallest detectable slope is undefined")
+    out["mde"] = mde
+    out["n_pairs"] = n
+    return out
+
+
+def null_detectable(null_slopes: np.ndarray, gradient_norm: float) -> dict:
+    """How large a local slope (and its cosine with the slope gradient) must be to land beyond the
+    random-direction null: the 95th and 99th percentiles of |random slope| (two-sided p < 0.05 / 0.01)."""
+    a = np.abs(np.asarray(null_slopes, np.float64))
+    q95, q99 = (float(v) for v in np.quantile(a, [0.95, 0.99]))
+    cos = (lambda v: v / gradient_norm if gradient_norm > 0 else None)
+    return {"abs_slope_p05": q95, "abs_slope_p01": q99, "abs_cosine_p05": cos(q95), "abs_cosine_p01": cos(q99)}
+
+
 def left_pad(seqs, masks):
     """Token-id rows and their steering masks, left-padded to the longest: (ids, attention, mask) [P, T]."""
     P, t = len(seqs), max(len(s) for s in seqs)
@@ -77,9 +155,14 @@ def run_steering_stage(config: SteeringConfig, run, model, pool, personas, *, pr
     also writes greedy completions (see :func:`steered_completions`). Every (direction, coefficient,
     prompt) is one row of a batched sweep (:func:`steering_sweep`). Writes
     ``stages/steering/p_a.npz`` (and ``completions.json``) of ``run``.
+
+    Slopes use only the coefficients with ``|c| <= config.linear_max`` (every coefficient is still run
+    and shown; rows carry ``linear``); :func:`dose_slopes` tests them over pairs and states the smallest
+    detectable slope, and ``power`` collects the minimum detectable effects of both steering tests.
     """
     if config.n_null < 100:
         raise ValueError(f"steering.n_null is {config.n_null}: the random-direction null needs at least 100 directions")
+    linear_range(config.coefs, config.linear_max)  # a bad steering.linear_max fails before any compute
     pname = steering_persona(config, personas)
     ps = probe_summary["persona"][pname]
     layer = ps["best_layer"] if config.layer in ("", "best") else int(config.layer)
@@ -116,32 +199,51 @@ def run_steering_stage(config: SteeringConfig, run, model, pool, personas, *, pr
     sweep = steering_sweep(model, pairs, persona, mode, layer, scale, coefs, directions, n_new)
     toward_a = np.asarray([t == "A" for t in sweep["toward"]])
     P = len(toward_a)
-    results, p_a_all = {}, {}
+    lin, _ = linear_range(coefs, config.linear_max)
+    results, p_a_all, p_st_all = {}, {}, {}
     for name in directions:
-        rows, p_a_all[name] = [], []
+        rows, p_a_all[name], p_st_all[name] = [], [], []
         for ci, c in enumerate(coefs):
             lg = sweep["logits"][name][ci]
             pa = np.exp(lg[:, ida] - np.logaddexp(lg[:, ida], lg[:, idb]))
             p_steered = np.where(toward_a, pa, 1.0 - pa)
             p_a_all[name].append(pa)
+            p_st_all[name].append(p_steered)
             k = int((p_steered >= 0.5).sum())
             lo, hi = wilson_interval(k, P)
             on_label = float(np.isin(lg.argmax(-1), [ida, idb]).mean())
-            rows.append({"coef": c, "p_steered_mean": float(p_steered.mean()), "k": k, "n": P,
-                         "ci": [float(lo), float(hi)], "on_label_rate": on_label})
+            pair_mean = t_summary(p_steered.reshape(-1, 2).mean(1))  # interval over pairs
+            rows.append({"coef": c, "p_steered_mean": float(p_steered.mean()), "p_steered_ci": pair_mean["ci"],
+                         "k": k, "n": P, "ci": [float(lo), float(hi)], "on_label_rate": on_label, "linear": c in lin})
         results[name] = rows
     atomic_save_npz(run.stage_file("steering", "p_a.npz"), coefs=np.asarray(coefs),
                     toward_a=toward_a, probe=np.asarray(p_a_all["probe"]), random=np.asarray(p_a_all["random"]))
     sampled = None
     if n_new > 0:
         sampled = steered_completions(run, model, sweep, coefs, n_new)
-    slope = float(np.polyfit(coefs, [r["p_steered_mean"] for r in results["probe"]], 1)[0])
-    slope_rand = float(np.polyfit(coefs, [r["p_steered_mean"] for r in results["random"]], 1)[0])
+    # slopes from the linear range only (saturating coefficients are shown, not fitted), tested over pairs
+    dose = dose_slopes(coefs, {k: np.asarray(v) for k, v in p_st_all.items()}, linear_max=config.linear_max)
+    if dose["note"]:
+        log("steering: " + dose["note"])
     local = local_slope_null(model, pairs, persona, mode, layer, scale, directions, n_null=config.n_null, seed=seed)
     return {"persona": pname, "layer": layer, "direction_layer": dir_layer, "scale": scale, "mode": mode,
             "n_pairs": len(pairs), "n_prompts": P, "coefs": coefs, "probe": results["probe"],
-            "random": results["random"], "slope_probe": slope, "slope_random": slope_rand,
+            "random": results["random"], "slope_probe": dose["slope"]["probe"],
+            "slope_random": dose["slope"]["random"], "dose_slopes": dose, "power": _power_summary(dose, local),
             "local_slope": local, "note": note, "sampled": sampled}
+
+
+def _power_summary(dose: dict, local: dict) -> dict:
+    """The smallest effects the steering tests could detect, in one place (the report's top sentence)."""
+    mde = dose.get("mde") or {}
+    det = local.get("detectable") or {}
+    return {"alpha": dose["alpha"], "power": dose["power"], "n_pairs": dose.get("n_pairs"),
+            "linear_coefs": dose["linear_coefs"], "saturating_coefs": dose["saturating_coefs"],
+            "mde_slope_probe_vs_zero": mde.get("probe_vs_zero"),
+            "mde_slope_probe_vs_random": mde.get("probe_vs_random"),
+            "n_pairs_for_observed_difference": dose.get("n_pairs_for_observed"),
+            "local_abs_slope_p05": det.get("abs_slope_p05"), "local_abs_slope_p01": det.get("abs_slope_p01"),
+            "local_abs_cosine_p05": det.get("abs_cosine_p05"), "local_abs_cosine_p01": det.get("abs_cosine_p01")}
 
 
 def local_slope_null(model, pairs, persona, mode, layer, scale, directions, *, n_null: int, seed: int) -> dict:
@@ -151,8 +253,11 @@ def local_slope_null(model, pairs, persona, mode, layer, scale, directions, *, n
     is ``<g, u>`` for one vector g (``prefjax.steering.readout_gradient`` of the label-logit gap, each
     prompt weighted by p(1 - p) at c = 0 and the sign of its steered label, times ``scale`` over the
     number of prompts). So a null over many random directions costs one backward pass. Returns the
-    local slopes of the sweep's directions, the probe's cosine with g, and
-    :func:`prefjax.probes.nulls.random_direction_null` of the probe's slope among the random ones.
+    local slopes of the sweep's directions, the probe's cosine with g,
+    :func:`prefjax.probes.nulls.random_direction_null` of the probe's slope among the random ones, and
+    ``detectable`` (:func:`null_detectable`: the |slope| and |cosine with g| a direction needs to land
+    beyond the null's 95th / 99th percentile of |slope|). The null is conditional on the sampled pairs:
+    it asks whether the probe is special among directions for these prompts, not across prompt draws.
     """
     tok = model.tokenizer
     ida, idb = label_token_ids(tok, DEFAULT_TEMPLATE)
@@ -172,7 +277,8 @@ def local_slope_null(model, pairs, persona, mode, layer, scale, directions, *, n
     null = random_unit_directions(n_null, g.shape[0], seed=seed + 7919).astype(np.float64) @ g
     gn = float(np.linalg.norm(g))
     return {"slopes": slopes, "probe_cosine_with_gradient": float(units["probe"] @ g / gn) if gn > 0 else None,
-            "gradient_norm": gn, "null": random_direction_null(slopes["probe"], null)}
+            "gradient_norm": gn, "null": random_direction_null(slopes["probe"], null),
+            "detectable": null_detectable(null, gn)}
 
 
 def steering_sweep(model, pairs, persona, mode, layer, scale, coefs, directions, n_new, *, chunk: int = 112) -> dict:

@@ -9,9 +9,10 @@ from prefjax.probes.controls import (compare_with_baseline, default_splits, inlp
 from prefjax.probes.nulls import (kfold_ids, nested_cv_ridge, nested_transfer, random_direction_null,
                                   random_unit_directions)
 from prefjax.probes.metrics import bootstrap_ci, choice_accuracy, evaluate_probe, pairwise_accuracy, pearson
-from prefjax.probes.ridge import DEFAULT_ALPHAS, RidgePath, RidgeProbe, check_finite, fit_ridge, split_indices
+from prefjax.probes.ridge import (DEFAULT_ALPHAS, RidgePath, RidgeProbe, check_finite, fit_ridge, fit_ridge_at,
+                                   split_indices)
 
-__all__ = ["fit_ridge", "RidgeProbe", "RidgePath", "DEFAULT_ALPHAS", "evaluate_probe", "pairwise_accuracy",
+__all__ = ["fit_ridge", "fit_ridge_at", "RidgeProbe", "RidgePath", "DEFAULT_ALPHAS", "evaluate_probe", "pairwise_accuracy",
            "choice_accuracy", "pearson", "bootstrap_ci", "leave_one_topic_out", "fit_bt_probe",
            "transfer_matrix", "shuffle_null", "inlp", "persona_direction_cosine", "compare_with_baseline",
            "utility_correlation", "default_splits", "split_indices", "check_finite", "kfold_ids", "nested_cv_ridge",

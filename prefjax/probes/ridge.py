@@ -181,6 +181,32 @@ def _fit_one(x_NxD, y_N, train_idx, eval_idx, alphas, standardize, select):
     return RidgeProbe(path.mean_D, path.scale_D, w, y_mean, float(alphas[best]), np.asarray(alphas), r_A)
 
 
+def fit_ridge_at(x_NxD, y, alpha: float, train_idx, *, alphas: Sequence[float] | None = None, cv_r=None,
+                 standardize: bool = True) -> RidgeProbe:
+    """A ridge probe fitted on ``train_idx`` at a given ``alpha`` (chosen elsewhere, e.g. by
+    :func:`prefjax.probes.nulls.nested_cv_ridge` on the same training tasks). ``alphas`` / ``cv_r`` (the
+    grid and the cross-validated r at each grid alpha) are kept as the probe's ``alphas`` / ``eval_r``
+    metadata; by default the one alpha and NaN."""
+    x = check_finite("X", np.asarray(x_NxD))
+    y = check_finite("y", np.asarray(y, np.float64))
+    if x.ndim != 2 or y.shape != (x.shape[0],):
+        raise ValueError(f"X must be [n, d] and y [n] with the same n; got {x.shape} and {y.shape}")
+    if not (np.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be positive and finite, got {alpha}")
+    train_idx = np.asarray(train_idx, np.int64)
+    if len(train_idx) < 2:
+        raise ValueError(f"need >= 2 training tasks, got {len(train_idx)}")
+    path = RidgePath.build(x[train_idx], standardize=standardize)
+    y_mean = float(y[train_idx].mean())
+    c = path.coefs(y[train_idx] - y_mean)
+    w = np.asarray(path.weights(c, jnp.asarray([alpha], jnp.float32))[:, 0])
+    grid = np.asarray([alpha] if alphas is None else alphas, np.float64)
+    r = np.full(grid.shape, np.nan) if cv_r is None else np.asarray(cv_r, np.float64)
+    if r.shape != grid.shape:
+        raise ValueError(f"cv_r has shape {r.shape}; the alpha grid has {grid.shape}")
+    return RidgeProbe(path.mean_D, path.scale_D, w, y_mean, float(alpha), grid, r)
+
+
 def fit_ridge(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, eval_idx=None, train_idx=None,
               eval_frac: float = 0.2, seed: int = 0, standardize: bool = True, select: str = "r"):
     """Standardised ridge from activations to utilities, alpha chosen by eval-split Pearson r.

@@ -17,6 +17,100 @@ def _fmt(x, nd=3):
     return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
 
 
+def _ci(x, ci, nd=3) -> str:
+    """``x [lo, hi]`` (or just ``x`` without an interval)."""
+    if ci is None or ci[0] is None:
+        return _fmt(x, nd)
+    return f"{_fmt(x, nd)} [{_fmt(ci[0], nd)}, {_fmt(ci[1], nd)}]"
+
+
+def _alphas(vals) -> str:
+    return ", ".join(f"{a:g}" for a in vals)
+
+
+def _alpha_spread(vals) -> str:
+    """'stable' when every fold chose the same alpha, else the span in decades."""
+    v = np.log10(np.asarray(vals, float))
+    span = float(v.max() - v.min()) if v.size else 0.0
+    return "stable" if span == 0 else f"spans {span:g} decade{'s' if span != 1 else ''}"
+
+
+def _verdict(p, level=0.05) -> str:
+    return "n/a (no null run)" if p is None else ("distinguishable" if p < level else "not distinguishable")
+
+
+def distinguishability_text(probes: dict | None, transfer: dict | None, steering: dict | None) -> str:
+    """The report's opening paragraph: in words, which numbers are and are not distinguishable from their
+    nulls (label-shuffle for probes and transfer, random directions for steering) and the smallest
+    steering effect the run could detect."""
+    lines = []
+    if probes:
+        for p, ps in probes.get("persona", {}).items():
+            best = next(d for d in ps["per_layer"] if d["layer"] == ps["best_layer"])
+            nst = best.get("nested")
+            if nst is None:
+                continue
+            pv = nst.get("p_value")
+            lines.append(f"- **Probe [{p}]**, layer {ps['best_layer']}: nested-CV held-out r = {_ci(nst['r'], nst['ci'], 2)}"
+                         f"; label-shuffle p = {_fmt(pv, 3)} ({nst.get('n_perm', 0)} permutations, alpha re-chosen "
+                         f"in each{_perm_floor(nst.get('n_perm', 0))}): **{_verdict(pv)} from shuffled labels**. "
+                         f"Alpha per outer fold: {_alphas(nst['fold_alpha'])} ({_alpha_spread(nst['fold_alpha'])}).")
+    if transfer and transfer.get("persona_nested") and transfer["persona_nested"].get("p_value_two_sided") is not None:
+        nt = transfer["persona_nested"]
+        pv = np.asarray(nt["p_value_two_sided"], float)
+        off = ~np.eye(len(pv), dtype=bool)
+        k, m = int(np.sum(pv[off] < 0.05)), int(off.sum())
+        hang = int(np.sum(np.asarray(nt["hangs_on_alpha"], bool)[off]))
+        lines.append(f"- **Cross-persona transfer**: {k} of {m} cross-persona cells distinguishable from the "
+                     f"label-shuffle null (two-sided p < 0.05{_perm_floor(nt.get('n_perm'))}); {hang} of {m} hang "
+                     "on alpha.")
+    if steering:
+        pw = steering.get("power") or {}
+        dose = steering.get("dose_slopes") or {}
+        sat = pw.get("saturating_coefs") or []
+        head = (f"- **Steering** ({steering['n_pairs']} pairs; slopes from |c| ≤ {_fmt(dose.get('linear_max'), 2)}"
+                + (f"; saturating coefficients {_alphas(sat)} shown, not used for slopes" if sat else "") + "): ")
+        if dose.get("note"):
+            lines.append(head + dose["note"] + ".")
+        else:
+            a, pow_ = pw.get("alpha", 0.05), pw.get("power", 0.8)
+            pp, df = dose["per_pair"].get("probe", {}), dose.get("difference") or {}
+            sent = (f"at α = {a:g} with {pow_:.0%} power the dose-response test could detect a probe slope of "
+                    f"{_fmt(pw.get('mde_slope_probe_vs_zero'), 3)} per unit coef (against 0) and a probe − random "
+                    f"difference of {_fmt(pw.get('mde_slope_probe_vs_random'), 3)}. Observed: probe slope "
+                    f"{_ci(pp.get('mean'), pp.get('ci'), 3)} (p = {_fmt(pp.get('p_value'), 3)}, "
+                    f"**{_verdict(pp.get('p_value'))} from 0**), probe − random {_ci(df.get('mean'), df.get('ci'), 3)} "
+                    f"(p = {_fmt(df.get('p_value'), 3)}, **{_verdict(df.get('p_value'))} from the random direction**)")
+            need = pw.get("n_pairs_for_observed_difference")
+            if need is not None:
+                sent += f"; a difference of the observed size would need about {need} pairs"
+            if dose.get("note_power"):
+                sent += f" ({dose['note_power']})"
+            lines.append(head + sent + ".")
+        ls = steering.get("local_slope")
+        if ls and ls.get("detectable"):
+            nl, det = ls["null"], ls["detectable"]
+            lines.append(f"- **Steering, local slope at c = 0** ({nl['n_null']} random directions): a direction "
+                         f"needs |slope| ≥ {det['abs_slope_p05']:.4g} (|cosine with the slope gradient| ≥ "
+                         f"{_fmt(det['abs_cosine_p05'], 3)}) to be distinguishable at p < 0.05, ≥ "
+                         f"{det['abs_slope_p01']:.4g} ({_fmt(det['abs_cosine_p01'], 3)}) at p < 0.01; the probe's "
+                         f"{nl['effect']:+.4g} sits at percentile {nl['percentile']:.1f} (two-sided p = "
+                         f"{nl['p_two_sided']:.3g}): **{_verdict(nl['p_two_sided'])} from random directions**.")
+    if not lines:
+        return ""
+    return ("**What is and is not distinguishable from the nulls** (level 0.05; the probe and transfer numbers "
+            "below carry intervals and shuffle-null p-values, the steering slopes pair-level tests):\n\n"
+            + "\n".join(lines))
+
+
+def _perm_floor(n_perm) -> str:
+    """A warning when too few permutations were run for any p-value to fall below 0.05."""
+    if not n_perm:
+        return ""
+    floor = 1.0 / (n_perm + 1)
+    return f"; the smallest attainable p is {floor:.3g}, so p < 0.05 is impossible" if floor >= 0.05 else ""
+
+
 def stage_times(run, order: Sequence[str]) -> list[tuple[str, float | None, str]]:
     """``(stage, seconds, finished)`` of every stage marked done in ``run``, sorted by ``order`` (the
     pipeline's stage names; a stage's per-persona parts ``<stage>-<persona>`` in the order they finished).
@@ -75,6 +169,28 @@ def _nested_transfer_text(transfer: dict) -> str:
             "leaves its interval and moves by more than 0.05.\n\n" + "\n".join(lines))
 
 
+def _slope_text(steering: dict) -> str:
+    """Dose-response slopes (linear range only) with their pair-level tests and the smallest detectable slope."""
+    dose = steering.get("dose_slopes")
+    if not dose:
+        return ""
+    if dose.get("note"):
+        return f"Slopes: {dose['note']}."
+    sat = dose.get("saturating_coefs") or []
+    pp, pr, df = dose["per_pair"]["probe"], dose["per_pair"]["random"], dose.get("difference") or {}
+    mde = dose.get("mde") or {}
+    return (f"Slope of P(steered) per unit coef, fitted on the coefficients with |c| ≤ {dose['linear_max']:g} "
+            f"({_alphas(dose['linear_coefs'])})" + (f"; saturating coefficients {_alphas(sat)} are shown above "
+                                                     "but not fitted" if sat else "") +
+            f". One slope per pair (both showings averaged), t-tested over the {dose['n_pairs']} pairs: probe "
+            f"{_ci(pp['mean'], pp['ci'], 4)} (p = {_fmt(pp['p_value'], 3)}), random {_ci(pr['mean'], pr['ci'], 4)} "
+            f"(p = {_fmt(pr['p_value'], 3)}), probe − random {_ci(df.get('mean'), df.get('ci'), 4)} "
+            f"(paired, p = {_fmt(df.get('p_value'), 3)}). Smallest slope these tests detect at α = "
+            f"{dose['alpha']:g} with {dose['power']:.0%} power, given the observed spread of pair slopes: "
+            f"{_fmt(mde.get('probe_vs_zero'), 4)} (probe vs 0), {_fmt(mde.get('probe_vs_random'), 4)} "
+            f"(probe − random).")
+
+
 def _local_slope_text(steering: dict) -> str:
     """The random-direction null of the steering slope, in words."""
     ls = steering.get("local_slope")
@@ -122,30 +238,58 @@ def build_report(run, *, model_source: str, pool, personas, mu, utilities, probe
                      "of the comparisons, correlated. It bounds how well any probe can predict them."))
     if probes:
         layers = probes["layers"]
-        lines = ["| persona | best layer | held-out r | LOTO r | content baseline r | content LOTO r | shuffle p |",
-                 "|---|---|---|---|---|---|---|"]
+        lines = ["| persona | best layer | nested-CV r [95% CI] | shuffle p | alpha per outer fold | saved probe: alpha, "
+                 "test r [95% CI], shuffle p | LOTO r [95% CI] | content baseline nested-CV r [95% CI] | "
+                 "content LOTO r [95% CI] |", "|---|---|---|---|---|---|---|---|---|"]
+        layer_lines = ["| persona | layer | nested-CV r [95% CI] | shuffle p | alpha per outer fold | test r [95% CI] |",
+                       "|---|---|---|---|---|---|"]
         for p in personas:
             ps = probes["persona"][p]
             best = next(d for d in ps["per_layer"] if d["layer"] == ps["best_layer"])
             cb = ps["content_baseline"]
-            lines.append(f"| {p} | {ps['best_layer']} | {_fmt(best['heldout_r'])} | {_fmt(best['loto_r'])} | "
-                         f"{_fmt(cb['heldout_r'])} | {_fmt(cb['loto_r'])} | {_fmt(ps['shuffle_null'].get('p_value'))} |")
-            headline[f"probe held-out r [{p}]"] = best["heldout_r"]
-            headline[f"content-baseline r [{p}]"] = cb["heldout_r"]
-            curves = {"held-out": np.array([d["heldout_r"] if d["heldout_r"] is not None else np.nan
-                                            for d in ps["per_layer"]], float),
-                      "leave-one-topic-out": np.array([d["loto_r"] if d["loto_r"] is not None else np.nan
-                                                       for d in ps["per_layer"]], float),
-                      "content baseline": np.full(len(layers), cb["heldout_r"] if cb["heldout_r"] is not None
-                                                  else np.nan)}
-            figures[f"probe r by layer [{p}]"] = probe_r_by_layer(layers, curves,
-                                                                  run.figure(f"probe_r_{p}.png"))
-        sections.append(("Probes", "\n".join(lines) + "\n\nHeld-out r: ridge probe on a 20% test split (alpha "
-                         "chosen on a separate 20% eval split). LOTO: each topic held out in turn, pooled."))
+            bn, cn = best["nested"], cb["nested"]
+            lines.append(f"| {p} | {ps['best_layer']} | {_ci(bn['r'], bn['ci'])} | {_fmt(bn['p_value'])} | "
+                         f"{_alphas(bn['fold_alpha'])} | {best['alpha']:g}, {_ci(best['heldout_r'], best['heldout_ci'])}, "
+                         f"{_fmt(best['heldout_p'])} | {_ci(best['loto_r'], best['loto_ci'])} | "
+                         f"{_ci(cn['r'], cn['ci'])} | {_ci(cb['loto_r'], cb['loto_ci'])} |")
+            for d in ps["per_layer"]:
+                nd = d["nested"]
+                layer_lines.append(f"| {p} | {d['layer']} | {_ci(nd['r'], nd['ci'])} | {_fmt(nd['p_value'])} | "
+                                   f"{_alphas(nd['fold_alpha'])} ({_alpha_spread(nd['fold_alpha'])}) | "
+                                   f"{_ci(d['heldout_r'], d['heldout_ci'])} |")
+            headline[f"probe nested-CV r [{p}]"] = bn["r"]
+            headline[f"probe nested-CV r 95% CI [{p}]"] = bn["ci"]
+            headline[f"probe shuffle p [{p}]"] = bn["p_value"]
+            headline[f"content-baseline nested-CV r [{p}]"] = cn["r"]
+            per = ps["per_layer"]
+            arr = lambda key, sub=None: np.array([(d[key] if sub is None else d[key][sub])
+                                                  if (d[key] if sub is None else d[key][sub]) is not None else np.nan
+                                                  for d in per], float)
+            curves = {"nested CV": np.array([d["nested"]["r"] for d in per], float),
+                      "test split (saved probe)": arr("heldout_r"),
+                      "leave-one-topic-out": arr("loto_r"),
+                      "content baseline (nested CV)": np.full(len(layers), cn["r"] if cn["r"] is not None else np.nan)}
+            bands = {"nested CV": (np.array([d["nested"]["ci"][0] for d in per], float),
+                                   np.array([d["nested"]["ci"][1] for d in per], float))}
+            figures[f"probe r by layer [{p}]"] = probe_r_by_layer(layers, curves, run.figure(f"probe_r_{p}.png"),
+                                                                  bands=bands)
+        sections.append(("Probes", "\n".join(lines) + f"\n\nNested-CV r: ridge probe, alpha chosen by "
+                         f"{probes.get('cv_inner', '?')}-fold CV inside each of {probes.get('cv_outer', '?')} outer "
+                         "training sets, Pearson r on each outer test fold averaged (95% bootstrap interval over "
+                         "test tasks within folds; shuffle p: labels permuted and the whole nested procedure rerun, "
+                         "alpha re-chosen). The best layer is the one with the largest nested-CV r, so its r is "
+                         "mildly optimistic (a maximum over layers); the per-layer table shows them all. The saved "
+                         f"probe (steering direction, later stages) is fitted once on the {probes.get('n_fit', '?')} "
+                         "tasks outside the test split at the alpha inner CV on those tasks chooses; its test r is "
+                         f"on the {probes.get('n_test', '?')} test tasks. LOTO: each topic held out in turn, pooled "
+                         "(bootstrap interval over tasks).\n\n### Every layer\n\n" + "\n".join(layer_lines)))
     if transfer and transfer.get("persona_r") is not None:
+        # the nested-CV matrix (the one the table gives intervals and p-values for), else the single split
+        nt = transfer.get("persona_nested") or {}
         figures["cross-persona transfer"] = transfer_heatmap(
-            np.asarray(transfer["persona_r"], float), transfer["personas"], run.figure("transfer_persona.png"),
-            baseline=np.asarray(transfer["utility_corr"], float))
+            np.asarray(nt.get("r", transfer["persona_r"]), float), transfer["personas"],
+            run.figure("transfer_persona.png"),
+            baseline=np.asarray(nt.get("utility_corr", transfer["utility_corr"]), float))
     if transfer and transfer.get("persona_nested"):
         sections.append(("Cross-persona transfer", _nested_transfer_text(transfer)))
     if transfer:
@@ -159,18 +303,20 @@ def build_report(run, *, model_source: str, pool, personas, mu, utilities, probe
             run.figure("steering.png"),
             control={"k": [r["k"] for r in steering["random"]], "n": [r["n"] for r in steering["random"]],
                      "label": "random direction"})
-        lines = ["| coef | P(steered) probe | choice rate probe [95% CI] | P(steered) random | on-label rate |",
-                 "|---|---|---|---|---|"]
+        lines = ["| coef | used for slope | P(steered) probe [95% CI] | choice rate probe [95% CI] | "
+                 "P(steered) random [95% CI] | on-label rate |", "|---|---|---|---|---|---|"]
         for a, b in zip(steering["probe"], steering["random"]):
-            lines.append(f"| {a['coef']:+.2f} | {a['p_steered_mean']:.3f} | {a['k']}/{a['n']} "
-                         f"[{a['ci'][0]:.2f}, {a['ci'][1]:.2f}] | {b['p_steered_mean']:.3f} | {a['on_label_rate']:.2f} |")
+            lines.append(f"| {a['coef']:+.2f} | {'yes' if a.get('linear', True) else 'no (saturating)'} | "
+                         f"{_ci(a['p_steered_mean'], a.get('p_steered_ci'))} | {a['k']}/{a['n']} "
+                         f"[{a['ci'][0]:.2f}, {a['ci'][1]:.2f}] | {_ci(b['p_steered_mean'], b.get('p_steered_ci'))} | "
+                         f"{a['on_label_rate']:.2f} |")
         sections.append(("Steering", f"Layer {steering['layer']}, persona {steering['persona']}, {steering['mode']} "
                          f"mask, coefficient in units of the mean residual norm ({steering['scale']:.1f}); each of "
                          f"{steering['n_pairs']} pairs steered once towards Task A and once towards Task B, so label "
                          "position bias cancels at c = 0. On-label rate: how often the top next token is one of "
-                         "the two labels (a coherence check: low means the steered model left the format).\n\n"
-                         + "\n".join(lines) + f"\n\nSlope of P(steered) per unit coef: probe "
-                         f"{steering['slope_probe']:+.3f}, random {steering['slope_random']:+.3f}."
+                         "the two labels (a coherence check: low means the steered model left the format). "
+                         "P(steered) intervals: t intervals over pairs.\n\n"
+                         + "\n".join(lines) + "\n\n" + _slope_text(steering)
                          + (f"\n\n**Note:** {steering['note']}." if steering.get("note") else "")
                          + _local_slope_text(steering)))
         if steering.get("sampled"):
@@ -193,8 +339,18 @@ def build_report(run, *, model_source: str, pool, personas, mu, utilities, probe
                          "n": [sm["n_prompts"]] * len(coefs), "label": "refusal"},
                 control={"k": [r["k"] for r in sm["random"]], "n": [r["n"] for r in sm["random"]],
                          "label": "random direction"}, title="Steering dose-response (sampled completions)")
+        dose = steering.get("dose_slopes") or {}
         headline["steering slope (probe)"] = steering["slope_probe"]
         headline["steering slope (random)"] = steering["slope_random"]
+        if dose.get("per_pair", {}).get("probe"):
+            headline["steering slope (probe) 95% CI"] = dose["per_pair"]["probe"]["ci"]
+            headline["steering slope (probe) p"] = dose["per_pair"]["probe"]["p_value"]
+        if dose.get("difference"):
+            headline["steering slope probe − random 95% CI"] = dose["difference"]["ci"]
+            headline["steering slope probe − random p"] = dose["difference"]["p_value"]
+        pw = steering.get("power") or {}
+        headline["steering: smallest detectable slope (probe vs 0, α 0.05, power 0.8)"] = pw.get("mde_slope_probe_vs_zero")
+        headline["steering: smallest detectable slope (probe − random)"] = pw.get("mde_slope_probe_vs_random")
         if steering.get("local_slope"):
             nl = steering["local_slope"]["null"]
             headline["steering local slope: probe percentile among random directions"] = nl["percentile"]
@@ -252,4 +408,5 @@ def build_report(run, *, model_source: str, pool, personas, mu, utilities, probe
     summary = {"headline": headline, "extra": extra, "truth": truth, "utilities": utilities, "probes": probes, "transfer": transfer,
                "steering": steering, "inlp": inlp}
     table, summary["timing"] = _timing_table(stage_times(run, stage_order), load_seconds, time.time() - t0)
-    return write_report(wd, summary, figures, sections, title="prefjax report", footer=[("Stage times", table)])
+    return write_report(wd, summary, figures, sections, title="prefjax report", footer=[("Stage times", table)],
+                        preamble=distinguishability_text(probes, transfer, steering))

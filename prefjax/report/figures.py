@@ -98,8 +98,10 @@ def utilities_by_topic(mu_by_persona: Mapping[str, np.ndarray], topics: Sequence
 
 
 def probe_r_by_layer(layers: Sequence[int], curves: Mapping[str, np.ndarray], path: str, *,
-                     ylabel: str = "Pearson r", title: str = "Probe accuracy by layer") -> str:
-    """One line per curve (e.g. ``heldout``, ``loto``, ``content_baseline``) against layer."""
+                     ylabel: str = "Pearson r", title: str = "Probe accuracy by layer",
+                     bands: Mapping[str, tuple] | None = None) -> str:
+    """One line per curve (e.g. ``heldout``, ``loto``, ``content_baseline``) against layer; ``bands``
+    {curve name: (lo [L], hi [L])} shades an interval around that curve."""
     layers = np.asarray(layers)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
@@ -109,6 +111,11 @@ def probe_r_by_layer(layers: Sequence[int], curves: Mapping[str, np.ndarray], pa
         if r.shape != layers.shape:
             raise ValueError(f"probe_r_by_layer: curve {name!r} has shape {r.shape}, layers {layers.shape}")
         ax.plot(layers, r, styles.get(name, "-^"), color=col, label=name, ms=4)
+        if bands and name in bands:
+            lo, hi = (np.asarray(v, dtype=np.float64) for v in bands[name])
+            if lo.shape != layers.shape or hi.shape != layers.shape:
+                raise ValueError(f"probe_r_by_layer: band {name!r} must have the layers' shape {layers.shape}")
+            ax.fill_between(layers, lo, hi, color=col, alpha=0.15, lw=0)
     ax.axhline(0, color="0.7", lw=0.8)
     ax.set_xlabel("layer")
     ax.set_ylabel(ylabel)

@@ -75,9 +75,11 @@ def _table(rows: Sequence[tuple[str, Any]], head=("quantity", "value")) -> str:
 
 def write_report(workdir: str, summary: Mapping[str, Any], figures: Mapping[str, str] | None = None,
                  sections: Sequence[tuple[str, str]] = (), *, title: str = "prefjax report",
-                 footer: Sequence[tuple[str, str]] = ()) -> str:
+                 footer: Sequence[tuple[str, str]] = (), preamble: str = "") -> str:
     """Write ``summary.json`` and ``report.md`` into ``workdir``; return the report's path.
 
+    ``preamble`` (markdown) opens the report, under the title and before the headline table: the place
+    for what a reader must know first (e.g. what is and is not distinguishable from the nulls).
     ``footer`` sections (title, markdown) close the report, after the summary values. A top-level
     ``timing`` entry of ``summary`` goes to ``summary.json`` only (the caller shows it, e.g. in a footer).
     """
@@ -96,6 +98,8 @@ def write_report(workdir: str, summary: Mapping[str, Any], figures: Mapping[str,
         rest = {k: v for k, v in clean.items() if not _is_scalar(v) and k != "timing"}
 
     parts = [f"# {title}", ""]
+    if preamble.strip():
+        parts += [preamble.strip(), ""]
     parts += ["## Headline", "", _table(headline_rows) if headline_rows else "_(no headline values)_", ""]
     if figures:
         parts += ["## Figures", ""]
