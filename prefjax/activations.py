@@ -19,6 +19,7 @@ from prefjax.elicit.prompts import task_messages
 from prefjax.progress import log, progress
 from prefjax.store import ActivationStore, open_for_host, open_or_create
 from prefjax.tasks.pool import TaskPool
+from prefjax.tokenize import left_pad
 
 
 def task_token_ids(model, pool: TaskPool, persona: Persona | None) -> list[list[int]]:
@@ -84,13 +85,9 @@ def extract(model, pool: TaskPool, path: str, *, hooks: Sequence[str], persona: 
 
 
 def _pad_batch(seqs, positions, pad_id: int):
-    t = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), t), pad_id, np.int32)
-    mask = np.zeros((len(seqs), t), np.int32)
+    ids, valid = left_pad(seqs, pad_id)
+    t = ids.shape[1]
     pos = np.zeros((len(seqs), len(positions[0])), np.int32)
     for b, (s, p) in enumerate(zip(seqs, positions)):
-        off = t - len(s)
-        ids[b, off:] = s
-        mask[b, off:] = 1
-        pos[b] = np.asarray(p) + off
-    return ids, mask, pos
+        pos[b] = np.asarray(p) + (t - len(s))
+    return ids, valid.astype(np.int32), pos

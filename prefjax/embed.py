@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from prefjax.hooks import FINAL_HOOK
+from prefjax.tokenize import left_pad
 
 EOD_TOKEN = "<|endoftext|>"
 
@@ -87,15 +88,9 @@ def embed_token_ids(model, ids: Sequence[Sequence[int]], *, batch_size: int = 16
     for s in progress(starts, total=len(starts), desc="embed"):
         idx = order[s:s + batch_size]
         chunk = [rows[i] for i in idx]
-        t = max(len(r) for r in chunk)
-        t = -(-t // length_multiple) * length_multiple
         b = batch_size  # constant batch shape: fill the last batch with copies of its first row
-        toks = np.full((b, t), pad_id, np.int32)
-        mask = np.zeros((b, t), np.int32)
-        for j in range(b):
-            r = chunk[j] if j < len(chunk) else chunk[0]
-            toks[j, t - len(r):] = r
-            mask[j, t - len(r):] = 1
+        toks, valid = left_pad(chunk + [chunk[0]] * (b - len(chunk)), pad_id, multiple=length_multiple)
+        mask, t = valid.astype(np.int32), toks.shape[1]
         _, cache = model.run(toks, attention_mask=mask, capture=(FINAL_HOOK,),
                              positions=np.full((b, 1), t - 1, np.int32), logits=False)
         h = np.asarray(cache[FINAL_HOOK], np.float32)[: len(chunk), 0, :d]

@@ -45,6 +45,7 @@ from prefjax.hooks import CaptureSpec
 from prefjax.model import auto_unroll
 from prefjax.models.stack import PerLayer
 from prefjax.steering import STEER_POINT, unit_direction
+from prefjax.tokenize import left_pad
 
 
 class EngineError(ValueError):
@@ -411,16 +412,13 @@ class Engine:
         cfg, d = self.model.config, self.model.config.d_model
         uniq = list(dict.fromkeys(i for _, (i, _) in admit))
         n, p = self.prefill_rows, self._p0  # one prefill program per run
-        toks = np.full((n, p), int(cfg.pad_id), np.int32)
-        valid = np.zeros((n, p), bool)
+        toks, valid = left_pad([reqs[i].prompt for i in uniq], int(cfg.pad_id), width=p, rows=n)
         lay = np.full((n,), -1, np.int32)
         unit = np.zeros((n, d), np.float32)
         w = np.zeros((n, p), np.float32)
+        w[valid] = np.concatenate([np.asarray(reqs[i].w_prompt, np.float32) for i in uniq])
         for j, i in enumerate(uniq):
-            c = reqs[i]
-            k = len(c.prompt)
-            toks[j, p - k:], valid[j, p - k:] = c.prompt, True
-            lay[j], unit[j], w[j, p - k:] = c.layer, c.unit, c.w_prompt
+            lay[j], unit[j] = reqs[i].layer, reqs[i].unit
         logits, pre = _prefill(params, jnp.asarray(toks), jnp.asarray(valid), jnp.asarray(lay), jnp.asarray(unit),
                                jnp.asarray(w), dtype=self.model.dtype, **static)
         self.stats.prefills += 1

@@ -44,6 +44,7 @@ from prefjax.model import auto_unroll, check_prefix_rows, common_prefix_len, ext
 from prefjax.models.family import Family
 from prefjax.models.stack import unstack_layers
 from prefjax.sharding import batch_axes, batch_multiple, batch_sharding, mesh_context
+from prefjax.tokenize import left_pad
 
 
 class GenerationError(ValueError):
@@ -440,14 +441,9 @@ def generate(model, prompts, *, max_new_tokens: int, temperature: float = 1.0, t
     for lo in range(0, n, bs):
         rows = list(range(lo, min(n, lo + bs)))
         rows += [-1] * (bs - len(rows))  # dummy rows repeat prompt 0, coef 0
-        toks = np.full((bs, p_pad), int(model.config.pad_id), np.int32)
-        valid = np.zeros((bs, p_pad), bool)
-        eids = np.zeros((bs,), np.int64)
-        for j, r in enumerate(rows):
-            src = ids[r if r >= 0 else rows[0]][skip:]
-            toks[j, p_pad - len(src):] = src
-            valid[j, p_pad - len(src):] = True
-            eids[j] = ex_ids[r if r >= 0 else rows[0]]
+        src = [r if r >= 0 else rows[0] for r in rows]
+        toks, valid = left_pad([ids[r][skip:] for r in src], int(model.config.pad_id), width=p_pad)
+        eids = np.asarray([ex_ids[r] for r in src], np.int64)
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(root, jnp.asarray(eids, jnp.uint32))
         iv = None
         if specs:

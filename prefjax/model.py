@@ -23,6 +23,7 @@ import numpy as np
 from prefjax import hooks as H
 from prefjax.models.family import Family
 from prefjax.sharding import batch_sharding, mesh_context
+from prefjax.tokenize import left_pad
 
 
 def auto_unroll() -> bool:
@@ -234,16 +235,11 @@ class Model:
             skip, s_pad = 0, 0
             t = -(-max(len(x) for x in seqs) // width_bucket) * width_bucket
         shared = None
+        pad = int(self.config.pad_id)
         if skip:
-            ids = np.full((1, s_pad), int(self.config.pad_id), np.int32)
-            ids[0, s_pad - skip:] = seqs[0][:skip]
-            shared = self.prefill(ids, attention_mask=np.arange(s_pad)[None] >= s_pad - skip)
-        toks = np.full((n_rows, t), int(self.config.pad_id), np.int32)
-        valid = np.zeros((n_rows, t), bool)
-        for r, x in enumerate(seqs):
-            x = x[skip:]
-            if x:
-                toks[r, t - len(x):], valid[r, t - len(x):] = x, True
+            ids, start = left_pad([seqs[0][:skip]], pad, width=s_pad)
+            shared = self.prefill(ids, attention_mask=start)
+        toks, valid = left_pad([x[skip:] for x in seqs], pad, width=t, rows=n_rows)
         cache = self.prefill(toks, attention_mask=valid, prefix=shared)
         extra = -cache.length % max(int(slots_bucket), 1)
         if not extra:

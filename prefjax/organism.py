@@ -56,7 +56,7 @@ from prefjax.stages import RunLayout, read_json, resid_hook
 from prefjax.store import open_existing
 from prefjax.tasks import load_default_pool, load_tasks, save_jsonl
 from prefjax.tasks.pool import TaskPool
-from prefjax.tokenize import Tokenizer
+from prefjax.tokenize import Tokenizer, left_pad
 
 #: Default topic values of the ``default`` persona (centred below): helpful, well-defined work high,
 #: harmful or manipulative work low.
@@ -268,11 +268,7 @@ def _batches(seqs, targets, batch_size: int, bucket: int, pad_id: int, rng):
         idx = [idx[i] for i in rng.permutation(len(idx))]
         for s in range(0, len(idx) - batch_size + 1, batch_size):
             rows = idx[s:s + batch_size]
-            ids = np.full((batch_size, t), pad_id, np.int32)
-            valid = np.zeros((batch_size, t), bool)
-            for r, k in enumerate(rows):
-                ids[r, t - len(seqs[k]):] = seqs[k]
-                valid[r, t - len(seqs[k]):] = True
+            ids, valid = left_pad([seqs[k] for k in rows], pad_id, width=t)
             out.append((ids, valid, targets[rows]))
     return [out[i] for i in rng.permutation(len(out))]
 
@@ -430,13 +426,7 @@ def pair_fit(spec, cfg, params, tokenizer, pool, util, *, n: int = 256, seed: in
     tp = {k: v for k, v in params.items() if k != "embed"}
     gaps = []
     for s in range(0, n, 32):
-        chunk = seqs[s:s + 32]
-        t = max(len(c) for c in chunk)
-        t = int(math.ceil(t / 64) * 64)
-        ids = np.zeros((len(chunk), t), np.int32)
-        valid = np.zeros((len(chunk), t), bool)
-        for r, c in enumerate(chunk):
-            ids[r, t - len(c):], valid[r, t - len(c):] = c, True
+        ids, valid = left_pad(seqs[s:s + 32], 0, multiple=64)
         lg = np.asarray(fn(tp, params["embed"], ids, valid))
         gaps.append(lg[:, 0] - lg[:, 1])
     g = np.concatenate(gaps)

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Tokenizer", "char_span_to_token_mask", "GEMMA_CHAT_TEMPLATE", "TokenizerError"]
+__all__ = ["Tokenizer", "char_span_to_token_mask", "GEMMA_CHAT_TEMPLATE", "TokenizerError", "left_pad"]
 
 # Turn terminators and turn openers of common chat formats, most specific first.
 END_OF_TURN_CANDIDATES = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<turn|>")
@@ -376,18 +376,8 @@ class Tokenizer:
                 for x in texts_or_ids]
         if not rows:
             raise ValueError("batch_encode needs at least one sequence")
-        t = max(len(r) for r in rows)
-        m = max(1, int(pad_to_multiple_of))
-        t = -(-max(t, 1) // m) * m
-        ids_BxT = np.full((len(rows), t), self.pad_id, dtype=np.int32)
-        mask_BxT = np.zeros((len(rows), t), dtype=np.int32)
-        for b, r in enumerate(rows):
-            if not r:
-                continue
-            sl = slice(t - len(r), t) if pad == "left" else slice(0, len(r))
-            ids_BxT[b, sl] = r
-            mask_BxT[b, sl] = 1
-        return ids_BxT, mask_BxT
+        ids_BxT, valid_BxT = left_pad(rows, self.pad_id, multiple=pad_to_multiple_of, right=pad == "right")
+        return ids_BxT, valid_BxT.astype(np.int32)
 
     def __repr__(self) -> str:
         return (f"Tokenizer(source={self.source!r}, vocab={self.vocab_size}, bos={self.bos_id}, "
@@ -566,6 +556,41 @@ def _gemma_backend_from_gguf(data):
     backend.post_processor = processors.TemplateProcessing(single=" ".join(single), pair=" ".join(pair),
                                                            special_tokens=ids)
     return backend, special
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, *, width: int | None = None, multiple: int = 1,
+             rows: int | None = None, row_multiple: int = 1, right: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Token-id rows left-padded into one block: ``(ids [B, T] int32, valid [B, T] bool)``.
+
+    Row ``r`` holds ``seqs[r]`` in its last ``len(seqs[r])`` columns (``valid`` True there) and
+    ``pad_id`` before; an empty sequence gives a row of padding. ``T`` is ``width`` when given, else
+    the longest sequence (at least 1), rounded up to a multiple of ``multiple``; a sequence longer
+    than ``T`` raises ValueError naming its row. ``B`` is ``rows`` when given (at least
+    ``len(seqs)``, the extra rows all padding), else ``len(seqs)``, rounded up to a multiple of
+    ``row_multiple``. ``right=True`` puts each sequence in its first columns instead (right padding,
+    for tokens that continue a prefix cache).
+
+    Per-token values that go with the sequences (steering masks, weights) land where ``valid`` is
+    True, in row order: ``vals = np.zeros(ids.shape); vals[valid] = np.concatenate(per_seq_values)``.
+    """
+    lens = [len(s) for s in seqs]
+    m = max(1, int(multiple))
+    t = max(max(lens, default=0), 1) if width is None else int(width)
+    t = -(-t // m) * m
+    if rows is not None and int(rows) < len(seqs):
+        raise ValueError(f"rows={rows} is fewer than the {len(seqs)} sequences")
+    b = len(seqs) if rows is None else int(rows)
+    rm = max(1, int(row_multiple))
+    b = -(-b // rm) * rm
+    ids = np.full((b, t), pad_id, np.int32)
+    valid = np.zeros((b, t), bool)
+    for r, (s, n) in enumerate(zip(seqs, lens)):
+        if n > t:
+            raise ValueError(f"row {r}: sequence of {n} tokens is longer than the padded width {t}")
+        if n:
+            sl = slice(0, n) if right else slice(t - n, t)
+            ids[r, sl], valid[r, sl] = s, True
+    return ids, valid
 
 
 def char_span_to_token_mask(offsets: Sequence[tuple[int, int]], start: int, end: int, seq_len: int,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from prefjax.tokenize import GEMMA_CHAT_TEMPLATE, Tokenizer, TokenizerError, char_span_to_token_mask
+from prefjax.tokenize import GEMMA_CHAT_TEMPLATE, Tokenizer, TokenizerError, char_span_to_token_mask, left_pad
 
 CHATML = ("{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] "
           "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
@@ -129,6 +129,29 @@ def test_batch_encode_and_span_mask(tmp_path):
     ml = char_span_to_token_mask(off, start, start + len("hello world"), len(ids) + 3, pad="left")
     np.testing.assert_array_equal(ml[3:], m)
     assert not ml[:3].any()
+
+
+def test_left_pad():
+    ids, valid = left_pad([[5, 6, 7], [], [8]], 0)
+    assert ids.dtype == np.int32 and valid.dtype == bool and ids.shape == (3, 3)
+    np.testing.assert_array_equal(ids, [[5, 6, 7], [0, 0, 0], [0, 0, 8]])
+    np.testing.assert_array_equal(valid, [[1, 1, 1], [0, 0, 0], [0, 0, 1]])
+    ids, valid = left_pad([[], []], 9)  # nothing to hold: one column of padding
+    np.testing.assert_array_equal(ids, [[9], [9]])
+    assert not valid.any()
+    ids, valid = left_pad([[1, 2, 3, 4, 5]], 0, multiple=4)  # width bucket: 5 -> 8
+    np.testing.assert_array_equal(ids, [[0, 0, 0, 1, 2, 3, 4, 5]])
+    np.testing.assert_array_equal(valid[0], [0, 0, 0, 1, 1, 1, 1, 1])
+    ids, valid = left_pad(np.array([[1, 2]]), 3, width=4, rows=3, row_multiple=2)  # extra rows: padding
+    np.testing.assert_array_equal(ids, [[3, 3, 1, 2]] + [[3] * 4] * 3)
+    assert valid.sum() == 2 and valid[0, 2:].all()
+    ids, valid = left_pad([[1, 2], [3]], 0, width=3, right=True)
+    np.testing.assert_array_equal(ids, [[1, 2, 0], [3, 0, 0]])
+    np.testing.assert_array_equal(valid, [[1, 1, 0], [1, 0, 0]])
+    with pytest.raises(ValueError, match=r"row 1: sequence of 4 tokens is longer than the padded width 3"):
+        left_pad([[1], [1, 2, 3, 4]], 0, width=3)
+    with pytest.raises(ValueError, match="rows=1 is fewer than the 2 sequences"):
+        left_pad([[1], [2]], 0, rows=1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from prefjax.elicit.runner import forced_text, label_token_ids
 from prefjax.progress import progress
 from prefjax.runconfig import PatchingConfig, resolve_layers
 from prefjax.stages import atomic_save_npz, to_jsonable
+from prefjax.tokenize import left_pad
 
 PATCH_MODES = ("eot", "span")
 
@@ -171,15 +172,14 @@ def _layout(prompts: Sequence[ChoicePrompt], pad_id: int, t: int, whole: int | N
     """Token ids [b, t], attention mask, and the columns of each turn-boundary span plus the last token
     [b, span + 1]: with ``whole`` the whole prompts left-padded to ``t``; without it only the part from
     the end-of-turn token on, right-padded (it continues a prefix cache of the part before)."""
-    ids = np.full((len(prompts), t), pad_id, np.int32)
-    mask = np.zeros((len(prompts), t), np.int32)
+    xs = [p.ids if whole else p.ids[p.eot:] for p in prompts]
+    ids, valid = left_pad(xs, pad_id, width=t, right=not whole)
     pos = []
-    for b, p in enumerate(prompts):
-        x, first = (p.ids, t - len(p.ids)) if whole else (p.ids[p.eot:], -p.eot)
+    for p, x in zip(prompts, xs):
+        first = t - len(x) if whole else -p.eot
         at = max(first, 0)
-        ids[b, at:at + len(x)], mask[b, at:at + len(x)] = x, 1
         pos.append([i + first for i in p.span] + [at + len(x) - 1])
-    return ids, mask, np.asarray(pos, np.int32)
+    return ids, valid.astype(np.int32), np.asarray(pos, np.int32)
 
 
 def _p_a(logits_BxV, ida: int, idb: int):

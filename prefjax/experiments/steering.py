@@ -29,6 +29,7 @@ from prefjax.runconfig import SteeringConfig
 from prefjax.stages import atomic_save_npz, atomic_write_json, resid_hook
 from prefjax.stats_small import min_detectable_effect, n_for_effect, t_summary, wilson_interval
 from prefjax.steering import SteerSpec, random_direction, readout_gradient, token_span_mask
+from prefjax.tokenize import left_pad
 
 
 def steering_persona(config: SteeringConfig, personas) -> str:
@@ -133,13 +134,13 @@ def null_detectable(null_slopes: np.ndarray, gradient_norm: float) -> dict:
     return {"abs_slope_p05": q95, "abs_slope_p01": q99, "abs_cosine_p05": cos(q95), "abs_cosine_p01": cos(q99)}
 
 
-def left_pad(seqs, masks):
-    """Token-id rows and their steering masks, left-padded to the longest: (ids, attention, mask) [P, T]."""
-    P, t = len(seqs), max(len(s) for s in seqs)
-    ids, att, msk = np.zeros((P, t), np.int32), np.zeros((P, t), np.int32), np.zeros((P, t), np.float32)
-    for r, (sq, m) in enumerate(zip(seqs, masks)):
-        ids[r, t - len(sq):], att[r, t - len(sq):], msk[r, t - len(sq):] = sq, 1, m
-    return ids, att, msk
+def pad_prompts(seqs, masks):
+    """Token-id rows and their steering masks, left-padded (with id 0) to the longest: (ids, attention, mask)
+    [P, T]."""
+    ids, valid = left_pad(seqs, 0)
+    msk = np.zeros(ids.shape, np.float32)
+    msk[valid] = np.concatenate([np.asarray(m, np.float32) for m in masks])
+    return ids, valid.astype(np.int32), msk
 
 
 def run_steering_stage(config: SteeringConfig, run, model, pool, personas, *, probe_summary, mean_norms,
@@ -262,7 +263,7 @@ def local_slope_null(model, pairs, persona, mode, layer, scale, directions, *, n
     tok = model.tokenizer
     ida, idb = label_token_ids(tok, DEFAULT_TEMPLATE)
     seqs, masks, toward = steering_prompts(tok, pairs, persona, mode, forced=True)
-    ids, att, msk = left_pad(seqs, masks)
+    ids, att, msk = pad_prompts(seqs, masks)
     P, t = ids.shape
     logits, _ = model.run(ids, attention_mask=att, positions=np.full((P, 1), t - 1, np.int32))
     lg = np.asarray(logits[:, 0, :], np.float64)
@@ -308,7 +309,7 @@ def steering_sweep(model, pairs, persona, mode, layer, scale, coefs, directions,
            "tokens": {n: [None] * len(coefs) for n in names}, "texts": {n: [None] * len(coefs) for n in names}}
     bar = progress(total=len(names) * len(coefs) * P, desc="steering", unit="prompt")
     if not batched:  # one coefficient at a time: a forced-prefix forward, then generate
-        ids, att, msk = left_pad(forced, fmasks)
+        ids, att, msk = pad_prompts(forced, fmasks)
         t = ids.shape[1]
         width = max(len(p) for p in plain)
         gmask = np.zeros((P, width), np.float32)
@@ -350,14 +351,11 @@ def steering_sweep(model, pairs, persona, mode, layer, scale, coefs, directions,
     for lo in range(0, len(cells), chunk):
         part = cells[lo:lo + chunk]
         part = part + [part[0]] * (chunk - len(part))  # one shape for every chunk
-        toks = np.full((chunk, width), pad, np.int32)
-        valid = np.zeros((chunk, width), bool)
+        toks, valid = left_pad([bodies[r][skip:] for _, _, r in part], pad, width=width)
         msk = np.zeros((chunk, width), np.float32)
+        msk[valid] = np.concatenate([np.asarray(masks[r][skip:len(bodies[r])], np.float32) for _, _, r in part])
         coef = {name: np.zeros(chunk, np.float32) for name in names}
         for j, (name, ci, r) in enumerate(part):
-            b = bodies[r][skip:]
-            toks[j, width - len(b):], valid[j, width - len(b):] = b, True
-            msk[j, width - len(b):] = masks[r][skip:len(bodies[r])]
             coef[name][j] = coefs[ci]
         specs = tuple(SteerSpec(layer=layer, direction=directions[name], coef=coef[name], scale=scale, tokens=msk)
                       for name in names)
@@ -530,14 +528,11 @@ def completion_loglik(model, prompt_ids: Sequence[Sequence[int]], completion_ids
     for lo in range(0, len(idx), bs):
         part = list(range(lo, min(len(idx), lo + bs)))
         part += [part[0]] * (bs - len(part))  # one shape for every chunk
-        toks = np.full((bs, width), pad, np.int32)
-        valid = np.zeros((bs, width), bool)
+        toks, valid = left_pad([seqs[q] for q in part], pad, width=width, right=right)
         pos = np.zeros((bs, k), np.int32)
         tgt = np.zeros((bs, k), np.int32)
         for r, q in enumerate(part):
-            sq, m = seqs[q], len(comps[idx[q]])
-            sl = slice(0, len(sq)) if right else slice(width - len(sq), width)
-            toks[r, sl], valid[r, sl] = sq, True
+            m = len(comps[idx[q]])
             pos[r, :m], pos[r, m:] = cols[q], cols[q][-1]
             tgt[r, :m] = comps[idx[q]]
         logits, _ = run(toks, valid, pos, np.asarray([rows[q] for q in part], np.int32))

@@ -29,6 +29,7 @@ from prefjax.progress import progress
 from prefjax.runconfig import TrueFalseConfig
 from prefjax.stages import atomic_save_npz, to_jsonable
 from prefjax.stats_small import rankdata
+from prefjax.tokenize import left_pad
 
 
 class TrueFalseError(ValueError):
@@ -230,14 +231,13 @@ def statement_activations(model, statements: Sequence[Statement | str], hooks: S
     for start in range(0, len(seqs), bsz):
         chunk = seqs[start:start + bsz]
         # one shape for every batch (padded rows repeat row 0 and are dropped): one compiled program
-        ids = np.full((bsz, t), pad, np.int32)
-        mask = np.zeros((bsz, t), np.int32)
+        rows = [b if b < len(chunk) else 0 for b in range(bsz)]
+        parts = [chunk[k][skip:] for k in rows]
+        ids, valid = left_pad(parts, pad, width=t, right=prefix is not None)
+        mask = valid.astype(np.int32)
         p = np.zeros((bsz, n_after + 1), np.int32)
-        for b in range(bsz):
-            k = b if b < len(chunk) else 0
-            s = chunk[k][skip:]
+        for b, (k, s) in enumerate(zip(rows, parts)):
             at = 0 if prefix is not None else t - len(s)
-            ids[b, at:at + len(s)], mask[b, at:at + len(s)] = s, 1
             p[b] = np.asarray(pos[start + k]) - skip + at
         _, cache = model.run(ids, attention_mask=mask, capture=list(hooks), positions=p, prefix=prefix)
         for h, name in enumerate(hooks):
