@@ -14,8 +14,11 @@ every jitted program a pipeline config would execute, with prefjax's own shardin
   ``steering: loglik`` (the coherence score: prompt + completion, logits at the completion's positions);
 * ``utilities: Thurstonian fit`` -- the L-BFGS solve at ``fit_tasks`` tasks / ``fit_comparisons``
   comparisons, the comparisons sharded over every chip of the slice;
-* ``probes: ridge path`` -- the eigendecomposition behind the whole alpha path, at the config's
-  training split x d_model (one per captured layer; process 0 runs them on one chip).
+* ``probes: ridge Gram`` and ``probes: ridge projection`` -- the accelerator's two matmuls of the
+  decomposition behind the whole alpha path (``X^T X``, then ``V^T X^T``), at the config's training
+  split x d_model (one pair per captured layer; process 0 runs them on one chip). The eigendecomposition
+  between them runs on the host CPU in float64 and is not compiled (``--programs='probes: ridge path'``
+  selects both).
 
 For each it reports the per-chip argument / temp / output memory against the chip's HBM (a program
 that does not fit says by how much and names its largest arrays), XLA's cost analysis and a roofline
@@ -684,16 +687,25 @@ def lower_thurstonian(sl: TpuSlice, n_tasks: int, n_comparisons: int):
     return lowered, named, rows, cfg.max_iter
 
 
-def lower_ridge(sl: TpuSlice, n: int, d: int):
-    """``prefjax.probes.ridge.decompose`` (one eigendecomposition per captured layer gives the whole
-    alpha path) on one chip, in float32, as process 0 runs it."""
+def lower_ridge(sl: TpuSlice, n: int, d: int, part: str = "gram"):
+    """The accelerator's part of ``prefjax.probes.ridge.decompose`` (one decomposition per captured layer
+    gives the whole alpha path) on one chip, in float32, as process 0 runs it: ``part="gram"`` lowers
+    ``ridge.gram`` (``X^T X``, or ``X X^T`` when d > n), ``part="project"`` lowers ``ridge.project``
+    (the host's eigenvectors carried back: ``V^T X^T`` or ``X^T U``). The ``min(n, d)``-square
+    eigendecomposition between them runs on the host in float64 (numpy/LAPACK): nothing to compile."""
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from prefjax.probes import ridge as R
     one = NamedSharding(Mesh(np.array(sl.devices[:1]), ("one",)), P())
     x = _sds((n, d), jnp.float32, one)
-    return R.decompose.lower(x), {"X (train split)": x}
+    if part == "gram":
+        return R.gram.lower(x), {"X (train split)": x}
+    if part == "project":
+        r = min(n, d)
+        v = _sds((r, r), jnp.float32, one)
+        return R.project.lower(x, v), {"X (train split)": x, "eigenvectors (from the host)": v}
+    raise ValueError(f"part must be 'gram' or 'project', got {part!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -799,8 +811,10 @@ def workload(shapes: RunShapes, *, fit_rows: int, fit_iters: int, n_topics: int 
         a.append(f"utilities: {fit_iters} L-BFGS iterations per fit (the cap), time scaled from the compiled "
                  f"size by comparisons ({comparisons} per persona)")
     if "probes" in stages and s.layers:
-        c["probes: ridge path"] = s.personas * len(s.layers) * (1 + n_topics)
-        a.append(f"probes: one decomposition per layer for the probe and each of {n_topics} left-out topics")
+        for name in RIDGE_PROGRAMS:
+            c[name] = s.personas * len(s.layers) * (1 + n_topics)
+        a.append(f"probes: one decomposition per layer for the probe and each of {n_topics} left-out topics; "
+                 "each one's eigendecomposition runs on the host CPU in float64 (not in the roofline)")
     a.append("not projected: patching, INLP, pref_shift, truefalse, transfer (small next to the above)")
     return Workload(c, a)
 
@@ -901,7 +915,10 @@ def _fmt_rate(x):
 
 PROGRAMS = ("activations: prefill+capture", "choices: prefill", "choices: generate prefill", "choices: decode step",
             "steering: steered prefill", "steering: steered decode step", "steering: loglik",
-            "utilities: Thurstonian fit", "probes: ridge path")
+            "utilities: Thurstonian fit", "probes: ridge Gram", "probes: ridge projection")
+RIDGE_PROGRAMS = ("probes: ridge Gram", "probes: ridge projection")
+# names that select several programs (the ridge path's eigh left the accelerator, splitting its program in two)
+PROGRAM_ALIASES = {"probes: ridge path": RIDGE_PROGRAMS}
 
 
 def resolve_mesh(cfg, sl: TpuSlice, mesh: Mapping[str, int] | None) -> dict[str, int]:
@@ -946,6 +963,7 @@ def check_run(cfg, topology: str, *, mesh: Mapping[str, int] | None = None, task
     warnings: list[str] = []
     wanted = set(programs) if programs else None
     if wanted:
+        wanted = set().union(*(PROGRAM_ALIASES.get(p, (p,)) for p in wanted))
         unknown = sorted(wanted - set(PROGRAMS))
         if unknown:
             raise AOTError(f"unknown programs {unknown}; known: {list(PROGRAMS)}")
@@ -1048,19 +1066,30 @@ def check_run(cfg, topology: str, *, mesh: Mapping[str, int] | None = None, task
                                f"padded to {fit_rows}); while loops counted once")
         res.stage, res.kind = "utilities", "stats"
         results.append(res)
-    if "probes" in stages and rs.layers and (wanted is None or "probes: ridge path" in wanted):
-        n_train = max(int(round(0.6 * rs.n_tasks)), 2)
+    n_train = max(int(round(0.6 * rs.n_tasks)), 2)
+    r_eig = min(n_train, mcfg.d_model)
+    ridge_parts = {"probes: ridge Gram": ("gram", f"{'X^T X' if mcfg.d_model <= n_train else 'X X^T'} of the "
+                                                 f"{n_train} x {mcfg.d_model} train split (float32, HIGHEST, one chip)"),
+                   "probes: ridge projection": ("project", f"{'V^T X^T' if mcfg.d_model <= n_train else 'X^T U'}, "
+                                                       f"V the {r_eig}-square eigenvectors (float32, HIGHEST, one chip)")}
+    for name, (part, method) in ridge_parts.items():
+        if not ("probes" in stages and rs.layers and (wanted is None or name in wanted)):
+            continue
         box = {}
 
-        def lower_r():
-            lowered, named = lower_ridge(sl, n_train, mcfg.d_model)
+        def lower_r(part=part, box=box):
+            lowered, named = lower_ridge(sl, n_train, mcfg.d_model, part)
             box.update(named)
             return lowered
 
-        res, compiled = compile_program("probes: ridge path", lower_r, sl.chip, log=log)
+        res, compiled = compile_program(name, lower_r, sl.chip, log=log)
         if compiled is not None:
-            res.largest_args = [(n, float(per_chip_bytes(s))) for n, s in box.items()]
-            res.cost_method = f"eigh of the {min(n_train, mcfg.d_model)}-square Gram matrix (float32, one chip)"
+            res.largest_args = sorted(((n, float(per_chip_bytes(s))) for n, s in box.items()), key=lambda kv: -kv[1])
+            res.cost_method = method
+            if part == "gram":
+                res.notes.append(f"the {r_eig}-square eigendecomposition between the Gram and projection programs "
+                                 "runs on the host CPU in float64 (numpy/LAPACK), not on the chip: not compiled, "
+                                 "not in the roofline")
         res.stage, res.kind = "probes", "stats"
         results.append(res)
 

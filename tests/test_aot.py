@@ -181,7 +181,7 @@ def test_tiny_whole_run_compiles_for_v5e_2x2():
     names = [r.name for r in rep.results]
     assert names == ["activations: prefill+capture", "choices: prefill", "steering: steered prefill",
                      "steering: steered decode step", "steering: loglik", "utilities: Thurstonian fit",
-                     "probes: ridge path"]
+                     "probes: ridge Gram", "probes: ridge projection"]
     for r in rep.results:
         assert r.status == "ok", (r.name, r.error)
         assert 0 < r.peak_bytes < 0.9 * 16 * GiB, r.name
@@ -227,3 +227,21 @@ def test_qwen35_122b_prefill_and_decode_fit_v5p_with_grouped_experts():
         assert r.headroom >= 0.10, (r.name, r.peak_bytes / GiB)
         assert "ragged-dot" in r.hlo_ops or "tpu_custom_call" in r.hlo_ops, r.name
         assert any(n.startswith("MoE experts: ragged_dot (grouped matmul)") for n in r.notes), r.notes
+
+
+@pytest.mark.slow
+def test_gemma3_27b_ridge_path_at_10k_tasks_compiles_v5e_4x4():
+    """Issue 17: the ridge path at the paper's task count x d_model. Only its matmuls run on the chip (the
+    5,376-square eigh runs on the host in float64), so the compile is seconds and well under 1 GB of host
+    memory where an on-chip eigh did not finish (BUILD_NOTES)."""
+    cfg = _config("default", "gemma3-27b", **{"tasks.n": 10000, "activations.layers": "all"})
+    rep = aot.check_run(cfg, "v5e:4x4", mesh=tpu_mesh("gemma3-27b", "v5e:4x4"), log=None,
+                        programs=["probes: ridge path"])  # the alias selects both programs
+    assert [r.name for r in rep.results] == ["probes: ridge Gram", "probes: ridge projection"]
+    x_bytes = 6000 * 5376 * 4  # the float32 train split, 60% of 10k tasks
+    for r in rep.results:
+        assert r.status == "ok", (r.name, r.error)
+        assert x_bytes <= r.argument_bytes and r.peak_bytes < 1 * GiB, (r.name, r.peak_bytes / GiB)
+        assert r.flops >= 0.9 * 2 * 6000 * 5376 ** 2, r.name  # one [6000, 5376] x [5376, 5376]-sized matmul
+        assert r.calls == 2 * 62 * 12  # personas x layers x (probe + 11 left-out topics)
+    assert any("host CPU in float64" in n for n in rep.results[0].notes)

@@ -8,6 +8,14 @@ For centred, standardised training activations ``Xs`` [n, d] and centred utiliti
 * ``n < d``:  ``Xs Xs^T = U diag(lam) U^T``, ``B = Xs^T U``, ``c = U^T y``.
 
 So every alpha (and every permuted ``y`` of a null) costs a matrix-vector product, never a refit.
+
+Where each part runs: the accelerator forms the Gram matrix (:func:`gram`, one matmul) and the
+projections (:func:`project`, one matmul), both float32 at HIGHEST matmul precision; the symmetric
+eigendecomposition in between runs on the host in float64 (numpy/LAPACK, :func:`host_eigh`). An eigh
+on the accelerator is no cheaper and is costly to compile: for a TPU, libtpu's compile of a float32
+eigh grows steeply with the matrix size (BUILD_NOTES, "TPU ahead-of-time checks"; Gemma-3-27B's
+5,376-square Gram matrix did not finish in 17 minutes past 15 GB of host memory), while the two matmul
+programs compile in seconds at any size and the host eigh is exact to float64.
 """
 
 from __future__ import annotations
@@ -40,18 +48,48 @@ def split_indices(n: int, fracs: Sequence[float], seed: int = 0) -> list[np.ndar
     return [np.sort(p) for p in np.split(perm, cuts)]
 
 
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
 @jax.jit
-def decompose(xs_NxD):
-    """Centred, scaled X [N, D] -> (basis, eigenvalues, projections) of X^T X (or X X^T when D > N): one
-    eigendecomposition gives ridge solutions for every alpha. Jitted; also lowered by prefjax.aot."""
+def gram(xs_NxD):
+    """``X^T X`` [D, D] when D <= N, else ``X X^T`` [N, N], for centred, scaled X [N, D]: the accelerator's
+    half of the decomposition (one float32 matmul at HIGHEST precision). Jitted; lowered by prefjax.aot."""
     n, d = xs_NxD.shape
     if d <= n:
-        lam, v = jnp.linalg.eigh(xs_NxD.T @ xs_NxD)
-        basis, proj = v, v.T @ xs_NxD.T
-    else:
-        lam, u = jnp.linalg.eigh(xs_NxD @ xs_NxD.T)
-        basis, proj = xs_NxD.T @ u, u.T
-    return basis, jnp.maximum(lam, 0.0), proj
+        return jnp.matmul(xs_NxD.T, xs_NxD, precision=_HIGHEST)
+    return jnp.matmul(xs_NxD, xs_NxD.T, precision=_HIGHEST)
+
+
+@jax.jit
+def project(xs_NxD, vecs_RxR):
+    """The eigenvectors of :func:`gram` carried to the other side: ``V^T X^T`` [D, N] (the projections)
+    when D <= N, else ``X^T U`` [D, N] (the basis). One float32 matmul; lowered by prefjax.aot."""
+    n, d = xs_NxD.shape
+    if d <= n:
+        return jnp.matmul(vecs_RxR.T, xs_NxD.T, precision=_HIGHEST)
+    return jnp.matmul(xs_NxD.T, vecs_RxR, precision=_HIGHEST)
+
+
+def host_eigh(g_RxR) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (clipped at 0) and eigenvectors of a symmetric Gram matrix, in float64 on the host
+    (LAPACK's divide-and-conquer ``syevd`` via numpy), ascending."""
+    g = np.asarray(g_RxR, np.float64)
+    lam, vecs = np.linalg.eigh(0.5 * (g + g.T))
+    return np.maximum(lam, 0.0), vecs
+
+
+def decompose(xs_NxD):
+    """Centred, scaled X [N, D] -> (basis, eigenvalues, projections) of X^T X (or X X^T when D > N): one
+    eigendecomposition gives ridge solutions for every alpha. :func:`gram` and :func:`project` run on the
+    accelerator, the eigendecomposition on the host in float64 (:func:`host_eigh`)."""
+    xs = jnp.asarray(xs_NxD, jnp.float32)
+    n, d = xs.shape
+    lam, vecs = host_eigh(gram(xs))
+    v = jnp.asarray(vecs, jnp.float32)
+    other = project(xs, v)
+    basis, proj = (v, other) if d <= n else (other, v.T)
+    return basis, jnp.asarray(lam, jnp.float32), proj
 
 
 @dataclasses.dataclass
