@@ -163,9 +163,18 @@ def gelu_tanh(x):
     cancellation jax.nn.gelu was ~3.5x further from the float64 GELU than torch's float32 (mean relative
     error 2e-5 against 6e-6) and tipped the real Gemma-3-270M over the float64 parity gate at
     ln_final. The exp form has no cancellation (mean relative error 8e-8 on XLA:CPU, max 1.3e-6).
+
+    ``2u`` is floored at 90% of ``-log(dtype max)`` (-79.8 in float32 and bfloat16): unfloored,
+    ``exp(-2u)`` overflows to inf for very negative x, which leaves the value right (0) but makes the
+    gradient inf/inf = NaN. Below the floor the true value is under ``|x| * exp(floor)`` (2e-35 in
+    float32: zero at the format's precision). Gemma's beginning-of-sequence token reaches such inputs
+    in its early layers, so every backward pass through them (``steering.readout_gradient``) was NaN.
     """
+    if x.dtype == jnp.float16:  # x^3 and exp(-2u) overflow float16's range: compute in float32
+        return gelu_tanh(x.astype(jnp.float32)).astype(jnp.float16)
     two_u = jnp.asarray(2 * math.sqrt(2 / math.pi), x.dtype) * (x + jnp.asarray(0.044715, x.dtype) * x * x * x)
-    return x / (1 + jnp.exp(-two_u))
+    floor = jnp.asarray(-0.9 * math.log(float(jnp.finfo(x.dtype).max)), x.dtype)
+    return x / (1 + jnp.exp(-jnp.maximum(two_u, floor)))
 
 
 ACTIVATIONS = {
