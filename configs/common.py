@@ -101,7 +101,14 @@ def base_config(arg: str, config_file: str):
     # alpha by nested cross-validation: cv_outer folds estimate held-out r, cv_inner folds (inside each
     # outer training set) choose alpha
     c.probes = ml_collections.ConfigDict({"alphas": (1.0, 10.0, 100.0, 1e3, 1e4, 1e5), "position_index": 0,
-                                          "n_perm": 100, "cv_outer": 5, "cv_inner": 5})
+                                          "n_perm": 100, "cv_outer": 5, "cv_inner": 5,
+                                          # z-score each dimension before the ridge fit: keeps the main job's
+                                          # numbers; the planted organism shows raw fits recover the direction
+                                          # far better (BUILD_NOTES "Ground-truth organism")
+                                          "standardize": True,
+                                          # "best" inner-CV r, or "1se": the largest alpha within one standard
+                                          # error of it (steadier directions; see probes.nulls)
+                                          "alpha_rule": "best"})
     # Coefficients are fractions of the mean residual norm at the steering layer. Gemma's residual norms
     # are dominated by a few huge dimensions (6e3 at layer 9 of the 270M), so 0.25 already pushes the
     # 270M off the answer format; the sweep stays within +-0.1.

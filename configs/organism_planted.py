@@ -27,7 +27,7 @@ def get_config(arg: str = ""):
     folder = arg or os.path.join("runs", "planted", "model")
     c = base_config("", "configs/organism_planted.py")
     c.model.source = folder
-    c.truth = ""
+    c.truth = folder                     # report.md opens with every target against the planted truth
     c.tasks.source = os.path.join(folder, "eval_tasks.jsonl")
     c.tasks.n = 0                        # every held-out task
     c.personas = ("default", "assistant", "minimalist")
@@ -37,9 +37,15 @@ def get_config(arg: str = ""):
     c.activations.layers = f"{PLANTED_LAYER - 3},{PLANTED_LAYER},{PLANTED_LAYER + 3}"
     c.steering.layer = str(PLANTED_LAYER)
     c.steering.generate_tokens = 0       # logit mode only: the planted circuit runs full sequences
-    c.steering.n_pairs = 24
-    c.steering.coefs = (-0.02, -0.01, 0.0, 0.01, 0.02)
+    c.steering.n_pairs = 16
+    c.steering.coefs = (-0.02, 0.0, 0.02)
     c.steering.n_null = 200
     c.probes.n_perm = 50
+    # raw activations: per-dimension z-scoring reweights the probe's direction by 1/variance and caps its
+    # cosine with the planted direction near 0.5 (BUILD_NOTES "Ground-truth organism"); raw fits need a
+    # grid scaled to the residual's variance (about 2e5 along the planted directions)
+    c.probes.standardize = False
+    c.probes.alphas = (1e3, 1e4, 1e5, 1e6, 1e7, 1e8)
+    c.probes.alpha_rule = "1se"          # the r curve is flat over 1e5..1e7; the best-r alpha gives a noisier direction
     set_stages(c, "tasks", "choices", "utilities", "activations", "probes", "transfer", "steering", "report")
     return c

@@ -84,7 +84,7 @@ class PlantSpec:
     n_features: int = 2
     words_per_task: int = 2
     n_lex: int = 48
-    n_tasks: int = 96
+    n_tasks: int = 144
     n_calib: int = 24
     personas: tuple = (("default", (1.0, 1.0)), ("assistant", (-1.0, -1.0)), ("minimalist", (1.0, 0.0)))
     write_snr: float = 20.0
@@ -271,6 +271,11 @@ def plant(spec: PlantSpec, folder: str, *, base_model=None, verbose: bool = True
         print(f"planted {len(lexicon)} lexicon nouns, {len(evals)} eval tasks, layer {spec.layer}, "
               f"gain {gain:.3g} (natural sd {natural_sd.round(3).tolist()}), triggers {triggers}")
     return meta
+
+
+def is_planted(folder: str) -> bool:
+    """Whether ``folder`` is a planted organism (has ``planted.json``)."""
+    return os.path.isfile(os.path.join(folder, PLANTED_FILE))
 
 
 def with_read(folder: str, out: str, read: str) -> str:

@@ -43,6 +43,7 @@ from prefjax.experiments.steering import run_steering_stage, steering_persona
 from prefjax.experiments.truefalse import run_truefalse_stage
 from prefjax.launching import barrier, process_info
 from prefjax.organism import evaluate_recovery
+from prefjax.organism_planted import is_planted, score_run
 from prefjax.probes import (bootstrap_ci, default_splits, evaluate_probe, fit_ridge_at, inlp, leave_one_topic_out,
                             nested_cv_ridge, nested_transfer, transfer_matrix)
 from prefjax.progress import log, progress
@@ -290,17 +291,19 @@ def _fit_probes(ctx: Context) -> dict:
     fit_idx = np.setdiff1d(np.arange(n), test)  # train + eval: alpha is chosen by inner CV, no eval split
     topics = np.asarray(ctx.pool.topic_array())
     emb = content_embeddings(ctx.model, ctx.pool)
-    cv_kw = dict(alphas=alphas, inner=pc.cv_inner, seed=seed)
+    cv_kw = dict(alphas=alphas, inner=pc.cv_inner, seed=seed, standardize=pc.standardize,
+                 alpha_rule=pc.alpha_rule)
 
     def probe_at(X1, y):
         """(nested CV over all tasks, the saved probe fitted outside the test split, its fixed-split CV)."""
         cv = nested_cv_ridge(X1, y, outer=pc.cv_outer, n_perm=n_perm, **cv_kw)
         split = nested_cv_ridge(X1, y, outer=[test], n_perm=n_perm, **cv_kw)
-        probe = fit_ridge_at(X1, y, split["fold_alpha"][0], fit_idx, alphas=alphas, cv_r=split["inner_r"][0])
+        probe = fit_ridge_at(X1, y, split["fold_alpha"][0], fit_idx, alphas=alphas, cv_r=split["inner_r"][0],
+                             standardize=pc.standardize)
         return cv, split, probe
 
     def loto_with_ci(X1, y):
-        loto = leave_one_topic_out(X1, y, topics, alphas=alphas, seed=seed)
+        loto = leave_one_topic_out(X1, y, topics, alphas=alphas, seed=seed, standardize=pc.standardize)
         ci = bootstrap_ci(loto["predictions"], y, seed=seed)
         return loto["pooled_r"], [ci["lo"], ci["hi"]]
 
@@ -360,13 +363,16 @@ def transfer_stage(ctx: Context) -> dict:
         li = layers.index(best)
         Xs = np.stack([c.X_of(p)[li] for p in names])
         Y = np.stack([c.mu[p] for p in names])
-        tp = transfer_matrix(Xs, Y, alphas=alphas, splits=splits, names=names) if len(names) > 1 else None
+        std = c.cfg.probes.standardize
+        tp = (transfer_matrix(Xs, Y, alphas=alphas, splits=splits, names=names, standardize=std)
+              if len(names) > 1 else None)
         tl = transfer_matrix(c.X_of(first), c.mu[first], alphas=alphas, splits=splits,
-                             names=[str(l) for l in layers])
+                             names=[str(l) for l in layers], standardize=std)
         nested = None
         if len(names) > 1:  # alpha by nested CV, bootstrap intervals, shuffle nulls, the whole alpha grid
             nt = nested_transfer(Xs, Y, alphas=alphas, outer=c.cfg.probes.cv_outer, inner=c.cfg.probes.cv_inner,
-                                 n_perm=c.cfg.probes.n_perm, seed=c.cfg.seed, names=names)
+                                 n_perm=c.cfg.probes.n_perm, seed=c.cfg.seed, names=names, standardize=std,
+                                 alpha_rule=c.cfg.probes.alpha_rule)
             nested = {k: (np.asarray(nt[k]).tolist() if isinstance(nt[k], np.ndarray) else nt[k])
                       for k in ("names", "alphas", "r", "ci_lo", "ci_hi", "p_value", "p_value_two_sided", "r_grid",
                                 "alpha_spread", "hangs_on_alpha", "fold_alpha", "utility_corr", "utility_corr_lo",
@@ -428,7 +434,9 @@ def truefalse_stage(ctx: Context) -> dict:
 def report_stage(ctx: Context) -> str:
     """Figures, ``summary.json`` and ``report.md`` (run every time; not marked done). With ``truth``
     set, every estimate is compared with a model organism's planted utilities."""
-    truth = evaluate_recovery(ctx.run.workdir, ctx.cfg.truth) if ctx.cfg.truth else None
+    truth = None
+    if ctx.cfg.truth:
+        truth = (score_run if is_planted(ctx.cfg.truth) else evaluate_recovery)(ctx.run.workdir, ctx.cfg.truth)
     r = ctx.results
     return build_report(ctx.run, model_source=ctx.cfg.model.source, pool=ctx.pool, personas=list(ctx.personas),
                         mu=ctx.mu, utilities=r.get("utilities"), probes=r.get("probes"),

@@ -125,12 +125,18 @@ class ActivationsConfig:
 class ProbesConfig:
     """``probes``: ridge ``alphas``, the stored position read (``position_index``), shuffle-null ``n_perm``,
     and the folds of the nested cross-validation that chooses alpha and estimates held-out r
-    (``cv_outer`` outer folds estimate, ``cv_inner`` inner folds inside each outer training set choose)."""
+    (``cv_outer`` outer folds estimate, ``cv_inner`` inner folds inside each outer training set choose).
+    ``standardize``: z-score each activation dimension before the ridge fit (the probe's direction, used
+    for steering, is then reweighted by 1/variance per dimension; False fits on raw activations).
+    ``alpha_rule``: ``"best"`` (largest inner-CV r) or ``"1se"`` (largest alpha within one standard error
+    of it: a less noisy direction where the r curve is flat)."""
     alphas: tuple[float, ...]
     position_index: int
     n_perm: int
     cv_outer: int
     cv_inner: int
+    standardize: bool
+    alpha_rule: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +210,8 @@ TOP_LEVEL = {"seed": "int", "stages": "tuple[str, ...]", "checkpoints_dir": "str
 # Sections that are kept for provenance (run.json) but not read by the pipeline: ``organism`` is the
 # planting spec of configs/organism.py, read by bench/plant_organism.py through OrganismSpec.from_dict.
 PROVENANCE = ("organism",)
-ALLOWED = {"choices.mode": ("logit", "sample"), "steering.mode": ("contrastive", "single")}
+ALLOWED = {"choices.mode": ("logit", "sample"), "steering.mode": ("contrastive", "single"),
+           "probes.alpha_rule": ("best", "1se")}
 
 
 def _convert(value: Any, kind: str, where: str) -> Any:

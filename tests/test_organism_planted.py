@@ -156,19 +156,28 @@ def test_pipeline_recovers_the_planted_truth(planted):
 
 @pytest.mark.slow
 def test_broken_organism_fails_the_steering_target(planted):
-    """Same weights, same truth, but the choice is read from the token ids instead of the residual:
-    choices, utilities and probes still look perfect; the causal steering check must fail."""
+    """Same weights, same truth, but the choice is read from the token ids instead of the residual.
+    The run reuses the good organism's choices, utilities, activations and probes (they are what the
+    broken organism would give too: its choices follow the same planted utilities) and reruns only the
+    steering stage on the broken model: the causal steering check must fail, the others still pass."""
+    import shutil
     from prefjax.organism_planted import format_checks, score_run, with_read
     from prefjax.pipeline import run_pipeline
-    root, base, _ = planted
+    from prefjax.stages import RunLayout
+    root, _, _ = planted
     folder = with_read(str(root / "model"), str(root / "broken"), "tokens")
-    cfg = _planted_config(folder)
-    cfg.personas = ("default",)
-    cfg.stages = ("tasks", "choices", "utilities", "activations", "probes", "steering")
     workdir = str(root / "broken_run")
+    shutil.copytree(str(root / "run"), workdir)
+    os.remove(RunLayout(workdir).run_json)  # a new model source: the run is re-declared, done stages kept
+    for p in (os.path.join(workdir, "stages", "steering"), os.path.join(workdir, "stages", "steering.done")):
+        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    cfg = _planted_config(folder)
+    cfg.stages = ("tasks", "choices", "utilities", "activations", "probes", "transfer", "steering")
     run_pipeline(cfg, workdir)
     score = score_run(workdir, folder)
     checks = {c[0]: c for c in score["checks"]}
+    print(format_checks(score))
     assert checks["default: utility r"][3] and checks["default: probe r"][3], format_checks(score)
+    assert checks["default: probe cosine with planted direction"][3], format_checks(score)
     assert not checks["steering: local slope percentile among random directions"][3], format_checks(score)
     assert not score["passed"]

@@ -120,7 +120,7 @@ def _pearson_cols_many(p_ExP, y_ExP):
 
 
 def transfer_matrix(X_SxNxD, y, *, alphas=DEFAULT_ALPHAS, splits=None, names: Sequence[str] | None = None,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, standardize: bool = True) -> dict:
     """Train a probe on each source ``a`` (persona or layer) and test it on every source ``b``.
 
     ``X_SxNxD`` stacks the activations of S sources for the same n tasks. ``y`` is [S, n] (each persona's
@@ -142,7 +142,8 @@ def transfer_matrix(X_SxNxD, y, *, alphas=DEFAULT_ALPHAS, splits=None, names: Se
     for s in range(S):
         check_finite(f"X[{s}]", X[s]), check_finite(f"y[{s}]" if y.ndim == 2 else "y", Y[s])
     train, ev, test = splits if splits is not None else default_splits(n, seed)
-    probes = [fit_ridge(X[s], Y[s], alphas=alphas, eval_idx=ev, train_idx=train) for s in range(S)]
+    probes = [fit_ridge(X[s], Y[s], alphas=alphas, eval_idx=ev, train_idx=train, standardize=standardize)
+              for s in range(S)]
     r = np.zeros((S, S))
     acc = np.zeros((S, S))
     for a, p in enumerate(probes):

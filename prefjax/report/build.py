@@ -396,7 +396,15 @@ def build_report(run, *, model_source: str, pool, personas, mu, utilities, probe
         sections.append(("True/false statements", "AUC of the preference probe's score for true vs false "
                          "statements, next to classifiers trained on them directly (cross-validated).\n\n"
                          + "\n".join(lines)))
-    if truth:
+    if truth and "checks" in truth:  # a planted organism (prefjax.organism_planted.score_run)
+        lines = ["| check | value | target | met |", "|---|---|---|---|"]
+        for name, value, thr, ok in truth["checks"]:
+            lines.append(f"| {name} | {_fmt(value)} | {thr} | {'yes' if ok else '**no**'} |")
+        headline["planted-organism targets met"] = bool(truth["passed"])
+        sections.insert(0, ("Recovery of the planted truth", "This model is the real Gemma-3-270M with a planted "
+                            "preference circuit (prefjax.models.planted); every estimate is compared with the planted "
+                            f"utilities and directions at layer {truth['layer']}.\n\n" + "\n".join(lines)))
+    elif truth:
         lines = ["| persona | utilities vs hidden r | probe vs hidden r | content baseline r |", "|---|---|---|---|"]
         for p, r in truth.get("persona", truth).items():
             if isinstance(r, dict) and "utility_r" in r:
