@@ -16,9 +16,9 @@ Layout (built only on the family contract ``forward``/``init_state`` and :class:
   single-request run. A request is admitted only while ``t + max_new_tokens <= cache_len``; when none
   fits, the live rows drain and ``t`` goes back to the first column (a new wave).
 * The ``n_samples`` samples of a request share one prefill: its keys/values are written into each
-  sample's row. Sample ``s`` of a request draws from ``fold_in(PRNGKey(seed), example_id + s)`` at
-  step ``i`` (``fold_in(key, i)``), the same stream as :func:`prefjax.generation.generate` with those
-  example ids.
+  sample's row. Sample ``s`` of a request draws from ``fold_in(PRNGKey(seed), example_id + s)`` (or
+  ``sample_ids[s]``) at step ``i`` (``fold_in(key, i)``), the same stream as
+  :func:`prefjax.generation.generate` with those example ids.
 * Steering is per row inside the same compiled step: each row carries a layer, a unit direction, a
   coefficient, a weight per prompt token (a span or a signed mask) and whether generated tokens are
   steered. The edit is the one of :mod:`prefjax.steering` (``x + w * unit`` at ``hook_resid_post``,
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -75,13 +75,16 @@ class Request:
     """One prompt (token ids) to continue ``n_samples`` times, each for up to ``max_new_tokens``.
 
     ``example_id``: sample ``s`` draws from ``fold_in(PRNGKey(seed), example_id + s)``; default: the
-    running count of samples before this request."""
+    running count of samples before this request. ``sample_ids``: instead, one stream id per sample
+    (sample ``s`` draws from ``fold_in(PRNGKey(seed), sample_ids[s])``), e.g. ids hashed from a job key so
+    a sample's stream does not depend on which other samples of the prompt are run with it."""
 
     prompt: Sequence[int]
     max_new_tokens: int
     n_samples: int = 1
     example_id: int | None = None
     steer: RowSteer | None = None
+    sample_ids: Sequence[int] | None = None
 
 
 @dataclasses.dataclass
@@ -202,7 +205,7 @@ class _Checked:
     prompt: list[int]
     max_new: int
     n_samples: int
-    example_id: int
+    sample_ids: list[int]
     layer: int            # -1: unsteered
     unit: np.ndarray      # [D] float32
     w_prompt: np.ndarray  # [len(prompt)] float32, coef * scale * weight
@@ -262,14 +265,24 @@ class Engine:
             for name, v in (("max_new_tokens", r.max_new_tokens), ("n_samples", r.n_samples)):
                 if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                     raise EngineError(f"{where}: {name} must be a positive int, got {v!r}")
-            eid = next_id if r.example_id is None else int(r.example_id)
-            if eid < 0 or eid + r.n_samples > 2 ** 31:
-                raise EngineError(f"{where}: example_id {eid} outside the int32 range")
-            next_id = eid + r.n_samples
+            if r.sample_ids is not None:
+                if r.example_id is not None:
+                    raise EngineError(f"{where}: pass example_id or sample_ids, not both")
+                sids = [int(v) for v in np.asarray(r.sample_ids).reshape(-1)]
+                if len(sids) != r.n_samples:
+                    raise EngineError(f"{where}: {len(sids)} sample_ids for n_samples={r.n_samples}")
+                if any(not 0 <= v < 2 ** 31 for v in sids):
+                    raise EngineError(f"{where}: a sample id outside [0, 2**31): {sids}")
+            else:
+                eid = next_id if r.example_id is None else int(r.example_id)
+                if eid < 0 or eid + r.n_samples > 2 ** 31:
+                    raise EngineError(f"{where}: example_id {eid} outside the int32 range")
+                next_id = eid + r.n_samples
+                sids = list(range(eid, eid + r.n_samples))
             layer, unit, w_p, w_g = -1, np.zeros(cfg.d_model, np.float32), np.zeros(len(ids), np.float32), 0.0
             if r.steer is not None:
                 layer, unit, w_p, w_g = self._check_steer(r.steer, len(ids), where)
-            out.append(_Checked(ids, int(r.max_new_tokens), int(r.n_samples), eid, layer, unit, w_p, w_g))
+            out.append(_Checked(ids, int(r.max_new_tokens), int(r.n_samples), sids, layer, unit, w_p, w_g))
         p0 = _bucket(max(len(c.prompt) for c in out), self.prompt_bucket)
         cache = self.cache_len or p0 + 4 * max(c.max_new for c in out)
         limit = int(getattr(cfg, "max_position_embeddings", 1 << 62))
@@ -329,8 +342,12 @@ class Engine:
         return int(s.layer), unit, (coef * m).astype(np.float32), float(coef * np.float32(gen))
 
     # ---- the run ---------------------------------------------------------------------------
-    def run(self, requests: Sequence[Request]) -> list[list[Sample]]:
-        """Decode every request; returns, per request, its ``n_samples`` :class:`Sample` in order."""
+    def run(self, requests: Sequence[Request], on_done: Callable[[int, list[Sample]], None] | None = None
+            ) -> list[list[Sample]]:
+        """Decode every request; returns, per request, its ``n_samples`` :class:`Sample` in order.
+
+        ``on_done(i, samples)`` is called on the host as soon as every sample of request ``i`` has
+        finished (e.g. to commit results while the run goes on)."""
         reqs = self._check(requests)
         model, cfg, B, S = self.model, self.model.config, self.rows, self._s
         greedy = self.temperature == 0.0
@@ -353,11 +370,16 @@ class Engine:
         toks: list[list[int]] = [[] for _ in range(B)]
         t = self._p0
 
+        left = [c.n_samples for c in reqs]
+
         def finish(b, fin):
             i, s = slot[b]
             results[i][s] = Sample(token_ids=list(toks[b]), finished=fin)
             stats.generated_tokens += len(toks[b]) + (1 if fin else 0)
             slot[b] = None
+            left[i] -= 1
+            if left[i] == 0 and on_done is not None:
+                on_done(i, list(results[i]))
 
         def settle(b, new):  # append new tokens to row b until a stop or its budget
             i, _ = slot[b]
@@ -426,7 +448,7 @@ class Engine:
         pad = admit + [admit[-1]] * (r - len(admit))  # repeated rows write the same values
         src = np.array([uniq.index(i) for _, (i, _) in pad], np.int32)
         dst = np.array([b for b, _ in pad], np.int32)
-        eids = np.array([reqs[i].example_id + s for _, (i, s) in pad], np.uint32)
+        eids = np.array([reqs[i].sample_ids[s] for _, (i, s) in pad], np.uint32)
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(root, jnp.asarray(eids))
         s_lay = np.array([reqs[i].layer for _, (i, _) in pad], np.int32)
         s_unit = np.stack([reqs[i].unit for _, (i, _) in pad])
