@@ -24,7 +24,10 @@ sample runs to ``--new`` tokens; the tables count the tokens really generated.
 1. JAX process: read bandwidth (read-only reduction over 4 GiB); the engine (``--rows`` cache rows,
    K samples sharing their prompt's prefill) on the workload unsteered (b), then with 64 distinct
    steering directions, one per request round-robin (c: layer ``n_layers // 2``, every token steered).
-   One untimed warm-up run (the longest prompt and a few more, 8 new tokens) compiles the programs.
+   The engine prefills the prompt prefix all requests share (chat header, system prompt, template
+   instructions: 122 tokens) once per run where the sliding window allows it (Gemma-3-27B's 1,024-slot
+   window does; gemma3-tiny's 8 does not); steering every token (c) makes the prefix per request again.
+   Untimed warm-up runs (the same requests, 8 new tokens) compile the programs.
 2. transformers process: ``Gemma3ForCausalLM`` built from prefjax's config (its own random weights,
    same shapes, sdpa attention, dynamic cache), ``generate(do_sample=True, num_return_sequences=K)`` over
    static batches of ``ceil(rows / K)`` prompts sorted by length (left padded), same stop ids, same
@@ -39,6 +42,7 @@ printed as the engine's prefill count only).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -154,11 +158,11 @@ def run_jax(args) -> dict:
                                            steer=RowSteer(layer, dirs[i % N_DIRECTIONS], coef=4.0, tokens="all"))
                                    for i, p in enumerate(prompts)],
     }
-    # warm-up: the longest prompt (same prefill width, same programs) and enough others to refill rows
-    longest = int(np.argmax([len(p) for p in prompts]))
-    pick = [longest] + [i for i in range(len(prompts)) if i != longest][:2 * -(-args.rows // k)]
+    # warm-up: every request of each run with 8 new tokens: the same prompts give the same shared prefix
+    # and prefill width, so the timed runs use only compiled programs
     t0 = time.perf_counter()
-    eng.run([Request(prompts[i], min(8, new), n_samples=k) for i in pick])
+    for reqs in runs.values():
+        eng.run([dataclasses.replace(r, max_new_tokens=min(8, new)) for r in reqs])
     out["warmup_seconds"] = time.perf_counter() - t0
     print(f"[jax] warm-up (compile) {out['warmup_seconds']:.1f}s", file=sys.stderr, flush=True)
     for name, reqs in runs.items():
@@ -331,12 +335,17 @@ def main():
         s = r["stats"]
         ideal = ideal_steps(r["gen_lens"], args.rows)
         print(f"#   {name}: {s['decode_steps']} decode steps ({ideal} if every row were always busy), "
-              f"{s['prefills']} prefills, {s['waves']} waves, {r['stopped']} of {len(r['gen_lens'])} samples "
-              f"stopped at a stop id")
+              f"{s['prefills']} prefills, shared prefix prefilled once: {s.get('prefix_tokens', 0)} tokens, "
+              f"{s['waves']} waves, {r['stopped']} of {len(r['gen_lens'])} samples stopped at a stop id")
     steered = f"steered{N_DIRECTIONS}"
     if "unsteered" in rates and steered in rates:
         print(f"# {N_DIRECTIONS} distinct steering vectors cost {100 * (1 - rates[steered] / rates['unsteered']):.1f}% "
               "of unsteered pairs/s")
+        pu = jx["runs"]["unsteered"]["stats"].get("prefix_tokens", 0)
+        ps = jx["runs"][steered]["stats"].get("prefix_tokens", 0)
+        if pu != ps:
+            print(f"#   (includes prefix reuse: the unsteered run prefilled its {pu}-token shared prefix once, the "
+                  f"steered run, steering every token, prefilled it per request)")
     if jx.get("skipped"):
         print(f"# skipped (time budget): {', '.join(jx['skipped'])}")
 
