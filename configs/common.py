@@ -95,6 +95,7 @@ def base_config(arg: str, config_file: str):
         "mode": "logit", "samples": 1, "orders": "both", "degree": 10, "active_rounds": 1,
         "pairs_per_round": 66, "batch_size": row.choices_batch, "max_new_tokens": 16, "temperature": 1.0,
         "top_p": 1.0, "seed": 0,
+        "engine": True,  # sample mode: the continuous-batching engine where the model allows it
         "template": ""})  # "" = the default choice template; else a JSON file of ChoiceTemplate fields
     c.activations = ml_collections.ConfigDict({"layers": row.layers, "n_after": 0, "batch_size": row.acts_batch,
                                                "dtype": "float32"})

@@ -16,13 +16,19 @@ Layout (built only on the family contract ``forward``/``init_state`` and :class:
   single-request run. A request is admitted only while ``t + max_new_tokens <= cache_len``; when none
   fits, the live rows drain and ``t`` goes back to the first column (a new wave).
 * The ``n_samples`` samples of a request share one prefill: its keys/values are written into each
-  sample's row. Sample ``s`` of a request draws from ``fold_in(PRNGKey(seed), example_id + s)`` at
-  step ``i`` (``fold_in(key, i)``), the same stream as :func:`prefjax.generation.generate` with those
-  example ids.
+  sample's row. Sample ``s`` of a request draws from ``fold_in(PRNGKey(seed), example_id + s)`` (or
+  ``sample_ids[s]``) at step ``i`` (``fold_in(key, i)``), the same stream as
+  :func:`prefjax.generation.generate` with those example ids.
 * Steering is per row inside the same compiled step: each row carries a layer, a unit direction, a
   coefficient, a weight per prompt token (a span or a signed mask) and whether generated tokens are
   steered. The edit is the one of :mod:`prefjax.steering` (``x + w * unit`` at ``hook_resid_post``,
   rows with weight 0 passed through bit for bit).
+* Prefix reuse (``share_prefix``): the prompt prefix every request shares (chat header, a persona's
+  system prompt, a template's instructions; at least 8 tokens, none of them steered) is prefilled once
+  per run; each admission prefills only the tails after it. Its slots are copied into each row just
+  before the row's tail, so a shorter tail leaves padding slots between them: RoPE positions count valid
+  slots and stay exact, and the prefix is used only when that row span fits a sliding window (the
+  window counts slots) or there is no padding.
 * The host reads the new tokens every ``sync_every`` steps (one transfer), finishes rows and refills
   them; a row that stopped inside a chunk runs on until the chunk ends and those tokens are dropped.
 
@@ -34,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +48,7 @@ import numpy as np
 
 from prefjax.generation import default_stop_ids, per_layer_cache, sample_tokens
 from prefjax.hooks import CaptureSpec
-from prefjax.model import auto_unroll
+from prefjax.model import auto_unroll, common_prefix_len, extend_kv_state
 from prefjax.models.stack import PerLayer
 from prefjax.steering import STEER_POINT, unit_direction
 from prefjax.tokenize import left_pad
@@ -75,13 +81,16 @@ class Request:
     """One prompt (token ids) to continue ``n_samples`` times, each for up to ``max_new_tokens``.
 
     ``example_id``: sample ``s`` draws from ``fold_in(PRNGKey(seed), example_id + s)``; default: the
-    running count of samples before this request."""
+    running count of samples before this request. ``sample_ids``: instead, one stream id per sample
+    (sample ``s`` draws from ``fold_in(PRNGKey(seed), sample_ids[s])``), e.g. ids hashed from a job key so
+    a sample's stream does not depend on which other samples of the prompt are run with it."""
 
     prompt: Sequence[int]
     max_new_tokens: int
     n_samples: int = 1
     example_id: int | None = None
     steer: RowSteer | None = None
+    sample_ids: Sequence[int] | None = None
 
 
 @dataclasses.dataclass
@@ -101,6 +110,7 @@ class EngineStats:
     prefills: int = 0
     waves: int = 1
     generated_tokens: int = 0
+    prefix_tokens: int = 0  # the shared prompt prefix prefilled once for the run (0: none)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,15 +136,20 @@ _STATIC = ("family", "cfg", "greedy", "top_k", "use_top_p", "unroll")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("dtype",))
-def _prefill(params, toks_NxP, valid_NxP, s_layer_N, s_unit_NxD, s_w_NxP, *, family, cfg, greedy, top_k,
-             use_top_p, unroll, dtype):
+def _prefill(params, prefix_state, toks_NxP, valid_NxP, s_layer_N, s_unit_NxD, s_w_NxP, *, family, cfg, greedy,
+             top_k, use_top_p, unroll, dtype):
+    """Prefill ``N`` prompts (after the shared ``prefix_state`` when given: its slots come first)."""
     fam = family
     n, p = toks_NxP.shape
-    state = fam.init_state(cfg, n, p, dtype)
+    if prefix_state is None:
+        state, start = fam.init_state(cfg, n, p, dtype), 0
+    else:
+        state = extend_kv_state(prefix_state, jnp.zeros((n,), jnp.int32), p)
+        start = prefix_state["valid"].shape[1]
     iv = _steer_partial(s_layer_N, s_unit_NxD, s_w_NxP)
     logits, _, _, state = fam.forward(cfg, params, toks_NxP, valid_NxP, capture=CaptureSpec(),
                                       pos_BxK=jnp.full((n, 1), p - 1, jnp.int32), intervene=iv, state=state,
-                                      start=0, is_prompt=True, unroll=unroll)
+                                      start=start, is_prompt=True, unroll=unroll)
     return logits[:, 0], state
 
 
@@ -202,7 +217,7 @@ class _Checked:
     prompt: list[int]
     max_new: int
     n_samples: int
-    example_id: int
+    sample_ids: list[int]
     layer: int            # -1: unsteered
     unit: np.ndarray      # [D] float32
     w_prompt: np.ndarray  # [len(prompt)] float32, coef * scale * weight
@@ -222,7 +237,8 @@ class Engine:
 
     def __init__(self, model, *, rows: int = 8, cache_len: int | None = None, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_ids=None, sync_every: int = 8,
-                 prompt_bucket: int = 16, prefill_rows: int = 8, unroll: bool | None = None):
+                 prompt_bucket: int = 16, prefill_rows: int = 8, unroll: bool | None = None,
+                 share_prefix: bool = True):
         if not model.prefix_ok():
             raise EngineError(f"model {model.source!r}: the engine needs a plain KV cache on one device "
                               "(Model.prefix_ok); recurrent states and meshes are not supported yet")
@@ -239,6 +255,7 @@ class Engine:
         self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), int(top_k)
         self.seed, self.sync_every, self.prompt_bucket = int(seed), int(sync_every), int(prompt_bucket)
         self.prefill_rows = int(prefill_rows)
+        self.share_prefix = bool(share_prefix)
         self.stop_ids = default_stop_ids(model) if stop_ids is None else tuple(int(s) for s in stop_ids)
         self.unroll = auto_unroll() if unroll is None else bool(unroll)
         self.stats = EngineStats()
@@ -262,15 +279,28 @@ class Engine:
             for name, v in (("max_new_tokens", r.max_new_tokens), ("n_samples", r.n_samples)):
                 if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                     raise EngineError(f"{where}: {name} must be a positive int, got {v!r}")
-            eid = next_id if r.example_id is None else int(r.example_id)
-            if eid < 0 or eid + r.n_samples > 2 ** 31:
-                raise EngineError(f"{where}: example_id {eid} outside the int32 range")
-            next_id = eid + r.n_samples
+            if r.sample_ids is not None:
+                if r.example_id is not None:
+                    raise EngineError(f"{where}: pass example_id or sample_ids, not both")
+                sids = [int(v) for v in np.asarray(r.sample_ids).reshape(-1)]
+                if len(sids) != r.n_samples:
+                    raise EngineError(f"{where}: {len(sids)} sample_ids for n_samples={r.n_samples}")
+                if any(not 0 <= v < 2 ** 31 for v in sids):
+                    raise EngineError(f"{where}: a sample id outside [0, 2**31): {sids}")
+            else:
+                eid = next_id if r.example_id is None else int(r.example_id)
+                if eid < 0 or eid + r.n_samples > 2 ** 31:
+                    raise EngineError(f"{where}: example_id {eid} outside the int32 range")
+                next_id = eid + r.n_samples
+                sids = list(range(eid, eid + r.n_samples))
             layer, unit, w_p, w_g = -1, np.zeros(cfg.d_model, np.float32), np.zeros(len(ids), np.float32), 0.0
             if r.steer is not None:
                 layer, unit, w_p, w_g = self._check_steer(r.steer, len(ids), where)
-            out.append(_Checked(ids, int(r.max_new_tokens), int(r.n_samples), eid, layer, unit, w_p, w_g))
+            out.append(_Checked(ids, int(r.max_new_tokens), int(r.n_samples), sids, layer, unit, w_p, w_g))
         p0 = _bucket(max(len(c.prompt) for c in out), self.prompt_bucket)
+        lp = self._shared_prefix(out)
+        if lp:
+            p0 = lp + _bucket(max(len(c.prompt) for c in out) - lp, self.prompt_bucket)
         cache = self.cache_len or p0 + 4 * max(c.max_new for c in out)
         limit = int(getattr(cfg, "max_position_embeddings", 1 << 62))
         for i, c in enumerate(out):  # the request that is too long on its own first
@@ -286,8 +316,24 @@ class Engine:
             if len(c.prompt) + c.max_new > limit:
                 raise EngineError(f"request {i}: {len(c.prompt)} prompt tokens + {c.max_new} new exceed the "
                                   f"model's context of {limit}")
-        self._p0, self._s = p0, int(cache)
+        self._p0, self._s, self._lp = p0, int(cache), lp
         return out
+
+    def _shared_prefix(self, reqs: list[_Checked]) -> int:
+        """Length of the prompt prefix every request shares (the chat header, a persona's system prompt,
+        a template's instructions), prefilled once per run; 0 when there is none worth it (< 8 tokens), when
+        a request steers a token inside it, or when the padding left between it and a shorter prompt's
+        tail could reach into a sliding window (the window counts slots)."""
+        if not self.share_prefix or len(reqs) < 2:
+            return 0
+        nz = [np.flatnonzero(c.w_prompt) for c in reqs]
+        limit = min(int(z[0]) if len(z) else len(c.prompt) for z, c in zip(nz, reqs))
+        lp = common_prefix_len([c.prompt for c in reqs], limit=limit)
+        if not lp:
+            return 0
+        span = lp + _bucket(max(len(c.prompt) for c in reqs) - lp, self.prompt_bucket) + max(c.max_new for c in reqs)
+        gap_free = len({len(c.prompt) for c in reqs}) == 1 and (len(reqs[0].prompt) - lp) % self.prompt_bucket == 0
+        return lp if gap_free or self.model.fits_window(span) else 0
 
     def _check_steer(self, s: RowSteer, n: int, where: str):
         cfg = self.model.config
@@ -329,8 +375,12 @@ class Engine:
         return int(s.layer), unit, (coef * m).astype(np.float32), float(coef * np.float32(gen))
 
     # ---- the run ---------------------------------------------------------------------------
-    def run(self, requests: Sequence[Request]) -> list[list[Sample]]:
-        """Decode every request; returns, per request, its ``n_samples`` :class:`Sample` in order."""
+    def run(self, requests: Sequence[Request], on_done: Callable[[int, list[Sample]], None] | None = None
+            ) -> list[list[Sample]]:
+        """Decode every request; returns, per request, its ``n_samples`` :class:`Sample` in order.
+
+        ``on_done(i, samples)`` is called on the host as soon as every sample of request ``i`` has
+        finished (e.g. to commit results while the run goes on)."""
         reqs = self._check(requests)
         model, cfg, B, S = self.model, self.model.config, self.rows, self._s
         greedy = self.temperature == 0.0
@@ -352,12 +402,21 @@ class Engine:
         slot: list[tuple[int, int] | None] = [None] * B
         toks: list[list[int]] = [[] for _ in range(B)]
         t = self._p0
+        prefix = None
+        if self._lp:
+            prefix = self.model.prefill(np.asarray([reqs[0].prompt[:self._lp]], np.int32), unroll=self.unroll).state
+            stats.prefix_tokens = self._lp
+
+        left = [c.n_samples for c in reqs]
 
         def finish(b, fin):
             i, s = slot[b]
             results[i][s] = Sample(token_ids=list(toks[b]), finished=fin)
             stats.generated_tokens += len(toks[b]) + (1 if fin else 0)
             slot[b] = None
+            left[i] -= 1
+            if left[i] == 0 and on_done is not None:
+                on_done(i, list(results[i]))
 
         def settle(b, new):  # append new tokens to row b until a stop or its budget
             i, _ = slot[b]
@@ -381,7 +440,8 @@ class Engine:
                 uniq = list(dict.fromkeys(i for _, (i, _) in admit))[:self.prefill_rows]
                 part = [a for a in admit if a[1][0] in uniq]
                 admit = [a for a in admit if a[1][0] not in uniq]
-                state, rowvars, tok0 = self._admit(params, state, rowvars, part, reqs, t, root, temp, top_p, static)
+                state, rowvars, tok0 = self._admit(params, prefix, state, rowvars, part, reqs, t, root, temp, top_p,
+                                                   static)
                 for (b, (i, s)), tk in zip(part, tok0):
                     slot[b], toks[b] = (i, s), []
                     settle(b, [int(tk)])
@@ -406,27 +466,28 @@ class Engine:
                     settle(b, [int(x) for x in got[:, b]])
         return [list(r) for r in results]  # type: ignore[arg-type]
 
-    def _admit(self, params, state, rowvars, admit, reqs, t, root, temp, top_p, static):
-        """Prefill the distinct requests among ``admit`` ((row, (request, sample)) pairs) once each and
-        write them into their rows."""
+    def _admit(self, params, prefix, state, rowvars, admit, reqs, t, root, temp, top_p, static):
+        """Prefill the distinct requests among ``admit`` ((row, (request, sample)) pairs) once each (past
+        the shared ``prefix``, when there is one) and write them into their rows."""
         cfg, d = self.model.config, self.model.config.d_model
         uniq = list(dict.fromkeys(i for _, (i, _) in admit))
-        n, p = self.prefill_rows, self._p0  # one prefill program per run
-        toks, valid = left_pad([reqs[i].prompt for i in uniq], int(cfg.pad_id), width=p, rows=n)
+        lp = self._lp
+        n, p = self.prefill_rows, self._p0 - lp  # one prefill program per run
+        toks, valid = left_pad([reqs[i].prompt[lp:] for i in uniq], int(cfg.pad_id), width=p, rows=n)
         lay = np.full((n,), -1, np.int32)
         unit = np.zeros((n, d), np.float32)
         w = np.zeros((n, p), np.float32)
-        w[valid] = np.concatenate([np.asarray(reqs[i].w_prompt, np.float32) for i in uniq])
+        w[valid] = np.concatenate([np.asarray(reqs[i].w_prompt[lp:], np.float32) for i in uniq])
         for j, i in enumerate(uniq):
             lay[j], unit[j] = reqs[i].layer, reqs[i].unit
-        logits, pre = _prefill(params, jnp.asarray(toks), jnp.asarray(valid), jnp.asarray(lay), jnp.asarray(unit),
-                               jnp.asarray(w), dtype=self.model.dtype, **static)
+        logits, pre = _prefill(params, prefix, jnp.asarray(toks), jnp.asarray(valid), jnp.asarray(lay),
+                               jnp.asarray(unit), jnp.asarray(w), dtype=self.model.dtype, **static)
         self.stats.prefills += 1
         r = max(_pow2(len(admit)), min(8, _pow2(self.rows)))  # few row-writer programs
         pad = admit + [admit[-1]] * (r - len(admit))  # repeated rows write the same values
         src = np.array([uniq.index(i) for _, (i, _) in pad], np.int32)
         dst = np.array([b for b, _ in pad], np.int32)
-        eids = np.array([reqs[i].example_id + s for _, (i, s) in pad], np.uint32)
+        eids = np.array([reqs[i].sample_ids[s] for _, (i, s) in pad], np.uint32)
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(root, jnp.asarray(eids))
         s_lay = np.array([reqs[i].layer for _, (i, _) in pad], np.int32)
         s_unit = np.stack([reqs[i].unit for _, (i, _) in pad])

@@ -106,7 +106,8 @@ def elicit_persona(config: ChoicesConfig, model, pool, personas, pname, store, s
     n = len(pool)
     ids = list(pool.ids)
     ecfg = ElicitConfig(mode=config.mode, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                        top_p=config.top_p, seed=config.seed, batch_size=config.batch_size)
+                        top_p=config.top_p, seed=config.seed, batch_size=config.batch_size,
+                        engine=config.engine)
     if config.template:
         with open(config.template, encoding="utf-8") as f:
             ecfg = dataclasses.replace(ecfg, template=template_from_dict(json.load(f)))

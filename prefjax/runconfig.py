@@ -97,7 +97,9 @@ class TasksConfig:
 class ChoicesConfig:
     """``choices``: pairwise elicitation (``mode`` logit|sample) and active learning.
 
-    ``template``: "" for the default choice template, or a JSON file of ChoiceTemplate fields."""
+    ``template``: "" for the default choice template, or a JSON file of ChoiceTemplate fields.
+    ``engine``: sample mode runs through the continuous-batching engine where the model allows it
+    (``batch_size`` cache rows); False: batched ``generate``."""
     mode: str
     samples: int
     orders: str
@@ -110,6 +112,7 @@ class ChoicesConfig:
     top_p: float
     seed: int
     template: str
+    engine: bool
 
 
 @dataclasses.dataclass(frozen=True)

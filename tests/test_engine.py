@@ -190,3 +190,24 @@ def test_bad_input_names_the_request(model):
 def _presets():
     from prefjax.models import qwen35
     return getattr(qwen35, "PRESETS", {})
+
+
+@pytest.mark.parametrize("preset", ["llama31-tiny", "gemma3-tiny"])
+def test_shared_prompt_prefix_prefilled_once_equals_generate(preset):
+    m = prefjax.load(preset)
+    head = prompts_of([12], seed=8, vocab=m.config.vocab_size)[0]  # a "system prompt" every request starts with
+    tails = prompts_of([3, 9, 5, 1, 7], seed=9, vocab=m.config.vocab_size)
+    prompts = [head + t for t in tails]
+    news = [5, 3, 6, 4, 2]
+    refs = reference(m, prompts, news, ())
+    eng = Engine(m, rows=2, temperature=0.0, stop_ids=())
+    res = eng.run([Request(p, n) for p, n in zip(prompts, news)])
+    assert [r[0].token_ids for r in res] == [g.token_ids[0] for g in refs]
+    # Llama has no sliding window: the 12 shared tokens run once; Gemma's window of 8 slots would be
+    # shortened by the padding between the prefix and a shorter tail, so the prefix is not shared there
+    assert eng.stats.prefix_tokens == (12 if preset == "llama31-tiny" else 0)
+    # a steered prefix token makes the prefix per request again
+    st = [Request(p, n, steer=RowSteer(1, random_direction(m.config.d_model, 0), 3.0, tokens=(2, 4)) if i == 0
+                  else None) for i, (p, n) in enumerate(zip(prompts, news))]
+    eng.run(st)
+    assert eng.stats.prefix_tokens == 0

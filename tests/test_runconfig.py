@@ -45,6 +45,8 @@ SPECIAL = {"stages": ("tasks", "patching"), "choices.mode": "sample", "steering.
 def _new_value(key, kind, old):
     if key in SPECIAL:
         return SPECIAL[key]
+    if kind == "bool":
+        return not old
     if kind == "int":
         return old + 3
     if kind == "float":

@@ -7,7 +7,14 @@ Killed at any moment and restarted, it redoes at most the batch in flight, and t
 key it already holds, so nothing is lost or duplicated.
 
 Sampling is reproducible per job: the PRNG stream of a completion is derived from (seed, job key),
-not from its place in a batch. ``mode="logit"`` reads P(A) from the label-token logits after the
+not from its place in a batch. ``mode="sample"`` runs through :class:`prefjax.engine.Engine` where the
+model allows it (``ElicitConfig.engine``; a plain KV cache on one device: Gemma-3, Llama, Qwen-3): the
+jobs that differ only in their sample index share one prompt prefill, ``batch_size`` cache rows decode
+continuously and each row stops at end-of-turn/EOS or ``max_new_tokens``. Rows are committed to the
+store in job order, ``batch_size`` at a time, so a killed run's store holds a prefix of the job list and
+a restart appends the rest in the same order. Other models (Qwen-3.5's recurrent state, meshes) fall
+back to batched :func:`prefjax.generation.generate`, with a log line. Both paths give every job the
+same stream (``fold_in(PRNGKey(seed), Job.stream_id(seed))``). ``mode="logit"`` reads P(A) from the label-token logits after the
 forced prefix in one forward pass (no sampling; one row per pair and order).
 
 Logit mode runs the persona's prompts sorted by length, in batches of one size padded to a multiple of
@@ -90,6 +97,7 @@ class ElicitConfig:
     top_k: int = 0
     seed: int = 0
     batch_size: int = 16
+    engine: bool = True  # sample mode: the continuous-batching engine where the model allows it
     template: ChoiceTemplate = DEFAULT_TEMPLATE
     judge: Callable[[str], str] | None = None  # ask_fn for an optional refusal judge
 
@@ -150,6 +158,8 @@ def run_choices(model, pool: TaskPool, jobs: Sequence[Job], personas: dict[str, 
         if cfg.mode == "logit":
             _run_logit(pmodel, pool, [j for j in jobs if j.persona == pname], pjobs, persona, cfg, store, bar)
             continue
+        if cfg.engine and _run_engine(pmodel, pool, pjobs, persona, cfg, store, bar, desc):
+            continue
         for start in range(0, len(pjobs), cfg.batch_size):
             batch = pjobs[start:start + cfg.batch_size]
             store.append(_sample_rows(pmodel, pool, batch, persona, cfg))
@@ -163,6 +173,61 @@ def _messages(pool, job: Job, persona: Persona, template: ChoiceTemplate):
     return choice_messages(template, pool[a], pool[b], persona)
 
 
+def _run_engine(model, pool, jobs: list[Job], persona: Persona, cfg: ElicitConfig, store: ComparisonsStore,
+                bar, desc: str) -> bool:
+    """Sample-mode rows for ``jobs`` (one persona) through the engine, committed in job order
+    ``cfg.batch_size`` at a time. Returns False, having computed nothing, where the engine refuses the
+    model or the requests (the caller then uses batched ``generate``)."""
+    from prefjax.engine import Engine, EngineError, Request
+    if not jobs:
+        return True
+    try:
+        engine = Engine(model, rows=cfg.batch_size, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                        seed=cfg.seed)
+    except EngineError as e:
+        log(f"{desc}: the engine does not serve this model ({e}); sampling with batched generate instead")
+        return False
+    tok = model.tokenizer
+    groups: dict[tuple, list[int]] = {}  # prompt key -> indices into jobs (samples of one prompt)
+    for n, j in enumerate(jobs):
+        groups.setdefault((j.task_a, j.task_b, j.order), []).append(n)
+    members = list(groups.values())
+    requests = [Request(tok.encode_chat(_messages(pool, jobs[m[0]], persona, cfg.template)), cfg.max_new_tokens,
+                        n_samples=len(m), sample_ids=[jobs[n].stream_id(cfg.seed) for n in m]) for m in members]
+    ready: dict[int, Comparison] = {}
+    pending: list[Comparison] = []
+    nxt = 0
+
+    def commit(force=False):
+        nonlocal pending
+        while force and pending or len(pending) >= cfg.batch_size:
+            part, pending = pending[:cfg.batch_size], pending[cfg.batch_size:]
+            store.append(part)
+            bar.update(len(part))
+
+    def done(i, samples):
+        nonlocal nxt
+        idx = members[i]
+        texts = [tok.decode(s.token_ids) for s in samples]
+        for n, row in zip(idx, _rows_for(model, [jobs[n] for n in idx], texts, cfg)):
+            ready[n] = row
+        while nxt in ready:
+            pending.append(ready.pop(nxt))
+            nxt += 1
+        commit()
+
+    try:
+        engine.run(requests, on_done=done)
+    except EngineError as e:  # raised by the request checks, before any compute or callback
+        log(f"{desc}: the engine refused the requests ({e}); sampling with batched generate instead")
+        return False
+    commit(force=True)
+    s = engine.stats
+    log(f"{desc}: engine: {len(requests)} prompts, {len(jobs)} samples, {s.generated_tokens} tokens, "
+        f"{s.decode_steps} decode steps, {s.prefills} prefills, {s.waves} wave(s)")
+    return True
+
+
 def _sample_rows(model, pool, batch: list[Job], persona: Persona, cfg: ElicitConfig) -> list[Comparison]:
     from prefjax.generation import generate
     tok = model.tokenizer
@@ -170,8 +235,13 @@ def _sample_rows(model, pool, batch: list[Job], persona: Persona, cfg: ElicitCon
     gen = generate(model, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                    top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed,
                    example_ids=[j.stream_id(cfg.seed) for j in batch], share_prefix=True)
+    return _rows_for(model, batch, gen.texts, cfg)
+
+
+def _rows_for(model, batch: list[Job], texts: list[str], cfg: ElicitConfig) -> list[Comparison]:
+    """Comparison rows for sampled replies: parsed, refusal-flagged, raw text kept (any status)."""
     rows = []
-    for j, text in zip(batch, gen.texts):
+    for j, text in zip(batch, texts):
         parsed = parse_choice(text, cfg.template)
         refusal = bool(parsed.refusal)
         extra = {}
