@@ -146,7 +146,9 @@ def run_jax(args) -> dict:
     print(f"[jax] read bandwidth {bw / 1e9:.0f} GB/s, weights {wb / 1e9:.2f} GB", file=sys.stderr, flush=True)
 
     p0 = -(-max(len(p) for p in prompts) // 16) * 16
-    cache_len = p0 + args.cache_gens * new
+    # + one prompt bucket: with a shared prefix the engine's prompt width is the prefix plus the bucketed
+    # tail, which can exceed the bucketed longest prompt by up to a bucket
+    cache_len = p0 + 16 + args.cache_gens * new
     eng = Engine(model, rows=args.rows, cache_len=cache_len, temperature=1.0, seed=0, stop_ids=stops, sync_every=8,
                  prompt_bucket=16, prefill_rows=8)
     out["cache_len"] = cache_len
