@@ -48,7 +48,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np

@@ -397,3 +397,19 @@ def test_dose_slopes_power_shrinks_with_pairs_and_ignores_saturating_coefs():
     assert none["slope"] == {"probe": None} and "fewer than two" in none["note"]
     with pytest.raises(ValueError, match="linear_max"):
         linear_range(coefs, 0.0)
+
+
+def test_one_standard_error_rule_never_picks_a_smaller_alpha():
+    """The 1se rule takes the largest alpha within one standard error of the best inner-CV r: never a
+    smaller alpha than the best-r rule, strictly larger where the r curve is flat; unknown rules fail."""
+    rng = np.random.default_rng(0)
+    n, d = 80, 40
+    X = rng.normal(size=(n, d))
+    y = X @ rng.normal(size=d) + 2.0 * rng.normal(size=n)
+    alphas = tuple(float(a) for a in 10.0 ** np.arange(-2, 4.01, 0.5))
+    best = nested_cv_ridge(X, y, alphas=alphas, outer=4, inner=5, alpha_rule="best")
+    one = nested_cv_ridge(X, y, alphas=alphas, outer=4, inner=5, alpha_rule="1se")
+    assert all(o >= b for b, o in zip(best["fold_alpha"], one["fold_alpha"]))
+    assert one["alpha"] >= best["alpha"] and any(o > b for b, o in zip(best["fold_alpha"], one["fold_alpha"]))
+    with pytest.raises(ValueError, match="alpha rule 'median'"):
+        nested_cv_ridge(X, y, alphas=alphas, outer=4, alpha_rule="median")

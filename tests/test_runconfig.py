@@ -38,7 +38,7 @@ def declared_keys() -> dict[str, str]:
 
 
 # A new value (different from the tiny config's) and its command-line text, per declared key.
-SPECIAL = {"stages": ("tasks", "patching"), "choices.mode": "sample", "steering.mode": "single",
+SPECIAL = {"stages": ("tasks", "patching"), "choices.mode": "sample", "steering.mode": "single", "probes.alpha_rule": "1se",
            "personas": ("default", "novelist"), "progress": False}
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from prefjax.hooks import CaptureSpec, hook_name
