@@ -105,6 +105,10 @@ def test_two_process_pipeline_equals_single_process(tmp_path):
     for p in ("default", "evil"):
         la, lb = sa["probes"]["persona"][p]["per_layer"], sb["probes"]["persona"][p]["per_layer"]
         for da, db in zip(la, lb):
-            assert da["layer"] == db["layer"]
-            np.testing.assert_allclose(da["heldout_r"], db["heldout_r"], atol=1e-4)
+            assert da["layer"] == db["layer"] and da["alpha"] == db["alpha"]
+            np.testing.assert_allclose(da["nested"]["r"], db["nested"]["r"], atol=1e-4)
+            # The saved probe's r on the ~5 test tasks of the tiny model: with nested CV the chosen alpha
+            # is often 1e5, where the predictions' spread is ~1e-4 of their level, so float32 rounding of
+            # the two layouts' activations moves this r by up to 1.8e-4 (measured 2026-11-30; same alpha)
+            np.testing.assert_allclose(da["heldout_r"], db["heldout_r"], atol=1e-3)
     np.testing.assert_allclose(sa["steering"]["slope_probe"], sb["steering"]["slope_probe"], atol=1e-4)
