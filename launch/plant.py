@@ -11,21 +11,13 @@ Writes ``<out>/model`` (the organism folder), ``<out>/run`` (the pipeline workdi
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def planted_config(folder: str):
-    """``configs/organism_planted.py`` for the organism in ``folder``."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "organism_planted.py")
-    spec = importlib.util.spec_from_file_location("_planted_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(folder)
+from configs.organism_planted import get_config as planted_config  # noqa: E402
 
 
 def main():

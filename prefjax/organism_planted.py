@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 from typing import Any, Mapping
 
 import numpy as np
@@ -43,6 +44,7 @@ from prefjax.stages import RunLayout, read_json, resid_hook
 from prefjax.store import open_existing
 from prefjax.tasks import load_tasks, save_jsonl
 from prefjax.tasks.pool import Task, TaskPool
+from prefjax.tokenize import left_pad
 
 HIDDEN_FILE = "hidden_utilities.json"
 EVAL_TASKS_FILE = "eval_tasks.jsonl"
@@ -166,12 +168,7 @@ def _capture_all(model, seqs: list[list[int]], hook: str, batch: int = 16) -> np
     """Residual at ``hook`` for every real token of ``seqs`` (rows pooled), [N, D] float64."""
     rows = []
     for s in range(0, len(seqs), batch):
-        chunk = seqs[s:s + batch]
-        t = max(len(x) for x in chunk)
-        ids = np.zeros((len(chunk), t), np.int32)
-        valid = np.zeros((len(chunk), t), bool)
-        for r, x in enumerate(chunk):
-            ids[r, t - len(x):], valid[r, t - len(x):] = x, True
+        ids, valid = left_pad(seqs[s:s + batch], int(model.config.pad_id))
         _, cap = model.run(ids, attention_mask=valid, capture=(hook,), logits=False)
         rows.append(np.asarray(cap[hook], np.float64)[valid])
     return np.concatenate(rows)
@@ -202,7 +199,8 @@ def plant(spec: PlantSpec, folder: str, *, base_model=None, verbose: bool = True
     score_of = {t: scores[i] for i, (_, t) in enumerate(lexicon)}
     tasks = make_tasks(tok, spec, lexicon, lex_ids)
     calib, evals = tasks[:spec.n_calib], tasks[spec.n_calib:]
-    task_tokens = set().union(*(set(tok.encode(t.prompt, add_bos=False)) for t in tasks))
+    task_ids = {t.id: tok.encode(t.prompt, add_bos=False) for t in tasks}
+    task_tokens = set().union(*map(set, task_ids.values()))
     triggers = persona_triggers(tok, personas, frame | task_tokens)
     label_ids = label_token_ids(tok, template)
     eot_id = tok.token_to_id("<end_of_turn>")
@@ -223,7 +221,7 @@ def plant(spec: PlantSpec, folder: str, *, base_model=None, verbose: bool = True
     natural_sd = (X @ dirs.T).std(0)
     gain = float(spec.write_snr * natural_sd.max())
 
-    feats = {t.id: sum(score_of[x] for x in tok.encode(t.prompt, add_bos=False) if x in lex_ids) for t in tasks}
+    feats = {tid: sum(score_of[x] for x in ids if x in lex_ids) for tid, ids in task_ids.items()}
     utilities = {n: {tid: float(weights[n] @ a) for tid, a in feats.items()} for n in weights}
     planted_dirs = {}
     for n, w in weights.items():
@@ -281,10 +279,10 @@ def is_planted(folder: str) -> bool:
 def with_read(folder: str, out: str, read: str) -> str:
     """A copy of organism ``folder`` in ``out`` whose circuit reads the choice from ``read``
     (``"tokens"``: the broken organism, whose residual is written but never read)."""
-    import shutil
     shutil.copytree(folder, out, dirs_exist_ok=True)
     path = os.path.join(out, PLANTED_FILE)
-    meta = json.load(open(path))
+    with open(path) as f:
+        meta = json.load(f)
     meta["config"]["read"] = read
     with open(path, "w") as f:
         json.dump(meta, f, indent=1)

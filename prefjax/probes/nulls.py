@@ -176,8 +176,7 @@ def _inner_choice(x, Y_NxP, inner_ids, alphas, standardize, rule: str = "best") 
     se_AxP = folds_FxAxP.std(0, ddof=1) / np.sqrt(k) if k > 1 else np.zeros_like(score)
     cols = np.arange(score.shape[1])
     ok_AxP = score >= (score[best, cols] - se_AxP[best, cols])[None, :]
-    order = np.argsort(np.asarray(alphas))                       # largest alpha within 1 SE
-    idx = np.array([max((a for a in order if ok_AxP[a, p]), key=lambda a: alphas[a]) for p in cols])
+    idx = np.array([max(np.flatnonzero(ok_AxP[:, p]), key=lambda a: alphas[a]) for p in cols])  # largest alpha
     return score, idx
 
 
