@@ -233,12 +233,17 @@ class Engine:
     ``prompt_bucket``: the longest prompt is rounded up to a multiple of this; every prefill runs
     ``prefill_rows`` distinct requests at that width, so a run compiles one prefill program, one
     decode step and a few row writers (one per power-of-two count of admitted rows).
+    ``unroll`` (default :func:`prefjax.model.auto_unroll`) is the decode step's layer loop;
+    ``prefill_unroll`` (default False) the prefills'. A scanned prefill compiles one layer instead of
+    all of them (the warm-up of a Gemma-3-27B workload spent 510 s compiling unrolled prefills and the
+    step on an H200); prefill is compute-bound, so the per-layer weight copy a scan makes on GPUs is a
+    small share of it, unlike in the memory-bound decode step.
     """
 
     def __init__(self, model, *, rows: int = 8, cache_len: int | None = None, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_ids=None, sync_every: int = 8,
                  prompt_bucket: int = 16, prefill_rows: int = 8, unroll: bool | None = None,
-                 share_prefix: bool = True):
+                 prefill_unroll: bool = False, share_prefix: bool = True):
         if not model.prefix_ok():
             raise EngineError(f"model {model.source!r}: the engine needs a plain KV cache on one device "
                               "(Model.prefix_ok); recurrent states and meshes are not supported yet")
@@ -258,6 +263,7 @@ class Engine:
         self.share_prefix = bool(share_prefix)
         self.stop_ids = default_stop_ids(model) if stop_ids is None else tuple(int(s) for s in stop_ids)
         self.unroll = auto_unroll() if unroll is None else bool(unroll)
+        self.prefill_unroll = bool(prefill_unroll)
         self.stats = EngineStats()
 
     # ---- validation ------------------------------------------------------------------------
@@ -404,7 +410,8 @@ class Engine:
         t = self._p0
         prefix = None
         if self._lp:
-            prefix = self.model.prefill(np.asarray([reqs[0].prompt[:self._lp]], np.int32), unroll=self.unroll).state
+            prefix = self.model.prefill(np.asarray([reqs[0].prompt[:self._lp]], np.int32),
+                                        unroll=self.prefill_unroll).state
             stats.prefix_tokens = self._lp
 
         left = [c.n_samples for c in reqs]
@@ -481,7 +488,8 @@ class Engine:
         for j, i in enumerate(uniq):
             lay[j], unit[j] = reqs[i].layer, reqs[i].unit
         logits, pre = _prefill(params, prefix, jnp.asarray(toks), jnp.asarray(valid), jnp.asarray(lay),
-                               jnp.asarray(unit), jnp.asarray(w), dtype=self.model.dtype, **static)
+                               jnp.asarray(unit), jnp.asarray(w), dtype=self.model.dtype,
+                               **dict(static, unroll=self.prefill_unroll))
         self.stats.prefills += 1
         r = max(_pow2(len(admit)), min(8, _pow2(self.rows)))  # few row-writer programs
         pad = admit + [admit[-1]] * (r - len(admit))  # repeated rows write the same values

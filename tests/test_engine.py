@@ -137,11 +137,13 @@ def test_per_layer_cache_layout_equals_stacked(model):
     np.testing.assert_allclose(np.asarray(lg), outs[0][0], atol=1e-5)
 
 
-def test_engine_unrolled_per_layer_cache_equals_generate(model):
+@pytest.mark.parametrize("prefill_unroll", [False, True])
+def test_engine_unrolled_per_layer_cache_equals_generate(model, prefill_unroll):
+    # the GPU default: an unrolled decode step over per-layer buffers, fed by scanned (layer-stacked) prefills
     prompts = prompts_of([7, 11, 4], seed=6)
     news = [5, 3, 6]
     refs = reference(model, prompts, news, ())
-    eng = Engine(model, rows=2, temperature=0.0, stop_ids=(), unroll=True)
+    eng = Engine(model, rows=2, temperature=0.0, stop_ids=(), unroll=True, prefill_unroll=prefill_unroll)
     res = eng.run([Request(p, n) for p, n in zip(prompts, news)])
     assert [r[0].token_ids for r in res] == [g.token_ids[0] for g in refs]
 
