@@ -127,6 +127,8 @@ def dot_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale: float):
     b, t, n, h = q_BxTxNxH.shape
     kv = k_BxSxKxH.shape[2]
     g = n // kv
+    if t == 1:
+        return decode_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale)
     q = q_BxTxNxH.reshape(b, t, kv, g, h)
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH) * jnp.asarray(scale, q.dtype)
     mask = mask_Bx1xTxS[:, :, None]  # [B, 1, 1, T, S]
@@ -134,6 +136,29 @@ def dot_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale: float):
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
     return out.reshape(b, t, n, h)
+
+
+def decode_attention(q_Bx1xNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1x1xS, scale: float):
+    """:func:`dot_attention` for one query token per row (a decode step), written as products summed
+    in float32 instead of two batched matrix products.
+
+    The cache is laid out [B, S, K, H]; a batched matrix product wants the batch axes (B, K) leading,
+    so on GPUs XLA copied each layer's whole cache into [B, K, S, H] every step (see BUILD_NOTES.md).
+    Multiply-and-sum fuses into one pass that reads the cache in place. Rounding mirrors
+    :func:`dot_attention`: scores rounded to the input dtype before the scale, softmax in float32,
+    probabilities rounded to the input dtype before weighting the values, sums accumulated in float32.
+    """
+    b, _, n, h = q_Bx1xNxH.shape
+    kv = k_BxSxKxH.shape[2]
+    g = n // kv
+    f32 = jnp.float32
+    q = q_Bx1xNxH.reshape(b, 1, kv, g, h).astype(f32)  # [B, 1, K, G, H] against keys [B, S, K, 1, H]
+    scores = jnp.sum(q * k_BxSxKxH[:, :, :, None, :].astype(f32), axis=-1)  # [B, S, K, G]
+    scores = scores.astype(q_Bx1xNxH.dtype) * jnp.asarray(scale, q_Bx1xNxH.dtype)
+    mask = mask_Bx1x1xS[:, 0, 0, :, None, None]  # [B, S, 1, 1]
+    probs = jax.nn.softmax(jnp.where(mask, scores.astype(f32), NEG_INF), axis=1).astype(q_Bx1xNxH.dtype)
+    out = jnp.sum(probs[..., None].astype(f32) * v_BxSxKxH[:, :, :, None, :].astype(f32), axis=1)  # [B, K, G, H]
+    return out.astype(q_Bx1xNxH.dtype).reshape(b, 1, n, h)
 
 
 def lora_delta(x, lora, name, eq_a, eq_b):
