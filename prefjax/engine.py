@@ -31,9 +31,20 @@ Layout (built only on the family contract ``forward``/``init_state`` and :class:
   window counts slots) or there is no padding.
 * The host reads the new tokens every ``sync_every`` steps (one transfer), finishes rows and refills
   them; a row that stopped inside a chunk runs on until the chunk ends and those tokens are dropped.
+* Activation capture (:class:`RowCapture`) is per row inside the same compiled step. Capture step ``s``
+  is the hook's value at the position of generated token ``s`` (the input of decode step ``s``; its
+  logits choose token ``s + 1``), i.e. entry ``s + 1`` of :attr:`prefjax.generation.Generation.captured`.
+  The run's hooks are the union over its requests (static: one step program); every row records them
+  at its one position each step, and a row writes them into its slots of a float32 device buffer
+  ``[rows, max steps per request, hooks, d_model]`` only at the steps it asked for (a per-row table
+  ``step -> slot`` set when the row is admitted). A finished row's slots are read in one transfer per
+  sync and returned in :class:`Sample` (``captures``, ``capture_steps``: only the steps the sample
+  reached). A row asking for its last step (``max_new_tokens - 1``) runs one decode step past its
+  budget for it. Steering edits ``hook_resid_post`` before the capture there, as in
+  :meth:`prefjax.model.Model.run`. Without captures the compiled programs are those of an uncaptured run.
 
-Not covered: decode-time activation capture, recurrent decode states (Qwen-3.5) and meshes
-(:meth:`prefjax.model.Model.prefix_ok` must hold).
+Not covered: capture at prompt positions (run :meth:`prefjax.model.Model.run` on the prompt), recurrent
+decode states (Qwen-3.5) and meshes (:meth:`prefjax.model.Model.prefix_ok` must hold).
 """
 
 from __future__ import annotations
@@ -47,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefjax.generation import default_stop_ids, per_layer_cache, sample_tokens
-from prefjax.hooks import CaptureSpec
+from prefjax.hooks import CaptureSpec, HookError, parse_hook
 from prefjax.model import auto_unroll, common_prefix_len, extend_kv_state
 from prefjax.models.stack import PerLayer
 from prefjax.steering import STEER_POINT, unit_direction
@@ -77,13 +88,32 @@ class RowSteer:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class RowCapture:
+    """Activations to capture for each sample of a request during decode.
+
+    ``hooks``: hook names (:mod:`prefjax.hooks`, e.g. ``"blocks.1.hook_resid_post"`` or
+    ``"ln_final.hook_normalized"``). ``steps``: generated-token indices in ``[0, max_new_tokens)``;
+    step ``s`` is the activation at the position of generated token ``s`` (whose logits choose token
+    ``s + 1``), steered like the tokens it sees. A sample returns the steps it reached, i.e. those ``s``
+    with ``s < len(token_ids)`` (a stop token is not reached: it is not part of the sample). A request
+    whose steps include ``max_new_tokens - 1`` runs one decode step past its budget to compute it.
+    The run keeps a float32 device buffer of ``rows x (most steps of a request) x (hooks of all its
+    requests) x d_model``; every row computes all those hooks, a row returns its own.
+    """
+
+    hooks: Sequence[str]
+    steps: Sequence[int]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Request:
     """One prompt (token ids) to continue ``n_samples`` times, each for up to ``max_new_tokens``.
 
     ``example_id``: sample ``s`` draws from ``fold_in(PRNGKey(seed), example_id + s)``; default: the
     running count of samples before this request. ``sample_ids``: instead, one stream id per sample
     (sample ``s`` draws from ``fold_in(PRNGKey(seed), sample_ids[s])``), e.g. ids hashed from a job key so
-    a sample's stream does not depend on which other samples of the prompt are run with it."""
+    a sample's stream does not depend on which other samples of the prompt are run with it.
+    ``capture``: activations to record for each sample during decode (:class:`RowCapture`)."""
 
     prompt: Sequence[int]
     max_new_tokens: int
@@ -91,14 +121,22 @@ class Request:
     example_id: int | None = None
     steer: RowSteer | None = None
     sample_ids: Sequence[int] | None = None
+    capture: RowCapture | None = None
 
 
 @dataclasses.dataclass
 class Sample:
-    """One continuation: ``token_ids`` (stop token excluded) and whether a stop id ended it."""
+    """One continuation: ``token_ids`` (stop token excluded) and whether a stop id ended it.
+
+    With a :class:`RowCapture`: ``capture_steps`` are the requested steps this sample reached (ascending;
+    a requested step ``>= len(token_ids)`` is absent) and ``captures[hook]`` is float32
+    ``[len(capture_steps), d_model]``, row ``j`` at step ``capture_steps[j]``. Both None without one.
+    """
 
     token_ids: list[int]
     finished: bool
+    captures: dict[str, np.ndarray] | None = None
+    capture_steps: list[int] | None = None
 
 
 @dataclasses.dataclass
@@ -185,20 +223,49 @@ def _insert(state, rowvars, pre_state, logits_NxV, src_R, dst_R, t, keys_R, s_la
     return new, rv, tok0
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnums=(1, 2))
+@functools.partial(jax.jit, static_argnames=_STATIC + ("capture",), donate_argnums=(1, 2))
 def _step(params, state, rowvars, active_B, t, temperature, top_p, *, family, cfg, greedy, top_k,
-          use_top_p, unroll):
-    """One decode step of every row at column ``t``; returns the new tokens (also kept as ``prev``)."""
+          use_top_p, unroll, capture=CaptureSpec()):
+    """One decode step of every row at column ``t``; returns the new tokens (also kept as ``prev``).
+    With a non-empty ``capture``, also records its hooks into the rows' capture slots (:func:`_record`)."""
     fam = family
     iv = _steer_partial(rowvars["layer"], rowvars["unit"], rowvars["gen"][:, None])
-    logits, _, _, state = fam.forward(cfg, params, rowvars["prev"][:, None], active_B[:, None],
-                                      capture=CaptureSpec(), intervene=iv, state=state, start=t,
-                                      is_prompt=False, unroll=unroll)
+    logits, captured, _, state = fam.forward(cfg, params, rowvars["prev"][:, None], active_B[:, None],
+                                             capture=capture, intervene=iv, state=state, start=t,
+                                             is_prompt=False, unroll=unroll)
     tok = sample_tokens(logits[:, 0], rowvars["keys"], rowvars["step"], temperature, top_p, greedy=greedy,
                         top_k=top_k, use_top_p=use_top_p)
     rv = dict(rowvars)
+    if capture:
+        rv["cap"] = _record(rowvars, captured, capture, active_B)
     rv["prev"], rv["step"] = tok, rowvars["step"] + 1
     return state, rv, tok
+
+
+# --------------------------------------------------------------------------------------------
+# Decode-time capture (rowvars "cap_slot" [B, M] int32: generated-token index -> capture slot or -1;
+# "cap" [B, C, H, D] float32: the captured hooks per slot). Present only when a request captures.
+
+def _record(rowvars, captured, capture: CaptureSpec, active_B):
+    """The capture buffer with this step's hooks written at each active row's slot for its input token
+    (generated token ``step - 1``), where that token's step was asked for; other rows unchanged."""
+    buf, table = rowvars["cap"], rowvars["cap_slot"]
+    b, m = table.shape
+    vals = jnp.stack([captured[n][:, 0].astype(jnp.float32) for n in capture.names], axis=1)  # [B, H, D]
+    s = rowvars["step"] - 1
+    slot = jnp.take_along_axis(table, jnp.clip(s, 0, m - 1)[:, None], axis=1)[:, 0]
+    hit = active_B & (s >= 0) & (s < m) & (slot >= 0)
+    idx = jnp.where(hit, slot, buf.shape[1])  # out of range: dropped
+    return buf.at[jnp.arange(b), idx].set(vals, mode="drop")
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _set_capture_rows(rowvars, dst_R, table_RxM):
+    """Give admitted rows ``dst_R`` their ``step -> slot`` tables and NaN capture slots."""
+    rv = dict(rowvars)
+    rv["cap_slot"] = rv["cap_slot"].at[dst_R].set(table_RxM)
+    rv["cap"] = rv["cap"].at[dst_R].set(jnp.nan)
+    return rv
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,6 +289,27 @@ class _Checked:
     unit: np.ndarray      # [D] float32
     w_prompt: np.ndarray  # [len(prompt)] float32, coef * scale * weight
     w_gen: float
+
+
+@dataclasses.dataclass
+class _CapturePlan:
+    """A run's validated captures: what the step records and where each request's steps go."""
+
+    spec: CaptureSpec                # the union of the run's hooks (static in the step)
+    hooks: list[tuple[str, ...]]     # per request: its hooks (() when it captures nothing)
+    steps: list[tuple[int, ...]]     # per request: its steps, ascending; step steps[j] goes to slot j
+    table_len: int                   # M: the step -> slot tables' width (the largest max_new_tokens)
+    slots: int                       # C: capture slots per row (the most steps a request asks for)
+
+    def table(self, i: int) -> np.ndarray:
+        """Request ``i``'s ``step -> slot`` table [M] (-1: not captured)."""
+        t = np.full((self.table_len,), -1, np.int32)
+        t[list(self.steps[i])] = np.arange(len(self.steps[i]), dtype=np.int32)
+        return t
+
+    def extra_step(self, i: int, max_new: int) -> int:
+        """1 when request ``i`` captures its last token (one decode step past its budget), else 0."""
+        return int(bool(self.steps[i]) and self.steps[i][-1] == max_new - 1)
 
 
 class Engine:
@@ -341,6 +429,52 @@ class Engine:
         gap_free = len({len(c.prompt) for c in reqs}) == 1 and (len(reqs[0].prompt) - lp) % self.prompt_bucket == 0
         return lp if gap_free or self.model.fits_window(span) else 0
 
+    def _check_captures(self, requests, reqs: list[_Checked]) -> _CapturePlan | None:
+        """Validate every request's :class:`RowCapture` (hooks, steps) on the host; None when no request
+        captures (the run then compiles exactly the uncaptured programs)."""
+        n_layers = self.model.config.n_layers
+        hooks, steps = [], []
+        for i, (r, c) in enumerate(zip(requests, reqs)):
+            where = f"request {i}: capture"
+            cap = r.capture
+            if cap is None:
+                hooks.append(())
+                steps.append(())
+                continue
+            if not isinstance(cap, RowCapture):
+                raise EngineError(f"request {i}: capture must be a RowCapture, got {type(cap).__name__}")
+            hs = (cap.hooks,) if isinstance(cap.hooks, str) else tuple(cap.hooks)
+            if not hs:
+                raise EngineError(f"{where}: no hooks")
+            for h in hs:
+                if not isinstance(h, str):
+                    raise EngineError(f"{where}: hook {h!r} is not a string")
+                try:
+                    parse_hook(h, n_layers)
+                except HookError as e:
+                    raise EngineError(f"{where}: {e}") from None
+            if len(set(hs)) != len(hs):
+                raise EngineError(f"{where}: duplicate hooks in {hs}")
+            ss = list(np.asarray(cap.steps, dtype=object).reshape(-1))
+            if not ss:
+                raise EngineError(f"{where}: no steps")
+            for s in ss:
+                if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)):
+                    raise EngineError(f"{where}: step {s!r} is not an int")
+                if not 0 <= int(s) < c.max_new:
+                    raise EngineError(f"{where}: step {int(s)} is outside [0, max_new_tokens={c.max_new})")
+            ss = [int(s) for s in ss]
+            if len(set(ss)) != len(ss):
+                dup = next(s for s in ss if ss.count(s) > 1)
+                raise EngineError(f"{where}: step {dup} is asked for twice")
+            hooks.append(hs)
+            steps.append(tuple(sorted(ss)))
+        if not any(hooks):
+            return None
+        union = list(dict.fromkeys(h for hs in hooks for h in hs))
+        return _CapturePlan(CaptureSpec.from_names(union, n_layers), hooks, steps,
+                            table_len=max(c.max_new for c in reqs), slots=max(len(s) for s in steps))
+
     def _check_steer(self, s: RowSteer, n: int, where: str):
         cfg = self.model.config
         if not isinstance(s, RowSteer):
@@ -386,8 +520,9 @@ class Engine:
         """Decode every request; returns, per request, its ``n_samples`` :class:`Sample` in order.
 
         ``on_done(i, samples)`` is called on the host as soon as every sample of request ``i`` has
-        finished (e.g. to commit results while the run goes on)."""
+        finished (e.g. to commit results while the run goes on), its samples' captures filled in."""
         reqs = self._check(requests)
+        plan = self._check_captures(requests, reqs)
         model, cfg, B, S = self.model, self.model.config, self.rows, self._s
         greedy = self.temperature == 0.0
         static = dict(family=model.family, cfg=cfg, greedy=greedy, top_k=0 if greedy else self.top_k,
@@ -402,6 +537,10 @@ class Engine:
         rowvars = {"prev": jnp.zeros((B,), jnp.int32), "step": jnp.zeros((B,), jnp.int32),
                    "keys": jnp.zeros((B, 2), jnp.uint32), "layer": jnp.full((B,), -1, jnp.int32),
                    "unit": jnp.zeros((B, cfg.d_model), jnp.float32), "gen": jnp.zeros((B,), jnp.float32)}
+        capture = CaptureSpec() if plan is None else plan.spec
+        if plan is not None:
+            rowvars["cap_slot"] = jnp.full((B, plan.table_len), -1, jnp.int32)
+            rowvars["cap"] = jnp.zeros((B, plan.slots, len(plan.spec.names), cfg.d_model), jnp.float32)
         queue = [(i, s) for i, c in enumerate(reqs) for s in range(c.n_samples)]
         qpos = 0
         results: list[list[Sample | None]] = [[None] * c.n_samples for c in reqs]
@@ -415,26 +554,54 @@ class Engine:
             stats.prefix_tokens = self._lp
 
         left = [c.n_samples for c in reqs]
+        ran = [0] * B             # decode steps each row has run since its admission
+        draining = [False] * B    # budget reached; one more decode step for its last capture step
+        pending: list[tuple[int, int, Sample]] = []  # finished rows whose captures are still on device
 
-        def finish(b, fin):
-            i, s = slot[b]
-            results[i][s] = Sample(token_ids=list(toks[b]), finished=fin)
-            stats.generated_tokens += len(toks[b]) + (1 if fin else 0)
-            slot[b] = None
+        def done(i):
             left[i] -= 1
             if left[i] == 0 and on_done is not None:
                 on_done(i, list(results[i]))
 
+        def finish(b, fin):
+            i, s = slot[b]
+            results[i][s] = sample = Sample(token_ids=list(toks[b]), finished=fin)
+            stats.generated_tokens += len(toks[b]) + (1 if fin else 0)
+            slot[b], draining[b] = None, False
+            if plan is not None and plan.steps[i]:
+                pending.append((b, i, sample))  # completed (and reported) by flush()
+            else:
+                done(i)
+
+        def flush():  # read the finished rows' captures (one transfer) before their rows are reused
+            if pending:
+                self._read_captures(plan, rowvars["cap"], pending)
+                for _, i, _ in pending:
+                    done(i)
+                pending.clear()
+
         def settle(b, new):  # append new tokens to row b until a stop or its budget
             i, _ = slot[b]
+            if draining[b]:
+                if ran[b] >= reqs[i].max_new:
+                    finish(b, False)
+                return
             for tk in new:
                 if tk in stops:
                     finish(b, True)
                     return
                 toks[b].append(tk)
                 if len(toks[b]) >= reqs[i].max_new:
-                    finish(b, False)
+                    if plan is not None and plan.extra_step(i, reqs[i].max_new) and ran[b] < reqs[i].max_new:
+                        draining[b] = True
+                    else:
+                        finish(b, False)
                     return
+
+        def steps_left(b):  # decode steps row b still needs (without a stop)
+            i, _ = slot[b]
+            extra = 0 if plan is None else plan.extra_step(i, reqs[i].max_new)
+            return reqs[i].max_new - 1 + extra - ran[b]
 
         while qpos < len(queue) or any(s is not None for s in slot):
             # admit into free rows
@@ -449,28 +616,34 @@ class Engine:
                 admit = [a for a in admit if a[1][0] not in uniq]
                 state, rowvars, tok0 = self._admit(params, prefix, state, rowvars, part, reqs, t, root, temp, top_p,
                                                    static)
+                if plan is not None:
+                    rowvars = self._admit_captures(plan, rowvars, part)
                 for (b, (i, s)), tk in zip(part, tok0):
-                    slot[b], toks[b] = (i, s), []
+                    slot[b], toks[b], ran[b] = (i, s), [], 0
                     settle(b, [int(tk)])
+            flush()
             live = [b for b in range(B) if slot[b] is not None]
             if not live:
                 if qpos < len(queue):  # nothing fits before the cache's end: start a new wave
                     t = self._p0
                     stats.waves += 1
                 continue
-            n = min(self.sync_every, S - t, max(reqs[slot[b][0]].max_new - len(toks[b]) for b in live))
+            n = min(self.sync_every, S - t, max(steps_left(b) for b in live))
             active = jnp.asarray(np.array([slot[b] is not None for b in range(B)]))
             outs = []
             for _ in range(n):
-                state, rowvars, tok = _step(params, state, rowvars, active, jnp.int32(t), temp, top_p, **static)
+                state, rowvars, tok = _step(params, state, rowvars, active, jnp.int32(t), temp, top_p,
+                                            capture=capture, **static)
                 outs.append(tok)
                 t += 1
             stats.decode_steps += n
             stats.syncs += 1
             got = np.asarray(jnp.stack(outs))  # [n, B]
             for b in live:
+                ran[b] += n
                 if slot[b] is not None:
                     settle(b, [int(x) for x in got[:, b]])
+            flush()
         return [list(r) for r in results]  # type: ignore[arg-type]
 
     def _admit(self, params, prefix, state, rowvars, admit, reqs, t, root, temp, top_p, static):
@@ -504,3 +677,29 @@ class Engine:
                                        keys, jnp.asarray(s_lay), jnp.asarray(s_unit), jnp.asarray(s_gen), temp, top_p,
                                        **static)
         return state, rowvars, np.asarray(tok0)[:len(admit)]
+
+    def _admit_captures(self, plan: _CapturePlan, rowvars, admit):
+        """Set the capture tables of the rows in ``admit`` ((row, (request, sample)) pairs)."""
+        r = max(_pow2(len(admit)), min(8, _pow2(self.rows)))  # few programs, as in _admit
+        pad = admit + [admit[-1]] * (r - len(admit))
+        dst = np.array([b for b, _ in pad], np.int32)
+        table = np.stack([plan.table(i) for _, (i, _) in pad])
+        return _set_capture_rows(rowvars, jnp.asarray(dst), jnp.asarray(table))
+
+    def _read_captures(self, plan: _CapturePlan, cap, pending) -> None:
+        """Fill ``captures``/``capture_steps`` of the finished samples in ``pending`` ((row, request,
+        sample) triples) from the capture buffer ``cap`` [B, C, H, D]: one transfer for all of them."""
+        reached = [[s for s in plan.steps[i] if s < len(smp.token_ids)] for _, i, smp in pending]
+        rows = [b for (b, _, _), got in zip(pending, reached) if got]
+        if rows:
+            idx = rows + [rows[-1]] * (_pow2(len(rows)) - len(rows))  # few gather programs
+            host = np.asarray(cap[jnp.asarray(np.array(idx, np.int32))])
+        d, k = self.model.config.d_model, 0
+        for (b, i, smp), got in zip(pending, reached):
+            col = {h: plan.spec.names.index(h) for h in plan.hooks[i]}
+            if got:  # the requested steps are ascending, so the reached ones are the first slots
+                smp.captures = {h: host[k, :len(got), j].copy() for h, j in col.items()}
+                k += 1
+            else:
+                smp.captures = {h: np.zeros((0, d), np.float32) for h in col}
+            smp.capture_steps = got
