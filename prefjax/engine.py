@@ -6,7 +6,8 @@
 its token budget) the next request's prompt is prefilled and written into that row, without
 recompiling and without touching the other rows.
 
-Layout (built only on the family contract ``forward``/``init_state`` and :class:`prefjax.model.Model`):
+Layout (built only on the family contract ``forward``/``init_state``/``state_layout`` and
+:class:`prefjax.model.Model`):
 
 * The cache has ``cache_len`` slot columns shared by all rows, and one global write column ``t``:
   every decode step writes every row's new token at column ``t``, then ``t += 1``. A request admitted
@@ -15,6 +16,14 @@ Layout (built only on the family contract ``forward``/``init_state`` and :class:
   contiguous: RoPE positions (counted over valid slots) and the sliding window are exactly those of a
   single-request run. A request is admitted only while ``t + max_new_tokens <= cache_len``; when none
   fits, the live rows drain and ``t`` goes back to the first column (a new wave).
+* Recurrent decode states (Qwen-3.5's Gated DeltaNet layers): the family's
+  :class:`prefjax.models.family.StateLayout` names the state leaves that are KV-cache slots (placed at
+  columns as above) and the per-row recurrent leaves (conv windows, the delta-rule state), which sum up
+  a request's whole history and are copied whole into its row at admission, replacing everything the
+  row's previous request left there. A prefill starts from an empty state and its left padding neither
+  enters the conv windows nor decays or writes the recurrent state, so a row's state is that of a
+  single-request run. An inactive row's decode token is marked invalid (Qwen-3.5 then leaves its state
+  as it was); whatever it holds is overwritten at the row's next admission.
 * The ``n_samples`` samples of a request share one prefill: its keys/values are written into each
   sample's row. Sample ``s`` of a request draws from ``fold_in(PRNGKey(seed), example_id + s)`` (or
   ``sample_ids[s]``) at step ``i`` (``fold_in(key, i)``), the same stream as
@@ -28,7 +37,9 @@ Layout (built only on the family contract ``forward``/``init_state`` and :class:
   per run; each admission prefills only the tails after it. Its slots are copied into each row just
   before the row's tail, so a shorter tail leaves padding slots between them: RoPE positions count valid
   slots and stay exact, and the prefix is used only when that row span fits a sliding window (the
-  window counts slots) or there is no padding.
+  window counts slots) or there is no padding. Families with per-row recurrent leaves never share a
+  prefix (the padding between it and a tail would shift zeros through the conv windows, and the
+  prefix cache is a plain KV cache); each of their requests is prefilled whole.
 * The host reads the new tokens every ``sync_every`` steps (one transfer), finishes rows and refills
   them; a row that stopped inside a chunk runs on until the chunk ends and those tokens are dropped.
 * Activation capture (:class:`RowCapture`) is per row inside the same compiled step. Capture step ``s``
@@ -43,8 +54,8 @@ Layout (built only on the family contract ``forward``/``init_state`` and :class:
   budget for it. Steering edits ``hook_resid_post`` before the capture there, as in
   :meth:`prefjax.model.Model.run`. Without captures the compiled programs are those of an uncaptured run.
 
-Not covered: capture at prompt positions (run :meth:`prefjax.model.Model.run` on the prompt), recurrent
-decode states (Qwen-3.5) and meshes (:meth:`prefjax.model.Model.prefix_ok` must hold).
+Not covered: capture at prompt positions (run :meth:`prefjax.model.Model.run` on the prompt), meshes,
+and families without a declared state layout (:func:`engine_refusal` says why a model is refused).
 """
 
 from __future__ import annotations
@@ -67,6 +78,24 @@ from prefjax.tokenize import left_pad
 
 class EngineError(ValueError):
     """A request the engine cannot serve (found on the host before any compute; names the request)."""
+
+
+def engine_refusal(model) -> str | None:
+    """Why :class:`Engine` cannot serve ``model`` (None: it can). It needs one device (no mesh) and a
+    family that declares its decode state's layout (``Family.state_layout``, a
+    :class:`prefjax.models.family.StateLayout` naming every leaf of ``init_state``). This is the engine's
+    own check: :meth:`prefjax.model.Model.prefix_ok` (prefix caches) is stricter and unrelated."""
+    fam = model.family
+    if model.mesh is not None:
+        return "the engine runs on one device; meshes are not supported yet"
+    if fam.state_layout is None:
+        return f"family {fam.name!r} declares no decode-state layout (Family.state_layout)"
+    shapes = jax.eval_shape(lambda: fam.init_state(model.config, 1, 1, model.dtype))
+    got, want = set(shapes), fam.state_layout.leaves()
+    if got != want:
+        return (f"family {fam.name!r}: init_state's leaves {sorted(got)} are not those its state_layout "
+                f"declares {sorted(want)}")
+    return None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -194,21 +223,27 @@ def _prefill(params, prefix_state, toks_NxP, valid_NxP, s_layer_N, s_unit_NxD, s
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnums=(0, 1))
 def _insert(state, rowvars, pre_state, logits_NxV, src_R, dst_R, t, keys_R, s_layer_R, s_unit_RxD, s_gen_R,
             temperature, top_p, *, family, cfg, greedy, top_k, use_top_p, unroll):
-    """Write prefill rows ``src_R`` into cache rows ``dst_R`` at columns ``[t - P, t)`` (the rest of those
-    rows emptied), sample each row's first token, and set its per-row variables."""
+    """Write prefill rows ``src_R`` into cache rows ``dst_R``: KV slot leaves at columns ``[t - P, t)``
+    (the rest of those rows emptied), per-row recurrent leaves whole (``family.state_layout``); sample each
+    row's first token, and set its per-row variables."""
     p = pre_state["valid"].shape[1]
     cols = t - p + jnp.arange(p, dtype=jnp.int32)
+    layout = family.state_layout
 
     def put(big, small):  # big [B, S, ...] one layer, small [N, P, ...]
         return big.at[dst_R[:, None], cols[None, :]].set(small[src_R].astype(big.dtype))
 
+    def put_row(big, small):  # big [B, ...] one layer, small [N, ...]: the whole row replaced
+        return big.at[dst_R].set(small[src_R].astype(big.dtype))
+
     new = {}
-    for name in ("k", "v"):
-        big, small = state[name], pre_state[name]
-        if isinstance(big, PerLayer):
-            new[name] = PerLayer(put(big[l], small[l]) for l in range(len(big)))
-        else:
-            new[name] = jax.vmap(put)(big, small)
+    for names, write in ((layout.slot_leaves, put), (layout.row_leaves, put_row)):
+        for name in names:
+            big, small = state[name], pre_state[name]
+            if isinstance(big, PerLayer):
+                new[name] = PerLayer(write(big[l], small[l]) for l in range(len(big)))
+            else:
+                new[name] = jax.vmap(write)(big, small)
     valid = state["valid"].at[dst_R].set(False)
     new["valid"] = valid.at[dst_R[:, None], cols[None, :]].set(pre_state["valid"][src_R])
     tok0 = sample_tokens(logits_NxV[src_R], keys_R, 0, temperature, top_p, greedy=greedy, top_k=top_k,
@@ -326,15 +361,18 @@ class Engine:
     all of them (the warm-up of a Gemma-3-27B workload spent 510 s compiling unrolled prefills and the
     step on an H200); prefill is compute-bound, so the per-layer weight copy a scan makes on GPUs is a
     small share of it, unlike in the memory-bound decode step.
+    ``share_prefix``: prefill the prompt prefix every request shares once per run (module docstring);
+    no effect for families with per-row recurrent state (Qwen-3.5), whose prompts are prefilled whole.
+    Raises :class:`EngineError` for a model it cannot serve (:func:`engine_refusal`).
     """
 
     def __init__(self, model, *, rows: int = 8, cache_len: int | None = None, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_ids=None, sync_every: int = 8,
                  prompt_bucket: int = 16, prefill_rows: int = 8, unroll: bool | None = None,
                  prefill_unroll: bool = False, share_prefix: bool = True):
-        if not model.prefix_ok():
-            raise EngineError(f"model {model.source!r}: the engine needs a plain KV cache on one device "
-                              "(Model.prefix_ok); recurrent states and meshes are not supported yet")
+        why = engine_refusal(model)
+        if why is not None:
+            raise EngineError(f"model {model.source!r}: {why}")
         for name, v in (("rows", rows), ("sync_every", sync_every), ("prompt_bucket", prompt_bucket),
                         ("prefill_rows", prefill_rows)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -416,10 +454,11 @@ class Engine:
     def _shared_prefix(self, reqs: list[_Checked]) -> int:
         """Length of the prompt prefix every request shares (the chat header, a persona's system prompt,
         a template's instructions), prefilled once per run; 0 when there is none worth it (< 8 tokens), when
-        a request steers a token inside it, or when the padding left between it and a shorter prompt's
-        tail could reach into a sliding window (the window counts slots)."""
-        if not self.share_prefix or len(reqs) < 2:
-            return 0
+        a request steers a token inside it, when the padding left between it and a shorter prompt's
+        tail could reach into a sliding window (the window counts slots), or when the family keeps
+        per-row recurrent state."""
+        if not self.share_prefix or len(reqs) < 2 or self.model.family.state_layout.row_leaves:
+            return 0  # a recurrent state is not a prefix cache (module docstring)
         nz = [np.flatnonzero(c.w_prompt) for c in reqs]
         limit = min(int(z[0]) if len(z) else len(c.prompt) for z, c in zip(nz, reqs))
         lp = common_prefix_len([c.prompt for c in reqs], limit=limit)

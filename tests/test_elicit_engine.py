@@ -1,16 +1,23 @@
 """Sample-mode elicitation through the continuous-batching engine: the same comparison rows as the
 batched-generate path (greedy), rows committed in job order, a run interrupted mid-way and restarted
-equal to an uninterrupted one, and the fallback for models the engine refuses."""
+equal to an uninterrupted one, Qwen-3.5 (recurrent state) served by the engine, and the fallback for
+models the engine refuses (a mesh)."""
 
+import dataclasses
 import glob
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 import prefjax
 from prefjax.elicit.personas import get_persona
 from prefjax.elicit.runner import ElicitConfig, make_jobs, run_choices
+from prefjax.model import Model
+from prefjax.models import FAMILIES
+from prefjax.sharding import make_mesh
 from prefjax.store import ComparisonsStore
 from prefjax.tasks import load_default_pool
 
@@ -96,10 +103,28 @@ def test_interrupted_and_restarted_equals_uninterrupted(model, setup, tmp_path, 
 
 def test_refused_model_falls_back_with_a_log_line(setup, tmp_path, capfd):
     pool, jobs, personas = setup
-    m = prefjax.load("gemma3-tiny-tok", dtype="float32")
-    m.prefix_ok = lambda: False  # what a recurrent-state family or a mesh reports
+    m = prefjax.load("gemma3-tiny-tok", dtype="float32", mesh=make_mesh())  # the engine refuses meshes
     store = ComparisonsStore(str(tmp_path / "s"))
     cfg = ElicitConfig(mode="sample", max_new_tokens=4, batch_size=8, temperature=0.0)
     run_choices(m, pool, jobs[:6], personas, store, cfg)
     assert len(store) == 6
     assert "the engine does not serve this model" in capfd.readouterr().err
+
+
+def test_qwen35_goes_through_the_engine(model, setup, tmp_path, capfd):
+    # a tiny random Qwen-3.5 (recurrent DeltaNet state) driven by the packaged tokenizer's vocabulary
+    fam = FAMILIES["qwen35"]
+    cfg = dataclasses.replace(fam.presets["qwen35-tiny"], vocab_size=model.config.vocab_size, name="qwen35-tiny-tok")
+    params = jax.jit(lambda k: fam.init_params(cfg, k, jnp.float32))(jax.random.PRNGKey(0))
+    qwen = Model(fam, cfg, params, tokenizer=model.tokenizer, source="qwen35-tiny-tok")
+    pool, jobs, personas = setup
+    two = list(dict.fromkeys((j.task_a, j.task_b) for j in jobs))[:2]
+    some = (pool, [j for j in jobs if j.persona == "evil" and (j.task_a, j.task_b) in two], personas)
+    assert len(some[1]) == 12  # two pairs, both orders, three samples
+    _, old = run(qwen, some, tmp_path / "old", temperature=1.0, seed=3, engine=False)
+    capfd.readouterr()
+    _, new = run(qwen, some, tmp_path / "new", temperature=1.0, seed=3, engine=True)
+    err = capfd.readouterr().err
+    assert "engine: 4 prompts, 12 samples" in err and "batched generate instead" not in err
+    assert new == old  # the same per-job streams on both paths
+    assert len({r["raw"] for r in new}) > 1

@@ -1,5 +1,8 @@
 """The continuous-batching engine against generate: ragged prompts, early stops, refilled rows, new
-waves, shared-prefill samples, per-row steering, the per-layer cache layout, and input errors."""
+waves, shared-prefill samples, per-row steering, the per-layer cache layout, input errors and the models
+the engine refuses (Qwen-3.5: tests/test_engine_qwen35.py)."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -7,10 +10,13 @@ import numpy as np
 import pytest
 
 import prefjax
-from prefjax.engine import Engine, EngineError, Request, RowSteer
+from prefjax.engine import Engine, EngineError, Request, RowSteer, engine_refusal
 from prefjax.generation import generate, per_layer_cache
 from prefjax.hooks import CaptureSpec
+from prefjax.models import FAMILIES
+from prefjax.models.family import Family, StateLayout
 from prefjax.models.stack import PerLayer
+from prefjax.sharding import make_mesh
 from prefjax.steering import SteerSpec, random_direction
 
 
@@ -183,15 +189,24 @@ def test_bad_input_names_the_request(model):
         eng.run([Request([], 3)])
     with pytest.raises(EngineError, match="no requests"):
         eng.run([])
-    qwen = prefjax.load("qwen35-tiny") if "qwen35-tiny" in _presets() else None
-    if qwen is not None:
-        with pytest.raises(EngineError, match="plain KV cache"):
-            Engine(qwen)
 
 
-def _presets():
-    from prefjax.models import qwen35
-    return getattr(qwen35, "PRESETS", {})
+def test_models_the_engine_cannot_serve_are_refused(model):
+    # a mesh (even of one device); Qwen-3.5's recurrent state is served (tests/test_engine_qwen35.py)
+    meshed = dataclasses.replace(model, mesh=make_mesh())
+    assert "meshes are not supported" in engine_refusal(meshed)
+    with pytest.raises(EngineError, match="meshes are not supported"):
+        Engine(meshed)
+    # a family without a declared decode-state layout (the planted organism has no decode state)
+    planted = dataclasses.replace(model, family=FAMILIES["gemma3_planted"])
+    with pytest.raises(EngineError, match="declares no decode-state layout"):
+        Engine(planted)
+    # a layout that misses a leaf of init_state
+    odd = Family(**{**{f.name: getattr(model.family, f.name) for f in dataclasses.fields(Family)},
+                    "name": "odd", "plain_kv_state": False, "state_layout": StateLayout(slot_leaves=("k",))})
+    with pytest.raises(EngineError, match=r"init_state's leaves \['k', 'v', 'valid'\] are not those"):
+        Engine(dataclasses.replace(model, family=odd))
+    assert engine_refusal(model) is None
 
 
 @pytest.mark.parametrize("preset", ["llama31-tiny", "gemma3-tiny"])

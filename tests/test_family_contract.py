@@ -18,7 +18,7 @@ from prefjax.checkpoints.hf import CheckpointError, HFMulti, load_params, nest_p
 from prefjax.hooks import CaptureSpec
 from prefjax.model import Model
 from prefjax.models import FAMILIES, MODEL_TYPES, family_for_model_type, family_for_preset, gemma3, llama, qwen3
-from prefjax.models.family import Family, ModelFamily
+from prefjax.models.family import KV_LAYOUT, Family, ModelFamily, StateLayout
 from prefjax.models.stack import ForwardOut
 
 TINY = {"gemma3": "gemma3-tiny", "llama": "llama31-tiny", "qwen3": "qwen3-tiny", "qwen35": "qwen35-tiny"}
@@ -56,6 +56,23 @@ def test_table_is_declared_and_complete():
     assert qwen3.FAMILY.forward_fn is llama.forward and qwen3.FAMILY.presets is qwen3.PRESETS
     assert FAMILIES["gemma3"].hf_config is gemma3.hf_config and FAMILIES["llama"].hf_config is None
     assert [f.plain_kv_state for f in FAMILIES.values()] == [True, True, True, False, False]
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_state_layout_names_every_leaf_of_the_decode_state(name):
+    fam = FAMILIES[name]
+    cfg = fam.presets[TINY[name]]
+    state = jax.eval_shape(lambda: fam.init_state(cfg, 3, 5, jnp.float32))
+    layout = fam.state_layout
+    assert set(state) == layout.leaves() and not set(layout.slot_leaves) & set(layout.row_leaves)
+    for k in layout.slot_leaves:  # [layers, B, S, ...]
+        assert state[k].shape[1:3] == (3, 5), k
+    for k in layout.row_leaves:  # [layers, B, ...]
+        assert state[k].shape[1] == 3, k
+    assert (layout == KV_LAYOUT) == fam.plain_kv_state
+    assert FAMILIES["gemma3_planted"].state_layout is None  # no decode state
+    with pytest.raises(ValueError, match="a plain KV state has the layout"):
+        dataclasses.replace(fam, plain_kv_state=True, state_layout=StateLayout(row_leaves=("rec",)))
 
 
 def test_unknown_names_are_clear_errors():

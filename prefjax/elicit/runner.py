@@ -8,12 +8,13 @@ key it already holds, so nothing is lost or duplicated.
 
 Sampling is reproducible per job: the PRNG stream of a completion is derived from (seed, job key),
 not from its place in a batch. ``mode="sample"`` runs through :class:`prefjax.engine.Engine` where the
-model allows it (``ElicitConfig.engine``; a plain KV cache on one device: Gemma-3, Llama, Qwen-3): the
-jobs that differ only in their sample index share one prompt prefill, ``batch_size`` cache rows decode
-continuously and each row stops at end-of-turn/EOS or ``max_new_tokens``. Rows are committed to the
-store in job order, ``batch_size`` at a time, so a killed run's store holds a prefix of the job list and
-a restart appends the rest in the same order. Other models (Qwen-3.5's recurrent state, meshes) fall
-back to batched :func:`prefjax.generation.generate`, with a log line. Both paths give every job the
+model allows it (``ElicitConfig.engine``; one device: Gemma-3, Llama, Qwen-3 and Qwen-3.5, whose
+recurrent DeltaNet state the engine serves too): the jobs that differ only in their sample index share
+one prompt prefill, ``batch_size`` cache rows decode continuously and each row stops at end-of-turn/EOS
+or ``max_new_tokens``. Rows are committed to the store in job order, ``batch_size`` at a time, so a
+killed run's store holds a prefix of the job list and a restart appends the rest in the same order.
+Models the engine refuses (meshes; :func:`prefjax.engine.engine_refusal`) fall back to batched
+:func:`prefjax.generation.generate`, with a log line. Both paths give every job the
 same stream (``fold_in(PRNGKey(seed), Job.stream_id(seed))``). ``mode="logit"`` reads P(A) from the label-token logits after the
 forced prefix in one forward pass (no sampling; one row per pair and order).
 

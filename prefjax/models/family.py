@@ -58,6 +58,31 @@ class DecoderShape:
             raise ValueError(f"hidden_activation {activation!r} is not supported")
 
 
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """Where a family's decode state (``init_state``) keeps a request's data, leaf by leaf: what the
+    continuous-batching engine (:mod:`prefjax.engine`) needs to move a prefilled request into one row of
+    its shared cache.
+
+    * ``slot_leaves``: KV-cache leaves ``[layers, B, S, ...]``, one entry per cache slot (column); a
+      prompt's entries are written at the columns it occupies.
+    * ``row_leaves``: per-row recurrent leaves ``[layers, B, ...]`` (conv windows, a recurrent matrix
+      state) that sum up a request's whole history; copied whole into a row, replacing what was there.
+
+    Together with ``valid`` [B, S] they must name every leaf of the state.
+    """
+
+    slot_leaves: tuple[str, ...] = ("k", "v")
+    row_leaves: tuple[str, ...] = ()
+
+    def leaves(self) -> set[str]:
+        """Every leaf name the layout accounts for (``valid`` included)."""
+        return {"valid", *self.slot_leaves, *self.row_leaves}
+
+
+KV_LAYOUT = StateLayout()  # a plain KV cache: {"k", "v", "valid"}
+
+
 class ModelFamily(Protocol):
     """The surface a model family offers (what :class:`Family` holds). Signatures:
 
@@ -88,6 +113,7 @@ class ModelFamily(Protocol):
     unembed: Callable[..., Any]
     supports_lora: bool
     plain_kv_state: bool
+    state_layout: StateLayout | None
 
     def forward(self, cfg, params, tokens_BxT, valid_BxT, **kw) -> ForwardOut: ...
 
@@ -105,6 +131,9 @@ class Family:
     ``supports_lora``: ``forward_fn`` applies ``params["blocks"]["lora"]`` factors on the fly.
     ``plain_kv_state``: the decode state is exactly ``{"k", "v", "valid"}`` (a KV cache that a prefix
     cache can be cut from and extended); False for recurrent state (Qwen-3.5's DeltaNet).
+    ``state_layout``: how the decode state splits into KV slots and per-row recurrent leaves
+    (:class:`StateLayout`; what :class:`prefjax.engine.Engine` serves); None for a family the engine
+    cannot serve (e.g. one without a decode state).
     """
 
     name: str
@@ -123,6 +152,12 @@ class Family:
     hf_config: Callable[[Any], dict] | None = None
     supports_lora: bool = False
     plain_kv_state: bool = True
+    state_layout: StateLayout | None = KV_LAYOUT
+
+    def __post_init__(self):
+        if self.plain_kv_state and self.state_layout != KV_LAYOUT:
+            raise ValueError(f"family {self.name!r}: a plain KV state has the layout {KV_LAYOUT}, "
+                             f"not {self.state_layout}")
 
     def forward(self, cfg, params, tokens_BxT, valid_BxT, *, capture, pos_BxK=None, state=None,
                 logits: bool = True, **kw) -> ForwardOut:

@@ -166,4 +166,5 @@ FAMILY = Family(
     name="gemma3_planted", presets={}, config_from_hf=_no_hf, param_shapes=param_shapes,
     hf_names=gemma3.hf_names, hf_prefixes=gemma3.HF_PREFIXES, hf_skip_prefixes=gemma3.HF_SKIP_PREFIXES,
     init_params=init_params, init_state=init_state, forward_fn=forward, embed=gemma3.embed,
-    unembed=gemma3.unembed, supports_lora=False, plain_kv_state=False)
+    unembed=gemma3.unembed, supports_lora=False, plain_kv_state=False,
+    state_layout=None)  # no decode state: full-sequence forwards only

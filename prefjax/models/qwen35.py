@@ -42,7 +42,7 @@ from prefjax.models import layers as L
 from prefjax.models import moe as M
 from prefjax.models import moe_layout as ML
 from prefjax.models import moe_pallas as MP
-from prefjax.models.family import DecoderShape, Family, random_params
+from prefjax.models.family import DecoderShape, Family, StateLayout, random_params
 from prefjax.models.stack import ForwardOut, fold, forward_tail, step_inputs
 
 LINEAR, FULL = "linear_attention", "full_attention"
@@ -660,4 +660,6 @@ FAMILY = Family(
     name="qwen35", presets=PRESETS, config_from_hf=config_from_hf, param_shapes=param_shapes, hf_names=hf_names,
     layer_rows=layer_rows, hf_prefixes=HF_PREFIXES, hf_skip_prefixes=HF_SKIP_PREFIXES, init_params=init_params,
     init_state=init_state, forward_fn=forward, embed=embed, unembed=unembed,
-    plain_kv_state=False)  # DeltaNet layers keep conv windows and a recurrent state
+    plain_kv_state=False,  # DeltaNet layers keep conv windows and a recurrent state
+    # the attention layers' KV cache is placed by slot; the DeltaNet leaves sum up a row's whole history
+    state_layout=StateLayout(slot_leaves=("k", "v"), row_leaves=_LIN_STATE))
