@@ -36,22 +36,19 @@ K, G, H, LAYERS = 16, 2, 128, 62
 SCALE = H ** -0.5
 
 
-def einsum_bskh(q, k, v, mask):
-    b, t, n, h = q.shape
-    q = q.reshape(b, t, K, G, h)
-    s = jnp.einsum("btkgh,bskh->bkgts", q, k) * jnp.asarray(SCALE, q.dtype)
-    s = jnp.where(mask[:, :, None], s.astype(jnp.float32), NEG_INF)
-    p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", p, v).reshape(b, t, n, h)
+def einsum_attention(cache: str):
+    """The batched-matmul attention on a cache laid out ``cache`` ("bskh" or "bksh")."""
+    def attend(q, k, v, mask):
+        b, t, n, h = q.shape
+        q = q.reshape(b, t, K, G, h)
+        s = jnp.einsum(f"btkgh,{cache}->bkgts", q, k) * jnp.asarray(SCALE, q.dtype)
+        s = jnp.where(mask[:, :, None], s.astype(jnp.float32), NEG_INF)
+        p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+        return jnp.einsum(f"bkgts,{cache}->btkgh", p, v).reshape(b, t, n, h)
+    return attend
 
 
-def einsum_bksh(q, k, v, mask):
-    b, t, n, h = q.shape
-    q = q.reshape(b, t, K, G, h)
-    s = jnp.einsum("btkgh,bksh->bkgts", q, k) * jnp.asarray(SCALE, q.dtype)
-    s = jnp.where(mask[:, :, None], s.astype(jnp.float32), NEG_INF)
-    p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
-    return jnp.einsum("bkgts,bksh->btkgh", p, v).reshape(b, t, n, h)
+einsum_bskh, einsum_bksh = einsum_attention("bskh"), einsum_attention("bksh")
 
 
 def main():
