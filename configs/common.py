@@ -122,7 +122,10 @@ def base_config(arg: str, config_file: str):
                                             "n_null": 1000,
                                             # dose-response slopes use |c| <= linear_max only (the
                                             # paper's linear range); larger coefs are shown, not fitted
-                                            "linear_max": 0.1})
+                                            "linear_max": 0.1,
+                                            # greedy completions: the continuous-batching engine where the
+                                            # model allows it (False: generate)
+                                            "engine": True})
     c.inlp = ml_collections.ConfigDict({"n_iter": 5})
     c.patching = ml_collections.ConfigDict({"n_pairs": 6, "layers": "every3", "sources": ("swap", "persona"),
                                             "modes": ("eot", "span"), "min_effect": 0.02, "batch_size": 16,

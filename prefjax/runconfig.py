@@ -149,7 +149,8 @@ class SteeringConfig:
     ``direction_layer`` (the layer whose probe gives the direction: "" = the steering layer; any other
     value is an explicit, logged mismatch), ``n_null`` (random directions of the local-slope null),
     ``linear_max`` (dose-response slopes use only coefficients with |c| <= this; larger ones are shown
-    as saturating, not fitted)."""
+    as saturating, not fitted), ``engine`` (the greedy completions run through the continuous-batching
+    engine where the model allows it; False: ``generate``)."""
     persona: str
     layer: str
     mode: str
@@ -159,6 +160,7 @@ class SteeringConfig:
     direction_layer: str
     n_null: int
     linear_max: float
+    engine: bool
 
 
 @dataclasses.dataclass(frozen=True)

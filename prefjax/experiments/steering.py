@@ -20,6 +20,7 @@ import numpy as np
 from prefjax.elicit.parse import parse_choice
 from prefjax.elicit.prompts import DEFAULT_TEMPLATE, choice_messages, render_choice, shift_spans
 from prefjax.elicit.runner import forced_text, label_token_ids
+from prefjax.engine import Engine, EngineError, Request, RowSteer
 from prefjax.generation import generate
 from prefjax.model import common_prefix_len
 from prefjax.probes import RidgeProbe
@@ -153,7 +154,8 @@ def run_steering_stage(config: SteeringConfig, run, model, pool, personas, *, pr
     the mean residual norm at the steering layer (``mean_norms``: hook -> norm, from the activation stage).
 
     Logit mode reads P(A) after the forced prefix; with ``config.generate_tokens`` > 0 the same sweep
-    also writes greedy completions (see :func:`steered_completions`). Every (direction, coefficient,
+    also writes greedy completions (see :func:`steered_completions`; through the continuous-batching
+    engine where the model allows it and ``config.engine`` is on). Every (direction, coefficient,
     prompt) is one row of a batched sweep (:func:`steering_sweep`). Writes
     ``stages/steering/p_a.npz`` (and ``completions.json``) of ``run``.
 
@@ -197,7 +199,8 @@ def run_steering_stage(config: SteeringConfig, run, model, pool, personas, *, pr
     persona = personas[pname]
     n_new = int(config.generate_tokens or 0)
     directions = {"probe": direction, "random": random_direction(model.d_model, 1234)}
-    sweep = steering_sweep(model, pairs, persona, mode, layer, scale, coefs, directions, n_new)
+    sweep = steering_sweep(model, pairs, persona, mode, layer, scale, coefs, directions, n_new,
+                           engine=config.engine)
     toward_a = np.asarray([t == "A" for t in sweep["toward"]])
     P = len(toward_a)
     lin, _ = linear_range(coefs, config.linear_max)
@@ -282,19 +285,33 @@ def local_slope_null(model, pairs, persona, mode, layer, scale, directions, *, n
             "detectable": null_detectable(null, gn)}
 
 
-def steering_sweep(model, pairs, persona, mode, layer, scale, coefs, directions, n_new, *, chunk: int = 112) -> dict:
+def steering_sweep(model, pairs, persona, mode, layer, scale, coefs, directions, n_new, *, chunk: int = 112,
+                   engine: bool = True) -> dict:
     """Run every (direction, coefficient, prompt) of the steering sweep.
 
     Returns ``toward`` (the steered label of each prompt), ``logits[name][ci]`` [P, V] float64 (the
     label position after the forced prefix) and, with ``n_new`` > 0, ``prompts`` (the unforced prompt
     ids), ``tokens[name][ci]`` / ``texts[name][ci]`` (greedy completions of the unforced prompts,
-    stop token excluded).
+    stop token excluded; the model's default stop ids, :func:`prefjax.generation.default_stop_ids`).
 
-    Where the model keeps prefix caches, the rows run batched: the prompts' shared start once, then each
-    row's steered prompt (all but its last token) once as a cache (directions and coefficients are
-    per-row steering leaves of one compiled program), from which both the forced-prefix logits (the
-    last token plus the forced prefix on top) and the greedy completion (the last token, then decoding)
-    are read. Otherwise each coefficient runs as its own forward pass and ``generate`` call.
+    Cells that add the same vector to the same tokens are the same computation and run once: at c = 0
+    every direction and mask, and in contrastive mode "towards B at c" is "towards A at -c" (same
+    prompt, mask negated), so a symmetric sweep runs about half its cells. A cell's steering is
+    ``coef * scale`` times its signed task-span mask over the prompt's tokens, added at ``layer``;
+    generated tokens are not steered.
+
+    Forced-prefix logits. Where the model keeps prefix caches, the cells run batched in chunks of
+    ``chunk`` rows: the prompts' shared start once, then each cell's steered prompt (all but its last
+    token) once as a cache (directions and coefficients are per-row steering leaves of one compiled
+    program), and the last token plus the forced prefix on top. Otherwise each coefficient runs as its
+    own forward pass over every prompt.
+
+    Completions (``n_new`` > 0). With ``engine`` (default) every distinct cell is one request of one
+    :class:`prefjax.engine.Engine` run (greedy, ``min(chunk, cells)`` rows, per-row
+    :class:`prefjax.engine.RowSteer` with the cell's mask); see :func:`engine_completions`. Where the
+    engine refuses the model or the requests (a log line), and with ``engine=False``, they come from
+    ``generate`` as before: in the batched case from each chunk's cache (the last token, then
+    decoding), otherwise one ``generate`` call per (direction, coefficient) over every prompt.
     """
     tok = model.tokenizer
     plain, masks, toward = steering_prompts(tok, pairs, persona, mode, forced=False)
@@ -307,8 +324,31 @@ def steering_sweep(model, pairs, persona, mode, layer, scale, coefs, directions,
                and all(not np.any(m[len(p):]) for p, m in zip(plain, fmasks)))
     out = {"toward": toward, "logits": {n: [None] * len(coefs) for n in names}, "prompts": plain,
            "tokens": {n: [None] * len(coefs) for n in names}, "texts": {n: [None] * len(coefs) for n in names}}
+    # Cells that add the same vector to the same tokens are the same computation and run once (docstring).
+    def key(name, ci, r):
+        if coefs[ci] == 0:
+            return ("c=0", tuple(plain[r]))
+        return (name, tuple(plain[r]), tuple((coefs[ci] * np.asarray(masks[r], np.float64)).tolist()))
+    every = [(name, ci, r) for name in names for ci in range(len(coefs)) for r in range(P)]
+    cells = list({key(*cell): cell for cell in every}.values())  # one cell per key (all equal within a key)
+    completions = None  # key -> (token ids, text) from the engine; None: generate in the branches below
+    if n_new > 0 and engine:
+        got = engine_completions(model, plain, masks, cells, layer=layer, scale=scale, coefs=coefs,
+                                 directions=directions, n_new=n_new, rows=min(chunk, len(cells)))
+        if got is not None:
+            completions = {key(*cell): g for cell, g in zip(cells, got)}
+    with_generate = n_new > 0 and completions is None
+
+    def with_completions(out):  # the engine's completions, where it ran, into every cell
+        if completions is not None:
+            for name, ci, r in every:
+                if out["tokens"][name][ci] is None:
+                    out["tokens"][name][ci], out["texts"][name][ci] = [None] * P, [None] * P
+                out["tokens"][name][ci][r], out["texts"][name][ci][r] = completions[key(name, ci, r)]
+        return out
+
     bar = progress(total=len(names) * len(coefs) * P, desc="steering", unit="prompt")
-    if not batched:  # one coefficient at a time: a forced-prefix forward, then generate
+    if not batched:  # one coefficient at a time: a forced-prefix forward (and generate)
         ids, att, msk = pad_prompts(forced, fmasks)
         t = ids.shape[1]
         width = max(len(p) for p in plain)
@@ -320,24 +360,17 @@ def steering_sweep(model, pairs, persona, mode, layer, scale, coefs, directions,
                 spec = SteerSpec(layer=layer, direction=vec, coef=np.full((P,), c, np.float32), scale=scale, tokens=msk)
                 logits, _ = model.run(ids, attention_mask=att, positions=np.full((P, 1), t - 1, np.int32), steer=spec)
                 out["logits"][name][ci] = np.asarray(logits[:, 0, :], np.float64)
-                if n_new > 0:
+                if with_generate:
                     gen = generate(model, plain, max_new_tokens=n_new, temperature=0.0,
                                    steer=spec.replace(tokens=gmask))
                     out["tokens"][name][ci], out["texts"][name][ci] = gen.token_ids, gen.texts
                 bar.update(P)
         bar.close()
-        return out
+        return with_completions(out)
     # Batched: row (direction d, coefficient ci, prompt r); every prompt but its last token is steered
-    # and cached once (the masks cover task spans only), on top of the prompts' common start. Rows that
-    # add the same vector to the same tokens are the same computation and run once: at c = 0 every
-    # direction and mask, and in contrastive mode "towards B at c" is "towards A at -c" (same prompt,
-    # mask negated), so a symmetric sweep runs about half its rows.
-    def key(name, ci, r):
-        if coefs[ci] == 0:
-            return ("c=0", tuple(plain[r]))
-        return (name, tuple(plain[r]), tuple((coefs[ci] * np.asarray(masks[r], np.float64)).tolist()))
-    every = [(name, ci, r) for name in names for ci in range(len(coefs)) for r in range(P)]
-    cells = list({key(*cell): cell for cell in every}.values())  # one cell per key (all equal within a key)
+    # and cached once per cell (the masks cover task spans only), on top of the prompts' common start.
+    # The window check keeps room for n_new tokens wherever the completions come from, so the logits
+    # do not depend on it.
     bodies = [p[:-1] for p in plain]
     hit = [int(np.flatnonzero(m)[0]) for m in masks if np.any(m)]
     skip = common_prefix_len(bodies, limit=min(hit) if hit else None)
@@ -364,7 +397,7 @@ def steering_sweep(model, pairs, persona, mode, layer, scale, coefs, directions,
         logits, _ = model.run(last, positions=np.full((chunk, 1), last.shape[1] - 1, np.int32), prefix=cache)
         logits = np.asarray(logits[:, 0, :], np.float64)
         gen = None
-        if n_new > 0:
+        if with_generate:
             gen = generate(model, [[plain[r][-1]] for _, _, r in part], max_new_tokens=n_new, temperature=0.0,
                            prefix=cache, pad_multiple=1)
         n_real = min(chunk, len(cells) - lo)
@@ -378,7 +411,43 @@ def steering_sweep(model, pairs, persona, mode, layer, scale, coefs, directions,
             out["logits"][name][ci] = np.zeros((P, lg.shape[0]))
             out["tokens"][name][ci], out["texts"][name][ci] = [None] * P, [None] * P
         out["logits"][name][ci][r], out["tokens"][name][ci][r], out["texts"][name][ci][r] = lg, ids, text
-    return out
+    return with_completions(out)
+
+
+def engine_completions(model, prompts, masks, cells, *, layer, scale, coefs, directions, n_new, rows
+                       ) -> list[tuple[list[int], str]] | None:
+    """Greedy completions of the sweep's ``cells`` ((direction name, coefficient index, prompt index)
+    triples) from one :class:`prefjax.engine.Engine` run of ``rows`` cache rows: (token ids, text) per
+    cell, stop token excluded.
+
+    Cell ``(name, ci, r)`` is ``Request(prompts[r], n_new, steer=RowSteer(layer, directions[name],
+    coefs[ci], scale, masks[r]))``: the float mask steers the prompt's tokens only, as the generate
+    path's per-prompt mask does, and generated tokens are not steered. Temperature 0 and the model's
+    default stop ids (those ``generate`` uses); the engine's default cache (the longest prompt's bucket
+    plus four times ``n_new``) holds every request and lets finished rows refill. Returns None, having
+    computed nothing, where the engine refuses the model or the requests (a log line says why).
+    """
+    try:
+        eng = Engine(model, rows=rows, temperature=0.0)
+    except EngineError as e:
+        log(f"steering: the engine does not serve this model ({e}); completions with generate instead")
+        return None
+    requests = [Request(prompts[r], n_new, steer=RowSteer(layer, directions[name], coef=float(coefs[ci]),
+                                                          scale=float(scale), tokens=np.asarray(masks[r], np.float32)))
+                for name, ci, r in cells]
+    bar = progress(total=len(requests), desc="steering completions", unit="completion")
+    try:
+        res = eng.run(requests, on_done=lambda i, samples: bar.update(1))
+    except EngineError as e:  # raised by the request checks, before any compute
+        bar.close()
+        log(f"steering: the engine refused the requests ({e}); completions with generate instead")
+        return None
+    bar.close()
+    s = eng.stats
+    log(f"steering: engine: {len(requests)} completions, {s.generated_tokens} tokens, {s.decode_steps} decode "
+        f"steps, {s.prefills} prefills, {s.waves} wave(s)")
+    tok = model.tokenizer
+    return [(list(r[0].token_ids), tok.decode(r[0].token_ids)) for r in res]
 
 
 def steered_completions(run, model, sweep, coefs, n_new) -> dict:
