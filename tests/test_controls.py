@@ -111,3 +111,78 @@ def test_content_baseline_side_by_side():
     assert out["activations"]["r"] > 0.9 and abs(out["embedding"]["r"]) < 0.3
     with pytest.raises(ValueError, match="X_embedding"):
         compare_with_baseline(X, emb[:-1], y)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# leave-one-topic-out: alpha by inner CV on the training topics only
+
+
+def anisotropic_topics(seed=0, n=160, d=60, n_topics=8, noise=1.0):
+    """Correlated features (so the r-vs-alpha curve is not flat), a planted linear utility, equal topics."""
+    rng = np.random.default_rng(seed)
+    X = (rng.normal(size=(n, d)) @ rng.normal(size=(d, d))).astype(np.float32)
+    y = X @ rng.normal(size=d)
+    y = y / y.std() + noise * rng.normal(size=n)
+    return X, y, np.repeat(np.arange(n_topics), n // n_topics)
+
+
+def test_loto_alpha_selection_never_sees_the_held_out_topic(monkeypatch):
+    import prefjax.probes.controls as controls
+    X, y, topics = anisotropic_topics()
+    calls = []
+    real = controls.choose_alpha_cv
+
+    def spy(Xs, ys, **kw):
+        calls.append((np.asarray(Xs).copy(), kw))
+        return real(Xs, ys, **kw)
+
+    monkeypatch.setattr(controls, "choose_alpha_cv", spy)
+    res = controls.leave_one_topic_out(X, y, topics, inner=4, alpha_rule="1se")
+    assert len(calls) == len(np.unique(topics))
+    row_of = {X[i].tobytes(): i for i in range(len(X))}
+    for t, (Xs, kw) in zip(np.unique(topics), calls):
+        rows = np.array([row_of[r.tobytes()] for r in Xs.astype(np.float32)])
+        # exactly the training topics' rows reach the selection; the held-out topic's never do
+        np.testing.assert_array_equal(np.sort(rows), np.flatnonzero(topics != t))
+        assert kw["alpha_rule"] == "1se" and kw["inner"] == 4
+        assert set(np.asarray(kw["groups"])) == set(np.unique(topics)) - {t}  # 7 training topics >= 4 folds
+        assert res["alpha_selection"][t] == {"inner": 4, "grouped": True, "n_train": int(np.sum(topics != t))}
+    assert {t: v["alpha"] for t, v in res["per_topic"].items()} == res["alpha_by_topic"]
+
+
+def test_loto_alpha_and_predictions_ignore_the_held_out_labels():
+    """Rewriting the held-out topic's utilities must change neither its alpha nor its predictions. The design
+    is sensitive: an alpha chosen on the held-out topic itself jumps across the grid under the same rewrite."""
+    from prefjax.probes import DEFAULT_ALPHAS, fit_ridge_at, pearson
+    X, y, topics = anisotropic_topics()
+    held = topics == 0
+    y2 = y.copy()
+    y2[held] = -3 * y[held]
+    a, b = leave_one_topic_out(X, y, topics), leave_one_topic_out(X, y2, topics)
+    assert a["alpha_by_topic"][0] == b["alpha_by_topic"][0]
+    np.testing.assert_array_equal(a["predictions"][held], b["predictions"][held])
+    assert a["per_topic"][0]["r"] == pytest.approx(-b["per_topic"][0]["r"])
+
+    def alpha_on_held_out(labels):  # the leak this guards against
+        rest = np.flatnonzero(~held)
+        rs = [pearson(fit_ridge_at(X, labels, al, rest).predict(X[held]), labels[held]) for al in DEFAULT_ALPHAS]
+        return DEFAULT_ALPHAS[int(np.argmax(rs))]
+
+    assert abs(np.log10(alpha_on_held_out(y)) - np.log10(alpha_on_held_out(y2))) >= 2
+
+
+def test_loto_alpha_rule_and_fold_fallback():
+    X, y, topics = anisotropic_topics(1)
+    best = leave_one_topic_out(X, y, topics, alpha_rule="best")
+    one_se = leave_one_topic_out(X, y, topics, alpha_rule="1se")
+    assert all(one_se["alpha_by_topic"][t] >= best["alpha_by_topic"][t] for t in best["alpha_by_topic"])
+    assert one_se["alpha_rule"] == "1se"
+    # three topics: two training topics are fewer than the folds, so plain K-fold over the training tasks
+    few = np.repeat(np.arange(3), [60, 50, 50])
+    res = leave_one_topic_out(X, y, few, inner=3)
+    assert all(not v["grouped"] and v["inner"] == 3 for v in res["alpha_selection"].values())
+    with pytest.raises(ValueError, match="alpha rule"):
+        leave_one_topic_out(X, y, topics, alpha_rule="mean")
+    with pytest.raises(ValueError, match="training tasks"):
+        leave_one_topic_out(X[:6], y[:6], np.array([0, 1, 1, 1, 1, 1]))
+

@@ -111,6 +111,10 @@ def test_summary_contents(finished):
     assert t["personas"] == ["default", "evil"]
     assert np.asarray(t["persona_r"]).shape == (2, 2) and np.asarray(t["utility_corr"]).shape == (2, 2)
     assert np.asarray(t["layer_r"]).shape == (4, 4)
+    # leave-one-topic-out: an alpha per held-out topic, chosen by inner CV on the other topics
+    for p in ("default", "evil"):
+        for d in s["probes"]["persona"][p]["per_layer"]:
+            assert d["loto_alpha"] and set(d["loto_alpha"].values()) <= set(tiny_config().probes.alphas)
     nt = t["persona_nested"]  # nested-CV alpha, bootstrap intervals, shuffle nulls, the whole alpha grid
     r, lo, hi = (np.asarray(nt[k]) for k in ("r", "ci_lo", "ci_hi"))
     assert r.shape == (2, 2) and np.all(lo <= r + 1e-12) and np.all(r <= hi + 1e-12)

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefjax.probes.metrics import evaluate_probe, pairwise_accuracy, pearson
-from prefjax.probes.ridge import DEFAULT_ALPHAS, RidgePath, check_finite, fit_ridge, split_indices
+from prefjax.probes.nulls import choose_alpha_cv
+from prefjax.probes.ridge import DEFAULT_ALPHAS, RidgePath, check_finite, fit_ridge, fit_ridge_at, split_indices
 
 
 def _check_xy(X, y, name_x="X", name_y="y"):
@@ -24,14 +25,23 @@ def default_splits(n: int, seed: int = 0):
     return split_indices(n, [0.6, 0.2, 0.2], seed)
 
 
-def leave_one_topic_out(X, y, topics, *, alphas=DEFAULT_ALPHAS, min_topic_size: int = 3,
-                        eval_frac: float = 0.2, seed: int = 0, standardize: bool = True) -> dict:
-    """Train on all topics but one (alpha chosen on a random eval split of those), test on the held-out one.
+def leave_one_topic_out(X, y, topics, *, alphas=DEFAULT_ALPHAS, min_topic_size: int = 3, inner: int = 5,
+                        alpha_rule: str = "best", seed: int = 0, standardize: bool = True) -> dict:
+    """Train on all topics but one, test on the held-out one; alpha chosen by nested CV on the others.
+
+    For each held-out topic the ridge alpha is chosen by :func:`prefjax.probes.nulls.choose_alpha_cv`
+    on the training topics' rows only (the held-out topic's rows never reach the selection), with the
+    project's ``alpha_rule`` ("best" | "1se"): ``inner`` folds grouped by topic (each training topic
+    whole in one fold, so alpha is chosen for generalising to unseen topics, as the test asks) when at
+    least ``inner`` training topics remain, else plain random K-fold over the training tasks. ``inner``
+    is lowered to ``n_train // 2`` (at least 2) when the training tasks are too few for it. The probe is
+    then refitted on all training topics at that alpha (:func:`prefjax.probes.ridge.fit_ridge_at`).
 
     Returns ``per_topic`` {topic: {r, pairwise_acc, n, alpha}}, ``skipped`` {topic: reason} for topics
     with fewer than ``min_topic_size`` tasks (or constant utilities), where r is undefined; their
     predictions still enter ``pooled_r`` / ``pooled_acc`` (all held-out predictions together), and
-    ``mean_r`` averages the per-topic r.
+    ``mean_r`` averages the per-topic r. ``alpha_by_topic`` {topic: alpha} covers every held-out topic
+    (skipped ones too) and ``alpha_selection`` {topic: {inner, grouped, n_train}} says how each was chosen.
     """
     X, y = _check_xy(X, y)
     topics = np.asarray(topics)
@@ -41,15 +51,22 @@ def leave_one_topic_out(X, y, topics, *, alphas=DEFAULT_ALPHAS, min_topic_size: 
     if len(names) < 2:
         raise ValueError("leave_one_topic_out needs at least 2 topics")
     pred = np.zeros_like(y)
-    per, skipped = {}, {}
+    per, skipped, alpha_by, how = {}, {}, {}, {}
     for t in names:
         test = np.flatnonzero(topics == t)
         rest = np.flatnonzero(topics != t)
-        ev = rest[split_indices(len(rest), [eval_frac, 1 - eval_frac], seed)[0]]
-        probe = fit_ridge(X, y, alphas=alphas, eval_idx=ev, train_idx=np.setdiff1d(rest, ev),
-                          standardize=standardize)
+        if len(rest) < 4:
+            raise ValueError(f"holding out topic {t!r} leaves {len(rest)} training tasks; need >= 4 to choose alpha")
+        k = max(2, min(inner, len(rest) // 2))
+        grouped = len(np.unique(topics[rest])) >= k
+        choice = choose_alpha_cv(X[rest], y[rest], alphas=alphas, inner=k, groups=topics[rest] if grouped else None,
+                                 seed=seed, standardize=standardize, alpha_rule=alpha_rule)
+        probe = fit_ridge_at(X, y, choice["alpha"], rest, alphas=alphas, cv_r=choice["inner_r"],
+                             standardize=standardize)
         pred[test] = probe.predict(X[test])
         key = t.item() if hasattr(t, "item") else t
+        alpha_by[key] = probe.alpha
+        how[key] = {"inner": k, "grouped": bool(grouped), "n_train": int(len(rest))}
         if len(test) < min_topic_size or np.ptp(y[test]) == 0:
             skipped[key] = f"{len(test)} task(s){' with constant utility' if len(test) >= min_topic_size else ''}"
             continue
@@ -58,7 +75,7 @@ def leave_one_topic_out(X, y, topics, *, alphas=DEFAULT_ALPHAS, min_topic_size: 
     rs = [v["r"] for v in per.values()]
     return {"per_topic": per, "skipped": skipped, "pooled_r": pearson(pred, y),
             "pooled_acc": pairwise_accuracy(pred, y), "mean_r": float(np.mean(rs)) if rs else None,
-            "predictions": pred}
+            "predictions": pred, "alpha_by_topic": alpha_by, "alpha_selection": how, "alpha_rule": alpha_rule}
 
 
 def compare_with_baseline(X_act, X_emb, y, *, alphas=DEFAULT_ALPHAS, splits=None, seed: int = 0) -> dict:

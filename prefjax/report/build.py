@@ -281,8 +281,9 @@ def build_report(run, *, model_source: str, pool, personas, mu, utilities, probe
                          "mildly optimistic (a maximum over layers); the per-layer table shows them all. The saved "
                          f"probe (steering direction, later stages) is fitted once on the {probes.get('n_fit', '?')} "
                          "tasks outside the test split at the alpha inner CV on those tasks chooses; its test r is "
-                         f"on the {probes.get('n_test', '?')} test tasks. LOTO: each topic held out in turn, pooled "
-                         "(bootstrap interval over tasks).\n\n### Every layer\n\n" + "\n".join(layer_lines)))
+                         f"on the {probes.get('n_test', '?')} test tasks. LOTO: each topic held out in turn, its alpha "
+                         "chosen by inner CV (folds grouped by topic when enough topics remain) on the other topics "
+                         "only, predictions pooled (bootstrap interval over tasks).\n\n### Every layer\n\n" + "\n".join(layer_lines)))
     if transfer and transfer.get("persona_r") is not None:
         # the nested-CV matrix (the one the table gives intervals and p-values for), else the single split
         nt = transfer.get("persona_nested") or {}
