@@ -358,7 +358,12 @@ def _fit_probes(ctx: Context) -> dict:
 
 
 def transfer_stage(ctx: Context) -> dict:
-    """Cross-persona (at the first persona's best layer) and cross-layer probe transfer."""
+    """Cross-persona (at the first persona's best layer) and cross-layer probe transfer.
+
+    Cross-layer: the first persona's probe trained at each layer (train split, alpha on the eval split)
+    scored on every layer's activations of the test tasks; ``layer_r`` [L, L] with ``layer_r_lo`` /
+    ``layer_r_hi`` (95% percentile bootstrap over the ``layer_n_test`` test tasks, the same resamples in
+    every cell; None where undefined) and ``layer_alpha`` per training layer."""
     def body(c):
         alphas, layers = c.cfg.probes.alphas, c.layers
         splits = default_splits(len(c.pool), c.cfg.seed)
@@ -369,10 +374,10 @@ def transfer_stage(ctx: Context) -> dict:
         Xs = np.stack([c.X_of(p)[li] for p in names])
         Y = np.stack([c.mu[p] for p in names])
         std = c.cfg.probes.standardize
-        tp = (transfer_matrix(Xs, Y, alphas=alphas, splits=splits, names=names, standardize=std)
+        tp = (transfer_matrix(Xs, Y, alphas=alphas, splits=splits, names=names, standardize=std, n_boot=0)
               if len(names) > 1 else None)
         tl = transfer_matrix(c.X_of(first), c.mu[first], alphas=alphas, splits=splits,
-                             names=[str(l) for l in layers], standardize=std)
+                             names=[str(l) for l in layers], standardize=std, seed=c.cfg.seed)
         nested = None
         if len(names) > 1:  # alpha by nested CV, bootstrap intervals, shuffle nulls, the whole alpha grid
             nt = nested_transfer(Xs, Y, alphas=alphas, outer=c.cfg.probes.cv_outer, inner=c.cfg.probes.cv_inner,
@@ -385,11 +390,15 @@ def transfer_stage(ctx: Context) -> dict:
         atomic_save_npz(c.run.stage_file("transfer", "matrices.npz"),
                         persona_r=np.asarray(tp["r"]) if tp else np.zeros((1, 1)),
                         persona_utility_corr=np.asarray(tp["utility_corr"]) if tp else np.zeros((1, 1)),
-                        layer_r=np.asarray(tl["r"]))
+                        layer_r=np.asarray(tl["r"]), layer_r_lo=tl["r_lo"], layer_r_hi=tl["r_hi"])
+        finite_or_none = lambda m: [[float(v) if np.isfinite(v) else None for v in row] for row in np.asarray(m)]
         return {"personas": names, "layer": best,
                 "persona_r": None if tp is None else np.asarray(tp["r"]).tolist(),
                 "utility_corr": None if tp is None else np.asarray(tp["utility_corr"]).tolist(),
-                "layers": layers, "layer_r": np.asarray(tl["r"]).tolist(), "persona_nested": nested}
+                "layers": layers, "layer_r": np.asarray(tl["r"]).tolist(),
+                "layer_r_lo": finite_or_none(tl["r_lo"]), "layer_r_hi": finite_or_none(tl["r_hi"]),
+                "layer_level": tl["level"], "layer_n_test": tl["n_test"],
+                "layer_alpha": np.asarray(tl["alpha"]).tolist(), "persona_nested": nested}
     return ctx.once("transfer", body)
 
 

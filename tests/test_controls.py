@@ -186,3 +186,63 @@ def test_loto_alpha_rule_and_fold_fallback():
     with pytest.raises(ValueError, match="training tasks"):
         leave_one_topic_out(X[:6], y[:6], np.array([0, 1, 1, 1, 1, 1]))
 
+
+# ---------------------------------------------------------------------------------------------------------
+# transfer matrices: bootstrap intervals per cell
+
+
+def planted_layers(rho, n, d=20, noise=0.05, seed=0):
+    """Layer 0 carries the utility along ``v``; layer 1 is layer 0 with its ``v`` component replaced by
+    ``rho * s + sqrt(1 - rho^2) * z`` (z fresh noise); layer 2 is unrelated. A probe trained at layer 0
+    then transfers to layer 1 at r = rho / sqrt(1 + noise^2) and to layer 2 at r = 0."""
+    rng = np.random.default_rng(seed)
+    X0 = rng.normal(size=(n, d))
+    v = np.eye(d)[0]
+    s = X0 @ v
+    X1 = X0 - np.outer(s, v) + np.outer(rho * s + np.sqrt(1 - rho ** 2) * rng.normal(size=n), v)
+    y = s + noise * rng.normal(size=n)
+    layers = np.stack([X0, X1, rng.normal(size=(n, d))]).astype(np.float32)
+    return layers, y, rho / np.sqrt(1 + noise ** 2)
+
+
+def fixed_splits(n_train, n_eval, n_test):
+    i = np.arange(n_train + n_eval + n_test)
+    return i[:n_train], i[n_train:n_train + n_eval], i[n_train + n_eval:]
+
+
+def test_transfer_intervals_contain_the_estimate_and_narrow_with_more_test_tasks():
+    layers, y, _ = planted_layers(0.6, 2200)
+    small = transfer_matrix(layers, y, splits=fixed_splits(400, 200, 100))
+    big = transfer_matrix(layers, y[:2200], splits=fixed_splits(400, 200, 1600))
+    for m in (small, big):
+        assert np.all(m["r_lo"] <= m["r"] + 1e-12) and np.all(m["r"] <= m["r_hi"] + 1e-12)
+        assert m["level"] == 0.95 and m["r_lo"].shape == (3, 3)
+    assert small["n_test"] == 100 and big["n_test"] == 1600
+    w_small, w_big = small["r_hi"] - small["r_lo"], big["r_hi"] - big["r_lo"]
+    assert np.all(w_small[0] > 2 * w_big[0])  # ~sqrt(16) = 4x narrower
+    # the same training split and probes: only the test tasks differ
+    np.testing.assert_array_equal(small["alpha"], big["alpha"])
+    # opt-out, and refusals
+    none = transfer_matrix(layers, y, splits=fixed_splits(400, 200, 100), n_boot=0)
+    assert "r_lo" not in none and np.array_equal(none["r"], small["r"])
+    with pytest.raises(ValueError, match="n_boot"):
+        transfer_matrix(layers, y, n_boot=5)
+
+
+def test_transfer_interval_covers_the_planted_transfer():
+    """Over 40 fresh data sets the 95% interval of the layer-0 probe's r on layer 1 (planted r = 0.6) and on
+    layer 2 (r = 0) covers the truth in most of them, and is narrow enough to mean something."""
+    cover, width, apart = np.zeros(2), [], 0
+    reps = 40
+    for seed in range(reps):
+        layers, y, truth = planted_layers(0.6, 500, seed=seed)
+        m = transfer_matrix(layers, y, splits=fixed_splits(300, 100, 100), seed=seed)
+        for k, (b, t) in enumerate(((1, truth), (2, 0.0))):
+            cover[k] += m["r_lo"][0, b] <= t <= m["r_hi"][0, b]
+        width.append(m["r_hi"][0, 1] - m["r_lo"][0, 1])
+        apart += m["r_hi"][0, 2] < m["r_lo"][0, 1]  # the r = 0 and r = 0.6 cells' intervals do not overlap
+    # seen: 35 and 39 of 40 (a percentile bootstrap of r undercovers a little at 100 tasks); a 60% interval
+    # covers 18 and 26 of 40, so this fails for intervals that are too narrow
+    assert np.all(cover >= 0.8 * reps), cover
+    # about 2 * 1.96 * (1 - 0.6^2) / sqrt(100) = 0.25 wide: informative, not a vacuous [-1, 1]
+    assert 0.15 < np.mean(width) < 0.4 and apart >= 0.75 * reps

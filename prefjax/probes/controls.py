@@ -7,7 +7,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from prefjax.probes.metrics import evaluate_probe, pairwise_accuracy, pearson
+from prefjax.probes.metrics import bootstrap_ci, evaluate_probe, pairwise_accuracy, pearson
 from prefjax.probes.nulls import choose_alpha_cv
 from prefjax.probes.ridge import DEFAULT_ALPHAS, RidgePath, check_finite, fit_ridge, fit_ridge_at, split_indices
 
@@ -137,7 +137,7 @@ def _pearson_cols_many(p_ExP, y_ExP):
 
 
 def transfer_matrix(X_SxNxD, y, *, alphas=DEFAULT_ALPHAS, splits=None, names: Sequence[str] | None = None,
-                    seed: int = 0, standardize: bool = True) -> dict:
+                    seed: int = 0, standardize: bool = True, n_boot: int = 1000, level: float = 0.95) -> dict:
     """Train a probe on each source ``a`` (persona or layer) and test it on every source ``b``.
 
     ``X_SxNxD`` stacks the activations of S sources for the same n tasks. ``y`` is [S, n] (each persona's
@@ -145,12 +145,25 @@ def transfer_matrix(X_SxNxD, y, *, alphas=DEFAULT_ALPHAS, splits=None, names: Se
     (shared utilities: cross-layer transfer). Returns matrices ``r`` and ``pairwise_acc`` [S, S] (row =
     train source, column = test source, test split only), the chosen ``alpha`` per source, and for [S, n]
     utilities the ``utility_corr`` [S, S] baseline (Pearson of A's with B's utilities on the test split).
-    One split, one alpha per source, no interval: :func:`prefjax.probes.nulls.nested_transfer` gives the
-    matrix over the whole alpha grid with bootstrap intervals, nested-CV alphas and shuffle p-values.
+
+    Intervals (``n_boot > 0``): ``r_lo`` / ``r_hi`` [S, S], the ``level`` percentile bootstrap of each
+    cell's r over the test tasks (:func:`prefjax.probes.metrics.bootstrap_ci`; every cell uses the same
+    resamples, so differences between cells are paired). They are conditional on the fitted probes (the
+    training split and alpha are held fixed) and NaN where fewer than 3 test tasks or too few resamples
+    with a defined r make the bootstrap impossible. ``n_test`` is the number of test tasks: below ~30 a
+    percentile interval for r is rough (it tends to be too narrow).
+
+    One split, one alpha per source (chosen on the eval split): :func:`prefjax.probes.nulls.nested_transfer`
+    gives the matrix over the whole alpha grid with nested-CV alphas and shuffle p-values, at a memory cost
+    of [alphas, S, S, n] that suits a few personas better than many layers.
     """
     X = np.asarray(X_SxNxD)
     if X.ndim != 3:
         raise ValueError(f"X must be [S, n, d], got {X.shape}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or (n_boot != 0 and n_boot < 100):
+        raise ValueError(f"n_boot must be 0 (no intervals) or an integer >= 100, got {n_boot!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
     S, n, _ = X.shape
     y = np.asarray(y, np.float64)
     Y = np.broadcast_to(y, (S, n)) if y.ndim == 1 else y
@@ -163,12 +176,21 @@ def transfer_matrix(X_SxNxD, y, *, alphas=DEFAULT_ALPHAS, splits=None, names: Se
               for s in range(S)]
     r = np.zeros((S, S))
     acc = np.zeros((S, S))
+    lo, hi = np.full((S, S), np.nan), np.full((S, S), np.nan)
     for a, p in enumerate(probes):
         for b in range(S):
-            m = evaluate_probe(p, X[b][test], Y[b][test])
-            r[a, b], acc[a, b] = m["r"], m["pairwise_acc"]
+            pred, yb = p.predict(X[b][test]), Y[b][test]
+            r[a, b], acc[a, b] = pearson(pred, yb), pairwise_accuracy(pred, yb)
+            if n_boot > 0 and len(test) >= 3:
+                try:  # the same seed in every cell: the same resamples of the test tasks (paired cells)
+                    ci = bootstrap_ci(pred, yb, n_boot=n_boot, level=level, seed=seed)
+                    lo[a, b], hi[a, b] = ci["lo"], ci["hi"]
+                except ValueError:  # too few resamples with a defined r (tiny or near-constant test split)
+                    pass
     out = {"r": r, "pairwise_acc": acc, "alpha": np.array([p.alpha for p in probes]),
-           "names": list(names) if names is not None else [str(s) for s in range(S)]}
+           "names": list(names) if names is not None else [str(s) for s in range(S)], "n_test": int(len(test))}
+    if n_boot > 0:
+        out.update(r_lo=lo, r_hi=hi, level=level, n_boot=int(n_boot))
     if y.ndim == 2:
         out["utility_corr"] = np.array([[pearson(Y[a][test], Y[b][test]) for b in range(S)] for a in range(S)])
     return out
