@@ -304,9 +304,12 @@ def _fit_probes(ctx: Context) -> dict:
         return cv, split, probe
 
     def loto_with_ci(X1, y):
-        loto = leave_one_topic_out(X1, y, topics, alphas=alphas, seed=seed, standardize=pc.standardize)
+        """Pooled leave-one-topic-out r, its bootstrap interval, and the alpha chosen (by inner CV on the
+        training topics only, ``probes.alpha_rule``) for each held-out topic."""
+        loto = leave_one_topic_out(X1, y, topics, alphas=alphas, inner=pc.cv_inner, alpha_rule=pc.alpha_rule,
+                                   seed=seed, standardize=pc.standardize)
         ci = bootstrap_ci(loto["predictions"], y, seed=seed)
-        return loto["pooled_r"], [ci["lo"], ci["hi"]]
+        return loto["pooled_r"], [ci["lo"], ci["hi"]], {str(k): v for k, v in loto["alpha_by_topic"].items()}
 
     out = {"layers": layers, "persona": {}, "cv_outer": pc.cv_outer, "cv_inner": pc.cv_inner, "n_perm": n_perm,
            "n_test": int(len(test)), "n_fit": int(len(fit_idx))}
@@ -318,12 +321,12 @@ def _fit_probes(ctx: Context) -> dict:
         for li, l in enumerate(layers):
             cv, split, pr = probe_at(X[li], y)
             m = evaluate_probe(pr, X[li], y, test)
-            loto_r, loto_ci = loto_with_ci(X[li], y)
+            loto_r, loto_ci, loto_alpha = loto_with_ci(X[li], y)
             sn = split.get("null")
             per_layer.append({"layer": l, "nested": _nested_summary(cv), "alpha": pr.alpha,
                               "heldout_r": m["r"], "heldout_ci": split["ci"],
                               "heldout_p": sn["p_value"] if sn else None, "heldout_acc": m["pairwise_acc"],
-                              "loto_r": loto_r, "loto_ci": loto_ci})
+                              "loto_r": loto_r, "loto_ci": loto_ci, "loto_alpha": loto_alpha})
             probes.append(pr)
             bar.update(1)
         # best layer by the nested-CV r (the maximum over layers is mildly optimistic: said in the report)
@@ -331,7 +334,7 @@ def _fit_probes(ctx: Context) -> dict:
         best_layer = layers[best]
         bcv, _, bpr = probe_at(emb, y)
         base = evaluate_probe(bpr, emb, y, test)
-        base_loto_r, base_loto_ci = loto_with_ci(emb, y)
+        base_loto_r, base_loto_ci, base_loto_alpha = loto_with_ci(emb, y)
         mean_norm = ctx.act_summ[pname]["mean_norms"][hooks[best]]
         # every layer's probe is kept: steering takes its direction from the layer it steers at
         for li, (l, pr) in enumerate(zip(layers, probes)):
@@ -341,7 +344,8 @@ def _fit_probes(ctx: Context) -> dict:
         bn = per_layer[best]["nested"]
         out["persona"][pname] = {"per_layer": per_layer, "best_layer": best_layer,
                                  "content_baseline": {"heldout_r": base["r"], "nested": _nested_summary(bcv),
-                                                      "loto_r": base_loto_r, "loto_ci": base_loto_ci},
+                                                      "loto_r": base_loto_r, "loto_ci": base_loto_ci,
+                                                      "loto_alpha": base_loto_alpha},
                                  # the label-shuffle null of the best layer's headline (nested-CV) r: every
                                  # permutation re-runs the nested procedure, alpha re-chosen
                                  "shuffle_null": {"p_value": bn["p_value"], "observed_r": bn["r"],
@@ -354,7 +358,12 @@ def _fit_probes(ctx: Context) -> dict:
 
 
 def transfer_stage(ctx: Context) -> dict:
-    """Cross-persona (at the first persona's best layer) and cross-layer probe transfer."""
+    """Cross-persona (at the first persona's best layer) and cross-layer probe transfer.
+
+    Cross-layer: the first persona's probe trained at each layer (train split, alpha on the eval split)
+    scored on every layer's activations of the test tasks; ``layer_r`` [L, L] with ``layer_r_lo`` /
+    ``layer_r_hi`` (95% percentile bootstrap over the ``layer_n_test`` test tasks, the same resamples in
+    every cell; None where undefined) and ``layer_alpha`` per training layer."""
     def body(c):
         alphas, layers = c.cfg.probes.alphas, c.layers
         splits = default_splits(len(c.pool), c.cfg.seed)
@@ -365,10 +374,10 @@ def transfer_stage(ctx: Context) -> dict:
         Xs = np.stack([c.X_of(p)[li] for p in names])
         Y = np.stack([c.mu[p] for p in names])
         std = c.cfg.probes.standardize
-        tp = (transfer_matrix(Xs, Y, alphas=alphas, splits=splits, names=names, standardize=std)
+        tp = (transfer_matrix(Xs, Y, alphas=alphas, splits=splits, names=names, standardize=std, n_boot=0)
               if len(names) > 1 else None)
         tl = transfer_matrix(c.X_of(first), c.mu[first], alphas=alphas, splits=splits,
-                             names=[str(l) for l in layers], standardize=std)
+                             names=[str(l) for l in layers], standardize=std, seed=c.cfg.seed)
         nested = None
         if len(names) > 1:  # alpha by nested CV, bootstrap intervals, shuffle nulls, the whole alpha grid
             nt = nested_transfer(Xs, Y, alphas=alphas, outer=c.cfg.probes.cv_outer, inner=c.cfg.probes.cv_inner,
@@ -381,11 +390,15 @@ def transfer_stage(ctx: Context) -> dict:
         atomic_save_npz(c.run.stage_file("transfer", "matrices.npz"),
                         persona_r=np.asarray(tp["r"]) if tp else np.zeros((1, 1)),
                         persona_utility_corr=np.asarray(tp["utility_corr"]) if tp else np.zeros((1, 1)),
-                        layer_r=np.asarray(tl["r"]))
+                        layer_r=np.asarray(tl["r"]), layer_r_lo=tl["r_lo"], layer_r_hi=tl["r_hi"])
+        finite_or_none = lambda m: [[float(v) if np.isfinite(v) else None for v in row] for row in np.asarray(m)]
         return {"personas": names, "layer": best,
                 "persona_r": None if tp is None else np.asarray(tp["r"]).tolist(),
                 "utility_corr": None if tp is None else np.asarray(tp["utility_corr"]).tolist(),
-                "layers": layers, "layer_r": np.asarray(tl["r"]).tolist(), "persona_nested": nested}
+                "layers": layers, "layer_r": np.asarray(tl["r"]).tolist(),
+                "layer_r_lo": finite_or_none(tl["r_lo"]), "layer_r_hi": finite_or_none(tl["r_hi"]),
+                "layer_level": tl["level"], "layer_n_test": tl["n_test"],
+                "layer_alpha": np.asarray(tl["alpha"]).tolist(), "persona_nested": nested}
     return ctx.once("transfer", body)
 
 

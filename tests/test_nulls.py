@@ -413,3 +413,23 @@ def test_one_standard_error_rule_never_picks_a_smaller_alpha():
     assert one["alpha"] >= best["alpha"] and any(o > b for b, o in zip(best["fold_alpha"], one["fold_alpha"]))
     with pytest.raises(ValueError, match="alpha rule 'median'"):
         nested_cv_ridge(X, y, alphas=alphas, outer=4, alpha_rule="median")
+
+
+@pytest.mark.parametrize("rule", ["best", "1se"])
+def test_choose_alpha_cv_is_the_inner_step_of_nested_cv(rule):
+    """choose_alpha_cv on an outer training set picks the alpha (and inner r curve) nested_cv_ridge's inner
+    loop picks for that fold, grouped or not; it sees only the rows it is given."""
+    from prefjax.probes import choose_alpha_cv
+    X, y, _ = planted(n=90, d=30, noise=1.0, seed=4)
+    groups = np.repeat(np.arange(9), 10)
+    test = np.flatnonzero(groups == 0)
+    train = np.setdiff1d(np.arange(90), test)
+    for g in (None, groups):
+        split = nested_cv_ridge(X, y, alphas=ALPHAS, outer=[test], groups=g, n_boot=100, seed=7, alpha_rule=rule)
+        ch = choose_alpha_cv(X[train], y[train], alphas=ALPHAS, seed=8, alpha_rule=rule,
+                             groups=None if g is None else g[train])
+        assert ch["alpha"] == split["fold_alpha"][0] and ch["alpha"] == ALPHAS[ch["index"]]
+        np.testing.assert_allclose(ch["inner_r"], split["inner_r"][0])
+        assert ch["grouped"] == (g is not None) and ch["n"] == len(train) and ch["inner"] == 5
+    with pytest.raises(ValueError, match="too few"):
+        choose_alpha_cv(X[:8], y[:8], inner=5)

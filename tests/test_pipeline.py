@@ -111,6 +111,20 @@ def test_summary_contents(finished):
     assert t["personas"] == ["default", "evil"]
     assert np.asarray(t["persona_r"]).shape == (2, 2) and np.asarray(t["utility_corr"]).shape == (2, 2)
     assert np.asarray(t["layer_r"]).shape == (4, 4)
+    # cross-layer cells carry bootstrap intervals over the test tasks (None where undefined), said to be rough
+    lr = np.asarray(t["layer_r"], float)
+    lo, hi = (np.array([[np.nan if v is None else v for v in row] for row in t[k]], float)
+              for k in ("layer_r_lo", "layer_r_hi"))
+    assert lo.shape == hi.shape == (4, 4) and np.isfinite(lo).any()
+    ok = np.isfinite(lo) & np.isfinite(hi)
+    assert np.all(lo[ok] <= lr[ok] + 1e-12) and np.all(lr[ok] <= hi[ok] + 1e-12)
+    assert t["layer_n_test"] == s["probes"]["n_test"] and len(t["layer_alpha"]) == 4
+    assert "Cross-layer transfer" in (wd / "report.md").read_text()
+    assert "**Small held-out split:**" in (wd / "report.md").read_text()  # 16 tasks: 3 test tasks
+    # leave-one-topic-out: an alpha per held-out topic, chosen by inner CV on the other topics
+    for p in ("default", "evil"):
+        for d in s["probes"]["persona"][p]["per_layer"]:
+            assert d["loto_alpha"] and set(d["loto_alpha"].values()) <= set(tiny_config().probes.alphas)
     nt = t["persona_nested"]  # nested-CV alpha, bootstrap intervals, shuffle nulls, the whole alpha grid
     r, lo, hi = (np.asarray(nt[k]) for k in ("r", "ci_lo", "ci_hi"))
     assert r.shape == (2, 2) and np.all(lo <= r + 1e-12) and np.all(r <= hi + 1e-12)
@@ -118,7 +132,7 @@ def test_summary_contents(finished):
     assert np.all((np.asarray(nt["p_value_two_sided"]) > 0) & (np.asarray(nt["p_value_two_sided"]) <= 1))
     assert "Cross-persona transfer" in (wd / "report.md").read_text()
     m = np.load(wd / "stages" / "transfer" / "matrices.npz")
-    assert m["persona_r"].shape == (2, 2) and m["layer_r"].shape == (4, 4)
+    assert m["persona_r"].shape == (2, 2) and m["layer_r"].shape == (4, 4) and m["layer_r_lo"].shape == (4, 4)
     st = s["steering"]
     coefs = list(tiny_config().steering.coefs)
     assert st["coefs"] == coefs and st["n_pairs"] == 3

@@ -155,3 +155,30 @@ def test_distinguishability_text_states_the_nulls_and_the_smallest_detectable_ef
     path = write_report(tmp_path, {"headline": {"x": 1.0}}, {}, [("S", "body")], preamble=text)
     md = open(path).read()
     assert md.index("What is and is not distinguishable") < md.index("## Headline") < md.index("## S")
+
+
+def test_layer_transfer_text_shows_intervals_and_flags_a_small_test_split(tmp_path):
+    from prefjax.report.build import layer_transfer_text
+    t = {"layers": [0, 2], "layer_r": [[0.9, 0.5], [0.4, 0.8]], "layer_r_lo": [[0.85, 0.3], [None, 0.7]],
+         "layer_r_hi": [[0.95, 0.7], [None, 0.9]], "layer_level": 0.95, "layer_n_test": 12}
+    text = layer_transfer_text(t)
+    assert "| 0 | +0.90 [+0.85, +0.95] | +0.50 [+0.30, +0.70] |" in text
+    assert "| 2 | +0.40 [—, —] | +0.80 [+0.70, +0.90] |" in text
+    assert "**Small held-out split:** only 12 test tasks" in text and "12 test tasks" in text
+    assert "Small held-out split" not in layer_transfer_text(dict(t, layer_n_test=200))
+    # a transfer stage from before the intervals existed still reports, saying so
+    assert "No intervals" in layer_transfer_text({"layers": [0, 2], "layer_r": t["layer_r"]})
+    # many layers: same-layer and next-layer cells only
+    L = 20
+    big = {"layers": list(range(L)), "layer_r": np.eye(L).tolist(), "layer_r_lo": (np.eye(L) - 0.1).tolist(),
+           "layer_r_hi": (np.eye(L) + 0.1).tolist(), "layer_n_test": 100}
+    bt = layer_transfer_text(big)
+    assert "| 0 | +1.00 [+0.90, +1.10] | +0.00 [-0.10, +0.10] |" in bt and "summary.json has all" in bt
+    # the heatmap writes each cell's interval (None = undefined) and refuses half an interval
+    p = transfer_heatmap(np.asarray(t["layer_r"]), ["0", "2"], tmp_path / "tl.png", ci_lo=t["layer_r_lo"],
+                         ci_hi=t["layer_r_hi"])
+    assert _is_png(p)
+    with pytest.raises(ValueError, match="both"):
+        transfer_heatmap(np.asarray(t["layer_r"]), ["0", "2"], tmp_path / "x.png", ci_lo=t["layer_r_lo"])
+    with pytest.raises(ValueError, match="ci_lo"):
+        transfer_heatmap(np.asarray(t["layer_r"]), ["0", "2"], tmp_path / "x.png", ci_lo=[[0.0]], ci_hi=[[0.0]])

@@ -6,7 +6,7 @@ from prefjax.probes.bt import fit_bt_probe
 from prefjax.probes.controls import (compare_with_baseline, default_splits, inlp, leave_one_topic_out,
                                      persona_direction_cosine, shuffle_null, transfer_matrix,
                                      utility_correlation)
-from prefjax.probes.nulls import (kfold_ids, nested_cv_ridge, nested_transfer, random_direction_null,
+from prefjax.probes.nulls import (choose_alpha_cv, kfold_ids, nested_cv_ridge, nested_transfer, random_direction_null,
                                   random_unit_directions)
 from prefjax.probes.metrics import bootstrap_ci, choice_accuracy, evaluate_probe, pairwise_accuracy, pearson
 from prefjax.probes.ridge import (DEFAULT_ALPHAS, RidgePath, RidgeProbe, check_finite, fit_ridge, fit_ridge_at,
@@ -15,5 +15,5 @@ from prefjax.probes.ridge import (DEFAULT_ALPHAS, RidgePath, RidgeProbe, check_f
 __all__ = ["fit_ridge", "fit_ridge_at", "RidgeProbe", "RidgePath", "DEFAULT_ALPHAS", "evaluate_probe", "pairwise_accuracy",
            "choice_accuracy", "pearson", "bootstrap_ci", "leave_one_topic_out", "fit_bt_probe",
            "transfer_matrix", "shuffle_null", "inlp", "persona_direction_cosine", "compare_with_baseline",
-           "utility_correlation", "default_splits", "split_indices", "check_finite", "kfold_ids", "nested_cv_ridge",
+           "utility_correlation", "default_splits", "split_indices", "check_finite", "kfold_ids", "choose_alpha_cv", "nested_cv_ridge",
            "nested_transfer", "random_direction_null", "random_unit_directions"]

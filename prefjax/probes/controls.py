@@ -7,8 +7,9 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from prefjax.probes.metrics import evaluate_probe, pairwise_accuracy, pearson
-from prefjax.probes.ridge import DEFAULT_ALPHAS, RidgePath, check_finite, fit_ridge, split_indices
+from prefjax.probes.metrics import bootstrap_ci, evaluate_probe, pairwise_accuracy, pearson
+from prefjax.probes.nulls import choose_alpha_cv
+from prefjax.probes.ridge import DEFAULT_ALPHAS, RidgePath, check_finite, fit_ridge, fit_ridge_at, split_indices
 
 
 def _check_xy(X, y, name_x="X", name_y="y"):
@@ -24,14 +25,23 @@ def default_splits(n: int, seed: int = 0):
     return split_indices(n, [0.6, 0.2, 0.2], seed)
 
 
-def leave_one_topic_out(X, y, topics, *, alphas=DEFAULT_ALPHAS, min_topic_size: int = 3,
-                        eval_frac: float = 0.2, seed: int = 0, standardize: bool = True) -> dict:
-    """Train on all topics but one (alpha chosen on a random eval split of those), test on the held-out one.
+def leave_one_topic_out(X, y, topics, *, alphas=DEFAULT_ALPHAS, min_topic_size: int = 3, inner: int = 5,
+                        alpha_rule: str = "best", seed: int = 0, standardize: bool = True) -> dict:
+    """Train on all topics but one, test on the held-out one; alpha chosen by nested CV on the others.
+
+    For each held-out topic the ridge alpha is chosen by :func:`prefjax.probes.nulls.choose_alpha_cv`
+    on the training topics' rows only (the held-out topic's rows never reach the selection), with the
+    project's ``alpha_rule`` ("best" | "1se"): ``inner`` folds grouped by topic (each training topic
+    whole in one fold, so alpha is chosen for generalising to unseen topics, as the test asks) when at
+    least ``inner`` training topics remain, else plain random K-fold over the training tasks. ``inner``
+    is lowered to ``n_train // 2`` (at least 2) when the training tasks are too few for it. The probe is
+    then refitted on all training topics at that alpha (:func:`prefjax.probes.ridge.fit_ridge_at`).
 
     Returns ``per_topic`` {topic: {r, pairwise_acc, n, alpha}}, ``skipped`` {topic: reason} for topics
     with fewer than ``min_topic_size`` tasks (or constant utilities), where r is undefined; their
     predictions still enter ``pooled_r`` / ``pooled_acc`` (all held-out predictions together), and
-    ``mean_r`` averages the per-topic r.
+    ``mean_r`` averages the per-topic r. ``alpha_by_topic`` {topic: alpha} covers every held-out topic
+    (skipped ones too) and ``alpha_selection`` {topic: {inner, grouped, n_train}} says how each was chosen.
     """
     X, y = _check_xy(X, y)
     topics = np.asarray(topics)
@@ -41,15 +51,22 @@ def leave_one_topic_out(X, y, topics, *, alphas=DEFAULT_ALPHAS, min_topic_size: 
     if len(names) < 2:
         raise ValueError("leave_one_topic_out needs at least 2 topics")
     pred = np.zeros_like(y)
-    per, skipped = {}, {}
+    per, skipped, alpha_by, how = {}, {}, {}, {}
     for t in names:
         test = np.flatnonzero(topics == t)
         rest = np.flatnonzero(topics != t)
-        ev = rest[split_indices(len(rest), [eval_frac, 1 - eval_frac], seed)[0]]
-        probe = fit_ridge(X, y, alphas=alphas, eval_idx=ev, train_idx=np.setdiff1d(rest, ev),
-                          standardize=standardize)
+        if len(rest) < 4:
+            raise ValueError(f"holding out topic {t!r} leaves {len(rest)} training tasks; need >= 4 to choose alpha")
+        k = max(2, min(inner, len(rest) // 2))
+        grouped = len(np.unique(topics[rest])) >= k
+        choice = choose_alpha_cv(X[rest], y[rest], alphas=alphas, inner=k, groups=topics[rest] if grouped else None,
+                                 seed=seed, standardize=standardize, alpha_rule=alpha_rule)
+        probe = fit_ridge_at(X, y, choice["alpha"], rest, alphas=alphas, cv_r=choice["inner_r"],
+                             standardize=standardize)
         pred[test] = probe.predict(X[test])
         key = t.item() if hasattr(t, "item") else t
+        alpha_by[key] = probe.alpha
+        how[key] = {"inner": k, "grouped": bool(grouped), "n_train": int(len(rest))}
         if len(test) < min_topic_size or np.ptp(y[test]) == 0:
             skipped[key] = f"{len(test)} task(s){' with constant utility' if len(test) >= min_topic_size else ''}"
             continue
@@ -58,7 +75,7 @@ def leave_one_topic_out(X, y, topics, *, alphas=DEFAULT_ALPHAS, min_topic_size: 
     rs = [v["r"] for v in per.values()]
     return {"per_topic": per, "skipped": skipped, "pooled_r": pearson(pred, y),
             "pooled_acc": pairwise_accuracy(pred, y), "mean_r": float(np.mean(rs)) if rs else None,
-            "predictions": pred}
+            "predictions": pred, "alpha_by_topic": alpha_by, "alpha_selection": how, "alpha_rule": alpha_rule}
 
 
 def compare_with_baseline(X_act, X_emb, y, *, alphas=DEFAULT_ALPHAS, splits=None, seed: int = 0) -> dict:
@@ -120,7 +137,7 @@ def _pearson_cols_many(p_ExP, y_ExP):
 
 
 def transfer_matrix(X_SxNxD, y, *, alphas=DEFAULT_ALPHAS, splits=None, names: Sequence[str] | None = None,
-                    seed: int = 0, standardize: bool = True) -> dict:
+                    seed: int = 0, standardize: bool = True, n_boot: int = 1000, level: float = 0.95) -> dict:
     """Train a probe on each source ``a`` (persona or layer) and test it on every source ``b``.
 
     ``X_SxNxD`` stacks the activations of S sources for the same n tasks. ``y`` is [S, n] (each persona's
@@ -128,12 +145,25 @@ def transfer_matrix(X_SxNxD, y, *, alphas=DEFAULT_ALPHAS, splits=None, names: Se
     (shared utilities: cross-layer transfer). Returns matrices ``r`` and ``pairwise_acc`` [S, S] (row =
     train source, column = test source, test split only), the chosen ``alpha`` per source, and for [S, n]
     utilities the ``utility_corr`` [S, S] baseline (Pearson of A's with B's utilities on the test split).
-    One split, one alpha per source, no interval: :func:`prefjax.probes.nulls.nested_transfer` gives the
-    matrix over the whole alpha grid with bootstrap intervals, nested-CV alphas and shuffle p-values.
+
+    Intervals (``n_boot > 0``): ``r_lo`` / ``r_hi`` [S, S], the ``level`` percentile bootstrap of each
+    cell's r over the test tasks (:func:`prefjax.probes.metrics.bootstrap_ci`; every cell uses the same
+    resamples, so differences between cells are paired). They are conditional on the fitted probes (the
+    training split and alpha are held fixed) and NaN where fewer than 3 test tasks or too few resamples
+    with a defined r make the bootstrap impossible. ``n_test`` is the number of test tasks: below ~30 a
+    percentile interval for r is rough (it tends to be too narrow).
+
+    One split, one alpha per source (chosen on the eval split): :func:`prefjax.probes.nulls.nested_transfer`
+    gives the matrix over the whole alpha grid with nested-CV alphas and shuffle p-values, at a memory cost
+    of [alphas, S, S, n] that suits a few personas better than many layers.
     """
     X = np.asarray(X_SxNxD)
     if X.ndim != 3:
         raise ValueError(f"X must be [S, n, d], got {X.shape}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or (n_boot != 0 and n_boot < 100):
+        raise ValueError(f"n_boot must be 0 (no intervals) or an integer >= 100, got {n_boot!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
     S, n, _ = X.shape
     y = np.asarray(y, np.float64)
     Y = np.broadcast_to(y, (S, n)) if y.ndim == 1 else y
@@ -146,12 +176,21 @@ def transfer_matrix(X_SxNxD, y, *, alphas=DEFAULT_ALPHAS, splits=None, names: Se
               for s in range(S)]
     r = np.zeros((S, S))
     acc = np.zeros((S, S))
+    lo, hi = np.full((S, S), np.nan), np.full((S, S), np.nan)
     for a, p in enumerate(probes):
         for b in range(S):
-            m = evaluate_probe(p, X[b][test], Y[b][test])
-            r[a, b], acc[a, b] = m["r"], m["pairwise_acc"]
+            pred, yb = p.predict(X[b][test]), Y[b][test]
+            r[a, b], acc[a, b] = pearson(pred, yb), pairwise_accuracy(pred, yb)
+            if n_boot > 0 and len(test) >= 3:
+                try:  # the same seed in every cell: the same resamples of the test tasks (paired cells)
+                    ci = bootstrap_ci(pred, yb, n_boot=n_boot, level=level, seed=seed)
+                    lo[a, b], hi[a, b] = ci["lo"], ci["hi"]
+                except ValueError:  # too few resamples with a defined r (tiny or near-constant test split)
+                    pass
     out = {"r": r, "pairwise_acc": acc, "alpha": np.array([p.alpha for p in probes]),
-           "names": list(names) if names is not None else [str(s) for s in range(S)]}
+           "names": list(names) if names is not None else [str(s) for s in range(S)], "n_test": int(len(test))}
+    if n_boot > 0:
+        out.update(r_lo=lo, r_hi=hi, level=level, n_boot=int(n_boot))
     if y.ndim == 2:
         out["utility_corr"] = np.array([[pearson(Y[a][test], Y[b][test]) for b in range(S)] for a in range(S)])
     return out

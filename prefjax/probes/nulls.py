@@ -8,6 +8,8 @@ grid with bootstrap intervals, and a random-direction null for steering effects.
 * :func:`nested_transfer` -- a probe trained on each source (persona or layer), tested on every target,
   as an ``[alpha, source, target]`` array over the whole grid plus the nested-CV choice, with paired
   bootstrap intervals over test tasks and shuffle-null p-values per cell.
+* :func:`choose_alpha_cv` -- the inner step alone: alpha by (optionally grouped) K-fold CV on the rows
+  a caller passes (its own held-out rows left out), e.g. for leave-one-topic-out.
 * :func:`random_direction_null` / :func:`random_unit_directions` -- compare one effect (e.g. a steering
   slope along the probe) with the effects of many random directions.
 
@@ -178,6 +180,35 @@ def _inner_choice(x, Y_NxP, inner_ids, alphas, standardize, rule: str = "best") 
     ok_AxP = score >= (score[best, cols] - se_AxP[best, cols])[None, :]
     idx = np.array([max(np.flatnonzero(ok_AxP[:, p]), key=lambda a: alphas[a]) for p in cols])  # largest alpha
     return score, idx
+
+
+def choose_alpha_cv(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, inner: int = 5, groups=None,
+                    seed: int = 0, standardize: bool = True, alpha_rule: str = "best") -> dict:
+    """Choose the ridge alpha by ``inner``-fold cross-validation on the rows given, and only those.
+
+    The selection step of :func:`nested_cv_ridge`, for callers that hold out their own test set (e.g.
+    leave-one-topic-out): pass the training rows only. Folds are drawn by :func:`kfold_ids` (with
+    ``groups``, e.g. topics, each group stays whole inside one fold); alpha maximises the mean inner-fold
+    Pearson r (``alpha_rule="best"``) or is the largest alpha within one standard error of it (``"1se"``).
+
+    Returns a dict: ``alpha``, ``index`` (into ``alphas``), ``inner_r`` [A] (mean inner-fold r per alpha),
+    ``inner`` (folds used), ``grouped`` (whether folds kept groups whole) and ``n`` (rows used).
+    """
+    X = check_finite("X", np.asarray(X, np.float64))
+    y = check_finite("y", np.asarray(y, np.float64))
+    if X.ndim != 2 or y.shape != (X.shape[0],):
+        raise ValueError(f"X must be [n, d] and y [n] with the same n; got {X.shape} and {y.shape}")
+    alphas = _check_alphas(alphas)
+    inner = _check_count("inner", inner, 2)
+    n = len(y)
+    if n < 2 * inner:
+        raise ValueError(f"{n} rows are too few for inner={inner} folds (need >= {2 * inner})")
+    if groups is not None and np.asarray(groups).shape != (n,):
+        raise ValueError(f"groups must have shape ({n},), got {np.asarray(groups).shape}")
+    ids = kfold_ids(n, inner, seed, groups)
+    curve, best = _inner_choice(X, y[:, None], ids, alphas, standardize, alpha_rule)
+    return {"alpha": float(alphas[best[0]]), "index": int(best[0]), "inner_r": curve[:, 0].tolist(),
+            "inner": inner, "grouped": groups is not None, "n": int(n)}
 
 
 def _quantile_dict(values: np.ndarray, qs: Sequence[float]) -> dict[str, float]:

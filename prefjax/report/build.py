@@ -169,6 +169,49 @@ def _nested_transfer_text(transfer: dict) -> str:
             "leaves its interval and moves by more than 0.05.\n\n" + "\n".join(lines))
 
 
+SMALL_TEST = 30  # below this many held-out tasks a percentile bootstrap interval for r is called rough
+
+
+def _rci(r, lo, hi) -> str:
+    """Signed ``r [lo, hi]`` with two decimals; ``—`` for an undefined bound."""
+    f = lambda v: "—" if v is None or not np.isfinite(v) else f"{v:+.2f}"
+    return f"{f(r)} [{f(lo)}, {f(hi)}]"
+
+
+def layer_transfer_text(transfer: dict) -> str:
+    """Cross-layer transfer r with its bootstrap interval per (train layer, test layer) cell, and a warning
+    when the test split is small. Up to 16 layers the whole matrix is a table; beyond, each training
+    layer's same-layer and next-layer cells (the full matrix is in ``summary.json``)."""
+    layers = [str(l) for l in transfer["layers"]]
+    r = np.asarray(transfer["layer_r"], float)
+    if transfer.get("layer_r_lo") is None:
+        return ("Probe trained at each layer, scored on every layer's test-split activations. No intervals: this "
+                "transfer stage ran before they were computed (rerun it for them).")
+    as_arr = lambda m: np.array([[np.nan if v is None else v for v in row] for row in m], float)
+    lo, hi = as_arr(transfer["layer_r_lo"]), as_arr(transfer["layer_r_hi"])
+    n_test, level = transfer.get("layer_n_test"), transfer.get("layer_level", 0.95)
+    text = (f"Probe trained at each layer (training split; alpha chosen on the eval split) and scored on every "
+            f"layer's activations of the {n_test} test tasks: r with a {level:.0%} percentile bootstrap interval "
+            "over the test tasks (the same resamples in every cell, so cells compare pairwise). The interval is "
+            "conditional on the fitted probes: it shows test-task sampling, not refitting.")
+    if n_test is not None and n_test < SMALL_TEST:
+        text += (f"\n\n**Small held-out split:** only {n_test} test tasks. A percentile bootstrap of r is "
+                 "unreliable at this size (it tends to undercover, and with a handful of tasks its bounds collapse "
+                 "to ±1 or onto the estimate); read these intervals as rough.")
+    L = len(layers)
+    if L <= 16:
+        rows = ["| train ↓ / test → | " + " | ".join(layers) + " |", "|---|" + "---|" * L]
+        for a in range(L):
+            rows.append(f"| {layers[a]} | " + " | ".join(_rci(r[a, b], lo[a, b], hi[a, b]) for b in range(L)) + " |")
+    else:
+        rows = ["| train layer | same layer r [CI] | next layer r [CI] |", "|---|---|---|"]
+        for a in range(L):
+            nxt = _rci(r[a, a + 1], lo[a, a + 1], hi[a, a + 1]) if a + 1 < L else ""
+            rows.append(f"| {layers[a]} | {_rci(r[a, a], lo[a, a], hi[a, a])} | {nxt} |")
+        text += f" {L} layers: the table shows the same-layer and next-layer cells; summary.json has all."
+    return text + "\n\n" + "\n".join(rows)
+
+
 def _slope_text(steering: dict) -> str:
     """Dose-response slopes (linear range only) with their pair-level tests and the smallest detectable slope."""
     dose = steering.get("dose_slopes")
@@ -281,8 +324,9 @@ def build_report(run, *, model_source: str, pool, personas, mu, utilities, probe
                          "mildly optimistic (a maximum over layers); the per-layer table shows them all. The saved "
                          f"probe (steering direction, later stages) is fitted once on the {probes.get('n_fit', '?')} "
                          "tasks outside the test split at the alpha inner CV on those tasks chooses; its test r is "
-                         f"on the {probes.get('n_test', '?')} test tasks. LOTO: each topic held out in turn, pooled "
-                         "(bootstrap interval over tasks).\n\n### Every layer\n\n" + "\n".join(layer_lines)))
+                         f"on the {probes.get('n_test', '?')} test tasks. LOTO: each topic held out in turn, its alpha "
+                         "chosen by inner CV (folds grouped by topic when enough topics remain) on the other topics "
+                         "only, predictions pooled (bootstrap interval over tasks).\n\n### Every layer\n\n" + "\n".join(layer_lines)))
     if transfer and transfer.get("persona_r") is not None:
         # the nested-CV matrix (the one the table gives intervals and p-values for), else the single split
         nt = transfer.get("persona_nested") or {}
@@ -293,9 +337,14 @@ def build_report(run, *, model_source: str, pool, personas, mu, utilities, probe
     if transfer and transfer.get("persona_nested"):
         sections.append(("Cross-persona transfer", _nested_transfer_text(transfer)))
     if transfer:
+        has_ci = transfer.get("layer_r_lo") is not None
         figures["cross-layer transfer"] = transfer_heatmap(
             np.asarray(transfer["layer_r"], float), [str(l) for l in transfer["layers"]],
-            run.figure("transfer_layer.png"), title="Cross-layer probe transfer (r)")
+            run.figure("transfer_layer.png"),
+            title="Cross-layer probe transfer (r" + (f" [{transfer.get('layer_level', 0.95):.0%} CI]" if has_ci else "")
+                  + (f", {transfer['layer_n_test']} test tasks)" if transfer.get("layer_n_test") else ")"),
+            ci_lo=transfer.get("layer_r_lo"), ci_hi=transfer.get("layer_r_hi"))
+        sections.append(("Cross-layer transfer", layer_transfer_text(transfer)))
     if steering:
         coefs = steering["coefs"]
         figures["steering dose-response"] = dose_response(

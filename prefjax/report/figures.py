@@ -124,7 +124,9 @@ def probe_r_by_layer(layers: Sequence[int], curves: Mapping[str, np.ndarray], pa
     return _save(fig, path)
 
 
-def _heat(ax, m, labels, title, vmin, vmax, cmap="RdBu_r"):
+def _heat(ax, m, labels, title, vmin, vmax, cmap="RdBu_r", lo=None, hi=None):
+    """Heatmap with each cell's value written in it (up to 14 labels); with ``lo`` / ``hi`` (same shape)
+    and up to 8 labels the cell also shows its interval ``[lo, hi]``."""
     im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap=cmap)
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=45, ha="right")
@@ -132,29 +134,43 @@ def _heat(ax, m, labels, title, vmin, vmax, cmap="RdBu_r"):
     ax.set_yticklabels(labels)
     ax.set_title(title)
     small = len(labels) <= 14
+    with_ci = lo is not None and hi is not None and len(labels) <= 8
     for a in range(m.shape[0]):
         for b in range(m.shape[1]):
             v = m[a, b]
             if small:
                 txt = "—" if not np.isfinite(v) else f"{v:.2f}"
+                if with_ci and np.isfinite(v):
+                    l, h = lo[a, b], hi[a, b]
+                    txt += "\n[" + ("—" if not np.isfinite(l) else f"{l:.2f}") + ", " + \
+                        ("—" if not np.isfinite(h) else f"{h:.2f}") + "]"
                 dark = np.isfinite(v) and abs(v) > 0.6 * max(abs(vmin), abs(vmax))
-                ax.text(b, a, txt, ha="center", va="center", fontsize=7,
+                ax.text(b, a, txt, ha="center", va="center", fontsize=6 if with_ci else 7,
                         color="white" if dark else "black")
     return im
 
 
 def transfer_heatmap(matrix: np.ndarray, labels: Sequence[str], path: str,
                      baseline: np.ndarray | None = None, *, title: str = "Probe transfer (r)",
-                     baseline_title: str = "Utility correlation (baseline)") -> str:
+                     baseline_title: str = "Utility correlation (baseline)", ci_lo=None, ci_hi=None) -> str:
     """Annotated train→test heatmap (rows: trained on, columns: tested on).
 
     With ``baseline`` (same shape, e.g. the correlation of the personas' utilities) a second
-    panel shows it on the same colour scale.
+    panel shows it on the same colour scale. With ``ci_lo`` / ``ci_hi`` (same shape; None or NaN where
+    undefined) each cell also shows its interval when there are at most 8 labels.
     """
     m = np.asarray(matrix, dtype=np.float64)
     n = len(labels)
     if m.shape != (n, n):
         raise ValueError(f"transfer_heatmap: matrix has shape {m.shape}, expected ({n}, {n}) for the labels")
+    if (ci_lo is None) != (ci_hi is None):
+        raise ValueError("transfer_heatmap: give both ci_lo and ci_hi, or neither")
+    if ci_lo is not None:
+        ci_lo, ci_hi = (np.array([[np.nan if v is None else v for v in row] for row in np.asarray(c, object)],
+                                 np.float64) for c in (ci_lo, ci_hi))
+        if ci_lo.shape != (n, n) or ci_hi.shape != (n, n):
+            raise ValueError(f"transfer_heatmap: ci_lo / ci_hi have shapes {ci_lo.shape} / {ci_hi.shape}, "
+                             f"expected ({n}, {n})")
     mats = [m]
     if baseline is not None:
         b = np.asarray(baseline, dtype=np.float64)
@@ -167,7 +183,7 @@ def transfer_heatmap(matrix: np.ndarray, labels: Sequence[str], path: str,
     plt = _plt()
     side = max(3.5, 0.45 * n + 2)
     fig, axes = plt.subplots(1, len(mats), figsize=(side * len(mats) + 0.8, side), squeeze=False)
-    im = _heat(axes[0, 0], m, labels, title, -lim, lim)
+    im = _heat(axes[0, 0], m, labels, title, -lim, lim, lo=ci_lo, hi=ci_hi)
     axes[0, 0].set_ylabel("trained on")
     axes[0, 0].set_xlabel("tested on")
     if baseline is not None:
