@@ -420,7 +420,7 @@ def inlp_stage(ctx: Context) -> dict | None:
         li = c.layers.index(c.results["probes"]["persona"][first]["best_layer"])
         res = inlp(c.X_of(first)[li], c.mu[first], n_iter=c.cfg.inlp.n_iter, alphas=c.cfg.probes.alphas,
                    splits=default_splits(len(c.pool), c.cfg.seed), topics=np.asarray(c.pool.topic_array()),
-                   seed=c.cfg.seed)
+                   seed=c.cfg.seed, inner=c.cfg.probes.cv_inner, alpha_rule=c.cfg.probes.alpha_rule)
         return {k: np.asarray(v).tolist() for k, v in res.items() if k != "directions"}
     return ctx.once("inlp", body)
 

@@ -87,6 +87,22 @@ def test_inlp_removes_single_planted_direction():
     np.testing.assert_allclose(D @ D.T, np.eye(3), atol=1e-6)
 
 
+def test_inlp_passes_the_loto_alpha_settings(monkeypatch):
+    from prefjax.probes import controls
+    seen = []
+    real = controls.leave_one_topic_out
+
+    def spy(*a, **kw):
+        seen.append((kw.get("inner"), kw.get("alpha_rule")))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(controls, "leave_one_topic_out", spy)
+    X, y, _ = planted(400, 20, noise=0.2)
+    controls.inlp(X, y, n_iter=1, topics=np.repeat(np.arange(4), 100), inner=3, alpha_rule="1se",
+                  shuffle_baseline=False)
+    assert seen == [(3, "1se"), (3, "1se")]
+
+
 def test_persona_direction_cosine():
     rng = np.random.default_rng(2)
     X = rng.normal(size=(600, 30)).astype(np.float32)  # isotropic, so the LDA direction is the offset itself

@@ -197,15 +197,16 @@ def transfer_matrix(X_SxNxD, y, *, alphas=DEFAULT_ALPHAS, splits=None, names: Se
 
 
 def inlp(X, y, *, n_iter: int = 5, alphas=DEFAULT_ALPHAS, splits=None, topics=None, shuffle_baseline: bool = True,
-         seed: int = 0) -> dict:
+         seed: int = 0, inner: int = 5, alpha_rule: str = "best") -> dict:
     """Iterative nullspace projection: fit a ridge probe, remove its direction, repeat ``n_iter`` times.
 
     Works in the standardised space of the training split (standardised once; later fits only centre).
     Each iteration re-sweeps alpha on the eval split, orthogonalises the new direction against those
     already removed (Gram-Schmidt) and projects it out of every task's activations. Reported per
     iteration k = 0..n_iter (k directions removed): ``test_r``, ``loto_r`` (pooled leave-one-topic-out r,
-    if ``topics`` given) and ``shuffled_test_r`` (the true-label test r after removing k directions
-    learned from shuffled labels: how much removing *any* k directions costs). ``directions`` [n_iter, d]
+    if ``topics`` given; each held-out topic's alpha chosen by ``inner``-fold CV on the other topics with
+    ``alpha_rule``, as in :func:`leave_one_topic_out`) and ``shuffled_test_r`` (the true-label test r
+    after removing k directions learned from shuffled labels: how much removing *any* k directions costs). ``directions`` [n_iter, d]
     are orthonormal, in standardised space.
     """
     X, y = _check_xy(X, y)
@@ -221,8 +222,8 @@ def inlp(X, y, *, n_iter: int = 5, alphas=DEFAULT_ALPHAS, splits=None, topics=No
             probe = fit(labels)
             test_r.append(evaluate_probe(probe if labels is y else fit(y), Z, y, test)["r"])
             if topics is not None and labels is y:
-                loto_r.append(leave_one_topic_out(Z, y, topics, alphas=alphas, standardize=False,
-                                                  seed=seed)["pooled_r"])
+                loto_r.append(leave_one_topic_out(Z, y, topics, alphas=alphas, standardize=False, seed=seed,
+                                                  inner=inner, alpha_rule=alpha_rule)["pooled_r"])
             if k == n_iter:
                 break
             u = probe.w_std_D.astype(np.float64)
