@@ -377,7 +377,8 @@ def transfer_stage(ctx: Context) -> dict:
         tp = (transfer_matrix(Xs, Y, alphas=alphas, splits=splits, names=names, standardize=std, n_boot=0)
               if len(names) > 1 else None)
         tl = transfer_matrix(c.X_of(first), c.mu[first], alphas=alphas, splits=splits,
-                             names=[str(l) for l in layers], standardize=std, seed=c.cfg.seed)
+                             names=[str(l) for l in layers], standardize=std, seed=c.cfg.seed,
+                             inner=c.cfg.probes.cv_inner, alpha_rule=c.cfg.probes.alpha_rule)
         nested = None
         if len(names) > 1:  # alpha by nested CV, bootstrap intervals, shuffle nulls, the whole alpha grid
             nt = nested_transfer(Xs, Y, alphas=alphas, outer=c.cfg.probes.cv_outer, inner=c.cfg.probes.cv_inner,
@@ -398,7 +399,8 @@ def transfer_stage(ctx: Context) -> dict:
                 "layers": layers, "layer_r": np.asarray(tl["r"]).tolist(),
                 "layer_r_lo": finite_or_none(tl["r_lo"]), "layer_r_hi": finite_or_none(tl["r_hi"]),
                 "layer_level": tl["level"], "layer_n_test": tl["n_test"],
-                "layer_alpha": np.asarray(tl["alpha"]).tolist(), "persona_nested": nested}
+                "layer_alpha": np.asarray(tl["alpha"]).tolist(), "layer_alpha_choice": tl["alpha_choice"],
+                "persona_nested": nested}
     return ctx.once("transfer", body)
 
 

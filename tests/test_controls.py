@@ -262,3 +262,30 @@ def test_transfer_interval_covers_the_planted_transfer():
     assert np.all(cover >= 0.8 * reps), cover
     # about 2 * 1.96 * (1 - 0.6^2) / sqrt(100) = 0.25 wide: informative, not a vacuous [-1, 1]
     assert 0.15 < np.mean(width) < 0.4 and apart >= 0.75 * reps
+
+
+def test_transfer_alpha_by_inner_cv_outside_the_test_split(monkeypatch):
+    """With ``inner``, each source's alpha is chosen by CV on train + eval only (the test tasks never reach
+    the selection), the probe is refitted on those tasks, and the choice is recorded."""
+    from prefjax.probes import controls
+    layers, y, _ = planted_layers(0.6, 700)
+    train, ev, test = fixed_splits(400, 200, 100)
+    seen = []
+    real = controls.choose_alpha_cv
+
+    def spy(X, yy, **kw):
+        seen.append((len(yy), kw["inner"], kw["alpha_rule"]))
+        return real(X, yy, **kw)
+
+    monkeypatch.setattr(controls, "choose_alpha_cv", spy)
+    m = controls.transfer_matrix(layers, y, splits=(train, ev, test), inner=4, alpha_rule="1se", n_boot=0)
+    assert seen == [(600, 4, "1se")] * 3
+    assert m["alpha_choice"].startswith("4-fold CV on the 600 tasks outside the test split")
+    old = controls.transfer_matrix(layers, y, splits=(train, ev, test), n_boot=0)
+    assert old["alpha_choice"] == "eval split"
+    assert m["r"][0, 1] > 0.4 and abs(m["r"][0, 2]) < 0.3
+    # the test utilities do not move the chosen alphas
+    y2 = y.copy()
+    y2[test] = np.random.default_rng(9).normal(size=len(test))
+    m2 = controls.transfer_matrix(layers, y2, splits=(train, ev, test), inner=4, alpha_rule="1se", n_boot=0)
+    np.testing.assert_array_equal(m["alpha"], m2["alpha"])

@@ -137,7 +137,8 @@ def _pearson_cols_many(p_ExP, y_ExP):
 
 
 def transfer_matrix(X_SxNxD, y, *, alphas=DEFAULT_ALPHAS, splits=None, names: Sequence[str] | None = None,
-                    seed: int = 0, standardize: bool = True, n_boot: int = 1000, level: float = 0.95) -> dict:
+                    seed: int = 0, standardize: bool = True, n_boot: int = 1000, level: float = 0.95,
+                    inner: int | None = None, alpha_rule: str = "best") -> dict:
     """Train a probe on each source ``a`` (persona or layer) and test it on every source ``b``.
 
     ``X_SxNxD`` stacks the activations of S sources for the same n tasks. ``y`` is [S, n] (each persona's
@@ -153,7 +154,12 @@ def transfer_matrix(X_SxNxD, y, *, alphas=DEFAULT_ALPHAS, splits=None, names: Se
     with a defined r make the bootstrap impossible. ``n_test`` is the number of test tasks: below ~30 a
     percentile interval for r is rough (it tends to be too narrow).
 
-    One split, one alpha per source (chosen on the eval split): :func:`prefjax.probes.nulls.nested_transfer`
+    Alpha per source: with ``inner`` (an int), chosen by ``inner``-fold CV on the tasks outside the test
+    split (train + eval; :func:`prefjax.probes.nulls.choose_alpha_cv` with ``alpha_rule``) and the probe
+    refitted on all of them; with ``inner=None``, fitted on the training split with the alpha that scores
+    best on the eval split. ``alpha_choice`` says which.
+
+    One split, one alpha per source: :func:`prefjax.probes.nulls.nested_transfer`
     gives the matrix over the whole alpha grid with nested-CV alphas and shuffle p-values, at a memory cost
     of [alphas, S, S, n] that suits a few personas better than many layers.
     """
@@ -172,8 +178,20 @@ def transfer_matrix(X_SxNxD, y, *, alphas=DEFAULT_ALPHAS, splits=None, names: Se
     for s in range(S):
         check_finite(f"X[{s}]", X[s]), check_finite(f"y[{s}]" if y.ndim == 2 else "y", Y[s])
     train, ev, test = splits if splits is not None else default_splits(n, seed)
-    probes = [fit_ridge(X[s], Y[s], alphas=alphas, eval_idx=ev, train_idx=train, standardize=standardize)
-              for s in range(S)]
+    if inner is None:
+        probes = [fit_ridge(X[s], Y[s], alphas=alphas, eval_idx=ev, train_idx=train, standardize=standardize)
+                  for s in range(S)]
+        alpha_choice = "eval split"
+    else:
+        fit_rows = np.concatenate([np.asarray(train), np.asarray(ev)])
+        k = max(2, min(int(inner), len(fit_rows) // 2))
+        probes = []
+        for s in range(S):
+            choice = choose_alpha_cv(X[s][fit_rows], Y[s][fit_rows], alphas=alphas, inner=k, seed=seed,
+                                     standardize=standardize, alpha_rule=alpha_rule)
+            probes.append(fit_ridge_at(X[s], Y[s], choice["alpha"], fit_rows, alphas=alphas, cv_r=choice["inner_r"],
+                                       standardize=standardize))
+        alpha_choice = f"{k}-fold CV on the {len(fit_rows)} tasks outside the test split ({alpha_rule!r} rule)"
     r = np.zeros((S, S))
     acc = np.zeros((S, S))
     lo, hi = np.full((S, S), np.nan), np.full((S, S), np.nan)
@@ -188,7 +206,8 @@ def transfer_matrix(X_SxNxD, y, *, alphas=DEFAULT_ALPHAS, splits=None, names: Se
                 except ValueError:  # too few resamples with a defined r (tiny or near-constant test split)
                     pass
     out = {"r": r, "pairwise_acc": acc, "alpha": np.array([p.alpha for p in probes]),
-           "names": list(names) if names is not None else [str(s) for s in range(S)], "n_test": int(len(test))}
+           "names": list(names) if names is not None else [str(s) for s in range(S)], "n_test": int(len(test)),
+           "alpha_choice": alpha_choice}
     if n_boot > 0:
         out.update(r_lo=lo, r_hi=hi, level=level, n_boot=int(n_boot))
     if y.ndim == 2:

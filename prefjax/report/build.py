@@ -190,7 +190,8 @@ def layer_transfer_text(transfer: dict) -> str:
     as_arr = lambda m: np.array([[np.nan if v is None else v for v in row] for row in m], float)
     lo, hi = as_arr(transfer["layer_r_lo"]), as_arr(transfer["layer_r_hi"])
     n_test, level = transfer.get("layer_n_test"), transfer.get("layer_level", 0.95)
-    text = (f"Probe trained at each layer (training split; alpha chosen on the eval split) and scored on every "
+    how = transfer.get("layer_alpha_choice", "training split, alpha chosen on the eval split")
+    text = (f"Probe trained at each layer (alpha: {how}) and scored on every "
             f"layer's activations of the {n_test} test tasks: r with a {level:.0%} percentile bootstrap interval "
             "over the test tasks (the same resamples in every cell, so cells compare pairwise). The interval is "
             "conditional on the fitted probes: it shows test-task sampling, not refitting.")
