@@ -54,8 +54,22 @@ Layout (built only on the family contract ``forward``/``init_state``/``state_lay
   budget for it. Steering edits ``hook_resid_post`` before the capture there, as in
   :meth:`prefjax.model.Model.run`. Without captures the compiled programs are those of an uncaptured run.
 
-Not covered: capture at prompt positions (run :meth:`prefjax.model.Model.run` on the prompt), meshes,
-and families without a declared state layout (:func:`engine_refusal` says why a model is refused).
+* Meshes (``model.mesh``, one process): the rows split over the mesh's batch axes
+  (:func:`prefjax.sharding.batch_axes`, as :func:`prefjax.generation.generate` splits its batch), so
+  ``rows`` must be a multiple of their size (:func:`mesh_rows` rounds up) and ``prefill_rows`` is rounded
+  up to one (the extra prefill rows are empty). The decode state (KV slot leaves, recurrent row leaves,
+  ``valid``), the rowvars and the capture buffer are split along their row axis with every other axis
+  replicated (a tensor axis splits the weights and the computation, not the cache), the same concrete
+  shardings for the arrays placed before the run and for every compiled piece's outputs, so donated
+  inputs alias their outputs. Traces run under :func:`prefjax.sharding.mesh_context` (Qwen-3.5's experts
+  run expert-parallel). The host reads tokens and captures from the sharded arrays as it does on one
+  device. There is no shared prefix: :meth:`prefjax.model.Model.prefill` keeps prefix caches on one
+  device only; every prompt is prefilled whole.
+
+Not covered: capture at prompt positions (run :meth:`prefjax.model.Model.run` on the prompt), meshes
+over several processes (every host would have to make the same admission decisions from the tokens it
+reads back; the engine does not coordinate them), and families without a declared state layout
+(:func:`engine_refusal` says why a model is refused).
 """
 
 from __future__ import annotations
@@ -72,6 +86,7 @@ from prefjax.generation import default_stop_ids, per_layer_cache, sample_tokens
 from prefjax.hooks import CaptureSpec, HookError, parse_hook
 from prefjax.model import auto_unroll, common_prefix_len, extend_kv_state
 from prefjax.models.stack import PerLayer
+from prefjax.sharding import batch_axes, batch_multiple, batch_sharding, mesh_context
 from prefjax.steering import STEER_POINT, unit_direction
 from prefjax.tokenize import left_pad
 
@@ -81,13 +96,16 @@ class EngineError(ValueError):
 
 
 def engine_refusal(model) -> str | None:
-    """Why :class:`Engine` cannot serve ``model`` (None: it can). It needs one device (no mesh) and a
-    family that declares its decode state's layout (``Family.state_layout``, a
-    :class:`prefjax.models.family.StateLayout` naming every leaf of ``init_state``). This is the engine's
-    own check: :meth:`prefjax.model.Model.prefix_ok` (prefix caches) is stricter and unrelated."""
+    """Why :class:`Engine` cannot serve ``model`` (None: it can). It needs one process (a mesh of this
+    process's devices is served, see the module docstring) and a family that declares its decode state's
+    layout (``Family.state_layout``, a :class:`prefjax.models.family.StateLayout` naming every leaf of
+    ``init_state``). This is the engine's own check: :meth:`prefjax.model.Model.prefix_ok` (prefix caches)
+    is stricter and unrelated."""
     fam = model.family
-    if model.mesh is not None:
-        return "the engine runs on one device; meshes are not supported yet"
+    if model.mesh is not None and jax.process_count() > 1:
+        return (f"the engine runs in one process; this run has {jax.process_count()} processes, and every host "
+                "would have to make the same admission decisions (which request enters which row at which "
+                "step, from the tokens it reads back), which the engine does not coordinate")
     if fam.state_layout is None:
         return f"family {fam.name!r} declares no decode-state layout (Family.state_layout)"
     shapes = jax.eval_shape(lambda: fam.init_state(model.config, 1, 1, model.dtype))
@@ -96,6 +114,13 @@ def engine_refusal(model) -> str | None:
         return (f"family {fam.name!r}: init_state's leaves {sorted(got)} are not those its state_layout "
                 f"declares {sorted(want)}")
     return None
+
+
+def mesh_rows(model, rows: int) -> int:
+    """``rows`` rounded up to a multiple of the batch split of ``model.mesh``
+    (:func:`prefjax.sharding.batch_multiple`; 1 without a mesh): a row count :class:`Engine` accepts,
+    as :func:`prefjax.generation.generate` rounds its batch up."""
+    return _bucket(int(rows), batch_multiple(model.mesh))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -197,19 +222,56 @@ def _steer_partial(layer_B, unit_BxD, w_BxT):
 
 
 # --------------------------------------------------------------------------------------------
+# Row sharding on a mesh: the engine's decode state and rowvars are split along their row axis over the
+# mesh's batch axes (:func:`prefjax.sharding.batch_axes`), every other axis replicated. The same concrete
+# shardings are given to the arrays placed before the run and to every compiled piece's outputs, so a
+# donated input and the output that replaces it always match (donation aliases, no copies).
+
+def _row_shardings(tree, mesh, *, state: bool):
+    """One :class:`jax.sharding.NamedSharding` per leaf of ``tree`` splitting its row axis over
+    ``mesh``'s batch axes (None without a mesh). ``state``: ``tree`` is a decode state (``valid`` and
+    :class:`PerLayer` leaves have rows first, other leaves are layer-stacked ``[layers, rows, ...]``);
+    otherwise every leaf has rows first (the rowvars)."""
+    if mesh is None:
+        return None
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    rows = batch_axes(mesh) or None
+
+    def spec(a, axis):
+        return NamedSharding(mesh, P(*([None] * axis + [rows] + [None] * (a.ndim - axis - 1))))
+
+    if not state:
+        return jax.tree_util.tree_map(lambda a: spec(a, 0), tree)
+    out = {}
+    for name, leaf in tree.items():
+        if isinstance(leaf, PerLayer):
+            out[name] = PerLayer(spec(a, 0) for a in leaf)
+        else:
+            out[name] = spec(leaf, 0 if name == "valid" else 1)
+    return out
+
+
+def _constrain(tree, mesh, *, state: bool):
+    """``tree`` under its :func:`_row_shardings` inside a compiled piece (unchanged without a mesh)."""
+    if mesh is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, _row_shardings(tree, mesh, state=state))
+
+
+# --------------------------------------------------------------------------------------------
 # Compiled pieces.
 
-_STATIC = ("family", "cfg", "greedy", "top_k", "use_top_p", "unroll")
+_STATIC = ("family", "cfg", "greedy", "top_k", "use_top_p", "unroll", "mesh")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("dtype",))
 def _prefill(params, prefix_state, toks_NxP, valid_NxP, s_layer_N, s_unit_NxD, s_w_NxP, *, family, cfg, greedy,
-             top_k, use_top_p, unroll, dtype):
+             top_k, use_top_p, unroll, mesh, dtype):
     """Prefill ``N`` prompts (after the shared ``prefix_state`` when given: its slots come first)."""
     fam = family
     n, p = toks_NxP.shape
-    if prefix_state is None:
-        state, start = fam.init_state(cfg, n, p, dtype), 0
+    if prefix_state is None:  # (no shared prefix under a mesh)
+        state, start = _constrain(fam.init_state(cfg, n, p, dtype), mesh, state=True), 0
     else:
         state = extend_kv_state(prefix_state, jnp.zeros((n,), jnp.int32), p)
         start = prefix_state["valid"].shape[1]
@@ -222,7 +284,7 @@ def _prefill(params, prefix_state, toks_NxP, valid_NxP, s_layer_N, s_unit_NxD, s
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnums=(0, 1))
 def _insert(state, rowvars, pre_state, logits_NxV, src_R, dst_R, t, keys_R, s_layer_R, s_unit_RxD, s_gen_R,
-            temperature, top_p, *, family, cfg, greedy, top_k, use_top_p, unroll):
+            temperature, top_p, *, family, cfg, greedy, top_k, use_top_p, unroll, mesh):
     """Write prefill rows ``src_R`` into cache rows ``dst_R``: KV slot leaves at columns ``[t - P, t)``
     (the rest of those rows emptied), per-row recurrent leaves whole (``family.state_layout``); sample each
     row's first token, and set its per-row variables."""
@@ -255,12 +317,12 @@ def _insert(state, rowvars, pre_state, logits_NxV, src_R, dst_R, t, keys_R, s_la
     rv["layer"] = rv["layer"].at[dst_R].set(s_layer_R)
     rv["unit"] = rv["unit"].at[dst_R].set(s_unit_RxD)
     rv["gen"] = rv["gen"].at[dst_R].set(s_gen_R)
-    return new, rv, tok0
+    return _constrain(new, mesh, state=True), _constrain(rv, mesh, state=False), tok0
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("capture",), donate_argnums=(1, 2))
 def _step(params, state, rowvars, active_B, t, temperature, top_p, *, family, cfg, greedy, top_k,
-          use_top_p, unroll, capture=CaptureSpec()):
+          use_top_p, unroll, mesh, capture=CaptureSpec()):
     """One decode step of every row at column ``t``; returns the new tokens (also kept as ``prev``).
     With a non-empty ``capture``, also records its hooks into the rows' capture slots (:func:`_record`)."""
     fam = family
@@ -274,7 +336,7 @@ def _step(params, state, rowvars, active_B, t, temperature, top_p, *, family, cf
     if capture:
         rv["cap"] = _record(rowvars, captured, capture, active_B)
     rv["prev"], rv["step"] = tok, rowvars["step"] + 1
-    return state, rv, tok
+    return _constrain(state, mesh, state=True), _constrain(rv, mesh, state=False), tok
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,13 +356,13 @@ def _record(rowvars, captured, capture: CaptureSpec, active_B):
     return buf.at[jnp.arange(b), idx].set(vals, mode="drop")
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _set_capture_rows(rowvars, dst_R, table_RxM):
+@functools.partial(jax.jit, static_argnames=("mesh",), donate_argnums=(0,))
+def _set_capture_rows(rowvars, dst_R, table_RxM, *, mesh):
     """Give admitted rows ``dst_R`` their ``step -> slot`` tables and NaN capture slots."""
     rv = dict(rowvars)
     rv["cap_slot"] = rv["cap_slot"].at[dst_R].set(table_RxM)
     rv["cap"] = rv["cap"].at[dst_R].set(jnp.nan)
-    return rv
+    return _constrain(rv, mesh, state=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,8 +424,10 @@ class Engine:
     step on an H200); prefill is compute-bound, so the per-layer weight copy a scan makes on GPUs is a
     small share of it, unlike in the memory-bound decode step.
     ``share_prefix``: prefill the prompt prefix every request shares once per run (module docstring);
-    no effect for families with per-row recurrent state (Qwen-3.5), whose prompts are prefilled whole.
-    Raises :class:`EngineError` for a model it cannot serve (:func:`engine_refusal`).
+    no effect for families with per-row recurrent state (Qwen-3.5) or under a mesh, where prompts are
+    prefilled whole. Under a mesh ``rows`` must split over its batch axes (:func:`mesh_rows`).
+    Raises :class:`EngineError` for a model it cannot serve (:func:`engine_refusal`) or rows that do not
+    split.
     """
 
     def __init__(self, model, *, rows: int = 8, cache_len: int | None = None, temperature: float = 1.0,
@@ -381,6 +445,11 @@ class Engine:
             raise EngineError(f"temperature must be >= 0, got {temperature}")
         if not 0 < float(top_p) <= 1:
             raise EngineError(f"top_p must be in (0, 1], got {top_p}")
+        split = batch_multiple(model.mesh)
+        if rows % split:
+            raise EngineError(f"rows={rows} does not split over mesh {dict(model.mesh.shape)}: its batch axes "
+                              f"{batch_axes(model.mesh)} have {split} devices together; use a multiple of {split}")
+        prefill_rows = _bucket(prefill_rows, split)  # as generate rounds its batch: the extra rows are empty
         self.model = model
         self.rows, self.cache_len = int(rows), cache_len
         self.temperature, self.top_p, self.top_k = float(temperature), float(top_p), int(top_k)
@@ -455,10 +524,12 @@ class Engine:
         """Length of the prompt prefix every request shares (the chat header, a persona's system prompt,
         a template's instructions), prefilled once per run; 0 when there is none worth it (< 8 tokens), when
         a request steers a token inside it, when the padding left between it and a shorter prompt's
-        tail could reach into a sliding window (the window counts slots), or when the family keeps
-        per-row recurrent state."""
+        tail could reach into a sliding window (the window counts slots), when the family keeps
+        per-row recurrent state, or under a mesh."""
         if not self.share_prefix or len(reqs) < 2 or self.model.family.state_layout.row_leaves:
             return 0  # a recurrent state is not a prefix cache (module docstring)
+        if self.model.mesh is not None:
+            return 0  # Model.prefill keeps prefix caches on one device only (Model.prefix_ok)
         nz = [np.flatnonzero(c.w_prompt) for c in reqs]
         limit = min(int(z[0]) if len(z) else len(c.prompt) for z, c in zip(nz, reqs))
         lp = common_prefix_len([c.prompt for c in reqs], limit=limit)
@@ -560,14 +631,19 @@ class Engine:
 
         ``on_done(i, samples)`` is called on the host as soon as every sample of request ``i`` has
         finished (e.g. to commit results while the run goes on), its samples' captures filled in."""
+        with mesh_context(self.model.mesh):  # traces see the mesh (Qwen-3.5 runs its experts expert-parallel)
+            return self._run(requests, on_done)
+
+    def _run(self, requests, on_done):
         reqs = self._check(requests)
         plan = self._check_captures(requests, reqs)
         model, cfg, B, S = self.model, self.model.config, self.rows, self._s
         greedy = self.temperature == 0.0
+        mesh = model.mesh
         static = dict(family=model.family, cfg=cfg, greedy=greedy, top_k=0 if greedy else self.top_k,
-                      use_top_p=(not greedy) and self.top_p < 1.0, unroll=self.unroll)
+                      use_top_p=(not greedy) and self.top_p < 1.0, unroll=self.unroll, mesh=mesh)
         temp, top_p = jnp.float32(max(self.temperature, 1e-30)), jnp.float32(self.top_p)
-        params = model.params if model.adapter is None else model.adapter.apply(model.params)
+        params = model.run_params()
         root = jax.random.PRNGKey(self.seed)
         stops = set(self.stop_ids)
         self.stats = stats = EngineStats()
@@ -580,6 +656,9 @@ class Engine:
         if plan is not None:
             rowvars["cap_slot"] = jnp.full((B, plan.table_len), -1, jnp.int32)
             rowvars["cap"] = jnp.zeros((B, plan.slots, len(plan.spec.names), cfg.d_model), jnp.float32)
+        if mesh is not None:  # placed as every compiled piece returns them (donation aliases)
+            state = jax.device_put(state, _row_shardings(state, mesh, state=True))
+            rowvars = jax.device_put(rowvars, _row_shardings(rowvars, mesh, state=False))
         queue = [(i, s) for i, c in enumerate(reqs) for s in range(c.n_samples)]
         qpos = 0
         results: list[list[Sample | None]] = [[None] * c.n_samples for c in reqs]
@@ -668,7 +747,7 @@ class Engine:
                     stats.waves += 1
                 continue
             n = min(self.sync_every, S - t, max(steps_left(b) for b in live))
-            active = jnp.asarray(np.array([slot[b] is not None for b in range(B)]))
+            active = self._put(np.array([slot[b] is not None for b in range(B)]))
             outs = []
             for _ in range(n):
                 state, rowvars, tok = _step(params, state, rowvars, active, jnp.int32(t), temp, top_p,
@@ -699,9 +778,9 @@ class Engine:
         w[valid] = np.concatenate([np.asarray(reqs[i].w_prompt[lp:], np.float32) for i in uniq])
         for j, i in enumerate(uniq):
             lay[j], unit[j] = reqs[i].layer, reqs[i].unit
-        logits, pre = _prefill(params, prefix, jnp.asarray(toks), jnp.asarray(valid), jnp.asarray(lay),
-                               jnp.asarray(unit), jnp.asarray(w), dtype=self.model.dtype,
-                               **dict(static, unroll=self.prefill_unroll))
+        put = self._put
+        logits, pre = _prefill(params, prefix, put(toks), put(valid), put(lay), put(unit), put(w),
+                               dtype=self.model.dtype, **dict(static, unroll=self.prefill_unroll))
         self.stats.prefills += 1
         r = max(_pow2(len(admit)), min(8, _pow2(self.rows)))  # few row-writer programs
         pad = admit + [admit[-1]] * (r - len(admit))  # repeated rows write the same values
@@ -723,7 +802,13 @@ class Engine:
         pad = admit + [admit[-1]] * (r - len(admit))
         dst = np.array([b for b, _ in pad], np.int32)
         table = np.stack([plan.table(i) for _, (i, _) in pad])
-        return _set_capture_rows(rowvars, jnp.asarray(dst), jnp.asarray(table))
+        return _set_capture_rows(rowvars, jnp.asarray(dst), jnp.asarray(table), mesh=self.model.mesh)
+
+    def _put(self, a: np.ndarray):
+        """A host array ``[rows, ...]`` on the device(s): split over the mesh's batch axes under a mesh,
+        as :func:`prefjax.generation.generate` places its inputs."""
+        mesh = self.model.mesh
+        return jnp.asarray(a) if mesh is None else jax.device_put(a, batch_sharding(mesh, a.ndim, a.shape[0]))
 
     def _read_captures(self, plan: _CapturePlan, cap, pending) -> None:
         """Fill ``captures``/``capture_steps`` of the finished samples in ``pending`` ((row, request,

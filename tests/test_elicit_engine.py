@@ -1,7 +1,7 @@
 """Sample-mode elicitation through the continuous-batching engine: the same comparison rows as the
 batched-generate path (greedy), rows committed in job order, a run interrupted mid-way and restarted
 equal to an uninterrupted one, Qwen-3.5 (recurrent state) served by the engine, and the fallback for
-models the engine refuses (a mesh)."""
+models the engine refuses (a family without a decode-state layout)."""
 
 import dataclasses
 import glob
@@ -17,11 +17,20 @@ from prefjax.elicit.personas import get_persona
 from prefjax.elicit.runner import ElicitConfig, make_jobs, run_choices
 from prefjax.model import Model
 from prefjax.models import FAMILIES
-from prefjax.sharding import make_mesh
+from prefjax.models.family import Family
 from prefjax.store import ComparisonsStore
 from prefjax.tasks import load_default_pool
 
 VALUE_KEYS = ("task_a", "task_b", "order", "persona", "sample", "choice", "status", "refusal", "raw")
+
+
+def without_state_layout(model):
+    """``model`` under a copy of its family that declares no decode-state layout: the engine refuses it
+    (:func:`prefjax.engine.engine_refusal`) while ``generate`` runs it as before (no prefix caches)."""
+    fam = model.family
+    odd = Family(**{**{f.name: getattr(fam, f.name) for f in dataclasses.fields(Family)},
+                    "name": f"{fam.name}-no-layout", "plain_kv_state": False, "state_layout": None})
+    return dataclasses.replace(model, family=odd)
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +112,13 @@ def test_interrupted_and_restarted_equals_uninterrupted(model, setup, tmp_path, 
 
 def test_refused_model_falls_back_with_a_log_line(setup, tmp_path, capfd):
     pool, jobs, personas = setup
-    m = prefjax.load("gemma3-tiny-tok", dtype="float32", mesh=make_mesh())  # the engine refuses meshes
+    m = without_state_layout(prefjax.load("gemma3-tiny-tok", dtype="float32"))
     store = ComparisonsStore(str(tmp_path / "s"))
     cfg = ElicitConfig(mode="sample", max_new_tokens=4, batch_size=8, temperature=0.0)
     run_choices(m, pool, jobs[:6], personas, store, cfg)
     assert len(store) == 6
-    assert "the engine does not serve this model" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "the engine does not serve this model" in err and "declares no decode-state layout" in err
 
 
 def test_qwen35_goes_through_the_engine(model, setup, tmp_path, capfd):

@@ -1,7 +1,8 @@
 """The steering sweep's greedy completions through the continuous-batching engine: the same token ids
 and texts as the generate path, in both steering modes, on a model with prefix caches (the batched
 branch: Gemma-3) and on Qwen-3.5 (recurrent state, no prefix cache: the per-coefficient branch), with
-the forced-prefix logits unchanged; a model the engine refuses (a mesh) falls back with a log line."""
+the forced-prefix logits unchanged; a model the engine refuses (a family without a
+decode-state layout) falls back with a log line."""
 
 import dataclasses
 
@@ -15,13 +16,22 @@ from prefjax.elicit.personas import get_persona
 from prefjax.experiments.steering import steering_sweep
 from prefjax.model import Model
 from prefjax.models import FAMILIES
-from prefjax.sharding import make_mesh
+from prefjax.models.family import Family
 from prefjax.steering import random_direction
 from prefjax.tasks import load_default_pool
 
 COEFS = [-1.0, 0.0, 1.0]  # a sign flip and 0 (every direction's c = 0 cell is one computation)
 SCALE = 10.0              # large enough that the tiny models' completions change with the coefficient
 N_NEW = 6
+
+
+def without_state_layout(model):
+    """``model`` under a copy of its family that declares no decode-state layout: the engine refuses it
+    (:func:`prefjax.engine.engine_refusal`) while ``generate`` runs it as before (no prefix caches)."""
+    fam = model.family
+    odd = Family(**{**{f.name: getattr(fam, f.name) for f in dataclasses.fields(Family)},
+                    "name": f"{fam.name}-no-layout", "plain_kv_state": False, "state_layout": None})
+    return dataclasses.replace(model, family=odd)
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +90,11 @@ def test_engine_completions_equal_generate_path(which, mode, setup, capfd, reque
 
 
 def test_refused_model_falls_back_with_a_log_line(setup, capfd):
-    m = prefjax.load("gemma3-tiny-tok", dtype="float32", mesh=make_mesh())  # the engine refuses meshes
+    m = without_state_layout(prefjax.load("gemma3-tiny-tok", dtype="float32"))
     old = sweep(m, setup, "contrastive", m.d_model, engine=False)
     capfd.readouterr()
     new = sweep(m, setup, "contrastive", m.d_model)
     err = capfd.readouterr().err
-    assert "the engine does not serve this model" in err and "completions with generate instead" in err
+    assert "the engine does not serve this model" in err and "declares no decode-state layout" in err
+    assert "completions with generate instead" in err
     assert_same_sweep(new, old)

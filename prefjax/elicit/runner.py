@@ -8,13 +8,14 @@ key it already holds, so nothing is lost or duplicated.
 
 Sampling is reproducible per job: the PRNG stream of a completion is derived from (seed, job key),
 not from its place in a batch. ``mode="sample"`` runs through :class:`prefjax.engine.Engine` where the
-model allows it (``ElicitConfig.engine``; one device: Gemma-3, Llama, Qwen-3 and Qwen-3.5, whose
-recurrent DeltaNet state the engine serves too): the jobs that differ only in their sample index share
-one prompt prefill, ``batch_size`` cache rows decode continuously and each row stops at end-of-turn/EOS
-or ``max_new_tokens``. Rows are committed to the store in job order, ``batch_size`` at a time, so a
-killed run's store holds a prefix of the job list and a restart appends the rest in the same order.
-Models the engine refuses (meshes; :func:`prefjax.engine.engine_refusal`) fall back to batched
-:func:`prefjax.generation.generate`, with a log line. Both paths give every job the
+model allows it (``ElicitConfig.engine``; Gemma-3, Llama, Qwen-3 and Qwen-3.5, whose recurrent DeltaNet
+state the engine serves too, on one device or on a mesh within one process): the jobs that differ only in
+their sample index share one prompt prefill, ``batch_size`` cache rows (under a mesh rounded up to split
+over its batch axes) decode continuously and each row stops at end-of-turn/EOS or ``max_new_tokens``. Rows
+are committed to the store in job order, ``batch_size`` at a time, so a killed run's store holds a prefix
+of the job list and a restart appends the rest in the same order. Models the engine refuses (a mesh over
+several processes, a family without a decode-state layout; :func:`prefjax.engine.engine_refusal`) fall
+back to batched :func:`prefjax.generation.generate`, with a log line. Both paths give every job the
 same stream (``fold_in(PRNGKey(seed), Job.stream_id(seed))``). ``mode="logit"`` reads P(A) from the label-token logits after the
 forced prefix in one forward pass (no sampling; one row per pair and order).
 
@@ -179,12 +180,12 @@ def _run_engine(model, pool, jobs: list[Job], persona: Persona, cfg: ElicitConfi
     """Sample-mode rows for ``jobs`` (one persona) through the engine, committed in job order
     ``cfg.batch_size`` at a time. Returns False, having computed nothing, where the engine refuses the
     model or the requests (the caller then uses batched ``generate``)."""
-    from prefjax.engine import Engine, EngineError, Request
+    from prefjax.engine import Engine, EngineError, Request, mesh_rows
     if not jobs:
         return True
-    try:
-        engine = Engine(model, rows=cfg.batch_size, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                        seed=cfg.seed)
+    try:  # under a mesh the rows are rounded up to split over its batch axes (commits stay batch_size rows)
+        engine = Engine(model, rows=mesh_rows(model, cfg.batch_size), temperature=cfg.temperature, top_p=cfg.top_p,
+                        top_k=cfg.top_k, seed=cfg.seed)
     except EngineError as e:
         log(f"{desc}: the engine does not serve this model ({e}); sampling with batched generate instead")
         return False

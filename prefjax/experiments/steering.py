@@ -20,7 +20,7 @@ import numpy as np
 from prefjax.elicit.parse import parse_choice
 from prefjax.elicit.prompts import DEFAULT_TEMPLATE, choice_messages, render_choice, shift_spans
 from prefjax.elicit.runner import forced_text, label_token_ids
-from prefjax.engine import Engine, EngineError, Request, RowSteer
+from prefjax.engine import Engine, EngineError, Request, RowSteer, mesh_rows
 from prefjax.generation import generate
 from prefjax.model import common_prefix_len
 from prefjax.probes import RidgeProbe
@@ -417,8 +417,9 @@ def steering_sweep(model, pairs, persona, mode, layer, scale, coefs, directions,
 def engine_completions(model, prompts, masks, cells, *, layer, scale, coefs, directions, n_new, rows
                        ) -> list[tuple[list[int], str]] | None:
     """Greedy completions of the sweep's ``cells`` ((direction name, coefficient index, prompt index)
-    triples) from one :class:`prefjax.engine.Engine` run of ``rows`` cache rows: (token ids, text) per
-    cell, stop token excluded.
+    triples) from one :class:`prefjax.engine.Engine` run of ``rows`` cache rows (under a mesh rounded up to
+    split over its batch axes, :func:`prefjax.engine.mesh_rows`): (token ids, text) per cell, stop token
+    excluded.
 
     Cell ``(name, ci, r)`` is ``Request(prompts[r], n_new, steer=RowSteer(layer, directions[name],
     coefs[ci], scale, masks[r]))``: the float mask steers the prompt's tokens only, as the generate
@@ -428,7 +429,7 @@ def engine_completions(model, prompts, masks, cells, *, layer, scale, coefs, dir
     computed nothing, where the engine refuses the model or the requests (a log line says why).
     """
     try:
-        eng = Engine(model, rows=rows, temperature=0.0)
+        eng = Engine(model, rows=mesh_rows(model, rows), temperature=0.0)
     except EngineError as e:
         log(f"steering: the engine does not serve this model ({e}); completions with generate instead")
         return None
