@@ -308,8 +308,14 @@ def _fit_probes(ctx: Context) -> dict:
         training topics only, ``probes.alpha_rule``) for each held-out topic."""
         loto = leave_one_topic_out(X1, y, topics, alphas=alphas, inner=pc.cv_inner, alpha_rule=pc.alpha_rule,
                                    seed=seed, standardize=pc.standardize)
-        ci = bootstrap_ci(loto["predictions"], y, seed=seed)
-        return loto["pooled_r"], [ci["lo"], ci["hi"]], {str(k): v for k, v in loto["alpha_by_topic"].items()}
+        alpha_by = {str(k): v for k, v in loto["alpha_by_topic"].items()}
+        if loto["pooled_r"] is None:  # every held-out prediction constant: r undefined, no interval
+            return None, [None, None], alpha_by
+        try:
+            ci = bootstrap_ci(loto["predictions"], y, seed=seed)
+        except ValueError:  # too few resamples with a defined r (near-constant predictions)
+            return loto["pooled_r"], [None, None], alpha_by
+        return loto["pooled_r"], [ci["lo"], ci["hi"]], alpha_by
 
     out = {"layers": layers, "persona": {}, "cv_outer": pc.cv_outer, "cv_inner": pc.cv_inner, "n_perm": n_perm,
            "n_test": int(len(test)), "n_fit": int(len(fit_idx))}

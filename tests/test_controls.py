@@ -289,3 +289,18 @@ def test_transfer_alpha_by_inner_cv_outside_the_test_split(monkeypatch):
     y2[test] = np.random.default_rng(9).normal(size=len(test))
     m2 = controls.transfer_matrix(layers, y2, splits=(train, ev, test), inner=4, alpha_rule="1se", n_boot=0)
     np.testing.assert_array_equal(m["alpha"], m2["alpha"])
+
+
+def test_loto_constant_predictions_are_kept_as_undefined_not_raised():
+    """At an alpha so large the probe is its intercept, every held-out topic's predictions are constant:
+    r is undefined there, so each topic is skipped with that reason (found on the planted organism's content
+    baseline with a 1e8 grid top and the 1se rule). The pooled r stays defined: each topic's intercept is its
+    training topics' mean, so the pooled predictions differ between topics (it measures only that)."""
+    X, y, _ = planted(240, 10)
+    topics = np.repeat(np.arange(4), 60)
+    out = leave_one_topic_out(X, y, topics, alphas=(1e30,))
+    assert out["per_topic"] == {} and out["mean_r"] is None and isinstance(out["pooled_r"], float)
+    assert all("constant predictions at alpha 1e+30" in why for why in out["skipped"].values())
+    assert len(out["skipped"]) == 4 and len(out["predictions"]) == 240
+    fine = leave_one_topic_out(X, y, topics)  # the same data with the default grid: every topic defined
+    assert len(fine["per_topic"]) == 4 and fine["pooled_r"] > 0.9

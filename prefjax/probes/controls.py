@@ -40,7 +40,9 @@ def leave_one_topic_out(X, y, topics, *, alphas=DEFAULT_ALPHAS, min_topic_size: 
     Returns ``per_topic`` {topic: {r, pairwise_acc, n, alpha}}, ``skipped`` {topic: reason} for topics
     with fewer than ``min_topic_size`` tasks (or constant utilities), where r is undefined; their
     predictions still enter ``pooled_r`` / ``pooled_acc`` (all held-out predictions together), and
-    ``mean_r`` averages the per-topic r. ``alpha_by_topic`` {topic: alpha} covers every held-out topic
+    ``mean_r`` averages the per-topic r. A topic whose predictions are numerically constant (r undefined,
+    e.g. at the grid's largest alpha) is in ``skipped`` with that reason; ``pooled_r`` is None when all
+    held-out predictions are. ``alpha_by_topic`` {topic: alpha} covers every held-out topic
     (skipped ones too) and ``alpha_selection`` {topic: {inner, grouped, n_train}} says how each was chosen.
     """
     X, y = _check_xy(X, y)
@@ -70,12 +72,24 @@ def leave_one_topic_out(X, y, topics, *, alphas=DEFAULT_ALPHAS, min_topic_size: 
         if len(test) < min_topic_size or np.ptp(y[test]) == 0:
             skipped[key] = f"{len(test)} task(s){' with constant utility' if len(test) >= min_topic_size else ''}"
             continue
-        per[key] = {"r": pearson(pred[test], y[test]), "pairwise_acc": pairwise_accuracy(pred[test], y[test]),
+        r = defined_r(pred[test], y[test])
+        if r is None:  # e.g. the largest alpha of the grid shrinks the probe to its intercept
+            skipped[key] = f"constant predictions at alpha {probe.alpha:g} (r undefined)"
+            continue
+        per[key] = {"r": r, "pairwise_acc": pairwise_accuracy(pred[test], y[test]),
                     "n": int(len(test)), "alpha": probe.alpha}
     rs = [v["r"] for v in per.values()]
-    return {"per_topic": per, "skipped": skipped, "pooled_r": pearson(pred, y),
+    return {"per_topic": per, "skipped": skipped, "pooled_r": defined_r(pred, y),
             "pooled_acc": pairwise_accuracy(pred, y), "mean_r": float(np.mean(rs)) if rs else None,
             "predictions": pred, "alpha_by_topic": alpha_by, "alpha_selection": how, "alpha_rule": alpha_rule}
+
+
+def defined_r(pred, y) -> float | None:
+    """Pearson r of ``pred`` with ``y``, or None where it is undefined (numerically constant predictions)."""
+    try:
+        return pearson(pred, y)
+    except ValueError:
+        return None
 
 
 def compare_with_baseline(X_act, X_emb, y, *, alphas=DEFAULT_ALPHAS, splits=None, seed: int = 0) -> dict:
