@@ -9,3 +9,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled XLA program when a test module ends. Each CPU executable keeps several memory
+    mappings: one pytest process running the whole suite passed Linux's 65,530-mapping limit
+    (vm.max_map_count) around the pipeline tests, and XLA then crashed inside a compile (segfault or
+    abort). The engine tests alone reach ~15,000 mappings in 100 s."""
+    yield
+    jax.clear_caches()
+    gc.collect()
