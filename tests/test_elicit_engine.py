@@ -3,34 +3,21 @@ batched-generate path (greedy), rows committed in job order, a run interrupted m
 equal to an uninterrupted one, Qwen-3.5 (recurrent state) served by the engine, and the fallback for
 models the engine refuses (a family without a decode-state layout)."""
 
-import dataclasses
 import glob
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 import prefjax
 from prefjax.elicit.personas import get_persona
 from prefjax.elicit.runner import ElicitConfig, make_jobs, run_choices
-from prefjax.model import Model
-from prefjax.models import FAMILIES
-from prefjax.models.family import Family
 from prefjax.store import ComparisonsStore
 from prefjax.tasks import load_default_pool
 
+from engine_variants import qwen35_with_tokenizer_of, without_state_layout
+
 VALUE_KEYS = ("task_a", "task_b", "order", "persona", "sample", "choice", "status", "refusal", "raw")
-
-
-def without_state_layout(model):
-    """``model`` under a copy of its family that declares no decode-state layout: the engine refuses it
-    (:func:`prefjax.engine.engine_refusal`) while ``generate`` runs it as before (no prefix caches)."""
-    fam = model.family
-    odd = Family(**{**{f.name: getattr(fam, f.name) for f in dataclasses.fields(Family)},
-                    "name": f"{fam.name}-no-layout", "plain_kv_state": False, "state_layout": None})
-    return dataclasses.replace(model, family=odd)
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +109,7 @@ def test_refused_model_falls_back_with_a_log_line(setup, tmp_path, capfd):
 
 
 def test_qwen35_goes_through_the_engine(model, setup, tmp_path, capfd):
-    # a tiny random Qwen-3.5 (recurrent DeltaNet state) driven by the packaged tokenizer's vocabulary
-    fam = FAMILIES["qwen35"]
-    cfg = dataclasses.replace(fam.presets["qwen35-tiny"], vocab_size=model.config.vocab_size, name="qwen35-tiny-tok")
-    params = jax.jit(lambda k: fam.init_params(cfg, k, jnp.float32))(jax.random.PRNGKey(0))
-    qwen = Model(fam, cfg, params, tokenizer=model.tokenizer, source="qwen35-tiny-tok")
+    qwen = qwen35_with_tokenizer_of(model)
     pool, jobs, personas = setup
     two = list(dict.fromkeys((j.task_a, j.task_b) for j in jobs))[:2]
     some = (pool, [j for j in jobs if j.persona == "evil" and (j.task_a, j.task_b) in two], personas)

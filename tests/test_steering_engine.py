@@ -4,34 +4,21 @@ branch: Gemma-3) and on Qwen-3.5 (recurrent state, no prefix cache: the per-coef
 the forced-prefix logits unchanged; a model the engine refuses (a family without a
 decode-state layout) falls back with a log line."""
 
-import dataclasses
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import prefjax
 from prefjax.elicit.personas import get_persona
 from prefjax.experiments.steering import steering_sweep
-from prefjax.model import Model
-from prefjax.models import FAMILIES
-from prefjax.models.family import Family
 from prefjax.steering import random_direction
 from prefjax.tasks import load_default_pool
+
+from engine_variants import qwen35_with_tokenizer_of, without_state_layout
 
 COEFS = [-1.0, 0.0, 1.0]  # a sign flip and 0 (every direction's c = 0 cell is one computation)
 SCALE = 10.0              # large enough that the tiny models' completions change with the coefficient
 N_NEW = 6
-
-
-def without_state_layout(model):
-    """``model`` under a copy of its family that declares no decode-state layout: the engine refuses it
-    (:func:`prefjax.engine.engine_refusal`) while ``generate`` runs it as before (no prefix caches)."""
-    fam = model.family
-    odd = Family(**{**{f.name: getattr(fam, f.name) for f in dataclasses.fields(Family)},
-                    "name": f"{fam.name}-no-layout", "plain_kv_state": False, "state_layout": None})
-    return dataclasses.replace(model, family=odd)
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +28,7 @@ def gemma():
 
 @pytest.fixture(scope="module")
 def qwen(gemma):
-    # a tiny random Qwen-3.5 (recurrent DeltaNet state) driven by the packaged tokenizer's vocabulary
-    fam = FAMILIES["qwen35"]
-    cfg = dataclasses.replace(fam.presets["qwen35-tiny"], vocab_size=gemma.config.vocab_size, name="qwen35-tiny-tok")
-    params = jax.jit(lambda k: fam.init_params(cfg, k, jnp.float32))(jax.random.PRNGKey(0))
-    return Model(fam, cfg, params, tokenizer=gemma.tokenizer, source="qwen35-tiny-tok")
+    return qwen35_with_tokenizer_of(gemma)
 
 
 @pytest.fixture(scope="module")

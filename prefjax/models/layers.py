@@ -125,10 +125,10 @@ def dot_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale: float):
     back to the query dtype before multiplying the values.
     """
     b, t, n, h = q_BxTxNxH.shape
-    kv = k_BxSxKxH.shape[2]
-    g = n // kv
     if t == 1:
         return decode_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale)
+    kv = k_BxSxKxH.shape[2]
+    g = n // kv
     q = q_BxTxNxH.reshape(b, t, kv, g, h)
     scores = jnp.einsum("btkgh,bskh->bkgts", q, k_BxSxKxH) * jnp.asarray(scale, q.dtype)
     mask = mask_Bx1xTxS[:, :, None]  # [B, 1, 1, T, S]
