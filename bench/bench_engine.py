@@ -2,13 +2,17 @@
 transformers ``generate`` on the same machine as the reference.
 
     python bench/bench_engine.py --preset gemma3-27b --batch 8,64,256            # one H200
+    python bench/bench_engine.py --batch 8,64,256 --decode-kernels xla,auto --stacked-max-batch 0 \
+        --gen-batch '' --hf-batch 8,64 --skip-engine                             # decode attention A/B
     python bench/bench_engine.py --preset gemma3-tiny --batch 2,4 --device cpu --prompt 16 --new 8 --requests 12
 
 JAX process (random bf16 weights at the preset's shape):
 1. read bandwidth: a read-only reduction over 4 GiB;
 2. one decode step (forward of one token per row against a ``prompt + new`` slot cache, sampling over
    the vocabulary, cache donated) with the stacked cache (before) and one buffer per layer (after),
-   ms/step as the median over steps of a timed run; the two layouts' logits are compared first;
+   ms/step as the median over steps of a timed run; the two layouts' logits are compared first; the
+   per-layer step once per ``--decode-kernels`` entry (``prefjax.models.layers.decode_kernel``: ``xla``
+   the fused multiply-and-sum, ``auto`` the Pallas kernel on a GPU), logits compared with the first;
 3. ``generate`` ms/step = (time(new) - time(1)) / (new - 1) at the batches in ``--gen-batch``;
 4. the engine on a ragged workload (prompt lengths and max new tokens drawn at random, K samples),
    unsteered and with a distinct steering vector per request, against ``generate`` over the same
@@ -38,12 +42,13 @@ def run_jax(args) -> dict:
     from prefjax.generation import generate, per_layer_cache, sample_tokens
     from prefjax.hooks import CaptureSpec
     from prefjax.model import auto_unroll
+    from prefjax.models.layers import decode_kernel
     from prefjax.steering import random_direction
 
     t_start = time.time()
     model = prefjax.load(args.preset, dtype="bfloat16")
     cfg, fam, params = model.config, model.family, model.params
-    unroll = auto_unroll()
+    unroll = auto_unroll() if args.unroll == "auto" else args.unroll == "1"
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "decode": [], "gen": [], "engine": {}}
     out["weight_bytes"] = wb = int(sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(params)))
     out["read_Bps"] = bw = read_bandwidth(4.0 if args.device == "gpu" else 1 / 16)
@@ -92,27 +97,37 @@ def run_jax(args) -> dict:
         keys = jax.random.split(jax.random.PRNGKey(0), b)
         row = {"batch": b, "kv_bytes": kv}
         ref_logits = None
-        for layout, per_layer in (("stacked", False), ("per_layer", True)):
+        layouts = [("stacked", False, "xla")] + [(f"per_layer/{kn}", True, kn) for kn in args.decode_kernels]
+        for layout, per_layer, kernel in layouts:
             if per_layer and not unroll:
                 continue
             if not per_layer and b > args.stacked_max_batch:
                 continue
-            state = make_state(b, per_layer, rand=b == args.batch[0])
-            state, _, lg = step_j(params, state, tok, keys, jnp.int32(args.prompt))
-            lg = np.asarray(lg[:, 0, :2048], np.float32)
-            if ref_logits is None:
-                ref_logits = lg
-            else:
-                row["layout_max_abs_diff"] = float(np.abs(lg - ref_logits).max())
-            ts = []
-            for rep in range(2):  # steps dispatched back to back (as generate does), one sync at the end
-                t0 = time.perf_counter()
-                for i in range(args.steps):
-                    state, tk, _ = step_j(params, state, tok, keys, jnp.int32(args.prompt + 1 + i))
-                tk.block_until_ready()
-                ts.append((time.perf_counter() - t0) / args.steps)
-            row[layout] = float(min(ts))
-            state = None
+            kind, _, opts = kernel.partition(":")  # e.g. "pallas:block=64;num_warps=8"
+            opts = {k_: (v_ if k_ == "products" else int(v_)) for k_, v_ in (o.split("=") for o in opts.split(";") if o)}
+            try:
+                with decode_kernel(kind, **opts):  # clears jit's caches: step_j is traced again with this kernel
+                    state = make_state(b, per_layer, rand=True)
+                    state, _, lg = step_j(params, state, tok, keys, jnp.int32(args.prompt))
+                    lg = np.asarray(lg[:, 0, :2048], np.float32)
+                    if ref_logits is None:
+                        ref_logits = lg
+                    else:
+                        row.setdefault("max_abs_diff", {})[layout] = float(np.abs(lg - ref_logits).max())
+                    ts = []
+                    for rep in range(2):  # steps dispatched back to back (as generate does), one sync at the end
+                        t0 = time.perf_counter()
+                        for i in range(args.steps):
+                            state, tk, _ = step_j(params, state, tok, keys, jnp.int32(args.prompt + 1 + i))
+                        tk.block_until_ready()
+                        ts.append((time.perf_counter() - t0) / args.steps)
+                    row[layout] = float(min(ts))
+                    state = None
+            except Exception as e:  # noqa: BLE001 - one kernel failing to build must not lose the others
+                state = None
+                row.setdefault("errors", {})[layout] = f"{type(e).__name__}: {str(e)[:300]}"
+                print(f"[jax] batch {b} {layout} failed: {row['errors'][layout]}", file=sys.stderr, flush=True)
+                continue
             print(f"[jax] batch {b} {layout}: {row[layout] * 1e3:.2f} ms/step", file=sys.stderr, flush=True)
         out["decode"].append(row)
 
@@ -128,7 +143,7 @@ def run_jax(args) -> dict:
                            "step": (t_full - t_one) / (args.new - 1)})
         print(f"[jax] generate batch {b}: {out['gen'][-1]['step'] * 1e3:.2f} ms/step", file=sys.stderr, flush=True)
 
-    if over("engine"):
+    if args.skip_engine or over("engine"):
         out["elapsed"] = time.time() - t_start
         return out
     # the ragged workload
@@ -184,7 +199,7 @@ def run_jax(args) -> dict:
 def run_torch(args) -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     cmd = [sys.executable, os.path.join(here, "bench_decode.py"), "--_worker", "torch", "--preset", args.preset,
-           "--batch", ",".join(str(b) for b in args.gen_batch), "--prompt", str(args.prompt), "--new", str(args.new),
+           "--batch", ",".join(str(b) for b in args.hf_batch), "--prompt", str(args.prompt), "--new", str(args.new),
            "--repeats", str(args.repeats), "--hf-weights", "random", "--device", args.device,
            "--weights-dir", "/tmp/unused"]
     try:
@@ -201,6 +216,11 @@ def main():
     ap.add_argument("--preset", default="gemma3-27b")
     ap.add_argument("--batch", default="8,64,256")
     ap.add_argument("--gen-batch", default="8,64")
+    ap.add_argument("--hf-batch", default=None, help="transformers batches (default: --gen-batch)")
+    ap.add_argument("--decode-kernels", default="auto",
+                    help="per-layer step once per kernel: xla, auto, pallas[:block=64;num_warps=8] (';' between options)")
+    ap.add_argument("--unroll", choices=("auto", "1", "0"), default="auto", help="the decode step's layer loop")
+    ap.add_argument("--skip-engine", action="store_true", help="skip the ragged engine workload and its generate")
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--steps", type=int, default=12)
@@ -218,6 +238,8 @@ def main():
     args = ap.parse_args()
     args.batch = [int(b) for b in args.batch.split(",") if b]
     args.gen_batch = [int(b) for b in args.gen_batch.split(",") if b]
+    args.hf_batch = args.gen_batch if args.hf_batch is None else [int(b) for b in args.hf_batch.split(",") if b]
+    args.decode_kernels = [k for k in args.decode_kernels.split(",") if k]
     if args.device == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
     if args._worker == "jax":
@@ -249,11 +271,13 @@ def main():
     print(f"{'decode step':<28} {'ms':>9} {'hf ms':>9} {'ratio':>6} {'bound ms':>9} {'share':>7}")
     for row in jx["decode"]:
         bound = (jx["weight_bytes"] + row["kv_bytes"]) / bw
-        for layout in ("stacked", "per_layer"):
+        for layout in ["stacked"] + [f"per_layer/{kn}" for kn in args.decode_kernels]:
             if layout in row:
-                print(bound_line(f"B={row['batch']} step {layout}", row[layout], ref.get(row["batch"]), bound))
-        if "layout_max_abs_diff" in row:
-            print(f"#   B={row['batch']} logits stacked vs per_layer max abs diff {row['layout_max_abs_diff']:.3g}")
+                print(bound_line(f"B={row['batch']} {layout}", row[layout], ref.get(row["batch"]), bound))
+        for layout, err in row.get("errors", {}).items():
+            print(f"#   B={row['batch']} {layout} failed: {err}")
+        for layout, d in row.get("max_abs_diff", {}).items():
+            print(f"#   B={row['batch']} logits {layout} vs the first layout: max abs diff {d:.3g}")
     for g in jx["gen"]:
         b = g["batch"]
         match = [r for r in jx["decode"] if r["batch"] == b]

@@ -131,13 +131,19 @@ def run_jax(args) -> dict:
     from prefjax.steering import random_direction
     from _timing import read_bandwidth
 
+    from prefjax.models.layers import decode_kernel
+
     t_start = time.time()
+    kind, _, opts = args.decode_kernel.partition(":")  # e.g. "pallas:block=64;num_warps=8"
+    opts = {k_: (v_ if k_ == "products" else int(v_)) for k_, v_ in (o.split("=") for o in opts.split(";") if o)}
+    decode_kernel(kind, **opts).__enter__()  # this worker's whole run (prefjax.models.layers.decode_kernel)
     gpu = args.device == "gpu"
     model = prefjax.load(args.preset, dtype="bfloat16" if gpu else "float32")
     cfg = model.config
     prompts, stops, meta = read_prompts(args.prompts, args.pairs, cfg.vocab_size)
     k, new = args.samples, args.new
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "runs": {}, "meta": meta,
+           "decode_kernel": args.decode_kernel,
            "prompt_lens": [len(p) for p in prompts]}
     out["weight_bytes"] = wb = int(sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(model.params)))
     out["kv_bytes_per_token"] = kv_bytes_per_token(cfg, np.dtype(model.dtype).itemsize)
@@ -147,7 +153,8 @@ def run_jax(args) -> dict:
     p0 = -(-max(len(p) for p in prompts) // 16) * 16
     # + one prompt bucket: with a shared prefix the engine's prompt width is the prefix plus the bucketed
     # tail, which can exceed the bucketed longest prompt by up to a bucket
-    cache_len = p0 + 16 + args.cache_gens * new
+    # rounded up to 64 slots: the GPU decode kernel's tiles (it skips the blocks no row has reached)
+    cache_len = -(-(p0 + 16 + args.cache_gens * new) // 64) * 64
     eng = Engine(model, rows=args.rows, cache_len=cache_len, temperature=1.0, seed=0, stop_ids=stops, sync_every=8,
                  prompt_bucket=16, prefill_rows=8)
     out["cache_len"] = cache_len
@@ -281,6 +288,7 @@ def main():
     ap.add_argument("--budget", type=float, default=240, help="JAX part: seconds after which runs are skipped")
     ap.add_argument("--hf-budget", type=float, default=150, help="transformers: stop starting batches after this")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--decode-kernel", default="auto", help="decode attention: auto, xla, pallas[:block=64;num_warps=8] (layers.decode_kernel)")
     ap.add_argument("--write-prompts", type=int, default=0, metavar="N",
                     help="tokenize N pair prompts into --prompts and exit (needs the packaged Gemma tokenizer)")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
@@ -306,6 +314,7 @@ def main():
           f"{meta['stop_ids']}, persona {meta['persona']!r} (system prompt), prompts {min(plens)}-{max(plens)} "
           f"tokens (mean {np.mean(plens):.1f}; {meta['common_prefix']} shared by all); {args.rows} rows, "
           f"{jx['cache_len']} cache slots")
+    print(f"# decode attention: {jx.get('decode_kernel', 'auto')} (prefjax.models.layers.decode_kernel)")
     print(f"# {jx['device']} jax {jx['jax']}; read bandwidth {bw / 1e9:.0f} GB/s (reduction over "
           f"{'4 GiB' if args.device == 'gpu' else '64 MiB'}); weights {wb / 1e9:.2f} GB; KV {kvt / 1e3:.1f} kB/token; "
           f"jax part {jx['elapsed']:.0f}s (warm-up {jx['warmup_seconds']:.0f}s)")

@@ -8,13 +8,50 @@ weight, Llama's cast-before-multiply) the difference is an argument, not a copy.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prefjax.models import decode_pallas
+from prefjax.models.moe_layout import target_platform
+
 NEG_INF = -1e30  # finite: a fully masked (padding) row must not produce NaN
+
+DECODE_KERNELS = ("auto", "xla", "pallas", "pallas-interpret")
+_DECODE_KERNEL = contextvars.ContextVar("prefjax_decode_kernel", default=("auto", ()))
+
+
+@contextlib.contextmanager
+def decode_kernel(kind: str, **options):
+    """Choose how one-token-per-row attention (a decode step) is computed inside the block:
+
+    * ``"auto"`` (default): the Pallas kernel of :mod:`prefjax.models.decode_pallas` where the trace is
+      for one GPU (no mesh of several devices: XLA would gather a custom call's sharded operands), with
+      at least :data:`PALLAS_MIN_ROWS` rows, and it tiles the shapes; else :func:`decode_attention` (XLA);
+    * ``"xla"``: always :func:`decode_attention`;
+    * ``"pallas"`` / ``"pallas-interpret"``: always the kernel (compiled by Triton / run by the Pallas
+      interpreter, which is how the CPU tests check it); an error if it cannot tile the shapes.
+
+    ``options`` go to :func:`prefjax.models.decode_pallas.decode_attention` (``block``, ``num_warps``,
+    ``splits``, ``products``) whenever the kernel is used.
+
+    The choice is made at trace time and prefjax's compiled programs are cached by jit, so entering and
+    leaving this context clears JAX's caches (programs compiled inside are recompiled outside). Meant for
+    tests and benchmarks that compare the two paths.
+    """
+    if kind not in DECODE_KERNELS:
+        raise ValueError(f"decode kernel must be one of {DECODE_KERNELS}, got {kind!r}")
+    jax.clear_caches()
+    token = _DECODE_KERNEL.set((kind, tuple(sorted(options.items()))))
+    try:
+        yield
+    finally:
+        _DECODE_KERNEL.reset(token)
+        jax.clear_caches()
 
 
 def rms_norm(x, w, eps: float, *, plus_one: bool, cast_before_weight: bool = False):
@@ -118,6 +155,21 @@ def attention_mask(q_idx_T, kv_idx_S, kv_valid_BxS, window):
     return m[None, None] & kv_valid_BxS[:, None, None, :]
 
 
+# "auto" takes the kernel from this many rows up: measured faster than decode_attention at 64 and 256 rows
+# of the Gemma-3-27B shape on an H200 (BUILD_NOTES.md); at 8 rows only the first, slower form was measured
+PALLAS_MIN_ROWS = 64
+
+
+def _pallas_by_default(q_BxTxNxH, k_BxSxKxH) -> bool:
+    """``"auto"``'s choice: the kernel on one GPU, shapes it tiles, at least :data:`PALLAS_MIN_ROWS` rows."""
+    b, _, n, h = q_BxTxNxH.shape
+    if b < PALLAS_MIN_ROWS or not decode_pallas.supported(n, k_BxSxKxH.shape[2], h, k_BxSxKxH.shape[1]):
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    one_device = mesh.empty or mesh.size == 1  # XLA cannot split a custom call over a mesh
+    return one_device and target_platform() == "gpu"
+
+
 def dot_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale: float):
     """Eager attention, grouped-query: scores in the input dtype, softmax in float32.
 
@@ -126,7 +178,13 @@ def dot_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale: float):
     """
     b, t, n, h = q_BxTxNxH.shape
     if t == 1:
-        return decode_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale)
+        kind, options = _DECODE_KERNEL.get()
+        if kind == "auto":
+            kind = "pallas" if _pallas_by_default(q_BxTxNxH, k_BxSxKxH) else "xla"
+        if kind == "xla":
+            return decode_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale)
+        return decode_pallas.decode_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS, scale=scale,
+                                              interpret=kind == "pallas-interpret", **dict(options))
     kv = k_BxSxKxH.shape[2]
     g = n // kv
     q = q_BxTxNxH.reshape(b, t, kv, g, h)
