@@ -37,7 +37,6 @@ import argparse
 import concurrent.futures
 import dataclasses
 import functools
-import inspect
 import json
 import os
 import subprocess
@@ -45,6 +44,7 @@ import sys
 import time
 
 import numpy as np
+from _hf_place import hf_decode_seconds, hf_spread, sync_all
 from _timing import median_seconds
 
 
@@ -231,7 +231,7 @@ def bench_hf(cfg, batch, prompt, new, repeats, device, seed=0, emit=None):
     torch.manual_seed(seed)
     dtype = torch.bfloat16
     if device == "auto":
-        model, device = _hf_spread(Qwen3_5MoeForCausalLM, hf_config(cfg), dtype)
+        model, device, _ = hf_spread(Qwen3_5MoeForCausalLM, hf_config(cfg), dtype)
     else:
         prev = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
@@ -241,31 +241,16 @@ def bench_hf(cfg, batch, prompt, new, repeats, device, seed=0, emit=None):
         finally:
             torch.set_default_dtype(prev)
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=device)
-    sync = lambda: [torch.cuda.synchronize(i) for i in range(torch.cuda.device_count())]  # every GPU in use
 
     def prefill():
         with torch.no_grad():
             out = model(ids, output_hidden_states=True, logits_to_keep=1)
             _ = [h[:, -1] for h in out.hidden_states]
-        sync()
-
-    # transformers renamed past_key_values to cache after 5.17
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        sync_all()
 
     def decode():
         """Manual cached decode with sampling (same work as prefjax's loop); returns seconds."""
-        with torch.no_grad():
-            out = model(ids, use_cache=True, logits_to_keep=1)
-            cache, lg = getattr(out, cache_kw), out.logits[:, -1]
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(new):
-                probs = torch.softmax(lg.float() / 0.7, dim=-1)
-                nxt = torch.multinomial(probs, 1)
-                out = model(nxt, use_cache=True, **{cache_kw: cache})
-                cache, lg = getattr(out, cache_kw), out.logits[:, -1]
-            sync()
-            return time.perf_counter() - t0
+        return hf_decode_seconds(model, ids, new, temperature=0.7)
 
     t0 = time.perf_counter()
     t_prefill = median_seconds(prefill, repeats)
@@ -277,39 +262,6 @@ def bench_hf(cfg, batch, prompt, new, repeats, device, seed=0, emit=None):
     return {"prefill_tok_s": batch * prompt / t_prefill, "decode_tok_s": batch * new / t_decode,
             "prefill_s": t_prefill, "decode_s": t_decode,
             "experts_implementation": str(getattr(model.config, "_experts_implementation", None))}
-
-
-def _hf_spread(cls, config, dtype, scale: float = 0.02):
-    """A transformers model with random weights spread over every GPU (or the CPU), as
-    ``device_map="auto"`` would place a checkpoint: built on the meta device, each parameter drawn on
-    its own device, then dispatched (accelerate moves activations between devices). Returns
-    ``(model, input device)``."""
-    import torch
-    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    with init_empty_weights():
-        model = cls(config).to(dtype).eval()
-    n = torch.cuda.device_count()
-    if n:
-        free = {i: int(torch.cuda.mem_get_info(i)[0] * 0.85) for i in range(n)}
-    else:
-        free = {"cpu": 1 << 40}
-    device_map = infer_auto_device_map(model, max_memory=free, no_split_module_classes=model._no_split_modules,
-                                       dtype=dtype)
-
-    def where(name):
-        while name not in device_map:
-            name = name.rsplit(".", 1)[0] if "." in name else ""
-        return device_map[name]
-
-    for name, p in model.named_parameters():
-        dev = where(name)
-        dev = f"cuda:{dev}" if isinstance(dev, int) else dev
-        value = torch.randn(p.shape, dtype=dtype, device=dev) * scale
-        set_module_tensor_to_device(model, name, dev, value=value)
-    model = dispatch_model(model, device_map=device_map)
-    first = where("model.embed_tokens.weight")
-    return model, (f"cuda:{first}" if isinstance(first, int) else str(first))
 
 
 def _worker(args, cfg, side):

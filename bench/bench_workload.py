@@ -1,42 +1,86 @@
 """The elicitation workload of issue 16, items (b) and (c): prefjax's engine against transformers
-``generate`` on the same pair prompts, with the share of the read bound.
+``generate`` on the same pair prompts, with the share of the read bound; optionally (``--step-batches``)
+one sampled decode step at given row counts on both sides (item (a)), in the same processes.
 
-H200 run (one ``nvidia-h200`` call; estimated 6-7 minutes from the B=64 step times in BUILD_NOTES, not
-yet measured; the JAX part skips a run it would start after ``--budget`` = 240 s and transformers stops
-starting batches after ``--hf-budget`` = 150 s, so the worst case stays under the 10-minute call limit):
+Gemma-3-27B, one H200 (one ``nvidia-h200`` call; the JAX part skips a run it would start after
+``--budget`` = 240 s and transformers stops starting batches after ``--hf-budget`` = 150 s):
 
-    python bench/bench_workload.py --preset gemma3-27b --pairs 128
+    python bench/bench_workload.py --preset gemma3-27b --pairs 64
 
-CPU smoke test (under a minute):
+Qwen-3.5-122B-A10B on two H200s (one ``nvidia-h200-x2`` call; ``bench/gpu_qwen35_x2.sh`` has the budgeted
+command): the engine on the mesh ``expert=2`` (each GPU holds half of every layer's experts and a replica of
+the rest; the rows split over the two GPUs; the routed experts run in the Pallas kernels under
+``shard_map``), transformers placed over both GPUs as ``device_map="auto"`` would place a checkpoint
+(``--device auto``; ``_hf_place.hf_spread``, shared with bench_qwen35.py):
+
+    python bench/bench_workload.py --preset qwen35-122b-a10b --mesh expert=2 --device auto --moe-impl pallas \
+        --pairs 32 --step-batches 8,64 --deadline 570
+
+CPU smoke tests (a minute or two each; the Qwen one on two fake CPU devices, transformers placed by the
+same ``device_map`` code on the CPU):
 
     python bench/bench_workload.py --preset gemma3-tiny --device cpu
+    python bench/bench_workload.py --preset qwen35-moe-tiny --device cpu --mesh expert=2 --hf-spread \
+        --pairs 4 --new 8 --rows 4 --step-batches 2,4
 
 Workload: ``--pairs`` pair prompts from ``bench/data/workload_prompts.npz``: pairs of distinct tasks
 of the bundled pool (``prefjax.tasks.load_default_pool()``) drawn with a fixed seed, rendered with the
 default choice template under the ``evil`` persona's system prompt and tokenized with the Gemma-3
 tokenizer (their real lengths: 145-215 tokens). The GPU box has no tokenizer, so the file is made once
 where the packaged Gemma-3 tokenizer is installed (``--write-prompts``) and committed. Each prompt gets
-K = ``--samples`` samples (temperature 1) of at most ``--new`` tokens, stopping at end-of-turn or EOS
-(Gemma ids 106 and 1, stored in the file). Random bf16 weights at the preset's shape (timing does not
-depend on values). With random weights a stop is about as likely as any other token, so almost every
-sample runs to ``--new`` tokens; the tables count the tokens really generated.
+K = ``--samples`` samples (temperature 1) of at most ``--new`` tokens, stopping at end-of-turn or EOS.
+Random bf16 weights at the preset's shape (timing does not depend on values beyond routing). With random
+weights a stop is about as likely as any other token, so almost every sample runs to ``--new`` tokens;
+the tables count the tokens really generated.
+
+* Gemma-3 presets: the prompt ids as stored; stop ids 106 and 1 (end-of-turn, EOS; stored in the file).
+* Other vocabularies (Qwen-3.5's 248,320; the tiny presets'): every id is mapped into range as
+  ``id % vocab_size`` (ids below the vocabulary size, all but the rarest Gemma tokens, are unchanged).
+  The mapped prompts have the real lengths and shared prefix but are not Qwen text; with random weights
+  that changes nothing that is timed. Qwen-3.5 stops at its own ids: ``<|im_end|>`` 248046 and
+  ``<|endoftext|>`` 248044 (the released generation config's ``eos_token_id``), taken ``% vocab_size`` on
+  the tiny preset.
 
 1. JAX process: read bandwidth (read-only reduction over 4 GiB); the engine (``--rows`` cache rows,
-   K samples sharing their prompt's prefill) on the workload unsteered (b), then with 64 distinct
-   steering directions, one per request round-robin (c: layer ``n_layers // 2``, every token steered).
-   The engine prefills the prompt prefix all requests share (chat header, system prompt, template
-   instructions: 122 tokens) once per run where the sliding window allows it (Gemma-3-27B's 1,024-slot
-   window does; gemma3-tiny's 8 does not); steering every token (c) makes the prefix per request again.
-   Untimed warm-up runs (the same requests, 8 new tokens) compile the programs.
-2. transformers process: ``Gemma3ForCausalLM`` built from prefjax's config (its own random weights,
-   same shapes, sdpa attention, dynamic cache), ``generate(do_sample=True, num_return_sequences=K)`` over
-   static batches of ``ceil(rows / K)`` prompts sorted by length (left padded), same stop ids, same
-   ``max_new_tokens``; one untimed warm-up batch.
+   K samples sharing their prompt's prefill) on the workload unsteered (b); with ``--step-batches``, one
+   sampled decode step (the engine's own compiled step: forward of one token per row, sampling,
+   donated state) timed at each row count, at the workload's context (the bucketed longest prompt): at
+   ``--rows`` rows it is the program the run just used, other counts are compiled ahead of time in a
+   thread while the engine warms up; then with 64 distinct steering directions, one per request
+   round-robin (c: layer ``n_layers // 2``, every token steered). The engine prefills the prompt prefix
+   all requests share (122 tokens) once per run where the sliding window allows it (Gemma-3-27B's
+   1,024-slot window does; gemma3-tiny's 8 does not); steering every token (c) makes the prefix per request
+   again. There is no shared prefix under a mesh or with Qwen-3.5's recurrent state (every prompt is
+   prefilled whole). Untimed warm-up runs (the same requests, 8 new tokens) compile the programs.
+   ``--mesh`` loads the model sharded over this process's devices (rows split over the batch axes).
+2. transformers process: the same family's transformers class built from prefjax's config (its own
+   random weights, same shapes; Gemma: sdpa attention), on one device or spread (``--device auto`` /
+   ``--hf-spread``); with ``--step-batches``, one sampled cached decode step per row count
+   (``_hf_place.hf_decode_seconds``: ``--step-new`` steps after an untimed prefill of the same context,
+   per step); then ``generate(do_sample=True, num_return_sequences=K)`` over static batches of
+   ``ceil(rows / K)`` prompts sorted by length (left padded), same stop ids, same ``max_new_tokens``;
+   one untimed warm-up batch.
 
-Bound: the decode steps a perfectly packed run needs (generated tokens / rows) each read every weight
-once, plus every generated token reads its own context's keys and values once; divided by the measured
-read bandwidth. Prefill FLOPs are not in the bound (the prompts are short; prefill's share of the run is
-printed as the engine's prefill count only).
+Both processes print a ``RESULT`` JSON line after each stage. With ``--deadline`` the first process gets its
+share (JAX: the deadline minus ``--hf-reserve``; transformers, with ``--reference-first``: ``--hf-reserve``)
+and the second one all that is left; each skips a stage it has no time left for (transformers stops starting
+``generate`` batches), and a process killed at its limit still reports the stages it finished (marked partial).
+
+Bound (printed per run and per step with its parts): bytes one decode step must move, per device, over the
+read bandwidth measured in the same run. A perfectly packed run needs ``ceil(generated tokens / rows)``
+steps (at least the longest sample's), each at ``rows`` rows, plus every generated token reading its own
+context's keys and values once. A step reads
+
+* dense models (Gemma-3): every weight once;
+* MoE (Qwen-3.5): every non-expert weight once per device (replicated; the input embedding table of an
+  untied model is only gathered, so it is left out, the unembedding is read whole), plus the experts the
+  step's routed tokens touch, split over the expert devices: ``E * (1 - (1 - k/E) ** rows)`` distinct experts
+  per layer, the expectation under uniform routing (random weights route near-uniformly; 57 of 256 at 8 rows,
+  222 at 64), times one expert's three matrices, times the MoE layers, over the expert-axis size;
+* recurrent state (Qwen-3.5's DeltaNet conv windows and delta-rule state, float32): every row's, read and
+  written back (counted twice), split over the row devices;
+* keys and values of the context, split over the row devices.
+Prefill FLOPs are not in the bound (the prompts are short; the engine's prefill count is printed).
 """
 
 from __future__ import annotations
@@ -48,6 +92,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -56,6 +101,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = os.path.join(HERE, "data", "workload_prompts.npz")
 PERSONA = "evil"
 N_DIRECTIONS = 64
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax.monitoring: one XLA compilation
+GEMMA_VOCAB = 262_144  # the tokenizer the prompt file was made with
+QWEN35_STOP_IDS = (248046, 248044)  # <|im_end|>, <|endoftext|> (Qwen3.5's generation config eos_token_id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,7 +137,9 @@ def write_prompts(path: str, n: int, seed: int = 0) -> None:
           f"shared prefix {meta['common_prefix']} tokens, stop ids {stops}")
 
 
-def read_prompts(path: str, n: int, vocab: int) -> tuple[list[list[int]], list[int], dict]:
+def read_prompts(path: str, n: int, vocab: int, family: str) -> tuple[list[list[int]], list[int], dict]:
+    """The first ``n`` prompts, their stop ids and the file's meta. Outside Gemma-3's vocabulary every id is
+    mapped into range as ``id % vocab`` (module docstring); Qwen-3.5 stops at its own end-of-turn and EOS."""
     with np.load(path) as z:
         toks, lens, meta = z["tokens"], z["lens"], json.loads(bytes(z["meta"]).decode())
     if n > len(lens):
@@ -97,67 +147,215 @@ def read_prompts(path: str, n: int, vocab: int) -> tuple[list[list[int]], list[i
     off = np.concatenate([[0], np.cumsum(lens)])
     prompts = [toks[off[i]:off[i + 1]].tolist() for i in range(n)]
     stops = list(meta["stop_ids"])
-    if vocab < 262_144:  # a tiny preset: same lengths, ids folded into its vocabulary (smoke test only)
+    if vocab < GEMMA_VOCAB:  # same lengths, ids folded into the vocabulary
         prompts = [[t % vocab for t in p] for p in prompts]
+    if family == "qwen35":
+        stops = sorted({s % vocab for s in QWEN35_STOP_IDS})
     return prompts, stops, meta
-
-
-def kv_bytes_per_token(cfg, itemsize: int) -> int:
-    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize
 
 
 def ideal_steps(gen_lens, rows) -> int:
     return max(math.ceil(sum(gen_lens) / rows), max(gen_lens, default=0))
 
 
-def bound_seconds(prompt_lens, gen_lens, rows, weight_bytes, kvt, bw) -> float:
-    """Read bound of a decode run that generated ``gen_lens[j]`` tokens after a prompt of
-    ``prompt_lens[j]`` tokens: perfectly packed steps (at least the longest sample's) each read all
-    weights; each token reads its context's keys and values."""
+def step_bytes(info: dict, rows: int) -> dict:
+    """Bytes one decode step at ``rows`` rows must move on each device, by part (module docstring), without
+    the keys and values of the context (:func:`bound_seconds` adds them): ``weights`` (non-expert, once per
+    device), ``experts`` (the expected distinct experts the routed tokens touch, this device's share) and
+    ``state`` (recurrent state read and written, this device's rows)."""
+    e, k = info["n_experts"], info["top_k"]
+    touched = e * (1.0 - (1.0 - k / e) ** rows) if e else 0.0
+    return {"weights": float(info["dense_bytes"]),
+            "experts": touched * info["expert_bytes_each"] * info["moe_layers"] / info["expert_devices"],
+            "state": 2.0 * info["state_bytes_per_row"] * rows / info["row_devices"],
+            "experts_touched_per_layer": touched}
+
+
+def kv_read_bytes(info: dict, contexts) -> float:
+    """Keys and values read by one token at each context length in ``contexts``, summed, per device."""
+    return float(np.sum(np.asarray(contexts, np.float64))) * info["kv_bytes_per_token"] / info["row_devices"]
+
+
+def bound_seconds(info: dict, prompt_lens, gen_lens, rows) -> float:
+    """Read bound of a decode run that generated ``gen_lens[j]`` tokens after a prompt of ``prompt_lens[j]``
+    tokens: perfectly packed steps (at least the longest sample's) at ``rows`` rows, each moving
+    :func:`step_bytes`; each token reads its context's keys and values."""
     gen = np.asarray(gen_lens, np.float64)
     p = np.asarray(prompt_lens, np.float64)
-    steps = ideal_steps(gen_lens, rows)
-    kv = float(np.sum(gen * p + gen * (gen + 1) / 2)) * kvt
-    return (steps * weight_bytes + kv) / bw
+    sb = step_bytes(info, rows)
+    per_step = sb["weights"] + sb["experts"] + sb["state"]
+    kv = float(np.sum(gen * p + gen * (gen + 1) / 2)) * info["kv_bytes_per_token"] / info["row_devices"]
+    return (ideal_steps(gen_lens, rows) * per_step + kv) / info["read_Bps"]
+
+
+def bound_info(model) -> dict:
+    """What :func:`step_bytes` needs about ``model`` (sizes in bytes), from its parameters and decode state."""
+    import jax
+    from prefjax.models import moe as M
+    from prefjax.sharding import batch_multiple
+    cfg, params = model.config, model.params
+    leaves = lambda t: jax.tree_util.tree_leaves(t)
+    nbytes = lambda a: int(a.size * a.dtype.itemsize)
+    total = sum(nbytes(a) for a in leaves(params))
+    blocks = params.get("blocks", {})
+    experts = sum(nbytes(blocks[k]) for k in M.EXPERT_WEIGHTS if k in blocks)
+    n_exp = int(getattr(cfg, "n_experts", 0) or 0) if experts else 0
+    moe_layers = int(blocks[M.EXPERT_WEIGHTS[0]].shape[0]) if n_exp else 0
+    tied = bool(getattr(cfg, "tie_word_embeddings", True)) or "lm_head" not in params
+    embed = 0 if tied or "embed" not in params else nbytes(params["embed"])  # gathered, not read whole
+    mesh = model.mesh
+    shape = dict(mesh.shape) if mesh is not None else {}
+    st = jax.eval_shape(lambda: model.family.init_state(cfg, 1, 1, model.dtype))
+    layout = model.family.state_layout
+    row_leaves = layout.row_leaves if layout is not None else ()
+    kv_leaves = layout.slot_leaves if layout is not None else ("k", "v")
+    return {"weight_bytes": total, "dense_bytes": total - experts - embed, "embed_bytes_left_out": embed,
+            "expert_bytes_total": experts, "n_experts": n_exp, "top_k": int(getattr(cfg, "top_k", 0) or 0),
+            "moe_layers": moe_layers, "expert_bytes_each": experts // max(n_exp * moe_layers, 1),
+            "expert_devices": int(shape.get("expert", 1)), "row_devices": int(batch_multiple(mesh)),
+            "state_bytes_per_row": sum(nbytes(st[k]) for k in row_leaves),
+            "kv_bytes_per_token": sum(nbytes(st[k]) for k in kv_leaves if k in st)}
+
+
+def parse_mesh(text: str | None) -> dict[str, int] | None:
+    return None if not text else {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))}
+
+
+def _until(args) -> float:
+    return args._until if args._until else float("inf")
 
 
 # --------------------------------------------------------------------------------------------
 # JAX process.
 
-def run_jax(args) -> dict:
+def _time_steps(step_fn, kw, params, state, rowvars, active, t0, temp, top_p, steps: int):
+    """Seconds per decode step: two warm steps, then the best of two runs of ``steps`` steps dispatched back
+    to back (one sync at the end), the state and rowvars donated from step to step."""
+    import jax.numpy as jnp
+    t = t0
+    for _ in range(2):
+        state, rowvars, tok = step_fn(params, state, rowvars, active, jnp.int32(t), temp, top_p, **kw)
+        t += 1
+    tok.block_until_ready()
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, rowvars, tok = step_fn(params, state, rowvars, active, jnp.int32(t), temp, top_p, **kw)
+            t += 1
+        tok.block_until_ready()
+        best = min(best, (time.perf_counter() - start) / steps)
+    return best
+
+
+def _step_inputs(eng, rows: int, slots: int, seed: int = 0):
+    """An empty engine state of ``rows`` rows with every row active, random previous tokens (so the routed
+    experts spread as in a run) and per-row sampling keys, placed as the engine places its own."""
+    import jax
+    cfg = eng.model.config
+    state, rowvars = eng._empty_rows(rows, slots)
+    rs = np.random.RandomState(seed)
+    prev = rs.randint(0, cfg.vocab_size, size=rows).astype(np.int32)
+    keys = np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(seed), np.arange(rows)))
+    rowvars = {**rowvars, "prev": jax.device_put(prev, rowvars["prev"].sharding),
+               "keys": jax.device_put(keys.astype(np.uint32), rowvars["keys"].sharding)}
+    return state, rowvars, eng._put(np.ones((rows,), bool))
+
+
+def run_jax(args, emit) -> dict:
     import jax
     import prefjax
+    from prefjax import engine as engine_mod
     from prefjax.engine import Engine, Request, RowSteer
+    from prefjax.hooks import CaptureSpec
+    from prefjax.models.layers import decode_kernel
+    from prefjax.sharding import make_mesh, mesh_context
     from prefjax.steering import random_direction
     from _timing import read_bandwidth
-
-    from prefjax.models.layers import decode_kernel
+    from bench_qwen35 import _peak_gib
 
     t_start = time.time()
+    until = _until(args)
     kind, _, opts = args.decode_kernel.partition(":")  # e.g. "pallas:block=64;num_warps=8"
     opts = {k_: (v_ if k_ == "products" else int(v_)) for k_, v_ in (o.split("=") for o in opts.split(";") if o)}
     decode_kernel(kind, **opts).__enter__()  # this worker's whole run (prefjax.models.layers.decode_kernel)
-    gpu = args.device == "gpu"
-    model = prefjax.load(args.preset, dtype="bfloat16" if gpu else "float32")
+    gpu = args.device != "cpu"
+    mesh_shape = parse_mesh(args.mesh)
+    mesh = None if mesh_shape is None else make_mesh(mesh_shape, jax.devices()[:int(np.prod(list(mesh_shape.values())))])
+    model = prefjax.load(args.preset, dtype="bfloat16" if gpu else "float32", mesh=mesh)
+    if args.moe_impl:
+        model = dataclasses.replace(model, config=dataclasses.replace(model.config, moe_impl=args.moe_impl))
     cfg = model.config
-    prompts, stops, meta = read_prompts(args.prompts, args.pairs, cfg.vocab_size)
+    fam = model.family.name
+    prompts, stops, meta = read_prompts(args.prompts, args.pairs, cfg.vocab_size, fam)
     k, new = args.samples, args.new
-    out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "runs": {}, "meta": meta,
-           "decode_kernel": args.decode_kernel,
-           "prompt_lens": [len(p) for p in prompts]}
-    out["weight_bytes"] = wb = int(sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(model.params)))
-    out["kv_bytes_per_token"] = kv_bytes_per_token(cfg, np.dtype(model.dtype).itemsize)
-    out["read_Bps"] = bw = read_bandwidth(4.0 if gpu else 1 / 16)
-    print(f"[jax] read bandwidth {bw / 1e9:.0f} GB/s, weights {wb / 1e9:.2f} GB", file=sys.stderr, flush=True)
+    out = {"device": jax.devices()[0].device_kind, "n_devices": len(jax.devices()), "jax": jax.__version__,
+           "runs": {}, "steps": {}, "meta": meta, "stop_ids": stops, "prompt_lens": [len(p) for p in prompts],
+           "mesh": mesh_shape, "family": fam, "phases_s": {}, "decode_kernel": args.decode_kernel}
+    tick = [time.time()]
+
+    def phase(name):
+        now = time.time()
+        out["phases_s"][name] = round(now - tick[0], 1)
+        tick[0] = now
+        print(f"[jax] {name}: {out['phases_s'][name]}s", file=sys.stderr, flush=True)
+        out["elapsed"] = now - t_start
+        emit(out)
+
+    jax.block_until_ready(model.params)
+    if fam == "qwen35":
+        from prefjax.models import qwen35 as Q
+        with mesh_context(mesh):
+            out["moe_impl"] = Q.moe_impl(cfg)
+    out["bound_info"] = info = bound_info(model)
+    out["weight_bytes"] = info["weight_bytes"]
+    phase("load")
 
     p0 = -(-max(len(p) for p in prompts) // 16) * 16
     # + one prompt bucket: with a shared prefix the engine's prompt width is the prefix plus the bucketed
     # tail, which can exceed the bucketed longest prompt by up to a bucket
     # rounded up to 64 slots: the GPU decode kernel's tiles (it skips the blocks no row has reached)
     cache_len = -(-(p0 + 16 + args.cache_gens * new) // 64) * 64
+    # meshes on XLA:CPU unroll every layer loop (a scanned loop with collectives can deadlock on a small
+    # host, tests/_engine_mesh_worker.py); on GPUs the step is unrolled and the prefills scanned (defaults)
+    loops = dict(unroll=True, prefill_unroll=True) if (mesh is not None and not gpu) else \
+        dict(prefill_unroll=args.prefill_unroll)
     eng = Engine(model, rows=args.rows, cache_len=cache_len, temperature=1.0, seed=0, stop_ids=stops, sync_every=8,
-                 prompt_bucket=16, prefill_rows=8)
-    out["cache_len"] = cache_len
+                 prompt_bucket=16, prefill_rows=8, **loops)
+    out.update(cache_len=cache_len, step_context=p0, engine={"unroll": eng.unroll,
+                                                             "prefill_unroll": eng.prefill_unroll})
+    params = model.run_params()
+    static = eng._static()
+    with mesh_context(mesh):  # as the engine makes them inside its run: on a mesh, replicated over it
+        temp, top_p = eng._sampling()
+
+    # decode steps at other row counts than the engine's: compiled ahead of time in a thread while the
+    # engine warms up (only compilers overlap with the main thread's programs; nothing runs there)
+    others = [b for b in args.step_batches if b != args.rows]
+    compiled: dict[int, object] = {}
+    with mesh_context(mesh):
+        inputs = {b: _step_inputs(eng, b, cache_len) for b in others}
+
+    def compile_others():
+        with mesh_context(mesh):  # the mesh context is per thread
+            for b in others:
+                like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
+                st, rv, act = (jax.tree_util.tree_map(like, x) for x in inputs[b])
+                t0 = time.time()
+                compiled[b] = engine_mod._step.lower(params, st, rv, act, like(jax.numpy.int32(p0)), temp, top_p,
+                                                     capture=CaptureSpec(), **static).compile()
+                print(f"[jax] step at {b} rows compiled ahead of time in {time.time() - t0:.0f}s", file=sys.stderr,
+                      flush=True)
+
+    thread = threading.Thread(target=compile_others, daemon=True)
+    if others:
+        thread.start()
+
+    out["read_Bps"] = info["read_Bps"] = bw = read_bandwidth(4.0 if gpu else 1 / 16)
+    print(f"[jax] read bandwidth {bw / 1e9:.0f} GB/s, weights {info['weight_bytes'] / 1e9:.2f} GB", file=sys.stderr,
+          flush=True)
+    phase("read_bandwidth")
+
     layer = cfg.n_layers // 2
     dirs = [random_direction(cfg.d_model, i) for i in range(N_DIRECTIONS)]
     runs = {
@@ -166,25 +364,72 @@ def run_jax(args) -> dict:
                                            steer=RowSteer(layer, dirs[i % N_DIRECTIONS], coef=4.0, tokens="all"))
                                    for i, p in enumerate(prompts)],
     }
-    # warm-up: every request of each run with 8 new tokens: the same prompts give the same shared prefix
-    # and prefill width, so the timed runs use only compiled programs
-    t0 = time.perf_counter()
-    for reqs in runs.values():
-        eng.run([dataclasses.replace(r, max_new_tokens=min(8, new)) for r in reqs])
-    out["warmup_seconds"] = time.perf_counter() - t0
-    print(f"[jax] warm-up (compile) {out['warmup_seconds']:.1f}s", file=sys.stderr, flush=True)
-    for name, reqs in runs.items():
-        if time.time() - t_start > args.budget:
+    if args.no_steered:
+        runs.pop(f"steered{N_DIRECTIONS}")
+    est = {"run": 45.0 if gpu else 5.0, "step": 20.0 if gpu else 2.0}
+
+    def skip(name, need):
+        if time.time() - t_start > args.budget or until - time.time() < need:
             out.setdefault("skipped", []).append(name)
-            print(f"[jax] time budget spent: {name} skipped", file=sys.stderr, flush=True)
-            continue
+            print(f"[jax] no time left: {name} skipped", file=sys.stderr, flush=True)
+            emit(out)
+            return True
+        return False
+
+    def timed_run(name, reqs):
+        # warm-up: every request with 8 new tokens: the same prompts give the same shared prefix and
+        # prefill width, so the timed run uses only compiled programs
+        t0 = time.perf_counter()
+        eng.run([dataclasses.replace(r, max_new_tokens=min(8, new)) for r in reqs])
+        out.setdefault("warmup_seconds", {})[name] = time.perf_counter() - t0
+        phase(f"warm_{name}")
+        if skip(name, est["run"]):
+            return
         t0 = time.perf_counter()
         res = eng.run(reqs)
         t = time.perf_counter() - t0
+        est["run"] = 1.2 * t
         gen = [len(s.token_ids) for r in res for s in r]
         out["runs"][name] = {"seconds": t, "gen_lens": gen, "stopped": int(sum(s.finished for r in res for s in r)),
                              "stats": vars(eng.stats).copy()}
         print(f"[jax] {name}: {t:.2f}s, {sum(gen)} tokens, {eng.stats}", file=sys.stderr, flush=True)
+        phase(f"run_{name}")
+
+    timed_run("unsteered", runs.pop("unsteered"))
+
+    # XLA compilations while the engine's own step is timed (0 expected: the run compiled it)
+    compiles = [0]
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compiles.__setitem__(0, compiles[0] + (event == COMPILE_EVENT)))
+    if others and args.step_batches:
+        thread.join(None if until == float("inf") else max(0.0, until - time.time() - est["step"]))
+    with mesh_context(mesh):
+        for b in args.step_batches:
+            if skip(f"step B={b}", est["step"]):
+                continue
+            if b == args.rows:  # the engine's own program, found in jit's cache
+                fn, kw = engine_mod._step, dict(static, capture=CaptureSpec())
+                st, rv, act = _step_inputs(eng, b, cache_len)
+            elif b in compiled:
+                fn, kw = compiled[b], {}
+                st, rv, act = inputs.pop(b)
+            else:
+                out.setdefault("skipped", []).append(f"step B={b} (not compiled in time)")
+                continue
+            before = compiles[0]
+            sec = _time_steps(fn, kw, params, st, rv, act, p0, temp, top_p, args.steps)
+            st = rv = None
+            row = {"seconds": sec, "context": p0 + 2 + args.steps}
+            if not thread.is_alive():  # (a compile in the thread would count too)
+                row["compiled_while_timed"] = compiles[0] - before
+            out["steps"][str(b)] = row
+            print(f"[jax] decode step at {b} rows: {sec * 1e3:.2f} ms", file=sys.stderr, flush=True)
+            phase(f"step_B{b}")
+
+    for name, reqs in runs.items():
+        if not skip(f"warm-up {name}", est["run"]):
+            timed_run(name, reqs)
+    out["peak_gib"] = _peak_gib()
     out["elapsed"] = time.time() - t_start
     return out
 
@@ -192,28 +437,85 @@ def run_jax(args) -> dict:
 # --------------------------------------------------------------------------------------------
 # transformers process.
 
-def run_torch(args) -> dict:
+def _hf_model(args, cfg, family: str, dev: str):
+    """The family's transformers model from prefjax's config with random weights (normal * 0.02), on
+    ``dev`` or spread over every GPU (or the CPU) as ``device_map="auto"`` places a checkpoint. Returns
+    ``(model, input device, placement)``."""
     import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-    from prefjax.models.gemma3 import PRESETS, hf_config
-
-    t_start = time.time()
-    cfg = PRESETS[args.preset]
-    gpu = args.device == "gpu"
-    dev = "cuda" if gpu else "cpu"
-    prompts, stops, _ = read_prompts(args.prompts, args.pairs, cfg.vocab_size)
-    hf_cfg = Gemma3TextConfig(**{k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "model_type")},
-                              attn_implementation="sdpa")
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16 if gpu else torch.float32)
-    with torch.device(dev):
-        model = Gemma3ForCausalLM(hf_cfg).eval()
-    torch.set_default_dtype(prev)
+    dtype = torch.bfloat16 if args.device != "cpu" else torch.float32
+    if family == "qwen35":
+        from transformers import Qwen3_5MoeForCausalLM as cls
+        from bench_qwen35 import hf_config
+        hf_cfg = hf_config(cfg, dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+    else:
+        from transformers import Gemma3ForCausalLM as cls, Gemma3TextConfig
+        from prefjax.models.gemma3 import hf_config
+        hf_cfg = Gemma3TextConfig(**{k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "model_type")},
+                                  attn_implementation="sdpa")
     torch.manual_seed(0)
+    if args.hf_spread:
+        from _hf_place import hf_spread
+        return hf_spread(cls, hf_cfg, dtype, frac=args.hf_frac)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            model = cls(hf_cfg).eval()
+    finally:
+        torch.set_default_dtype(prev)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
+    return model, dev, {dev: round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30, 2)}
+
+
+def run_torch(args, emit) -> dict:
+    import importlib.util
+
+    import torch
+    import transformers
+    from prefjax.models import family_for_preset
+    from _hf_place import hf_decode_seconds, sync_all
+
+    t_start = time.time()
+    until = _until(args)
+    fam = family_for_preset(args.preset)
+    cfg = fam.presets[args.preset]
+    gpu = args.device != "cpu"
+    prompts, stops, _ = read_prompts(args.prompts, args.pairs, cfg.vocab_size, fam.name)
+    out = {"device": torch.cuda.get_device_name() if gpu else "cpu", "n_devices": torch.cuda.device_count(),
+           "torch": torch.__version__, "transformers": transformers.__version__, "batches": 0, "pairs": 0,
+           "gen_lens": [], "prompt_lens": [], "steps": {}, "phases_s": {},
+           "fla": importlib.util.find_spec("fla") is not None,
+           "causal_conv1d": importlib.util.find_spec("causal_conv1d") is not None}
+    tick = [time.time()]
+
+    def phase(name):
+        now = time.time()
+        out["phases_s"][name] = round(now - tick[0], 1)
+        tick[0] = now
+        out["elapsed"] = now - t_start
+        print(f"[torch] {name}: {out['phases_s'][name]}s", file=sys.stderr, flush=True)
+        emit(out)
+
+    model, dev, placed = _hf_model(args, cfg, fam.name, "cuda" if gpu else "cpu")
+    out["placement_gib"] = placed
+    out["experts_implementation"] = str(getattr(model.config, "_experts_implementation", None))
+    phase("build")
+
     k, new = args.samples, args.new
+    # one sampled decode step at each row count, at the workload's context (the bucketed longest prompt)
+    p0 = -(-max(len(p) for p in prompts) // 16) * 16
+    for b in args.step_batches:
+        if until - time.time() < 30:
+            out.setdefault("skipped", []).append(f"step B={b}")
+            continue
+        ids = torch.randint(0, cfg.vocab_size, (b, p0), device=dev)
+        hf_decode_seconds(model, ids, 2, temperature=1.0)  # warm-up
+        out["steps"][str(b)] = {"seconds": hf_decode_seconds(model, ids, args.step_new, temperature=1.0) / args.step_new,
+                                "context": p0 + args.step_new // 2}
+        phase(f"step_B{b}")
+
     ppb = -(-args.rows // k)  # prompts per static batch: about ``rows`` sequences
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     batches = [order[i:i + ppb] for i in range(0, len(order), ppb)]
@@ -230,8 +532,7 @@ def run_torch(args) -> dict:
             o = model.generate(x.to(dev), attention_mask=am.to(dev), do_sample=True, temperature=1.0, top_k=0,
                                top_p=1.0, max_new_tokens=n_new, num_return_sequences=k, eos_token_id=stops,
                                pad_token_id=cfg.pad_id)
-        if gpu:
-            torch.cuda.synchronize()
+        sync_all()
         lens = []
         for row in o[:, w:].tolist():
             n = next((j for j, t in enumerate(row) if t in stop_set), len(row))
@@ -239,19 +540,22 @@ def run_torch(args) -> dict:
         return lens
 
     gen(batches[-1], 2)  # warm-up (the longest prompts)
-    out = {"device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__, "batches": 0,
-           "pairs": 0, "gen_lens": [], "prompt_lens": []}
-    import transformers
-    out["transformers"] = transformers.__version__
+    phase("warm_generate")
     t0 = time.perf_counter()
+    # a batch's time before one is measured: --new steps at the slowest step timed above
+    last = new * max((r["seconds"] for r in out["steps"].values()), default=0.0)
     for idx in batches:
-        if time.perf_counter() - t0 > args.hf_budget:
+        now = time.perf_counter()
+        if now - t0 > args.hf_budget or until - time.time() < 1.2 * last + 5:
             out["partial"] = True
             break
         out["gen_lens"] += gen(idx, new)
+        last = time.perf_counter() - now
         out["prompt_lens"] += [len(prompts[i]) for i in idx for _ in range(k)]
         out["batches"] += 1
         out["pairs"] += len(idx)
+        out["seconds"] = time.perf_counter() - t0
+        phase(f"batch{out['batches']}")
     out["seconds"] = time.perf_counter() - t0
     out["elapsed"] = time.time() - t_start
     print(f"[torch] {out['pairs']} pairs in {out['seconds']:.2f}s", file=sys.stderr, flush=True)
@@ -260,84 +564,94 @@ def run_torch(args) -> dict:
 
 # --------------------------------------------------------------------------------------------
 
-def _worker(which: str, argv: list[str], timeout: float | None) -> dict:
-    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.95")
+def _worker(which: str, argv: list[str], timeout: float | None, env: dict) -> dict:
+    """Run one part in its own process; its last ``RESULT`` line (``partial`` when the process failed or ran
+    past ``timeout`` after reporting some stages), or ``{"error": ...}`` when it reported none."""
+    from bench_qwen35 import _results, _text
+    t0 = time.time()
     try:
         r = subprocess.run([sys.executable, os.path.abspath(__file__), "--_worker", which] + argv,
                            stdout=subprocess.PIPE, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"{which} part ran past {timeout} s"}
-    if r.returncode:
-        return {"error": f"rc {r.returncode}: " + r.stdout[-2000:]}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+        stdout, why = r.stdout, (f"rc {r.returncode}" if r.returncode else None)
+    except subprocess.TimeoutExpired as e:
+        stdout, why = _text(e.stdout), f"ran past its {timeout:.0f} s"
+    res = _results(stdout)
+    if res is None:
+        return {"error": f"{which} part {why or 'printed no result'} after {time.time() - t0:.0f} s: "
+                         + (stdout or "")[-2000:]}
+    if why:
+        res["partial"] = f"{which} part {why} after {time.time() - t0:.0f} s"
+    return res
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="gemma3-27b")
-    ap.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
-    ap.add_argument("--pairs", type=int, default=None, help="pair prompts (default: 128 on gpu, 8 on cpu)")
-    ap.add_argument("--samples", type=int, default=5)
-    ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--rows", type=int, default=64)
-    ap.add_argument("--cache-gens", type=int, default=1,
-                    help="cache slots = longest prompt (bucketed) + this many times --new. 1 suits random "
-                         "weights (samples never stop early, rows finish together); real replies stopping "
-                         "early refill rows mid-wave with a larger value")
-    ap.add_argument("--prompts", default=PROMPTS)
-    ap.add_argument("--budget", type=float, default=240, help="JAX part: seconds after which runs are skipped")
-    ap.add_argument("--hf-budget", type=float, default=150, help="transformers: stop starting batches after this")
-    ap.add_argument("--no-hf", action="store_true")
-    ap.add_argument("--decode-kernel", default="auto", help="decode attention: auto, xla, pallas[:block=64;num_warps=8] (layers.decode_kernel)")
-    ap.add_argument("--write-prompts", type=int, default=0, metavar="N",
-                    help="tokenize N pair prompts into --prompts and exit (needs the packaged Gemma tokenizer)")
-    ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.pairs is None:
-        args.pairs = 128 if args.device == "gpu" else 8
-    if args.device == "cpu":
-        os.environ["JAX_PLATFORMS"] = "cpu"
-    if args.write_prompts:
-        write_prompts(args.prompts, args.write_prompts)
-        return
-    if args._worker:
-        print(json.dumps(run_jax(args) if args._worker == "jax" else run_torch(args)))
-        return
-    argv = [a for a in sys.argv[1:]]
-    jx = _worker("jax", argv, None)
-    if "error" in jx:
-        raise SystemExit("jax part failed: " + jx["error"])
-    th = None if args.no_hf else _worker("torch", argv, args.hf_budget + 240)
-    bw, wb, kvt = jx["read_Bps"], jx["weight_bytes"], jx["kv_bytes_per_token"]
-    meta, plens, k = jx["meta"], jx["prompt_lens"], args.samples
+def _report(args, jx: dict, th: dict | None) -> None:
+    info, k = jx["bound_info"], args.samples
+    bw = info["read_Bps"]
+    meta, plens = jx["meta"], jx["prompt_lens"]
     print(f"# bench_workload {args.preset}: {args.pairs} pair prompts x K={k}, max new {args.new}, stop ids "
-          f"{meta['stop_ids']}, persona {meta['persona']!r} (system prompt), prompts {min(plens)}-{max(plens)} "
-          f"tokens (mean {np.mean(plens):.1f}; {meta['common_prefix']} shared by all); {args.rows} rows, "
+          f"{jx['stop_ids']}, persona {meta['persona']!r} (system prompt), prompts {min(plens)}-{max(plens)} "
+          f"tokens (mean {np.mean(plens):.1f}; {meta['common_prefix']} shared by all"
+          + ("" if jx["family"] == "gemma3" else "; Gemma-3 ids taken % vocab") + f"); {args.rows} rows, "
           f"{jx['cache_len']} cache slots")
-    print(f"# decode attention: {jx.get('decode_kernel', 'auto')} (prefjax.models.layers.decode_kernel)")
-    print(f"# {jx['device']} jax {jx['jax']}; read bandwidth {bw / 1e9:.0f} GB/s (reduction over "
-          f"{'4 GiB' if args.device == 'gpu' else '64 MiB'}); weights {wb / 1e9:.2f} GB; KV {kvt / 1e3:.1f} kB/token; "
-          f"jax part {jx['elapsed']:.0f}s (warm-up {jx['warmup_seconds']:.0f}s)")
-    if th and "error" not in th:
-        print(f"# transformers {th['transformers']} torch {th['torch']} on {th['device']}: static batches of "
+    warm = ", ".join(f"{n} {s:.0f}s" for n, s in jx.get("warmup_seconds", {}).items())
+    print(f"# {jx['device']} x{jx['n_devices']} jax {jx['jax']}, mesh {jx['mesh']}, engine {jx['engine']}"
+          + (f", experts {jx['moe_impl']}" if jx.get("moe_impl") else "")
+          + f", decode attention {jx.get('decode_kernel', 'auto')} (prefjax.models.layers.decode_kernel); read bandwidth {bw / 1e9:.0f} GB/s "
+          f"(reduction over {'4 GiB' if args.device != 'cpu' else '64 MiB'}); weights {info['weight_bytes'] / 1e9:.2f} GB; "
+          f"KV {info['kv_bytes_per_token'] / 1e3:.1f} kB/token; jax part {jx.get('elapsed', 0):.0f}s "
+          f"(warm-up {warm}; phases {jx['phases_s']}; peak {jx.get('peak_gib')} GiB)"
+          + (f"; PARTIAL: {jx['partial']}" if jx.get("partial") else ""))
+    if info["n_experts"] or info["state_bytes_per_row"]:
+        print(f"# bound per device: non-expert weights {info['dense_bytes'] / 1e9:.2f} GB (embedding table "
+              f"{info['embed_bytes_left_out'] / 1e9:.2f} GB left out), experts {info['expert_bytes_each'] / 1e6:.1f} MB "
+              f"each x {info['moe_layers']} layers / {info['expert_devices']} expert devices, recurrent state "
+              f"{info['state_bytes_per_row'] / 1e6:.1f} MB/row read + written / {info['row_devices']} row devices")
+    ok = th is not None and "error" not in th
+    if ok:
+        print(f"# transformers {th['transformers']} torch {th['torch']} on {th['device']}"
+              + (f" x{th['n_devices']}" if th["n_devices"] else "")
+              + f" (placement GiB {th.get('placement_gib')}, experts {th.get('experts_implementation')}, "
+              f"fla {th.get('fla')}, causal_conv1d {th.get('causal_conv1d')}): static batches of "
               f"{-(-args.rows // k)} prompts x {k}, sorted by length; {th['pairs']} pairs"
-              + (" (stopped at --hf-budget)" if th.get("partial") else "") + f"; part {th['elapsed']:.0f}s")
+              + (" (stopped early: time)" if th.get("partial") is True else "")
+              + f"; part {th.get('elapsed', 0):.0f}s, phases {th['phases_s']}"
+              + (f"; PARTIAL: {th['partial']}" if isinstance(th.get("partial"), str) else ""))
     elif th:
         print(f"# transformers failed: {th['error'][-800:]}")
-    hf_rate = None
-    print(f"{'run':<22} {'seconds':>8} {'pairs/s':>8} {'gen tok/s':>10} {'tok/sample':>10} {'vs hf':>6} "
+
+    if jx["steps"] or (ok and th["steps"]):
+        from _timing import bound_line
+        print(f"{'decode step (sampled)':<28} {'ms':>9} {'hf ms':>9} {'ratio':>6} {'bound ms':>9} {'share':>7}")
+        for b in args.step_batches:
+            mine, ref = jx["steps"].get(str(b)), (th["steps"].get(str(b)) if ok else None)
+            sb = step_bytes(info, b)
+            ctx = (mine or ref or {}).get("context", jx["step_context"])
+            bound = (sb["weights"] + sb["experts"] + sb["state"] + kv_read_bytes(info, [ctx] * b)) / bw
+            if mine:
+                print(bound_line(f"B={b} prefjax engine step", mine["seconds"], ref and ref["seconds"], bound)
+                      + (f"  ({mine['compiled_while_timed']} XLA compilations inside the timing)"
+                         if mine.get("compiled_while_timed") else ""))
+            elif ref:
+                print(f"{'B=%d transformers only' % b:<28} {'-':>9} {ref['seconds'] * 1e3:9.2f}")
+            print(f"#   B={b} bound parts per device: weights {sb['weights'] / 1e9:.2f} GB, experts "
+                  f"{sb['experts'] / 1e9:.2f} GB ({sb['experts_touched_per_layer']:.1f} touched per layer), state "
+                  f"{sb['state'] / 1e9:.2f} GB, KV {kv_read_bytes(info, [ctx] * b) / 1e9:.3f} GB at {ctx} tokens")
+
+    print(f"{'run':<30} {'seconds':>8} {'pairs/s':>8} {'gen tok/s':>10} {'tok/sample':>10} {'vs hf':>6} "
           f"{'bound s':>8} {'share':>6}")
 
     def line(name, sec, pairs, gen, prompt_lens, ref_rate):
         rate = pairs / sec
-        b = bound_seconds(prompt_lens, gen, args.rows, wb, kvt, bw)
+        b = bound_seconds(info, prompt_lens, gen, args.rows)
         ratio = f"{rate / ref_rate:6.2f}" if ref_rate else "     -"
-        print(f"{name:<22} {sec:8.2f} {rate:8.3f} {sum(gen) / sec:10.1f} {np.mean(gen):10.1f} {ratio} "
+        print(f"{name:<30} {sec:8.2f} {rate:8.3f} {sum(gen) / sec:10.1f} {np.mean(gen):10.1f} {ratio} "
               f"{b:8.2f} {100 * b / sec:5.1f}%")
         return rate
 
-    if th and "error" not in th and th["pairs"]:
-        hf_rate = line("transformers generate", th["seconds"], th["pairs"], th["gen_lens"], th["prompt_lens"], None)
+    hf_rate = None
+    if ok and th["pairs"]:
+        hf_rate = line(f"transformers generate ({th['pairs']})", th["seconds"], th["pairs"], th["gen_lens"],
+                       th["prompt_lens"], None)
     rep = [p for p in plens for _ in range(k)]
     rates = {}
     for name, r in jx["runs"].items():
@@ -347,6 +661,9 @@ def main():
         print(f"#   {name}: {s['decode_steps']} decode steps ({ideal} if every row were always busy), "
               f"{s['prefills']} prefills, shared prefix prefilled once: {s.get('prefix_tokens', 0)} tokens, "
               f"{s['waves']} waves, {r['stopped']} of {len(r['gen_lens'])} samples stopped at a stop id")
+    if ok and th["pairs"] and th["pairs"] < args.pairs:
+        print(f"#   (transformers ran {th['pairs']} of the {args.pairs} pairs, the shortest prompts first; its pairs/s "
+              "is over those)")
     steered = f"steered{N_DIRECTIONS}"
     if "unsteered" in rates and steered in rates:
         print(f"# {N_DIRECTIONS} distinct steering vectors cost {100 * (1 - rates[steered] / rates['unsteered']):.1f}% "
@@ -356,8 +673,100 @@ def main():
         if pu != ps:
             print(f"#   (includes prefix reuse: the unsteered run prefilled its {pu}-token shared prefix once, the "
                   f"steered run, steering every token, prefilled it per request)")
-    if jx.get("skipped"):
-        print(f"# skipped (time budget): {', '.join(jx['skipped'])}")
+    skipped = jx.get("skipped", []) + [f"transformers {s}" for s in (th or {}).get("skipped", [])]
+    if skipped:
+        print(f"# skipped (time): {', '.join(skipped)}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="gemma3-27b")
+    ap.add_argument("--device", choices=("gpu", "cpu", "auto"), default="gpu",
+                    help="'auto': GPUs, transformers spread over all of them (--hf-spread)")
+    ap.add_argument("--mesh", default=None, help="prefjax mesh over this process's devices, e.g. 'expert=2' "
+                    "(default: one device); on the CPU that many fake devices")
+    ap.add_argument("--moe-impl", default=None, help="prefjax MoE path (default: the preset's: 'grouped', the "
+                    "Pallas kernels on GPUs)")
+    ap.add_argument("--hf-spread", action="store_true", help="transformers placed as device_map='auto' would "
+                    "place it over every GPU (or the CPU)")
+    ap.add_argument("--hf-frac", type=float, default=0.9, help="share of each GPU's free memory the spread "
+                    "transformers weights may fill")
+    ap.add_argument("--pairs", type=int, default=None, help="pair prompts (default: 128 on gpu, 8 on cpu)")
+    ap.add_argument("--samples", type=int, default=5)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--cache-gens", type=int, default=1,
+                    help="cache slots = longest prompt (bucketed) + this many times --new. 1 suits random "
+                         "weights (samples never stop early, rows finish together); real replies stopping "
+                         "early refill rows mid-wave with a larger value")
+    ap.add_argument("--step-batches", default="", help="row counts at which to time one sampled decode step "
+                    "on both sides, e.g. '8,64' (default: none)")
+    ap.add_argument("--steps", type=int, default=12, help="prefjax: decode steps per timed run of --step-batches")
+    ap.add_argument("--step-new", type=int, default=16, help="transformers: decode steps timed per --step-batches")
+    ap.add_argument("--prefill-unroll", action="store_true", help="engine prefills unrolled (default: scanned)")
+    ap.add_argument("--no-steered", action="store_true", help="skip the run with 64 steering vectors")
+    ap.add_argument("--prompts", default=PROMPTS)
+    ap.add_argument("--budget", type=float, default=240, help="JAX part: seconds after which runs are skipped")
+    ap.add_argument("--hf-budget", type=float, default=150, help="transformers: stop starting batches after this")
+    ap.add_argument("--deadline", type=float, default=None, help="seconds for the whole command: the JAX part gets "
+                    "what is left minus --hf-reserve, transformers the rest; each skips stages it has no time for")
+    ap.add_argument("--hf-reserve", type=float, default=240, help="seconds of --deadline kept for transformers")
+    ap.add_argument("--reference-first", action="store_true", help="run transformers before JAX (with --deadline "
+                    "it gets at most --hf-reserve seconds; JAX then gets all that is left)")
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--decode-kernel", default="auto", help="decode attention: auto, xla, "
+                    "pallas[:block=64;num_warps=8] (layers.decode_kernel)")
+    ap.add_argument("--write-prompts", type=int, default=0, metavar="N",
+                    help="tokenize N pair prompts into --prompts and exit (needs the packaged Gemma tokenizer)")
+    ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_until", type=float, default=None, help=argparse.SUPPRESS)  # a worker's end, epoch seconds
+    args = ap.parse_args()
+    if args.device == "auto":
+        args.hf_spread = True
+    args.step_batches = [int(b) for b in args.step_batches.split(",") if b]
+    if args.pairs is None:
+        args.pairs = 128 if args.device != "cpu" else 8
+    if args.device == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    if args.write_prompts:
+        write_prompts(args.prompts, args.write_prompts)
+        return
+    if args._worker:
+        emit = lambda res: print("RESULT " + json.dumps(res), flush=True)
+        emit(run_jax(args, emit) if args._worker == "jax" else run_torch(args, emit))
+        sys.stdout.flush()
+        os._exit(0)  # a step still compiling in a daemon thread must not hold the process
+    t_start = time.time()
+    argv = [a for a in sys.argv[1:]]
+    env = dict(os.environ)
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    mesh = parse_mesh(args.mesh)
+    if mesh and args.device == "cpu" and "device_count" not in env.get("XLA_FLAGS", ""):
+        # fake CPU devices: 8 of them (the mesh takes the first ones) as tests/test_engine_mesh.py does; with only
+        # as many as the mesh has, the tiny MoE engine hangs on a 2-core host (BUILD_NOTES' XLA:CPU gotcha)
+        n = max(8, int(np.prod(list(mesh.values()))))
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
+    left = lambda: None if args.deadline is None else args.deadline - (time.time() - t_start) - 3
+
+    def part(which, limit):
+        extra = [] if limit is None else ["--_until", str(time.time() + limit)]
+        if limit is None and which == "torch":
+            limit = args.hf_budget + 600
+        return _worker(which, argv + extra, limit, env)
+
+    # --deadline: the first part gets its share (transformers: --hf-reserve; JAX: what is left minus that), the
+    # second part whatever the first left over
+    th = None
+    if args.reference_first and not args.no_hf:
+        th = part("torch", None if left() is None else min(args.hf_reserve, left()))
+    jx = part("jax", None if left() is None else left() - (args.hf_reserve if not (args.no_hf or th) else 0))
+    if "error" in jx:
+        if th:
+            print(f"# transformers part: {json.dumps(th)[-3000:]}")
+        raise SystemExit("jax part failed: " + jx["error"])
+    if th is None and not args.no_hf:
+        th = part("torch", left())
+    _report(args, jx, th)
 
 
 if __name__ == "__main__":

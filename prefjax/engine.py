@@ -639,28 +639,16 @@ class Engine:
     def _run(self, requests, on_done):
         reqs = self._check(requests)
         plan = self._check_captures(requests, reqs)
-        model, cfg, B, S = self.model, self.model.config, self.rows, self._s
-        greedy = self.temperature == 0.0
-        mesh = model.mesh
-        static = dict(family=model.family, cfg=cfg, greedy=greedy, top_k=0 if greedy else self.top_k,
-                      use_top_p=(not greedy) and self.top_p < 1.0, unroll=self.unroll, mesh=mesh)
-        temp, top_p = jnp.float32(max(self.temperature, 1e-30)), jnp.float32(self.top_p)
+        model, B, S = self.model, self.rows, self._s
+        static = self._static()
+        temp, top_p = self._sampling()
         params = model.run_params()
         root = jax.random.PRNGKey(self.seed)
         stops = set(self.stop_ids)
         self.stats = stats = EngineStats()
 
-        state = per_layer_cache(model.family.init_state(cfg, B, S, model.dtype), cfg.n_layers, self.unroll)
-        rowvars = {"prev": jnp.zeros((B,), jnp.int32), "step": jnp.zeros((B,), jnp.int32),
-                   "keys": jnp.zeros((B, 2), jnp.uint32), "layer": jnp.full((B,), -1, jnp.int32),
-                   "unit": jnp.zeros((B, cfg.d_model), jnp.float32), "gen": jnp.zeros((B,), jnp.float32)}
+        state, rowvars = self._empty_rows(B, S, plan)
         capture = CaptureSpec() if plan is None else plan.spec
-        if plan is not None:
-            rowvars["cap_slot"] = jnp.full((B, plan.table_len), -1, jnp.int32)
-            rowvars["cap"] = jnp.zeros((B, plan.slots, len(plan.spec.names), cfg.d_model), jnp.float32)
-        if mesh is not None:  # placed as every compiled piece returns them (donation aliases)
-            state = jax.device_put(state, _row_shardings(state, mesh, state=True))
-            rowvars = jax.device_put(rowvars, _row_shardings(rowvars, mesh, state=False))
         queue = [(i, s) for i, c in enumerate(reqs) for s in range(c.n_samples)]
         qpos = 0
         results: list[list[Sample | None]] = [[None] * c.n_samples for c in reqs]
@@ -765,6 +753,36 @@ class Engine:
                     settle(b, [int(x) for x in got[:, b]])
             flush()
         return [list(r) for r in results]  # type: ignore[arg-type]
+
+    def _static(self) -> dict:
+        """The static arguments of the compiled pieces (:func:`_prefill`, :func:`_insert`, :func:`_step`) for
+        this engine's settings; the same dict gives the same compiled programs."""
+        greedy = self.temperature == 0.0
+        return dict(family=self.model.family, cfg=self.model.config, greedy=greedy,
+                    top_k=0 if greedy else self.top_k, use_top_p=(not greedy) and self.top_p < 1.0,
+                    unroll=self.unroll, mesh=self.model.mesh)
+
+    def _sampling(self):
+        """The sampling scalars the compiled pieces take: ``(temperature, top_p)`` as float32 arrays."""
+        return jnp.float32(max(self.temperature, 1e-30)), jnp.float32(self.top_p)
+
+    def _empty_rows(self, rows: int, slots: int, plan: _CapturePlan | None = None):
+        """An empty decode state of ``rows`` rows x ``slots`` columns (one buffer per layer where the step is
+        unrolled) and its rowvars (with capture slots for ``plan``), placed as every compiled piece returns
+        them (under a mesh: split along their row axis), so donated inputs alias their outputs."""
+        model, cfg, B = self.model, self.model.config, int(rows)
+        state = per_layer_cache(model.family.init_state(cfg, B, int(slots), model.dtype), cfg.n_layers, self.unroll)
+        rowvars = {"prev": jnp.zeros((B,), jnp.int32), "step": jnp.zeros((B,), jnp.int32),
+                   "keys": jnp.zeros((B, 2), jnp.uint32), "layer": jnp.full((B,), -1, jnp.int32),
+                   "unit": jnp.zeros((B, cfg.d_model), jnp.float32), "gen": jnp.zeros((B,), jnp.float32)}
+        if plan is not None:
+            rowvars["cap_slot"] = jnp.full((B, plan.table_len), -1, jnp.int32)
+            rowvars["cap"] = jnp.zeros((B, plan.slots, len(plan.spec.names), cfg.d_model), jnp.float32)
+        mesh = model.mesh
+        if mesh is not None:
+            state = jax.device_put(state, _row_shardings(state, mesh, state=True))
+            rowvars = jax.device_put(rowvars, _row_shardings(rowvars, mesh, state=False))
+        return state, rowvars
 
     def _admit(self, params, prefix, state, rowvars, admit, reqs, t, root, temp, top_p, static):
         """Prefill the distinct requests among ``admit`` ((row, (request, sample)) pairs) once each (past
