@@ -86,6 +86,7 @@ Prefill FLOPs are not in the bound (the prompts are short; the engine's prefill 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import dataclasses
 import json
 import math
@@ -347,7 +348,8 @@ def run_jax(args, emit) -> dict:
                 print(f"[jax] step at {b} rows compiled ahead of time in {time.time() - t0:.0f}s", file=sys.stderr,
                       flush=True)
 
-    thread = threading.Thread(target=compile_others, daemon=True)
+    # run in a copy of this thread's context: the decode-kernel choice (a context variable set above) holds there
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(compile_others,), daemon=True)
     if others:
         thread.start()
 
