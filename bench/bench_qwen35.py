@@ -176,7 +176,7 @@ def _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh, emit):
     t_decode = float(np.median([decode() for _ in range(max(1, repeats // 2))]))
     out.update(decode_tok_s=batch * new / t_decode, decode_s=t_decode)
     phase("time_decode")
-    out["peak_gib"] = _peak_gib()
+    out["peak_gib"] = peak_gib()
     emit(out)
     if cfg.moe_impl == "pallas":
         out.update(check_moe(cfg, params, tokens, timed=mesh is None))
@@ -184,7 +184,7 @@ def _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh, emit):
     return out
 
 
-def _peak_gib():
+def peak_gib():
     """Largest peak of device memory in use over the devices, GiB (None where not reported)."""
     import jax
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
@@ -288,13 +288,14 @@ def _worker(args, cfg, side):
     emit(res)
 
 
-def _results(text: str):
+def last_result(text: str):
     """The last ``RESULT`` JSON line of a worker's stdout (None if it printed none)."""
     lines = [ln for ln in (text or "").splitlines() if ln.startswith("RESULT ")]
     return json.loads(lines[-1][len("RESULT "):]) if lines else None
 
 
-def _text(b) -> str:
+def as_text(b) -> str:
+    """A subprocess stream (bytes, str or None) as text."""
     return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
 
 
@@ -352,8 +353,8 @@ def main(argv=None):
                                   capture_output=True, text=True, timeout=limit)
             stdout, stderr, rc = proc.stdout, proc.stderr, proc.returncode
         except subprocess.TimeoutExpired as e:
-            stdout, stderr, rc = _text(e.stdout), _text(e.stderr), f"timed out after {limit:.0f}s"
-        res = _results(stdout)
+            stdout, stderr, rc = as_text(e.stdout), as_text(e.stderr), f"timed out after {limit:.0f}s"
+        res = last_result(stdout)
         if rc or res is None:
             print(f"[{side}] failed (rc={rc}) after {time.perf_counter() - t0:.0f}s:\n"
                   + "\n".join((stdout + stderr).splitlines()[-25:]), flush=True)

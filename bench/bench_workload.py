@@ -229,51 +229,34 @@ def _until(args) -> float:
 # --------------------------------------------------------------------------------------------
 # JAX process.
 
-def _time_steps(step_fn, kw, params, state, rowvars, active, t0, temp, top_p, steps: int):
-    """Seconds per decode step: two warm steps, then the best of two runs of ``steps`` steps dispatched back
-    to back (one sync at the end), the state and rowvars donated from step to step."""
-    import jax.numpy as jnp
+def _time_steps(probe, t0: int, steps: int) -> float:
+    """Seconds per decode step of ``probe`` (``Engine.decode_step``): two warm steps, then the best of two runs
+    of ``steps`` steps dispatched back to back (one sync at the end)."""
     t = t0
     for _ in range(2):
-        state, rowvars, tok = step_fn(params, state, rowvars, active, jnp.int32(t), temp, top_p, **kw)
+        tok = probe.step(t)
         t += 1
     tok.block_until_ready()
     best = float("inf")
     for _ in range(2):
         start = time.perf_counter()
         for _ in range(steps):
-            state, rowvars, tok = step_fn(params, state, rowvars, active, jnp.int32(t), temp, top_p, **kw)
+            tok = probe.step(t)
             t += 1
         tok.block_until_ready()
         best = min(best, (time.perf_counter() - start) / steps)
     return best
 
 
-def _step_inputs(eng, rows: int, slots: int, seed: int = 0):
-    """An empty engine state of ``rows`` rows with every row active, random previous tokens (so the routed
-    experts spread as in a run) and per-row sampling keys, placed as the engine places its own."""
-    import jax
-    cfg = eng.model.config
-    state, rowvars = eng._empty_rows(rows, slots)
-    rs = np.random.RandomState(seed)
-    prev = rs.randint(0, cfg.vocab_size, size=rows).astype(np.int32)
-    keys = np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(seed), np.arange(rows)))
-    rowvars = {**rowvars, "prev": jax.device_put(prev, rowvars["prev"].sharding),
-               "keys": jax.device_put(keys.astype(np.uint32), rowvars["keys"].sharding)}
-    return state, rowvars, eng._put(np.ones((rows,), bool))
-
-
 def run_jax(args, emit) -> dict:
     import jax
     import prefjax
-    from prefjax import engine as engine_mod
     from prefjax.engine import Engine, Request, RowSteer
-    from prefjax.hooks import CaptureSpec
     from prefjax.models.layers import decode_kernel
     from prefjax.sharding import make_mesh, mesh_context
     from prefjax.steering import random_direction
     from _timing import read_bandwidth
-    from bench_qwen35 import _peak_gib
+    from bench_qwen35 import peak_gib
 
     t_start = time.time()
     until = _until(args)
@@ -325,28 +308,16 @@ def run_jax(args, emit) -> dict:
                  prompt_bucket=16, prefill_rows=8, **loops)
     out.update(cache_len=cache_len, step_context=p0, engine={"unroll": eng.unroll,
                                                              "prefill_unroll": eng.prefill_unroll})
-    params = model.run_params()
-    static = eng._static()
-    with mesh_context(mesh):  # as the engine makes them inside its run: on a mesh, replicated over it
-        temp, top_p = eng._sampling()
-
     # decode steps at other row counts than the engine's: compiled ahead of time in a thread while the
     # engine warms up (only compilers overlap with the main thread's programs; nothing runs there)
-    others = [b for b in args.step_batches if b != args.rows]
-    compiled: dict[int, object] = {}
-    with mesh_context(mesh):
-        inputs = {b: _step_inputs(eng, b, cache_len) for b in others}
+    others = {b: eng.decode_step(b, cache_len) for b in args.step_batches if b != args.rows}
 
     def compile_others():
-        with mesh_context(mesh):  # the mesh context is per thread
-            for b in others:
-                like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
-                st, rv, act = (jax.tree_util.tree_map(like, x) for x in inputs[b])
-                t0 = time.time()
-                compiled[b] = engine_mod._step.lower(params, st, rv, act, like(jax.numpy.int32(p0)), temp, top_p,
-                                                     capture=CaptureSpec(), **static).compile()
-                print(f"[jax] step at {b} rows compiled ahead of time in {time.time() - t0:.0f}s", file=sys.stderr,
-                      flush=True)
+        for b, probe in others.items():
+            t0 = time.time()
+            probe.compile(p0)
+            print(f"[jax] step at {b} rows compiled ahead of time in {time.time() - t0:.0f}s", file=sys.stderr,
+                  flush=True)
 
     # run in a copy of this thread's context: the decode-kernel choice (a context variable set above) holds there
     thread = threading.Thread(target=contextvars.copy_context().run, args=(compile_others,), daemon=True)
@@ -405,33 +376,30 @@ def run_jax(args, emit) -> dict:
         lambda event, secs, **kw: compiles.__setitem__(0, compiles[0] + (event == COMPILE_EVENT)))
     if others and args.step_batches:
         thread.join(None if until == float("inf") else max(0.0, until - time.time() - est["step"]))
-    with mesh_context(mesh):
-        for b in args.step_batches:
-            if skip(f"step B={b}", est["step"]):
-                continue
-            if b == args.rows:  # the engine's own program, found in jit's cache
-                fn, kw = engine_mod._step, dict(static, capture=CaptureSpec())
-                st, rv, act = _step_inputs(eng, b, cache_len)
-            elif b in compiled:
-                fn, kw = compiled[b], {}
-                st, rv, act = inputs.pop(b)
-            else:
-                out.setdefault("skipped", []).append(f"step B={b} (not compiled in time)")
-                continue
-            before = compiles[0]
-            sec = _time_steps(fn, kw, params, st, rv, act, p0, temp, top_p, args.steps)
-            st = rv = None
-            row = {"seconds": sec, "context": p0 + 2 + args.steps}
-            if not thread.is_alive():  # (a compile in the thread would count too)
-                row["compiled_while_timed"] = compiles[0] - before
-            out["steps"][str(b)] = row
-            print(f"[jax] decode step at {b} rows: {sec * 1e3:.2f} ms", file=sys.stderr, flush=True)
-            phase(f"step_B{b}")
+    for b in args.step_batches:
+        if skip(f"step B={b}", est["step"]):
+            continue
+        if b == args.rows:  # the engine's own program, found in jit's cache
+            probe = eng.decode_step(b, cache_len)
+        elif b in others and not thread.is_alive():
+            probe = others.pop(b)
+        else:
+            out.setdefault("skipped", []).append(f"step B={b} (not compiled in time)")
+            continue
+        before = compiles[0]
+        sec = _time_steps(probe, p0, args.steps)
+        probe = None
+        row = {"seconds": sec, "context": p0 + 2 + args.steps}
+        if not thread.is_alive():  # (a compile in the thread would count too)
+            row["compiled_while_timed"] = compiles[0] - before
+        out["steps"][str(b)] = row
+        print(f"[jax] decode step at {b} rows: {sec * 1e3:.2f} ms", file=sys.stderr, flush=True)
+        phase(f"step_B{b}")
 
     for name, reqs in runs.items():
         if not skip(f"warm-up {name}", est["run"]):
             timed_run(name, reqs)
-    out["peak_gib"] = _peak_gib()
+    out["peak_gib"] = peak_gib()
     out["elapsed"] = time.time() - t_start
     return out
 
@@ -569,15 +537,15 @@ def run_torch(args, emit) -> dict:
 def _worker(which: str, argv: list[str], timeout: float | None, env: dict) -> dict:
     """Run one part in its own process; its last ``RESULT`` line (``partial`` when the process failed or ran
     past ``timeout`` after reporting some stages), or ``{"error": ...}`` when it reported none."""
-    from bench_qwen35 import _results, _text
+    from bench_qwen35 import last_result, as_text
     t0 = time.time()
     try:
         r = subprocess.run([sys.executable, os.path.abspath(__file__), "--_worker", which] + argv,
                            stdout=subprocess.PIPE, text=True, env=env, timeout=timeout)
         stdout, why = r.stdout, (f"rc {r.returncode}" if r.returncode else None)
     except subprocess.TimeoutExpired as e:
-        stdout, why = _text(e.stdout), f"ran past its {timeout:.0f} s"
-    res = _results(stdout)
+        stdout, why = as_text(e.stdout), f"ran past its {timeout:.0f} s"
+    res = last_result(stdout)
     if res is None:
         return {"error": f"{which} part {why or 'printed no result'} after {time.time() - t0:.0f} s: "
                          + (stdout or "")[-2000:]}

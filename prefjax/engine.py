@@ -771,18 +771,47 @@ class Engine:
         unrolled) and its rowvars (with capture slots for ``plan``), placed as every compiled piece returns
         them (under a mesh: split along their row axis), so donated inputs alias their outputs."""
         model, cfg, B = self.model, self.model.config, int(rows)
-        state = per_layer_cache(model.family.init_state(cfg, B, int(slots), model.dtype), cfg.n_layers, self.unroll)
-        rowvars = {"prev": jnp.zeros((B,), jnp.int32), "step": jnp.zeros((B,), jnp.int32),
-                   "keys": jnp.zeros((B, 2), jnp.uint32), "layer": jnp.full((B,), -1, jnp.int32),
-                   "unit": jnp.zeros((B, cfg.d_model), jnp.float32), "gen": jnp.zeros((B,), jnp.float32)}
-        if plan is not None:
-            rowvars["cap_slot"] = jnp.full((B, plan.table_len), -1, jnp.int32)
-            rowvars["cap"] = jnp.zeros((B, plan.slots, len(plan.spec.names), cfg.d_model), jnp.float32)
+
+        def make():
+            state = per_layer_cache(model.family.init_state(cfg, B, int(slots), model.dtype), cfg.n_layers,
+                                    self.unroll)
+            rowvars = {"prev": jnp.zeros((B,), jnp.int32), "step": jnp.zeros((B,), jnp.int32),
+                       "keys": jnp.zeros((B, 2), jnp.uint32), "layer": jnp.full((B,), -1, jnp.int32),
+                       "unit": jnp.zeros((B, cfg.d_model), jnp.float32), "gen": jnp.zeros((B,), jnp.float32)}
+            if plan is not None:
+                rowvars["cap_slot"] = jnp.full((B, plan.table_len), -1, jnp.int32)
+                rowvars["cap"] = jnp.zeros((B, plan.slots, len(plan.spec.names), cfg.d_model), jnp.float32)
+            return state, rowvars
+
         mesh = model.mesh
-        if mesh is not None:
-            state = jax.device_put(state, _row_shardings(state, mesh, state=True))
-            rowvars = jax.device_put(rowvars, _row_shardings(rowvars, mesh, state=False))
-        return state, rowvars
+        if mesh is None:
+            return make()
+        # made in place on every device: built whole on one device and then split, the state of 64 rows of
+        # Qwen-3.5-122B (9.8 GB) did not fit next to that device's weights (BUILD_NOTES.md)
+        state, rowvars = jax.eval_shape(make)
+        shardings = (_row_shardings(state, mesh, state=True), _row_shardings(rowvars, mesh, state=False))
+        return jax.jit(make, out_shardings=shardings)()
+
+    def decode_step(self, rows: int | None = None, slots: int = 256, *, seed: int = 0) -> "DecodeStep":
+        """This engine's compiled decode step at ``rows`` rows (default: the engine's) of ``slots`` cache
+        columns, every row active with a random previous token and its own sampling key: what a benchmark
+        times as "one decode step" (the step :meth:`run` dispatches, with the same static settings and, under
+        a mesh, the same placement). See :class:`DecodeStep`."""
+        rows = self.rows if rows is None else int(rows)
+        split = batch_multiple(self.model.mesh)
+        if rows < 1 or rows % split:
+            raise EngineError(f"rows={rows} does not split over the mesh's {split} batch devices")
+        with mesh_context(self.model.mesh):
+            state, rowvars = self._empty_rows(rows, slots)
+            rs = np.random.RandomState(seed)
+            prev = rs.randint(0, self.model.config.vocab_size, size=rows).astype(np.int32)
+            keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(seed), jnp.arange(rows))
+            rowvars = {**rowvars, "prev": jax.device_put(prev, rowvars["prev"].sharding),
+                       "keys": jax.device_put(np.asarray(keys, np.uint32), rowvars["keys"].sharding)}
+            temp, top_p = self._sampling()
+            active = self._put(np.ones((rows,), bool))
+        return DecodeStep(self.model.run_params(), state, rowvars, active, temp, top_p, self._static(),
+                          self.model.mesh)
 
     def _admit(self, params, prefix, state, rowvars, admit, reqs, t, root, temp, top_p, static):
         """Prefill the distinct requests among ``admit`` ((row, (request, sample)) pairs) once each (past
@@ -847,3 +876,34 @@ class Engine:
             else:
                 smp.captures = {h: np.zeros((0, d), np.float32) for h in col}
             smp.capture_steps = got
+
+
+class DecodeStep:
+    """One engine decode step with its own donated state (made by :meth:`Engine.decode_step`).
+
+    ``step(t)`` runs the step at cache column ``t`` and returns the sampled tokens (an unsynchronised
+    device array: time a run of calls and block on the last). ``compile(t)`` compiles the program ahead
+    of time, without running anything (a benchmark can compile one row count in a thread while another
+    runs); without it the first ``step`` compiles through jit's cache, where :meth:`Engine.run` finds the
+    same program.
+    """
+
+    def __init__(self, params, state, rowvars, active, temperature, top_p, static: dict, mesh):
+        self._params, self._state, self._rowvars, self._active = params, state, rowvars, active
+        self._temp, self._top_p, self._static, self._mesh = temperature, top_p, static, mesh
+        self._compiled = None
+
+    def compile(self, t: int = 0) -> None:
+        like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)  # noqa: E731
+        args = jax.tree_util.tree_map(like, (self._params, self._state, self._rowvars, self._active))
+        with mesh_context(self._mesh):
+            self._compiled = _step.lower(*args, like(jnp.int32(t)), self._temp, self._top_p,
+                                         capture=CaptureSpec(), **self._static).compile()
+
+    def step(self, t: int):
+        fn = self._compiled if self._compiled is not None else functools.partial(
+            _step, capture=CaptureSpec(), **self._static)
+        with mesh_context(self._mesh):
+            self._state, self._rowvars, tok = fn(self._params, self._state, self._rowvars, self._active,
+                                                 jnp.int32(t), self._temp, self._top_p)
+        return tok

@@ -226,3 +226,18 @@ def test_shared_prompt_prefix_prefilled_once_equals_generate(preset):
                   else None) for i, (p, n) in enumerate(zip(prompts, news))]
     eng.run(st)
     assert eng.stats.prefix_tokens == 0
+
+
+def test_decode_step_probe_compiled_ahead_equals_jit(model):
+    # Engine.decode_step is what benchmarks time: compiled ahead of time or through jit, the same tokens
+    eng = Engine(model, rows=2, temperature=1.0, stop_ids=())
+    jit_probe, aot_probe = eng.decode_step(3, 32, seed=3), eng.decode_step(3, 32, seed=3)
+    aot_probe.compile(5)
+    a = [np.asarray(jit_probe.step(5 + i)) for i in range(3)]
+    b = [np.asarray(aot_probe.step(5 + i)) for i in range(3)]
+    assert all(x.shape == (3,) for x in a)
+    assert [x.tolist() for x in a] == [x.tolist() for x in b]
+    other = eng.decode_step(3, 32, seed=4)
+    assert [np.asarray(other.step(5 + i)).tolist() for i in range(3)] != [x.tolist() for x in a]
+    with pytest.raises(EngineError, match="rows=0"):
+        eng.decode_step(0)
