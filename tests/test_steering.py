@@ -9,7 +9,7 @@ import prefjax
 from prefjax.generation import generate
 from prefjax.experiments.steering import completion_loglik, dose_response, format_table
 from prefjax.stats_small import wilson_interval
-from prefjax.steering import SteerSpec, SteeringError, random_direction, spec_intervention, steer, token_span_mask
+from prefjax.steering import SteerSpec, SteeringError, random_direction, steer, token_span_mask
 
 LAYER = 3
 NAMES = tuple(f"blocks.{l}.hook_resid_post" for l in range(7))
