@@ -631,6 +631,11 @@ def _report(args, jx: dict, th: dict | None) -> None:
         print(f"#   {name}: {s['decode_steps']} decode steps ({ideal} if every row were always busy), "
               f"{s['prefills']} prefills, shared prefix prefilled once: {s.get('prefix_tokens', 0)} tokens, "
               f"{s['waves']} waves, {r['stopped']} of {len(r['gen_lens'])} samples stopped at a stop id")
+        if s.get("run_seconds"):
+            host = s["run_seconds"] - s["admit_seconds"] - s["decode_seconds"]
+            print(f"#   {name} time: admissions (prefills + row writes) {s['admit_seconds']:.2f}s, decode steps "
+                  f"{s['decode_seconds']:.2f}s ({1e3 * s['decode_seconds'] / max(s['decode_steps'], 1):.2f} ms/step), "
+                  f"host {host:.2f}s")
     if ok and th["pairs"] and th["pairs"] < args.pairs:
         print(f"#   (transformers ran {th['pairs']} of the {args.pairs} pairs, the shortest prompts first; its pairs/s "
               "is over those)")

@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -195,7 +196,11 @@ class Sample:
 
 @dataclasses.dataclass
 class EngineStats:
-    """Counts from the last :meth:`Engine.run`: decode steps, host syncs, prefill calls, waves."""
+    """Counts from the last :meth:`Engine.run`: decode steps, host syncs, prefill calls, waves; and where
+    its wall time went (seconds, each phase ending in a device sync, so no extra syncs are added):
+    ``admit_seconds`` prefilling and writing admitted rows (the shared prefix's prefill included),
+    ``decode_seconds`` dispatching decode steps and waiting for their tokens, ``run_seconds`` the whole run
+    (the rest is host work: bookkeeping, stops, capture reads)."""
 
     decode_steps: int = 0
     syncs: int = 0
@@ -203,6 +208,9 @@ class EngineStats:
     waves: int = 1
     generated_tokens: int = 0
     prefix_tokens: int = 0  # the shared prompt prefix prefilled once for the run (0: none)
+    admit_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    run_seconds: float = 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -656,10 +664,13 @@ class Engine:
         toks: list[list[int]] = [[] for _ in range(B)]
         t = self._p0
         prefix = None
+        t_run = time.perf_counter()
         if self._lp:
             prefix = self.model.prefill(np.asarray([reqs[0].prompt[:self._lp]], np.int32),
                                         unroll=self.prefill_unroll).state
             stats.prefix_tokens = self._lp
+            jax.block_until_ready(prefix)
+            stats.admit_seconds += time.perf_counter() - t_run
 
         left = [c.n_samples for c in reqs]
         ran = [0] * B             # decode steps each row has run since its admission
@@ -722,8 +733,10 @@ class Engine:
                 uniq = list(dict.fromkeys(i for _, (i, _) in admit))[:self.prefill_rows]
                 part = [a for a in admit if a[1][0] in uniq]
                 admit = [a for a in admit if a[1][0] not in uniq]
+                t_admit = time.perf_counter()
                 state, rowvars, tok0 = self._admit(params, prefix, state, rowvars, part, reqs, t, root, temp, top_p,
-                                                   static)
+                                                   static)  # synchronous: returns the first tokens on the host
+                stats.admit_seconds += time.perf_counter() - t_admit
                 if plan is not None:
                     rowvars = self._admit_captures(plan, rowvars, part)
                 for (b, (i, s)), tk in zip(part, tok0):
@@ -737,6 +750,7 @@ class Engine:
                     stats.waves += 1
                 continue
             n = min(self.sync_every, S - t, max(steps_left(b) for b in live))
+            t_decode = time.perf_counter()
             active = self._put(np.array([slot[b] is not None for b in range(B)]))
             outs = []
             for _ in range(n):
@@ -747,11 +761,13 @@ class Engine:
             stats.decode_steps += n
             stats.syncs += 1
             got = np.asarray(jnp.stack(outs))  # [n, B]
+            stats.decode_seconds += time.perf_counter() - t_decode
             for b in live:
                 ran[b] += n
                 if slot[b] is not None:
                     settle(b, [int(x) for x in got[:, b]])
             flush()
+        stats.run_seconds = time.perf_counter() - t_run
         return [list(r) for r in results]  # type: ignore[arg-type]
 
     def _static(self) -> dict:

@@ -52,6 +52,9 @@ def test_greedy_ragged_refills_and_stops_equal_generate(model):
         assert r[0].finished == g.finished[0], i
     assert eng.stats.prefills >= 3  # rows were refilled mid-run
     assert eng.stats.generated_tokens > 0
+    st = eng.stats  # where the wall time went: admissions and decode chunks are parts of the run
+    assert st.admit_seconds > 0 and st.decode_seconds > 0
+    assert st.admit_seconds + st.decode_seconds <= st.run_seconds
 
 
 def test_new_waves_when_the_cache_runs_out(model):
