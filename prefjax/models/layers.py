@@ -31,7 +31,8 @@ def decode_kernel(kind: str, **options):
 
     * ``"auto"`` (default): the Pallas kernel of :mod:`prefjax.models.decode_pallas` where the trace is
       for one GPU (no mesh of several devices: XLA would gather a custom call's sharded operands), with
-      at least :data:`PALLAS_MIN_ROWS` rows, and it tiles the shapes; else :func:`decode_attention` (XLA);
+      at least :data:`PALLAS_MIN_ROWS` rows of 16-bit inputs, and it tiles the shapes; else
+      :func:`decode_attention` (XLA);
     * ``"xla"``: always :func:`decode_attention`;
     * ``"pallas"`` / ``"pallas-interpret"``: always the kernel (compiled by Triton / run by the Pallas
       interpreter, which is how the CPU tests check it); an error if it cannot tile the shapes.
@@ -161,9 +162,12 @@ PALLAS_MIN_ROWS = 64
 
 
 def _pallas_by_default(q_BxTxNxH, k_BxSxKxH) -> bool:
-    """``"auto"``'s choice: the kernel on one GPU, shapes it tiles, at least :data:`PALLAS_MIN_ROWS` rows."""
+    """``"auto"``'s choice: the kernel on one GPU, shapes it tiles, at least :data:`PALLAS_MIN_ROWS` rows,
+    16-bit inputs (Triton's float32 matrix products default to TF32 on GPUs: float32 runs keep XLA)."""
     b, _, n, h = q_BxTxNxH.shape
     if b < PALLAS_MIN_ROWS or not decode_pallas.supported(n, k_BxSxKxH.shape[2], h, k_BxSxKxH.shape[1]):
+        return False
+    if q_BxTxNxH.dtype not in (jnp.bfloat16, jnp.float16):
         return False
     mesh = jax.sharding.get_abstract_mesh()
     one_device = mesh.empty or mesh.size == 1  # XLA cannot split a custom call over a mesh
