@@ -303,7 +303,7 @@ def run_jax(args, emit) -> dict:
     # meshes on XLA:CPU unroll every layer loop (a scanned loop with collectives can deadlock on a small
     # host, tests/_engine_mesh_worker.py); on GPUs the step is unrolled and the prefills scanned (defaults)
     loops = dict(unroll=True, prefill_unroll=True) if (mesh is not None and not gpu) else \
-        dict(prefill_unroll=args.prefill_unroll)
+        dict(prefill_unroll=args.prefill_unroll, unroll=None if args.step_unroll == "auto" else args.step_unroll == "1")
     eng = Engine(model, rows=args.rows, cache_len=cache_len, temperature=1.0, seed=0, stop_ids=stops, sync_every=8,
                  prompt_bucket=16, prefill_rows=8, **loops)
     out.update(cache_len=cache_len, step_context=p0, engine={"unroll": eng.unroll,
@@ -679,6 +679,9 @@ def main():
     ap.add_argument("--steps", type=int, default=12, help="prefjax: decode steps per timed run of --step-batches")
     ap.add_argument("--step-new", type=int, default=16, help="transformers: decode steps timed per --step-batches")
     ap.add_argument("--prefill-unroll", action="store_true", help="engine prefills unrolled (default: scanned)")
+    ap.add_argument("--step-unroll", choices=("auto", "0", "1"), default="auto",
+                    help="the engine's decode step: unrolled (1; the GPU default) or scanned (0: one layer to compile; "
+                         "Qwen-3.5's expert stacks stay out of the layer fold either way)")
     ap.add_argument("--no-steered", action="store_true", help="skip the run with 64 steering vectors")
     ap.add_argument("--prompts", default=PROMPTS)
     ap.add_argument("--budget", type=float, default=240, help="JAX part: seconds after which runs are skipped")
