@@ -422,8 +422,8 @@ class Engine:
 
     ``temperature=0`` is greedy; ``top_k``/``top_p`` as in :func:`prefjax.generation.generate`.
     ``stop_ids`` default: :func:`prefjax.generation.default_stop_ids`. ``cache_len`` default: the
-    longest prompt's bucket plus four times the largest ``max_new_tokens`` of the run, rounded up to a
-    multiple of 64 (tiles of :mod:`prefjax.models.decode_pallas`; unused slots are masked and skipped).
+    longest prompt's bucket plus four times the largest ``max_new_tokens`` of the run, on GPUs rounded up
+    to a multiple of 64 (tiles of :mod:`prefjax.models.decode_pallas`; unused slots are masked and skipped).
     ``prompt_bucket``: the longest prompt is rounded up to a multiple of this; every prefill runs
     ``prefill_rows`` distinct requests at that width, so a run compiles one prefill program, one
     decode step and a few row writers (one per power-of-two count of admitted rows).
@@ -511,8 +511,10 @@ class Engine:
         lp = self._shared_prefix(out)
         if lp:
             p0 = lp + _bucket(max(len(c.prompt) for c in out) - lp, self.prompt_bucket)
-        # the default is rounded up to 64 slots: the GPU decode kernel tiles the slots by powers of two
-        cache = self.cache_len or _bucket(p0 + 4 * max(c.max_new for c in out), 64)
+        # on GPUs the default is rounded up to 64 slots: the decode kernel tiles the slots by powers of two
+        # (elsewhere XLA's attention reads every slot, so no padding)
+        cache = self.cache_len or _bucket(p0 + 4 * max(c.max_new for c in out),
+                                          64 if jax.default_backend() == "gpu" else 1)
         limit = int(getattr(cfg, "max_position_embeddings", 1 << 62))
         for i, c in enumerate(out):  # the request that is too long on its own first
             own = _bucket(len(c.prompt), self.prompt_bucket) + c.max_new
