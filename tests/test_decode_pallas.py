@@ -108,15 +108,31 @@ def gemma():
     return prefjax.load("gemma3-tiny")  # sliding window 8: the prompts below run past it
 
 
-def test_generate_with_the_kernel_equals_xla(gemma):
+@pytest.fixture
+def traced(monkeypatch):
+    """Counts the traces of the kernel (so a test cannot pass on programs compiled without it)."""
+    calls = []
+    real = decode_pallas.decode_attention
+
+    def spy(*a, **kw):
+        calls.append(a[0].shape)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(decode_pallas, "decode_attention", spy)
+    return calls
+
+
+def test_generate_with_the_kernel_equals_xla(gemma, traced):
     prompts = [[5, 9, 13, 2, 7, 11, 3, 8, 4, 6, 10, 12], [21, 5, 9]]
     ref = generate(gemma, prompts, max_new_tokens=6, temperature=0.0, stop_ids=())
+    assert not traced  # "auto" on a CPU: the XLA path
     with decode_kernel("pallas-interpret"):
         got = generate(gemma, prompts, max_new_tokens=6, temperature=0.0, stop_ids=())
+    assert traced  # the context cleared jit's caches: the decode step was traced again, with the kernel
     assert got.token_ids == ref.token_ids
 
 
-def test_engine_with_the_kernel_equals_xla(gemma):
+def test_engine_with_the_kernel_equals_xla(gemma, traced):
     rng = np.random.RandomState(4)
     prompts = [[int(t) for t in rng.randint(3, 512, size=n)] for n in (9, 3, 14)]
     news = [5, 7, 4]
@@ -126,6 +142,7 @@ def test_engine_with_the_kernel_equals_xla(gemma):
         return [r[0].token_ids for r in eng.run([Request(p, n) for p, n in zip(prompts, news)])]
 
     ref = run()
+    assert not traced
     with decode_kernel("pallas-interpret"):
         got = run()
-    assert got == ref
+    assert traced and got == ref
