@@ -58,8 +58,9 @@ Layout (built only on the family contract ``forward``/``init_state``/``state_lay
   (:func:`prefjax.sharding.batch_axes`, as :func:`prefjax.generation.generate` splits its batch), so
   ``rows`` must be a multiple of their size (:func:`mesh_rows` rounds up) and ``prefill_rows`` is rounded
   up to one (the extra prefill rows are empty). The decode state (KV slot leaves, recurrent row leaves,
-  ``valid``), the rowvars and the capture buffer are split along their row axis with every other axis
-  replicated (a tensor axis splits the weights and the computation, not the cache), the same concrete
+  ``valid``), the rowvars and the capture buffer are split along their row axis, and the KV leaves also
+  along their head axis as the sharding rules split ``kv_heads`` (over a tensor axis each device keeps
+  the heads it computes); every other axis is replicated. The same concrete
   shardings for the arrays placed before the run and for every compiled piece's outputs, so donated
   inputs alias their outputs. Traces run under :func:`prefjax.sharding.mesh_context` (Qwen-3.5's experts
   run expert-parallel). The host reads tokens and captures from the sharded arrays as it does on one
@@ -87,7 +88,7 @@ from prefjax.generation import default_stop_ids, per_layer_cache, sample_tokens
 from prefjax.hooks import CaptureSpec, HookError, parse_hook
 from prefjax.model import auto_unroll, common_prefix_len, extend_kv_state
 from prefjax.models.stack import PerLayer
-from prefjax.sharding import batch_axes, batch_multiple, batch_sharding, mesh_context
+from prefjax.sharding import batch_axes, batch_multiple, batch_sharding, mesh_context, spec_for
 from prefjax.steering import STEER_POINT, unit_direction
 from prefjax.tokenize import left_pad
 
@@ -231,21 +232,30 @@ def _steer_partial(layer_B, unit_BxD, w_BxT):
 
 # --------------------------------------------------------------------------------------------
 # Row sharding on a mesh: the engine's decode state and rowvars are split along their row axis over the
-# mesh's batch axes (:func:`prefjax.sharding.batch_axes`), every other axis replicated. The same concrete
-# shardings are given to the arrays placed before the run and to every compiled piece's outputs, so a
-# donated input and the output that replaces it always match (donation aliases, no copies).
+# mesh's batch axes (:func:`prefjax.sharding.batch_axes`), and the KV cache's head axis as the sharding rules
+# split ``kv_heads`` (a tensor axis: each device keeps the keys and values of the heads it computes), every
+# other axis replicated. The same concrete shardings are given to the arrays placed before the run and to
+# every compiled piece's outputs, so a donated input and the output that replaces it always match
+# (donation aliases, no copies).
 
-def _row_shardings(tree, mesh, *, state: bool):
+def _row_shardings(tree, mesh, *, state: bool, kv: tuple[str, ...] = ()):
     """One :class:`jax.sharding.NamedSharding` per leaf of ``tree`` splitting its row axis over
     ``mesh``'s batch axes (None without a mesh). ``state``: ``tree`` is a decode state (``valid`` and
     :class:`PerLayer` leaves have rows first, other leaves are layer-stacked ``[layers, rows, ...]``);
-    otherwise every leaf has rows first (the rowvars)."""
+    otherwise every leaf has rows first (the rowvars). ``kv``: the state's KV-cache leaves
+    (``family.state_layout.slot_leaves``, laid out ``[rows, slots, kv heads, head dim]`` after any layer
+    axis), whose head axis is split too where the head count divides."""
     if mesh is None:
         return None
     from jax.sharding import NamedSharding, PartitionSpec as P
     rows = batch_axes(mesh) or None
 
-    def spec(a, axis):
+    def spec(a, axis, heads=False):
+        if heads:
+            logical = [None] * axis + ["batch", None, "kv_heads"] + [None] * (a.ndim - axis - 3)
+            part = list(spec_for(a.shape, logical, mesh))
+            part[axis] = rows  # the engine's rows always split (checked at construction)
+            return NamedSharding(mesh, P(*part))
         return NamedSharding(mesh, P(*([None] * axis + [rows] + [None] * (a.ndim - axis - 1))))
 
     if not state:
@@ -253,17 +263,17 @@ def _row_shardings(tree, mesh, *, state: bool):
     out = {}
     for name, leaf in tree.items():
         if isinstance(leaf, PerLayer):
-            out[name] = PerLayer(spec(a, 0) for a in leaf)
+            out[name] = PerLayer(spec(a, 0, name in kv) for a in leaf)
         else:
-            out[name] = spec(leaf, 0 if name == "valid" else 1)
+            out[name] = spec(leaf, 0 if name == "valid" else 1, name in kv)
     return out
 
 
-def _constrain(tree, mesh, *, state: bool):
+def _constrain(tree, mesh, *, state: bool, kv: tuple[str, ...] = ()):
     """``tree`` under its :func:`_row_shardings` inside a compiled piece (unchanged without a mesh)."""
     if mesh is None:
         return tree
-    return jax.lax.with_sharding_constraint(tree, _row_shardings(tree, mesh, state=state))
+    return jax.lax.with_sharding_constraint(tree, _row_shardings(tree, mesh, state=state, kv=kv))
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,7 +289,8 @@ def _prefill(params, prefix_state, toks_NxP, valid_NxP, s_layer_N, s_unit_NxD, s
     fam = family
     n, p = toks_NxP.shape
     if prefix_state is None:  # (no shared prefix under a mesh)
-        state, start = _constrain(fam.init_state(cfg, n, p, dtype), mesh, state=True), 0
+        state, start = _constrain(fam.init_state(cfg, n, p, dtype), mesh, state=True,
+                                  kv=fam.state_layout.slot_leaves), 0
     else:
         state = extend_kv_state(prefix_state, jnp.zeros((n,), jnp.int32), p)
         start = prefix_state["valid"].shape[1]
@@ -325,7 +336,8 @@ def _insert(state, rowvars, pre_state, logits_NxV, src_R, dst_R, t, keys_R, s_la
     rv["layer"] = rv["layer"].at[dst_R].set(s_layer_R)
     rv["unit"] = rv["unit"].at[dst_R].set(s_unit_RxD)
     rv["gen"] = rv["gen"].at[dst_R].set(s_gen_R)
-    return _constrain(new, mesh, state=True), _constrain(rv, mesh, state=False), tok0
+    return (_constrain(new, mesh, state=True, kv=layout.slot_leaves), _constrain(rv, mesh, state=False),
+            tok0)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("capture",), donate_argnums=(1, 2))
@@ -344,7 +356,8 @@ def _step(params, state, rowvars, active_B, t, temperature, top_p, *, family, cf
     if capture:
         rv["cap"] = _record(rowvars, captured, capture, active_B)
     rv["prev"], rv["step"] = tok, rowvars["step"] + 1
-    return _constrain(state, mesh, state=True), _constrain(rv, mesh, state=False), tok
+    return (_constrain(state, mesh, state=True, kv=fam.state_layout.slot_leaves), _constrain(rv, mesh, state=False),
+            tok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -807,7 +820,8 @@ class Engine:
         # made in place on every device: built whole on one device and then split, the state of 64 rows of
         # Qwen-3.5-122B (9.8 GB) did not fit next to that device's weights (BUILD_NOTES.md)
         state, rowvars = jax.eval_shape(make)
-        shardings = (_row_shardings(state, mesh, state=True), _row_shardings(rowvars, mesh, state=False))
+        shardings = (_row_shardings(state, mesh, state=True, kv=model.family.state_layout.slot_leaves),
+                     _row_shardings(rowvars, mesh, state=False))
         return jax.jit(make, out_shardings=shardings)()
 
     def decode_step(self, rows: int | None = None, slots: int = 256, *, seed: int = 0) -> "DecodeStep":

@@ -51,7 +51,7 @@ def main(out_path: str) -> None:
     # outputs, which needs the shardings of inputs and outputs to match). Counted around the real step.
     # Also the row splits the steps' decode states had (``valid``'s partition spec).
     real_step = engine_mod._step
-    donation = {"steps": 0, "kept": 0, "valid_specs": []}
+    donation = {"steps": 0, "kept": 0, "valid_specs": [], "kv_head_specs": []}
 
     def checked_step(params, state, rowvars, *a, **k):
         res = real_step(params, state, rowvars, *a, **k)
@@ -63,6 +63,11 @@ def main(out_path: str) -> None:
         spec = f"{valid.shape[0]} rows in shards of {valid.sharding.shard_shape(valid.shape)[0]} over {axis}"
         if spec not in donation["valid_specs"]:
             donation["valid_specs"].append(spec)
+        k = res[0]["k"]  # the KV cache: its head axis split as the sharding rules split kv_heads
+        k, axis = (k[0], 2) if isinstance(k, engine_mod.PerLayer) else (k, 3)
+        spec = f"{k.shape[axis]} kv heads in shards of {k.sharding.shard_shape(k.shape)[axis]}"
+        if spec not in donation["kv_head_specs"]:
+            donation["kv_head_specs"].append(spec)
         return res
 
     engine_mod._step = checked_step

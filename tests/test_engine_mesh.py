@@ -98,6 +98,10 @@ def test_donated_state_is_consumed_and_split_over_the_batch_axes(worker):
         rows, shard, axis = int(words[0]), int(words[5]), words[-1]
         assert (shard == rows) if axis == "None" else (2 * shard == rows and axis in ("data", "fsdp", "expert")), spec
     assert len(specs) == 7, specs  # 4 and 2 rows on one device, data, fsdp; 2 rows on expert
+    # the KV cache is split by heads over the tensor axis (gemma3-tiny on fsdp2_tensor2), whole elsewhere
+    # (one device, data=2; the MoE's single KV head on expert=2)
+    assert set(d["kv_head_specs"]) == {"2 kv heads in shards of 1", "2 kv heads in shards of 2",
+                                       "1 kv heads in shards of 1"}, d["kv_head_specs"]
 
 
 def test_rows_that_do_not_split_are_refused(worker):
