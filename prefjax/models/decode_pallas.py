@@ -29,15 +29,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from prefjax.models.moe_pallas import pow2_tile
+
 NEG_INF = -1e30  # matches prefjax.models.layers.NEG_INF (kept local: layers imports this module)
 
 
 def block_size(n_slots: int, pref: int = 32) -> int:
-    """Largest power of two <= ``pref`` dividing ``n_slots``."""
-    t = pref
-    while t > 1 and n_slots % t:
-        t //= 2
-    return t
+    """The default tile of slots: the largest power of two <= ``pref`` (32: fastest at 64 rows on an H200)
+    dividing ``n_slots``."""
+    return pow2_tile(n_slots, pref)
 
 
 def _pow2(n: int) -> bool:

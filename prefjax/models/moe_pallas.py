@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from prefjax.models import moe_layout as ML
 
 
-def _tile(n: int, pref: int) -> int:
-    """Largest power of two <= ``pref`` that divides ``n``."""
+def pow2_tile(n: int, pref: int) -> int:
+    """Largest power of two <= ``pref`` that divides ``n`` (a Triton tile along an axis of length ``n``)."""
     t = pref
     while t > 1 and n % t:
         t //= 2
@@ -39,7 +39,7 @@ def _dot(a, b):
 
 def supported(d_model: int, d_expert: int) -> bool:
     """Whether the kernels tile these widths (Triton needs power-of-two tiles of at least 16)."""
-    return _tile(d_model, 64) >= 16 and _tile(d_expert, 64) >= 16
+    return pow2_tile(d_model, 64) >= 16 and pow2_tile(d_expert, 64) >= 16
 
 
 def _call(kernel, out_shape, grid, in_specs, out_spec, interpret, num_warps, num_stages):
@@ -75,7 +75,7 @@ def grouped_matmul(rows_LxK, block_e, n_used, weights, *, block: int, combine=No
     combine = combine or (lambda acc: acc)
     length, kdim = rows_LxK.shape
     n = ws[0].shape[3]
-    bn, bk = _tile(n, bn), _tile(kdim, bk)
+    bn, bk = pow2_tile(n, bn), pow2_tile(kdim, bk)
     n_k = kdim // bk
 
     def kernel(li_ref, be_ref, nu_ref, x_ref, *refs):
