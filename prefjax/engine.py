@@ -430,6 +430,15 @@ class _CapturePlan:
         return int(bool(self.steps[i]) and self.steps[i][-1] == max_new - 1)
 
 
+def _check_rows(model, rows: int) -> int:
+    """The number of devices the mesh's batch axes split rows over; an error when ``rows`` does not split."""
+    split = batch_multiple(model.mesh)
+    if rows % split:
+        raise EngineError(f"rows={rows} does not split over mesh {dict(model.mesh.shape)}: its batch axes "
+                          f"{batch_axes(model.mesh)} have {split} devices together; use a multiple of {split}")
+    return split
+
+
 class Engine:
     """Continuous batching over ``rows`` cache rows of ``cache_len`` slots (see the module docstring).
 
@@ -467,10 +476,7 @@ class Engine:
             raise EngineError(f"temperature must be >= 0, got {temperature}")
         if not 0 < float(top_p) <= 1:
             raise EngineError(f"top_p must be in (0, 1], got {top_p}")
-        split = batch_multiple(model.mesh)
-        if rows % split:
-            raise EngineError(f"rows={rows} does not split over mesh {dict(model.mesh.shape)}: its batch axes "
-                              f"{batch_axes(model.mesh)} have {split} devices together; use a multiple of {split}")
+        split = _check_rows(model, rows)
         prefill_rows = _bucket(prefill_rows, split)  # as generate rounds its batch: the extra rows are empty
         self.model = model
         self.rows, self.cache_len = int(rows), cache_len
@@ -830,9 +836,9 @@ class Engine:
         times as "one decode step" (the step :meth:`run` dispatches, with the same static settings and, under
         a mesh, the same placement). See :class:`DecodeStep`."""
         rows = self.rows if rows is None else int(rows)
-        split = batch_multiple(self.model.mesh)
-        if rows < 1 or rows % split:
-            raise EngineError(f"rows={rows} does not split over the mesh's {split} batch devices")
+        if rows < 1:
+            raise EngineError(f"rows must be a positive int, got {rows}")
+        _check_rows(self.model, rows)
         with mesh_context(self.model.mesh):
             state, rowvars = self._empty_rows(rows, slots)
             rs = np.random.RandomState(seed)
@@ -923,19 +929,17 @@ class DecodeStep:
     def __init__(self, params, state, rowvars, active, temperature, top_p, static: dict, mesh):
         self._params, self._state, self._rowvars, self._active = params, state, rowvars, active
         self._temp, self._top_p, self._static, self._mesh = temperature, top_p, static, mesh
-        self._compiled = None
+        self._fn = functools.partial(_step, capture=CaptureSpec(), **static)  # through jit's cache
 
     def compile(self, t: int = 0) -> None:
         like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)  # noqa: E731
         args = jax.tree_util.tree_map(like, (self._params, self._state, self._rowvars, self._active))
         with mesh_context(self._mesh):
-            self._compiled = _step.lower(*args, like(jnp.int32(t)), self._temp, self._top_p,
-                                         capture=CaptureSpec(), **self._static).compile()
+            self._fn = _step.lower(*args, like(jnp.int32(t)), self._temp, self._top_p,
+                                   capture=CaptureSpec(), **self._static).compile()
 
     def step(self, t: int):
-        fn = self._compiled if self._compiled is not None else functools.partial(
-            _step, capture=CaptureSpec(), **self._static)
         with mesh_context(self._mesh):
-            self._state, self._rowvars, tok = fn(self._params, self._state, self._rowvars, self._active,
-                                                 jnp.int32(t), self._temp, self._top_p)
+            self._state, self._rowvars, tok = self._fn(self._params, self._state, self._rowvars, self._active,
+                                                       jnp.int32(t), self._temp, self._top_p)
         return tok

@@ -242,5 +242,5 @@ def test_decode_step_probe_compiled_ahead_equals_jit(model):
     assert [x.tolist() for x in a] == [x.tolist() for x in b]
     other = eng.decode_step(3, 32, seed=4)
     assert [np.asarray(other.step(5 + i)).tolist() for i in range(3)] != [x.tolist() for x in a]
-    with pytest.raises(EngineError, match="rows=0"):
+    with pytest.raises(EngineError, match="rows must be a positive int, got 0"):
         eng.decode_step(0)
