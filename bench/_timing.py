@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 
@@ -46,3 +47,20 @@ def bound_line(name: str, seconds: float, ref_seconds: float | None, bound_secon
     ratio = f"{ref_seconds / seconds:6.2f}" if ref_seconds else "     -"
     return (f"{name:<28} {seconds * 1e3:9.2f} {ref} {ratio} {bound_seconds * 1e3:9.2f} "
             f"{100 * bound_seconds / seconds:6.1f}%")
+
+
+def phase_timer(out: dict, tag: str, on_phase=None):
+    """A ``phase(name)`` function recording the seconds since the previous call (or since this one) in
+    ``out["phases_s"][name]``, printing ``[tag] name: Ns`` to stderr, then calling ``on_phase(now)``."""
+    out.setdefault("phases_s", {})
+    tick = [time.time()]
+
+    def phase(name: str) -> None:
+        now = time.time()
+        out["phases_s"][name] = round(now - tick[0], 1)
+        tick[0] = now
+        print(f"[{tag}] {name}: {out['phases_s'][name]}s", file=sys.stderr, flush=True)
+        if on_phase is not None:
+            on_phase(now)
+
+    return phase

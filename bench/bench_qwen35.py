@@ -45,7 +45,7 @@ import time
 
 import numpy as np
 from _hf_place import hf_decode_seconds, hf_spread, sync_all
-from _timing import median_seconds
+from _timing import median_seconds, phase_timer
 
 
 def hf_config(cfg, dtype: str = "bfloat16"):
@@ -83,14 +83,8 @@ def _bench_prefjax(cfg, batch, prompt, new, repeats, seed, mesh, emit):
     from prefjax.models import qwen35 as Q
     from prefjax.sharding import mesh_context, spec_for
 
-    out: dict = {"phases_s": {}}
-    tick = [time.perf_counter()]
-
-    def phase(name):
-        now = time.perf_counter()
-        out["phases_s"][name] = round(now - tick[0], 1)
-        tick[0] = now
-        print(f"[prefjax] {name}: {out['phases_s'][name]}s", file=sys.stderr, flush=True)
+    out: dict = {}
+    phase = phase_timer(out, "prefjax")
 
     # unrolled on GPU (a scan copies each layer's weights) and under a mesh (XLA:CPU's in-process
     # collectives can deadlock inside a scan on a small host)

@@ -255,7 +255,7 @@ def run_jax(args, emit) -> dict:
     from prefjax.models.layers import decode_kernel
     from prefjax.sharding import make_mesh, mesh_context
     from prefjax.steering import random_direction
-    from _timing import read_bandwidth
+    from _timing import phase_timer, read_bandwidth
     from bench_qwen35 import peak_gib
 
     t_start = time.time()
@@ -275,16 +275,13 @@ def run_jax(args, emit) -> dict:
     k, new = args.samples, args.new
     out = {"device": jax.devices()[0].device_kind, "n_devices": len(jax.devices()), "jax": jax.__version__,
            "runs": {}, "steps": {}, "meta": meta, "stop_ids": stops, "prompt_lens": [len(p) for p in prompts],
-           "mesh": mesh_shape, "family": fam, "phases_s": {}, "decode_kernel": args.decode_kernel}
-    tick = [time.time()]
+           "mesh": mesh_shape, "family": fam, "decode_kernel": args.decode_kernel}
 
-    def phase(name):
-        now = time.time()
-        out["phases_s"][name] = round(now - tick[0], 1)
-        tick[0] = now
-        print(f"[jax] {name}: {out['phases_s'][name]}s", file=sys.stderr, flush=True)
+    def report(now):
         out["elapsed"] = now - t_start
         emit(out)
+
+    phase = phase_timer(out, "jax", report)
 
     jax.block_until_ready(model.params)
     if fam == "qwen35":
@@ -446,6 +443,7 @@ def run_torch(args, emit) -> dict:
     import transformers
     from prefjax.models import family_for_preset
     from _hf_place import hf_decode_seconds, sync_all
+    from _timing import phase_timer
 
     t_start = time.time()
     until = _until(args)
@@ -455,18 +453,15 @@ def run_torch(args, emit) -> dict:
     prompts, stops, _ = read_prompts(args.prompts, args.pairs, cfg.vocab_size, fam.name)
     out = {"device": torch.cuda.get_device_name() if gpu else "cpu", "n_devices": torch.cuda.device_count(),
            "torch": torch.__version__, "transformers": transformers.__version__, "batches": 0, "pairs": 0,
-           "gen_lens": [], "prompt_lens": [], "steps": {}, "phases_s": {},
+           "gen_lens": [], "prompt_lens": [], "steps": {},
            "fla": importlib.util.find_spec("fla") is not None,
            "causal_conv1d": importlib.util.find_spec("causal_conv1d") is not None}
-    tick = [time.time()]
 
-    def phase(name):
-        now = time.time()
-        out["phases_s"][name] = round(now - tick[0], 1)
-        tick[0] = now
+    def report(now):
         out["elapsed"] = now - t_start
-        print(f"[torch] {name}: {out['phases_s'][name]}s", file=sys.stderr, flush=True)
         emit(out)
+
+    phase = phase_timer(out, "torch", report)
 
     model, dev, placed = _hf_model(args, cfg, fam.name, "cuda" if gpu else "cpu")
     out["placement_gib"] = placed
