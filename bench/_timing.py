@@ -64,3 +64,11 @@ def phase_timer(out: dict, tag: str, on_phase=None):
             on_phase(now)
 
     return phase
+
+
+def kernel_spec(text: str) -> tuple[str, dict]:
+    """``"pallas:block=64;num_warps=8"`` -> ``("pallas", {"block": 64, "num_warps": 8})``: the arguments of
+    ``prefjax.models.layers.decode_kernel`` as the benches take them on the command line."""
+    kind, _, opts = text.partition(":")
+    pairs = (o.split("=") for o in opts.split(";") if o)
+    return kind, {k: (v if k == "products" else int(v)) for k, v in pairs}

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-from _timing import bound_line, median_seconds, read_bandwidth
+from _timing import bound_line, kernel_spec, median_seconds, read_bandwidth
 
 
 def run_jax(args) -> dict:
@@ -103,8 +103,7 @@ def run_jax(args) -> dict:
                 continue
             if not per_layer and b > args.stacked_max_batch:
                 continue
-            kind, _, opts = kernel.partition(":")  # e.g. "pallas:block=64;num_warps=8"
-            opts = {k_: (v_ if k_ == "products" else int(v_)) for k_, v_ in (o.split("=") for o in opts.split(";") if o)}
+            kind, opts = kernel_spec(kernel)
             try:
                 with decode_kernel(kind, **opts):  # clears jit's caches: step_j is traced again with this kernel
                     state = make_state(b, per_layer, rand=True)

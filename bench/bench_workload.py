@@ -255,13 +255,12 @@ def run_jax(args, emit) -> dict:
     from prefjax.models.layers import decode_kernel
     from prefjax.sharding import make_mesh, mesh_context
     from prefjax.steering import random_direction
-    from _timing import phase_timer, read_bandwidth
+    from _timing import kernel_spec, phase_timer, read_bandwidth
     from bench_qwen35 import peak_gib
 
     t_start = time.time()
     until = _until(args)
-    kind, _, opts = args.decode_kernel.partition(":")  # e.g. "pallas:block=64;num_warps=8"
-    opts = {k_: (v_ if k_ == "products" else int(v_)) for k_, v_ in (o.split("=") for o in opts.split(";") if o)}
+    kind, opts = kernel_spec(args.decode_kernel)
     decode_kernel(kind, **opts).__enter__()  # this worker's whole run (prefjax.models.layers.decode_kernel)
     gpu = args.device != "cpu"
     mesh_shape = parse_mesh(args.mesh)
