@@ -364,7 +364,11 @@ def run_jax(args, emit) -> dict:
         print(f"[jax] {name}: {t:.2f}s, {sum(gen)} tokens, {eng.stats}", file=sys.stderr, flush=True)
         phase(f"run_{name}")
 
-    timed_run("unsteered", runs.pop("unsteered"))
+    unsteered = runs.pop("unsteered")
+    timed_run("unsteered", unsteered)
+    if args.trace and "unsteered" in out["runs"] and not skip("trace", est["run"]):
+        out["trace"] = traced_run(eng, unsteered, args.trace, waves=2)
+        phase("trace")
 
     # XLA compilations while the engine's own step is timed (0 expected: the run compiled it)
     compiles = [0]
@@ -398,6 +402,43 @@ def run_jax(args, emit) -> dict:
     out["peak_gib"] = peak_gib()
     out["elapsed"] = time.time() - t_start
     return out
+
+
+def traced_run(eng, reqs, log_dir: str, waves: int = 2) -> dict:
+    """Run ``reqs`` again with the profiler on until the requests of the first ``waves`` waves are done (about
+    ``waves * rows / n_samples`` requests; the rest runs untraced), then summarize the device timeline: busy
+    and idle time, the longest idle gaps and the kernels by time (``summarize_trace``)."""
+    import jax
+    from summarize_trace import by_name, kernels, timeline
+
+    per_wave = max(1, eng.rows // max(r.n_samples for r in reqs))
+    need = min(len(reqs), waves * per_wave)
+    done = [0]
+    t0 = time.perf_counter()
+    jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
+    tracing = [True]
+
+    def on_done(i, samples):
+        done[0] += 1
+        if tracing[0] and done[0] >= need:
+            jax.profiler.stop_trace()
+            tracing[0] = False
+            stats["traced_seconds"] = time.perf_counter() - t0
+
+    stats = {}
+    try:
+        eng.run(reqs, on_done=on_done)
+    finally:
+        if tracing[0]:
+            jax.profiler.stop_trace()
+            stats["traced_seconds"] = time.perf_counter() - t0
+    ks = kernels(log_dir)
+    tl = timeline(ks)
+    tl.update(stats, requests_traced=need, kernels=len(ks),
+              top=[(n[:100], round(us / 1e3, 3), c) for n, us, c in by_name(ks, 15)])
+    print(f"[jax] trace: {need} requests, span {tl['span_us'] / 1e6:.2f}s, device busy {tl['busy_us'] / 1e6:.2f}s, idle "
+          f"{tl['idle_us'] / 1e6:.2f}s", file=sys.stderr, flush=True)
+    return tl
 
 
 # --------------------------------------------------------------------------------------------
@@ -630,6 +671,17 @@ def _report(args, jx: dict, th: dict | None) -> None:
             print(f"#   {name} time: admissions (prefills + row writes) {s['admit_seconds']:.2f}s, decode steps "
                   f"{s['decode_seconds']:.2f}s ({1e3 * s['decode_seconds'] / max(s['decode_steps'], 1):.2f} ms/step), "
                   f"host {host:.2f}s")
+    tr = jx.get("trace")
+    if tr:
+        print(f"# profile of the unsteered run's first {tr['requests_traced']} requests ({tr.get('traced_seconds', 0):.2f}s "
+              f"traced): device span {tr['span_us'] / 1e6:.3f}s, busy {tr['busy_us'] / 1e6:.3f}s, idle "
+              f"{tr['idle_us'] / 1e6:.3f}s ({tr['idle_in_long_gaps_us'] / 1e6:.3f}s in {tr['long_gaps']} gaps > "
+              f"{tr['gap_us']:.0f} us)")
+        for g in tr["gaps"][:8]:
+            print(f"#   gap {g['us'] / 1e3:8.2f} ms at {g['at_us'] / 1e6:7.3f}s: after {g['after'][:60]} | before "
+                  f"{g['before'][:60]}")
+        for name, ms, n in tr["top"][:10]:
+            print(f"#   kernel {ms:10.1f} ms x{n:<6d} {name[:80]}")
     if ok and th["pairs"] and th["pairs"] < args.pairs:
         print(f"#   (transformers ran {th['pairs']} of the {args.pairs} pairs, the shortest prompts first; its pairs/s "
               "is over those)")
@@ -686,6 +738,8 @@ def main():
     ap.add_argument("--reference-first", action="store_true", help="run transformers before JAX (with --deadline "
                     "it gets at most --hf-reserve seconds; JAX then gets all that is left)")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--trace", default=None, metavar="DIR", help="after the timed unsteered run, run it again with "
+                    "the profiler on over its first two waves and print the device timeline (busy, idle, gaps)")
     ap.add_argument("--decode-kernel", default="auto", help="decode attention: auto, xla, "
                     "pallas[:block=64;num_warps=8] (layers.decode_kernel)")
     ap.add_argument("--write-prompts", type=int, default=0, metavar="N",

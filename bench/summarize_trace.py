@@ -1,15 +1,33 @@
-"""Sum a perfetto trace's GPU kernel time by name: ``python bench/summarize_trace.py trace.json.gz``."""
+"""Read a perfetto trace (``jax.profiler.trace(..., create_perfetto_trace=True)``): GPU kernel time by name
+and the device timeline (busy, idle, the largest idle gaps and the kernels around them).
+
+``python bench/summarize_trace.py trace.json.gz [top]``; a directory is searched for its newest
+``*.trace.json.gz`` / ``perfetto_trace.json.gz``."""
 
 from __future__ import annotations
 
 import collections
+import glob
 import gzip
 import json
+import os
 import sys
 
 
-def main(path: str, top: int = 40) -> None:
-    with gzip.open(path) as f:
+def find_trace(path: str) -> str:
+    """``path`` itself, or the newest perfetto trace below the directory ``path``."""
+    if os.path.isfile(path):
+        return path
+    found = glob.glob(os.path.join(path, "**", "perfetto_trace.json.gz"), recursive=True) or \
+        glob.glob(os.path.join(path, "**", "*.trace.json.gz"), recursive=True)
+    if not found:
+        raise FileNotFoundError(f"no perfetto trace under {path}")
+    return max(found, key=os.path.getmtime)
+
+
+def kernels(path: str) -> list[tuple[float, float, str]]:
+    """Every kernel on a GPU stream as ``(start_us, duration_us, name)``, sorted by start."""
+    with gzip.open(find_trace(path)) as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
     names, procs = {}, {}
@@ -18,20 +36,63 @@ def main(path: str, top: int = 40) -> None:
             names[(e.get("pid"), e.get("tid"))] = e.get("args", {}).get("name", "")
         if e.get("ph") == "M" and e.get("name") == "process_name":
             procs[e.get("pid")] = e.get("args", {}).get("name", "")
-    total = collections.Counter()
-    count = collections.Counter()
+    out = []
     for e in events:
         if e.get("ph") != "X":
             continue
         thread = names.get((e.get("pid"), e.get("tid")), "")
         if "GPU" not in procs.get(e.get("pid"), "") or "stream" not in thread.lower():
             continue
-        total[e["name"]] += e.get("dur", 0)
-        count[e["name"]] += 1
-    all_us = sum(total.values())
-    print(f"device kernel time {all_us / 1e3:.2f} ms over {sum(count.values())} kernels")
-    for name, us in total.most_common(top):
-        print(f"{us / 1e3:9.3f} ms {100 * us / max(all_us, 1):5.1f}% x{count[name]:<4d} {name[:110]}")
+        out.append((float(e["ts"]), float(e.get("dur", 0)), e["name"]))
+    return sorted(out)
+
+
+def timeline(ks: list[tuple[float, float, str]], gap_us: float = 200.0, top: int = 12) -> dict:
+    """The device's span, busy time (union of kernel intervals over all streams), idle time, the idle
+    time in gaps longer than ``gap_us``, and the ``top`` longest gaps with the kernels before and after."""
+    if not ks:
+        return {"span_us": 0.0, "busy_us": 0.0, "idle_us": 0.0, "idle_in_long_gaps_us": 0.0, "long_gaps": 0,
+                "gap_us": gap_us, "gaps": []}
+    busy, gaps = 0.0, []
+    cur_s, cur_e, cur_name = ks[0][0], ks[0][0] + ks[0][1], ks[0][2]
+    for s, d, name in ks[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            gaps.append((s - cur_e, cur_e, cur_name, name))
+            cur_s = s
+        if s + d >= cur_e:
+            cur_e, cur_name = s + d, name
+    busy += cur_e - cur_s
+    span = ks[-1][0] + ks[-1][1] - ks[0][0]
+    span = max(span, cur_e - ks[0][0])
+    long = [g for g in gaps if g[0] > gap_us]
+    return {"span_us": span, "busy_us": busy, "idle_us": span - busy,
+            "idle_in_long_gaps_us": sum(g[0] for g in long), "long_gaps": len(long), "gap_us": gap_us,
+            "gaps": [{"us": round(g, 1), "at_us": round(at - ks[0][0], 1), "after": a[:90], "before": b[:90]}
+                     for g, at, a, b in sorted(gaps, reverse=True)[:top]]}
+
+
+def by_name(ks, top: int = 40) -> list[tuple[str, float, int]]:
+    """``(name, total_us, count)`` of the ``top`` kernels by total time."""
+    total, count = collections.Counter(), collections.Counter()
+    for _, d, name in ks:
+        total[name] += d
+        count[name] += 1
+    return [(n, us, count[n]) for n, us in total.most_common(top)]
+
+
+def main(path: str, top: int = 40) -> None:
+    ks = kernels(path)
+    all_us = sum(d for _, d, _ in ks)
+    print(f"device kernel time {all_us / 1e3:.2f} ms over {len(ks)} kernels")
+    for name, us, n in by_name(ks, top):
+        print(f"{us / 1e3:9.3f} ms {100 * us / max(all_us, 1):5.1f}% x{n:<4d} {name[:110]}")
+    tl = timeline(ks)
+    print(f"timeline: span {tl['span_us'] / 1e3:.2f} ms, busy {tl['busy_us'] / 1e3:.2f} ms, idle "
+          f"{tl['idle_us'] / 1e3:.2f} ms ({tl['idle_in_long_gaps_us'] / 1e3:.2f} ms in {tl['long_gaps']} gaps "
+          f"> {tl['gap_us']:.0f} us)")
+    for g in tl["gaps"]:
+        print(f"  gap {g['us'] / 1e3:8.3f} ms at {g['at_us'] / 1e3:9.2f} ms: after {g['after']} | before {g['before']}")
 
 
 if __name__ == "__main__":
