@@ -238,17 +238,18 @@ def _steer_partial(layer_B, unit_BxD, w_BxT):
 # every compiled piece's outputs, so a donated input and the output that replaces it always match
 # (donation aliases, no copies).
 
-def _row_shardings(tree, mesh, *, state: bool, kv: tuple[str, ...] = ()):
+def _row_shardings(tree, mesh, *, state: bool, kv: tuple[str, ...] = (), split_rows: bool = True):
     """One :class:`jax.sharding.NamedSharding` per leaf of ``tree`` splitting its row axis over
     ``mesh``'s batch axes (None without a mesh). ``state``: ``tree`` is a decode state (``valid`` and
     :class:`PerLayer` leaves have rows first, other leaves are layer-stacked ``[layers, rows, ...]``);
     otherwise every leaf has rows first (the rowvars). ``kv``: the state's KV-cache leaves
     (``family.state_layout.slot_leaves``, laid out ``[rows, slots, kv heads, head dim]`` after any layer
-    axis), whose head axis is split too where the head count divides."""
+    axis), whose head axis is split too where the head count divides. ``split_rows=False``: the same
+    with every row on every device (the head split kept)."""
     if mesh is None:
         return None
     from jax.sharding import NamedSharding, PartitionSpec as P
-    rows = batch_axes(mesh) or None
+    rows = (batch_axes(mesh) or None) if split_rows else None
 
     def spec(a, axis, heads=False):
         if heads:
@@ -301,6 +302,67 @@ def _prefill(params, prefix_state, toks_NxP, valid_NxP, s_layer_N, s_unit_NxD, s
     return logits[:, 0], state
 
 
+def _write_rows(big, small, dst_R, src_R, cols, *, slot_leaves: tuple[str, ...], mesh):
+    """The state leaves ``big`` (``{name: [B, ...] or [L, B, ...] or PerLayer}``) with rows ``dst_R`` taken from
+    rows ``src_R`` of the prefill's leaves ``small`` (same names and layout, ``N`` rows): KV slot leaves at
+    the contiguous columns ``cols`` (the rest of the row kept: :func:`_insert` masks it), per-row leaves whole.
+
+    Per-row leaves (recurrent state) are written one row at a time in a loop: a scatter needs its updates
+    whole, ``len(dst_R)`` rows of state (64 rows of Qwen-3.5-122B's recurrent state: 9.47 GiB, which ran out
+    of memory on an H200 next to the weights; BUILD_NOTES.md). KV slot leaves keep one scatter (their
+    updates are the prompt's columns only). Under a mesh each device writes only the rows it holds
+    (``shard_map``), the prefill rows gathered to every device, each keeping its own KV heads."""
+
+    def write(name, b, s, dst, n_local):
+        layered = isinstance(b, PerLayer)
+        if name in slot_leaves:
+            def put(bb, ss):  # one layer: bb [B, S, ...], ss [N, P, ...]
+                return bb.at[dst[:, None], cols[None, :]].set(ss[src_R].astype(bb.dtype), mode="drop")
+            return PerLayer(put(b[l], s[l]) for l in range(len(b))) if layered else jax.vmap(put)(b, s)
+        # per-row leaf: rows on axis 0 of each layer's array (PerLayer) or axis 1 (stacked [L, B, ...])
+        leaves, small_leaves, axis = ((tuple(b.items), tuple(s[l] for l in range(len(b))), 0) if layered
+                                      else ((b,), (s,), 1))
+
+        def body(j, arrays):
+            here = dst[j] < n_local  # out of range: a row another device holds
+            d = jnp.minimum(dst[j], n_local - 1)
+            out = []
+            for bb, ss in zip(arrays, small_leaves):
+                row = jax.lax.dynamic_index_in_dim(ss, src_R[j], axis, keepdims=True).astype(bb.dtype)
+                old = jax.lax.dynamic_slice_in_dim(bb, d, 1, axis)
+                out.append(jax.lax.dynamic_update_slice_in_dim(bb, jnp.where(here, row, old), d, axis))
+            return tuple(out)
+
+        leaves = jax.lax.fori_loop(0, dst.shape[0], body, leaves)
+        return PerLayer(leaves) if layered else leaves[0]
+
+    def rows_of(leaf):  # rows held here: layer 0 of a PerLayer or stacked leaf
+        return leaf[0].shape[0]
+
+    from jax.sharding import PartitionSpec as P
+    rows = () if mesh is None else batch_axes(mesh)
+    if not rows:  # one device, or rows on every device: nothing to split
+        return {n: write(n, big[n], small[n], dst_R, rows_of(big[n])) for n in big}
+
+    def specs(tree, split_rows):
+        return jax.tree_util.tree_map(lambda sh: sh.spec, _row_shardings(tree, mesh, state=True, kv=slot_leaves,
+                                                                         split_rows=split_rows))
+
+    def local(big, small, dst_R):
+        out = {}
+        for n in big:
+            b_loc = rows_of(big[n])
+            here = dst_R - jax.lax.axis_index(rows) * b_loc
+            here = jnp.where((here >= 0) & (here < b_loc), here, b_loc)  # other devices' rows: dropped
+            out[n] = write(n, big[n], small[n], here, b_loc)
+        return out
+
+    big_specs = specs(big, True)
+    small_specs = specs(small, False)  # the prefill rows whole on every device, split by KV heads as the cache is
+    return jax.shard_map(local, mesh=mesh, in_specs=(big_specs, small_specs, P()), out_specs=big_specs,
+                         check_vma=False)(big, small, dst_R)
+
+
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnums=(0, 1))
 def _insert(state, rowvars, pre_state, logits_NxV, src_R, dst_R, t, keys_R, s_layer_R, s_unit_RxD, s_gen_R,
             temperature, top_p, *, family, cfg, greedy, top_k, use_top_p, unroll, mesh):
@@ -310,21 +372,9 @@ def _insert(state, rowvars, pre_state, logits_NxV, src_R, dst_R, t, keys_R, s_la
     p = pre_state["valid"].shape[1]
     cols = t - p + jnp.arange(p, dtype=jnp.int32)
     layout = family.state_layout
-
-    def put(big, small):  # big [B, S, ...] one layer, small [N, P, ...]
-        return big.at[dst_R[:, None], cols[None, :]].set(small[src_R].astype(big.dtype))
-
-    def put_row(big, small):  # big [B, ...] one layer, small [N, ...]: the whole row replaced
-        return big.at[dst_R].set(small[src_R].astype(big.dtype))
-
-    new = {}
-    for names, write in ((layout.slot_leaves, put), (layout.row_leaves, put_row)):
-        for name in names:
-            big, small = state[name], pre_state[name]
-            if isinstance(big, PerLayer):
-                new[name] = PerLayer(write(big[l], small[l]) for l in range(len(big)))
-            else:
-                new[name] = jax.vmap(write)(big, small)
+    names = tuple(layout.slot_leaves) + tuple(layout.row_leaves)
+    new = _write_rows({n: state[n] for n in names}, {n: pre_state[n] for n in names}, dst_R, src_R, cols,
+                      slot_leaves=tuple(layout.slot_leaves), mesh=mesh)
     valid = state["valid"].at[dst_R].set(False)
     new["valid"] = valid.at[dst_R[:, None], cols[None, :]].set(pre_state["valid"][src_R])
     tok0 = sample_tokens(logits_NxV[src_R], keys_R, 0, temperature, top_p, greedy=greedy, top_k=top_k,

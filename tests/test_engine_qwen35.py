@@ -109,3 +109,28 @@ def test_refilled_row_forgets_its_previous_request(moe):
     assert after == fresh == generate(moe, [b], max_new_tokens=n, temperature=0.0, stop_ids=()).token_ids[0]
     # a's history would change b's continuation (so a row that kept it would fail the check above)
     assert generate(moe, [a + b], max_new_tokens=n, temperature=0.0, stop_ids=()).token_ids[0] != fresh
+
+
+def test_row_writer_does_not_materialize_the_admitted_rows_state(dense, monkeypatch):
+    """The recurrent state is written into the admitted rows one row at a time: the compiled row writer's
+    scratch memory stays well under the state of the rows it admits. A scatter of all admitted rows at once
+    needs them whole as its updates (64 rows of Qwen-3.5-122B: 9.47 GiB, which ran out of memory on an
+    H200); with that scatter this test fails (CPU: 337 kB of scratch against 400 kB of state for 8 rows)."""
+    import prefjax.engine as engine_mod
+    real = engine_mod._insert
+    seen = []
+
+    def measured(state, rowvars, pre_state, logits, src, dst, *a, **k):
+        compiled = real.lower(state, rowvars, pre_state, logits, src, dst, *a, **k).compile()
+        layout = k["family"].state_layout
+        per_row = sum(state[n].nbytes // state[n].shape[1] for n in layout.row_leaves)  # stacked [L, B, ...]
+        seen.append((compiled.memory_analysis().temp_size_in_bytes, per_row * dst.shape[0]))
+        return real(state, rowvars, pre_state, logits, src, dst, *a, **k)
+
+    monkeypatch.setattr(engine_mod, "_insert", measured)
+    eng = Engine(dense, rows=8, temperature=0.0, stop_ids=(), unroll=False)
+    res = eng.run([Request(p, 3, n_samples=3) for p in prompts_of([12, 13, 14], seed=3)])
+    assert [len(s.token_ids) for r in res for s in r] == [3] * 9
+    assert seen
+    for temp, admitted in seen:
+        assert admitted > 0 and temp < admitted / 2, (temp, admitted)
