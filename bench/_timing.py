@@ -46,7 +46,13 @@ def bound_line(name: str, seconds: float, ref_seconds: float | None, bound_secon
     ref = f"{ref_seconds * 1e3:9.2f}" if ref_seconds else "        -"
     ratio = f"{ref_seconds / seconds:6.2f}" if ref_seconds else "     -"
     return (f"{name:<28} {seconds * 1e3:9.2f} {ref} {ratio} {bound_seconds * 1e3:9.2f} "
-            f"{100 * bound_seconds / seconds:6.1f}%")
+            f"{100 * bound_seconds / seconds:6.1f}%" + over_bound(bound_seconds, seconds))
+
+
+def over_bound(bound_seconds: float, seconds: float) -> str:
+    """A warning to print after a share of the bound above 100%: faster than the bound is impossible, so the
+    bound's bandwidth measure (or its byte count) is wrong, not the timing."""
+    return "  (OVER THE BOUND: its bandwidth measure or byte count is wrong)" if bound_seconds > seconds else ""
 
 
 def phase_timer(out: dict, tag: str, on_phase=None):

@@ -253,8 +253,14 @@ def main():
         raise SystemExit("jax worker failed")
     jx = json.loads(r.stdout.strip().splitlines()[-1])
     print("[jax] result " + json.dumps(jx), file=sys.stderr, flush=True)
-    th = None if args.no_hf else run_torch(args)
     bw = jx["read_Bps"]
+    # prefjax's shares first: a command cut short while transformers runs keeps them
+    for row in jx["decode"]:
+        for layout in ["stacked"] + [f"per_layer/{kn}" for kn in args.decode_kernels]:
+            if layout in row:
+                print("# prefjax " + bound_line(f"B={row['batch']} {layout}", row[layout], None,
+                                                (jx["weight_bytes"] + row["kv_bytes"]) / bw), flush=True)
+    th = None if args.no_hf else run_torch(args)
     print(f"# bench_engine {args.preset} prompt={args.prompt} new={args.new}; {jx['device']} jax {jx['jax']}; "
           f"read bandwidth {bw / 1e9:.0f} GB/s (reduction over {'4 GiB' if args.device == 'gpu' else '64 MiB'}); weights {jx['weight_bytes'] / 1e9:.2f} GB; "
           f"jax part {jx['elapsed']:.0f}s")

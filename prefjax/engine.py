@@ -894,8 +894,11 @@ class Engine:
             rs = np.random.RandomState(seed)
             prev = rs.randint(0, self.model.config.vocab_size, size=rows).astype(np.int32)
             keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(seed), jnp.arange(rows))
-            rowvars = {**rowvars, "prev": jax.device_put(prev, rowvars["prev"].sharding),
-                       "keys": jax.device_put(np.asarray(keys, np.uint32), rowvars["keys"].sharding)}
+            # placed as run() places them (without a mesh: uncommitted), so jit finds run()'s program
+            place = (lambda a, like: jnp.asarray(a)) if self.model.mesh is None else \
+                (lambda a, like: jax.device_put(a, like.sharding))
+            rowvars = {**rowvars, "prev": place(prev, rowvars["prev"]),
+                       "keys": place(np.asarray(keys, np.uint32), rowvars["keys"])}
             temp, top_p = self._sampling()
             active = self._put(np.ones((rows,), bool))
         return DecodeStep(self.model.run_params(), state, rowvars, active, temp, top_p, self._static(),

@@ -244,3 +244,15 @@ def test_decode_step_probe_compiled_ahead_equals_jit(model):
     assert [np.asarray(other.step(5 + i)).tolist() for i in range(3)] != [x.tolist() for x in a]
     with pytest.raises(EngineError, match="rows must be a positive int, got 0"):
         eng.decode_step(0)
+
+
+def test_decode_step_reuses_the_program_run_compiled(model):
+    # a benchmark times "the engine's step" as the program run() dispatched, found in jit's cache: placing the
+    # probe's rows differently (committed to a device) compiled a second program inside the timing on an H200
+    import prefjax.engine as engine_mod
+    eng = Engine(model, rows=2, cache_len=32, temperature=1.0, stop_ids=())
+    eng.run([Request([5, 6, 7, 8], 3, n_samples=2)])
+    before = engine_mod._step._cache_size()
+    probe = eng.decode_step(2, 32)
+    np.asarray(probe.step(6))
+    assert engine_mod._step._cache_size() == before
