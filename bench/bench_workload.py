@@ -300,10 +300,10 @@ def run_jax(args, emit) -> dict:
     # host, tests/_engine_mesh_worker.py); on GPUs the step is unrolled and the prefills scanned (defaults)
     loops = dict(unroll=True, prefill_unroll=True) if (mesh is not None and not gpu) else \
         dict(prefill_unroll=args.prefill_unroll, unroll=None if args.step_unroll == "auto" else args.step_unroll == "1")
-    eng = Engine(model, rows=args.rows, cache_len=cache_len, temperature=1.0, seed=0, stop_ids=stops, sync_every=8,
-                 prompt_bucket=16, prefill_rows=8, **loops)
-    out.update(cache_len=cache_len, step_context=p0, engine={"unroll": eng.unroll,
-                                                             "prefill_unroll": eng.prefill_unroll})
+    eng = Engine(model, rows=args.rows, cache_len=cache_len, temperature=1.0, seed=0, stop_ids=stops,
+                 sync_every=args.sync_every, prompt_bucket=16, prefill_rows=8, **loops)
+    out.update(cache_len=cache_len, step_context=p0, engine={"unroll": eng.unroll, "prefill_unroll": eng.prefill_unroll,
+                                                             "sync_every": eng.sync_every})
     # the read bandwidth first, with nothing else in the process: a compile in the thread below holds the GIL in
     # stretches, and the short timed reductions then read as half the card's bandwidth (1,527-1,977 GB/s on
     # two H200s in the sixth session, against 3,543-3,786 GB/s measured alone; BUILD_NOTES.md)
@@ -720,6 +720,9 @@ def main():
     ap.add_argument("--samples", type=int, default=5)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--sync-every", type=int, default=8, help="engine: decode steps between reads of the new "
+                    "tokens (each read leaves the device idle while the host launches the next step: ~10 ms per "
+                    "read at the 27B shape, BUILD_NOTES.md)")
     ap.add_argument("--cache-gens", type=int, default=1,
                     help="cache slots = longest prompt (bucketed) + this many times --new. 1 suits random "
                          "weights (samples never stop early, rows finish together); real replies stopping "
