@@ -301,9 +301,10 @@ def run_jax(args, emit) -> dict:
     loops = dict(unroll=True, prefill_unroll=True) if (mesh is not None and not gpu) else \
         dict(prefill_unroll=args.prefill_unroll, unroll=None if args.step_unroll == "auto" else args.step_unroll == "1")
     eng = Engine(model, rows=args.rows, cache_len=cache_len, temperature=1.0, seed=0, stop_ids=stops,
-                 sync_every=args.sync_every, prompt_bucket=16, prefill_rows=8, **loops)
+                 sync_every=args.sync_every, lookahead=not args.no_lookahead, prompt_bucket=16, prefill_rows=8,
+                 **loops)
     out.update(cache_len=cache_len, step_context=p0, engine={"unroll": eng.unroll, "prefill_unroll": eng.prefill_unroll,
-                                                             "sync_every": eng.sync_every})
+                                                             "sync_every": eng.sync_every, "lookahead": eng.lookahead})
     # the read bandwidth first, with nothing else in the process: a compile in the thread below holds the GIL in
     # stretches, and the short timed reductions then read as half the card's bandwidth (1,527-1,977 GB/s on
     # two H200s in the sixth session, against 3,543-3,786 GB/s measured alone; BUILD_NOTES.md)
@@ -673,8 +674,8 @@ def _report(args, jx: dict, th: dict | None) -> None:
         if s.get("run_seconds"):
             host = s["run_seconds"] - s["admit_seconds"] - s["decode_seconds"]
             print(f"#   {name} time: admissions (prefills + row writes) {s['admit_seconds']:.2f}s, decode steps "
-                  f"{s['decode_seconds']:.2f}s ({1e3 * s['decode_seconds'] / max(s['decode_steps'], 1):.2f} ms/step), "
-                  f"host {host:.2f}s")
+                  f"{s['decode_seconds']:.2f}s ({1e3 * s['decode_seconds'] / max(s['decode_steps'], 1):.2f} ms/step; "
+                  f"{s.get('lookahead_steps', 0)} launched before the previous read), host {host:.2f}s")
     tr = jx.get("trace")
     if tr:
         print(f"# profile of the unsteered run's first {tr['requests_traced']} requests ({tr.get('traced_seconds', 0):.2f}s "
@@ -723,6 +724,8 @@ def main():
     ap.add_argument("--sync-every", type=int, default=8, help="engine: decode steps between reads of the new "
                     "tokens (each read leaves the device idle while the host launches the next step: ~10 ms per "
                     "read at the 27B shape, BUILD_NOTES.md)")
+    ap.add_argument("--no-lookahead", action="store_true", help="engine: read each chunk's tokens before launching "
+                    "the next chunk's first step (Engine(lookahead=False))")
     ap.add_argument("--cache-gens", type=int, default=1,
                     help="cache slots = longest prompt (bucketed) + this many times --new. 1 suits random "
                          "weights (samples never stop early, rows finish together); real replies stopping "

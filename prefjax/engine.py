@@ -42,6 +42,10 @@ Layout (built only on the family contract ``forward``/``init_state``/``state_lay
   prefix cache is a plain KV cache); each of their requests is prefilled whole.
 * The host reads the new tokens every ``sync_every`` steps (one transfer), finishes rows and refills
   them; a row that stopped inside a chunk runs on until the chunk ends and those tokens are dropped.
+  With ``lookahead`` (default; not with captures) the first step of the next chunk is launched before
+  the read, so the device runs it while the host reads, settles and launches the rest: a row that
+  stopped runs one step more and is refilled one step later. Each launched step remembers which
+  admission each row held, and its tokens go only to that occupant.
 * Activation capture (:class:`RowCapture`) is per row inside the same compiled step. Capture step ``s``
   is the hook's value at the position of generated token ``s`` (the input of decode step ``s``; its
   logits choose token ``s + 1``), i.e. entry ``s + 1`` of :attr:`prefjax.generation.Generation.captured`.
@@ -204,6 +208,7 @@ class EngineStats:
     (the rest is host work: bookkeeping, stops, capture reads)."""
 
     decode_steps: int = 0
+    lookahead_steps: int = 0  # of those, launched before the previous chunk's tokens were read (``lookahead``)
     syncs: int = 0
     prefills: int = 0
     waves: int = 1
@@ -507,6 +512,8 @@ class Engine:
     ``share_prefix``: prefill the prompt prefix every request shares once per run (module docstring);
     no effect for families with per-row recurrent state (Qwen-3.5) or under a mesh, where prompts are
     prefilled whole. Under a mesh ``rows`` must split over its batch axes (:func:`mesh_rows`).
+    ``lookahead``: launch the first step of the next chunk before reading a chunk's tokens (module
+    docstring); tokens are the same either way, only when rows are refilled moves by a step.
     Raises :class:`EngineError` for a model it cannot serve (:func:`engine_refusal`) or rows that do not
     split.
     """
@@ -514,7 +521,7 @@ class Engine:
     def __init__(self, model, *, rows: int = 8, cache_len: int | None = None, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_ids=None, sync_every: int = 8,
                  prompt_bucket: int = 16, prefill_rows: int = 8, unroll: bool | None = None,
-                 prefill_unroll: bool = False, share_prefix: bool = True):
+                 prefill_unroll: bool = False, share_prefix: bool = True, lookahead: bool = True):
         why = engine_refusal(model)
         if why is not None:
             raise EngineError(f"model {model.source!r}: {why}")
@@ -534,6 +541,7 @@ class Engine:
         self.seed, self.sync_every, self.prompt_bucket = int(seed), int(sync_every), int(prompt_bucket)
         self.prefill_rows = int(prefill_rows)
         self.share_prefix = bool(share_prefix)
+        self.lookahead = bool(lookahead)
         self.stop_ids = default_stop_ids(model) if stop_ids is None else tuple(int(s) for s in stop_ids)
         self.unroll = auto_unroll() if unroll is None else bool(unroll)
         self.prefill_unroll = bool(prefill_unroll)
@@ -744,7 +752,9 @@ class Engine:
             stats.admit_seconds += time.perf_counter() - t_run
 
         left = [c.n_samples for c in reqs]
-        ran = [0] * B             # decode steps each row has run since its admission
+        ran = [0] * B             # decode steps dispatched for each row since its admission
+        occ = [0] * B             # admissions into each row so far: tells a step's tokens for its occupant then
+        ahead: list[tuple[Any, tuple[int, ...]]] = []  # dispatched steps not read yet: (tokens, occ at dispatch)
         draining = [False] * B    # budget reached; one more decode step for its last capture step
         pending: list[tuple[int, int, Sample]] = []  # finished rows whose captures are still on device
 
@@ -812,6 +822,7 @@ class Engine:
                     rowvars = self._admit_captures(plan, rowvars, part)
                 for (b, (i, s)), tk in zip(part, tok0):
                     slot[b], toks[b], ran[b] = (i, s), [], 0
+                    occ[b] += 1
                     settle(b, [int(tk)])
             flush()
             live = [b for b in range(B) if slot[b] is not None]
@@ -820,23 +831,39 @@ class Engine:
                     t = self._p0
                     stats.waves += 1
                 continue
-            n = min(self.sync_every, S - t, max(steps_left(b) for b in live))
+            n = max(0, min(self.sync_every, S - t, max(steps_left(b) for b in live)))  # 0: only read what is ahead
             t_decode = time.perf_counter()
             active = self._put(np.array([slot[b] is not None for b in range(B)]))
-            outs = []
-            for _ in range(n):
-                state, rowvars, tok = _step(params, state, rowvars, active, jnp.int32(t), temp, top_p,
-                                            capture=capture, **static)
-                outs.append(tok)
-                t += 1
-            stats.decode_steps += n
+
+            def dispatch(k):  # k decode steps of every row; their tokens read later (``ahead``)
+                nonlocal state, rowvars, t
+                for _ in range(k):
+                    state, rowvars, tok = _step(params, state, rowvars, active, jnp.int32(t), temp, top_p,
+                                                capture=capture, **static)
+                    ahead.append((tok, tuple(occ)))
+                    t += 1
+                for b in live:
+                    ran[b] += k
+                stats.decode_steps += k
+
+            dispatch(n)
+            # one step of the next chunk before reading this one: the device runs it while the host reads,
+            # settles and launches the next chunk (without it the device idles ~10 ms after every read at the
+            # Gemma-3-27B shape; BUILD_NOTES.md). Rows that stopped in this chunk run it too, and are refilled
+            # one step later. Not with captures: a stopped row's extra step would record into its slots.
+            early = int(self.lookahead and plan is None and t < S and any(steps_left(b) > 0 for b in live))
+            dispatch(early)
+            stats.lookahead_steps += early
+            chunk, ahead = ahead[:len(ahead) - early], ahead[len(ahead) - early:]
+            if not chunk:
+                raise RuntimeError("engine: live rows with no decode step left and no token to read")
+            got = np.stack(jax.device_get([tok for tok, _ in chunk]))  # [steps, B]
             stats.syncs += 1
-            got = np.asarray(jnp.stack(outs))  # [n, B]
             stats.decode_seconds += time.perf_counter() - t_decode
-            for b in live:
-                ran[b] += n
-                if slot[b] is not None:
-                    settle(b, [int(x) for x in got[:, b]])
+            for b in live:  # each row's tokens from the steps it ran as its current occupant
+                mine = [int(got[j, b]) for j, (_, seen) in enumerate(chunk) if seen[b] == occ[b]]
+                if slot[b] is not None and mine:
+                    settle(b, mine)
             flush()
         stats.run_seconds = time.perf_counter() - t_run
         return [list(r) for r in results]  # type: ignore[arg-type]

@@ -57,6 +57,26 @@ def test_greedy_ragged_refills_and_stops_equal_generate(model):
     assert st.admit_seconds + st.decode_seconds <= st.run_seconds
 
 
+@pytest.mark.parametrize("sync_every", [1, 2, 5])
+def test_lookahead_changes_no_token(model, sync_every):
+    # launching the next chunk's first step before reading a chunk moves refills by a step and runs stopped
+    # rows one step more; every sample's tokens stay those of the engine without it (greedy with stops and
+    # refills; sampled, where each sample's stream is its own)
+    prompts = prompts_of(LENS)
+    free = reference(model, prompts, NEWS, ())
+    stop = free[0].token_ids[0][3]
+    greedy = [Request(p, n) for p, n in zip(prompts, NEWS)]
+    sampled = [Request(p, n, n_samples=2, example_id=10 * i) for i, (p, n) in enumerate(zip(prompts, NEWS))]
+    for reqs, kw in ((greedy, dict(temperature=0.0)), (sampled, dict(temperature=1.0, top_k=20, seed=4))):
+        off = Engine(model, rows=3, stop_ids=(stop,), sync_every=sync_every, lookahead=False, **kw)
+        on = Engine(model, rows=3, stop_ids=(stop,), sync_every=sync_every, **kw)
+        a, b = off.run(reqs), on.run(reqs)
+        assert [[(s.token_ids, s.finished) for s in r] for r in b] == [[(s.token_ids, s.finished) for s in r] for r in a]
+        if reqs is greedy:
+            assert any(s.finished for r in a for s in r)  # some rows stopped early (and were refilled)
+        assert off.stats.lookahead_steps == 0 and on.stats.lookahead_steps > 0
+
+
 def test_new_waves_when_the_cache_runs_out(model):
     prompts = prompts_of(LENS, seed=1)
     refs = reference(model, prompts, NEWS, ())
