@@ -254,12 +254,15 @@ def main():
     jx = json.loads(r.stdout.strip().splitlines()[-1])
     print("[jax] result " + json.dumps(jx), file=sys.stderr, flush=True)
     bw = jx["read_Bps"]
-    # prefjax's shares first: a command cut short while transformers runs keeps them
-    for row in jx["decode"]:
-        for layout in ["stacked"] + [f"per_layer/{kn}" for kn in args.decode_kernels]:
-            if layout in row:
-                print("# prefjax " + bound_line(f"B={row['batch']} {layout}", row[layout], None,
-                                                (jx["weight_bytes"] + row["kv_bytes"]) / bw), flush=True)
+
+    def step_lines(row, ref_seconds):  # one line per layout timed at this batch: prefjax, reference, bound
+        bound = (jx["weight_bytes"] + row["kv_bytes"]) / bw
+        return [bound_line(f"B={row['batch']} {layout}", row[layout], ref_seconds, bound)
+                for layout in ["stacked"] + [f"per_layer/{kn}" for kn in args.decode_kernels] if layout in row]
+
+    for row in jx["decode"]:  # prefjax's shares first: a command cut short while transformers runs keeps them
+        for line in step_lines(row, None):
+            print("# prefjax " + line, flush=True)
     th = None if args.no_hf else run_torch(args)
     print(f"# bench_engine {args.preset} prompt={args.prompt} new={args.new}; {jx['device']} jax {jx['jax']}; "
           f"read bandwidth {bw / 1e9:.0f} GB/s (reduction over {'4 GiB' if args.device == 'gpu' else '64 MiB'}); weights {jx['weight_bytes'] / 1e9:.2f} GB; "
@@ -275,10 +278,8 @@ def main():
             ref[row["batch"]] = (t["t_full"] - t["t_one"]) / (args.new - 1)
     print(f"{'decode step':<28} {'ms':>9} {'hf ms':>9} {'ratio':>6} {'bound ms':>9} {'share':>7}")
     for row in jx["decode"]:
-        bound = (jx["weight_bytes"] + row["kv_bytes"]) / bw
-        for layout in ["stacked"] + [f"per_layer/{kn}" for kn in args.decode_kernels]:
-            if layout in row:
-                print(bound_line(f"B={row['batch']} {layout}", row[layout], ref.get(row["batch"]), bound))
+        for line in step_lines(row, ref.get(row["batch"])):
+            print(line)
         for layout, err in row.get("errors", {}).items():
             print(f"#   B={row['batch']} {layout} failed: {err}")
         for layout, d in row.get("max_abs_diff", {}).items():

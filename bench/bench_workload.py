@@ -417,10 +417,9 @@ def traced_run(eng, reqs, log_dir: str, waves: int = 2) -> dict:
 
     per_wave = max(1, eng.rows // max(r.n_samples for r in reqs))
     need = min(len(reqs), waves * per_wave)
-    done = [0]
+    done, stats, tracing = [0], {}, [True]
     t0 = time.perf_counter()
     jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
-    tracing = [True]
 
     def on_done(i, samples):
         done[0] += 1
@@ -429,7 +428,6 @@ def traced_run(eng, reqs, log_dir: str, waves: int = 2) -> dict:
             tracing[0] = False
             stats["traced_seconds"] = time.perf_counter() - t0
 
-    stats = {}
     try:
         eng.run(reqs, on_done=on_done)
     finally:

@@ -63,8 +63,7 @@ def timeline(ks: list[tuple[float, float, str]], gap_us: float = 200.0, top: int
         if s + d >= cur_e:
             cur_e, cur_name = s + d, name
     busy += cur_e - cur_s
-    span = ks[-1][0] + ks[-1][1] - ks[0][0]
-    span = max(span, cur_e - ks[0][0])
+    span = cur_e - ks[0][0]  # cur_e: the latest end of any kernel
     long = [g for g in gaps if g[0] > gap_us]
     return {"span_us": span, "busy_us": busy, "idle_us": span - busy,
             "idle_in_long_gaps_us": sum(g[0] for g in long), "long_gaps": len(long), "gap_us": gap_us,
