@@ -344,10 +344,10 @@ def _write_rows(big, small, dst_R, src_R, cols, *, slot_leaves: tuple[str, ...],
     def rows_of(leaf):  # rows held here: layer 0 of a PerLayer or stacked leaf
         return leaf[0].shape[0]
 
-    from jax.sharding import PartitionSpec as P
     rows = () if mesh is None else batch_axes(mesh)
     if not rows:  # one device, or rows on every device: nothing to split
         return {n: write(n, big[n], small[n], dst_R, rows_of(big[n])) for n in big}
+    from jax.sharding import PartitionSpec as P
 
     def specs(tree, split_rows):
         return jax.tree_util.tree_map(lambda sh: sh.spec, _row_shardings(tree, mesh, state=True, kv=slot_leaves,
@@ -803,6 +803,17 @@ class Engine:
             extra = 0 if plan is None else plan.extra_step(i, reqs[i].max_new)
             return reqs[i].max_new - 1 + extra - ran[b]
 
+        def dispatch(k, active, live):  # k decode steps of every row; their tokens read later (``ahead``)
+            nonlocal state, rowvars, t
+            for _ in range(k):
+                state, rowvars, tok = _step(params, state, rowvars, active, jnp.int32(t), temp, top_p,
+                                            capture=capture, **static)
+                ahead.append((tok, tuple(occ)))
+                t += 1
+            for b in live:
+                ran[b] += k
+            stats.decode_steps += k
+
         while qpos < len(queue) or any(s is not None for s in slot):
             # admit into free rows
             free = [b for b in range(B) if slot[b] is None]
@@ -834,25 +845,13 @@ class Engine:
             n = max(0, min(self.sync_every, S - t, max(steps_left(b) for b in live)))  # 0: only read what is ahead
             t_decode = time.perf_counter()
             active = self._put(np.array([slot[b] is not None for b in range(B)]))
-
-            def dispatch(k):  # k decode steps of every row; their tokens read later (``ahead``)
-                nonlocal state, rowvars, t
-                for _ in range(k):
-                    state, rowvars, tok = _step(params, state, rowvars, active, jnp.int32(t), temp, top_p,
-                                                capture=capture, **static)
-                    ahead.append((tok, tuple(occ)))
-                    t += 1
-                for b in live:
-                    ran[b] += k
-                stats.decode_steps += k
-
-            dispatch(n)
+            dispatch(n, active, live)
             # one step of the next chunk before reading this one: the device runs it while the host reads,
             # settles and launches the next chunk (without it the device idles ~10 ms after every read at the
             # Gemma-3-27B shape; BUILD_NOTES.md). Rows that stopped in this chunk run it too, and are refilled
             # one step later. Not with captures: a stopped row's extra step would record into its slots.
             early = int(self.lookahead and plan is None and t < S and any(steps_left(b) > 0 for b in live))
-            dispatch(early)
+            dispatch(early, active, live)
             stats.lookahead_steps += early
             chunk, ahead = ahead[:len(ahead) - early], ahead[len(ahead) - early:]
             if not chunk:
