@@ -121,6 +121,10 @@ def run_jax(args) -> dict:
                         tk.block_until_ready()
                         ts.append((time.perf_counter() - t0) / args.steps)
                     row[layout] = float(min(ts))
+                    if args.trace and b == args.trace_batch and per_layer == unroll:
+                        state, row.setdefault("trace", {})[layout] = traced_steps(
+                            lambda st, i: step_j(params, st, tok, keys, jnp.int32(args.prompt + 1 + i)),
+                            state, args.steps, os.path.join(args.trace, f"b{b}_{layout.replace('/', '_')}"))
                     state = None
             except Exception as e:  # noqa: BLE001 - one kernel failing to build must not lose the others
                 state = None
@@ -195,6 +199,30 @@ def run_jax(args) -> dict:
     return out
 
 
+def traced_steps(step, state, n: int, log_dir: str):
+    """Run ``n`` decode steps (``state, tokens, logits = step(state, i)``) under the profiler and summarize the
+    device's time per step: kernel time by kind (``summarize_trace.by_kind``), busy and idle time, the top
+    kernels. Returns ``(state, summary)``."""
+    import jax
+    from summarize_trace import by_kind, by_name, kernels, timeline
+
+    jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
+    try:
+        for i in range(n):
+            state, tk, _ = step(state, i)
+        tk.block_until_ready()
+    finally:
+        jax.profiler.stop_trace()
+    ks = kernels(log_dir)
+    tl = timeline(ks)
+    per = {k: round(us / n / 1e3, 3) for k, (us, _) in by_kind(ks).items()}
+    summary = {"steps": n, "ms_per_step": per, "busy_ms_per_step": round(tl["busy_us"] / n / 1e3, 3),
+               "idle_ms_per_step": round(tl["idle_us"] / n / 1e3, 3), "kernels_per_step": round(len(ks) / n, 1),
+               "top": [(nm[:90], round(us / n / 1e3, 3), c // n) for nm, us, c in by_name(ks, 12)]}
+    print(f"[jax] trace of {n} steps: " + json.dumps(summary), file=sys.stderr, flush=True)
+    return state, summary
+
+
 def run_torch(args) -> dict:
     here = os.path.dirname(os.path.abspath(__file__))
     cmd = [sys.executable, os.path.join(here, "bench_decode.py"), "--_worker", "torch", "--preset", args.preset,
@@ -233,6 +261,9 @@ def main():
     ap.add_argument("--budget", type=float, default=1e9, help="seconds after which the JAX part skips sections")
     ap.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--trace", default=None, metavar="DIR", help="profile --steps decode steps at --trace-batch "
+                    "(each per-layer kernel layout) and print the device time per step by kernel kind")
+    ap.add_argument("--trace-batch", type=int, default=8)
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.batch = [int(b) for b in args.batch.split(",") if b]
@@ -282,6 +313,16 @@ def main():
             print(line)
         for layout, err in row.get("errors", {}).items():
             print(f"#   B={row['batch']} {layout} failed: {err}")
+        for layout, tr in row.get("trace", {}).items():
+            mm = tr["ms_per_step"]["matmul"] * 1e-3
+            rate = "" if not mm else (f"; matmul kernels read the weights at {jx['weight_bytes'] / mm / 1e9:.0f} GB/s "
+                                      f"({100 * jx['weight_bytes'] / mm / bw:.0f}% of the measured read rate)")
+            print(f"#   B={row['batch']} {layout} profile, ms per step: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in tr["ms_per_step"].items())
+                  + f"; device busy {tr['busy_ms_per_step']:.2f}, idle {tr['idle_ms_per_step']:.2f}; "
+                  f"{tr['kernels_per_step']:.0f} kernels" + rate)
+            for nm, ms, c in tr["top"]:
+                print(f"#     {ms:7.3f} ms x{c:<4d} {nm}")
         for layout, d in row.get("max_abs_diff", {}).items():
             print(f"#   B={row['batch']} logits {layout} vs the first layout: max abs diff {d:.3g}")
     for g in jx["gen"]:

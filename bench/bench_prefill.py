@@ -54,11 +54,27 @@ def run_jax(args) -> dict:
             lg, cache = model.run(ids[r % 3], capture=hooks, positions=pos)
             jax.block_until_ready((lg, cache))
             times.append(time.perf_counter() - t0)
+        if args.trace:  # one more forward under the profiler: device time by kernel kind
+            from summarize_trace import by_kind, by_name, kernels, timeline
+            log_dir = os.path.join(args.trace, f"prefill_b{b}")
+            jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
+            try:
+                jax.block_until_ready(model.run(ids[0], capture=hooks, positions=pos))
+            finally:
+                jax.profiler.stop_trace()
+            ks = kernels(log_dir)
+            tl = timeline(ks)
+            trace = {"ms": {k: round(us / 1e3, 3) for k, (us, _) in by_kind(ks).items()},
+                     "busy_ms": round(tl["busy_us"] / 1e3, 3), "idle_ms": round(tl["idle_us"] / 1e3, 3),
+                     "kernels": len(ks), "top": [(n[:90], round(us / 1e3, 3), c) for n, us, c in by_name(ks, 12)]}
+            print(f"[jax] trace batch {b}: {json.dumps(trace)}", file=sys.stderr, flush=True)
         assert np.isfinite(np.asarray(lg, np.float32)).all()
         assert len(cache) == cfg.n_layers and cache[hooks[-1]].shape == (b, 1, cfg.d_model)
         med = statistics.median(times)
         out["rows"].append({"batch": b, "seq": args.seq, "median_s": med, "tok_s": b * args.seq / med,
                             "flops_per_tok": model_flops_per_token(cfg, args.seq)})
+        if args.trace:
+            out["rows"][-1]["trace"] = trace
     return out
 
 
@@ -120,6 +136,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--device", default="gpu", choices=["gpu", "cpu"])
     ap.add_argument("--only", choices=["jax", "torch"], default=None)
+    ap.add_argument("--trace", default=None, metavar="DIR", help="profile one prefjax forward per batch and print "
+                    "its device time by kernel kind and the matmul kernels' share of the measured matmul rate")
     args = ap.parse_args()
     args.batches = [int(x) for x in str(args.batches).split(",")]
     if args.only:
@@ -130,6 +148,8 @@ def main():
     for which in ("torch", "jax"):
         cmd = [sys.executable, __file__, "--only", which, "--preset", args.preset, "--seq", str(args.seq),
                "--batches", ",".join(map(str, args.batches)), "--repeats", str(args.repeats), "--device", args.device]
+        if args.trace and which == "jax":
+            cmd += ["--trace", args.trace]
         env = dict(os.environ)
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")  # 27B bf16 weights are 54 GB
         if args.device == "cpu":
@@ -150,6 +170,18 @@ def main():
         mfu = (lambda tps: f"{tps * fl / (peak * 1e12):.2f}") if peak else (lambda tps: "-")
         print(f"{jr['batch']:>6} {tr['tok_s']:>19,.0f} {jr['tok_s']:>14,.0f} {jr['tok_s'] / tr['tok_s']:>6.2f} "
               f"{mfu(tr['tok_s']):>7} {mfu(jr['tok_s']):>7}")
+    for jr in results["jax"]["rows"]:
+        tr = jr.get("trace")
+        if not tr:
+            continue
+        flops = jr["flops_per_tok"] * jr["batch"] * jr["seq"]
+        rate = "" if not tr["ms"]["matmul"] else f"; matmul kernels at {flops / (tr['ms']['matmul'] * 1e-3) / 1e12:.0f} TFLOP/s" + (
+            f" ({100 * flops / (tr['ms']['matmul'] * 1e-3) / (peak * 1e12):.0f}% of the measured rate)" if peak else "")
+        print(f"# batch {jr['batch']} profile of one forward ({jr['median_s'] * 1e3:.1f} ms timed), device ms: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in tr["ms"].items())
+              + f"; busy {tr['busy_ms']:.2f}, idle {tr['idle_ms']:.2f}; {tr['kernels']} kernels" + rate)
+        for n, ms, c in tr["top"]:
+            print(f"#   {ms:8.3f} ms x{c:<4d} {n}")
     print("JSON " + json.dumps(results))
 
 

@@ -11,6 +11,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 
 
@@ -80,12 +81,39 @@ def by_name(ks, top: int = 40) -> list[tuple[str, float, int]]:
     return [(n, us, count[n]) for n, us in total.most_common(top)]
 
 
+# Kernel kinds by name, first match wins: copies (memcpy/memset), matrix products (cuBLAS's nvjet/xmma/cutlass
+# kernels, XLA's Triton gemm fusions, prefjax's Pallas expert kernels), prefjax's Pallas decode attention,
+# reductions (norms, softmax, sampling over the vocabulary), everything else (elementwise fusions, cache
+# writes, RoPE, ...).
+KINDS = (("copy", r"memcpy|memset"),
+         ("matmul", r"gemm|nvjet|xmma|cutlass|cublas|gemv|matmul|prefjax_experts|(^|[_.])dot([_.0-9]|$)"),
+         ("attention", r"prefjax_decode_attention|flash|fmha|attention"),
+         ("reduce", r"reduce|softmax|argmax|sort|top_?k"),
+         ("other", r""))
+
+
+def kind_of(name: str) -> str:
+    """The :data:`KINDS` entry a kernel name falls in."""
+    return next(k for k, pat in KINDS if re.search(pat, name, re.IGNORECASE))
+
+
+def by_kind(ks) -> dict[str, tuple[float, int]]:
+    """``{kind: (total_us, count)}`` over :data:`KINDS`, every kind present (zeros where none ran)."""
+    out = {k: [0.0, 0] for k, _ in KINDS}
+    for _, d, name in ks:
+        acc = out[kind_of(name)]
+        acc[0] += d
+        acc[1] += 1
+    return {k: (us, n) for k, (us, n) in out.items()}
+
+
 def main(path: str, top: int = 40) -> None:
     ks = kernels(path)
     all_us = sum(d for _, d, _ in ks)
     print(f"device kernel time {all_us / 1e3:.2f} ms over {len(ks)} kernels")
     for name, us, n in by_name(ks, top):
         print(f"{us / 1e3:9.3f} ms {100 * us / max(all_us, 1):5.1f}% x{n:<4d} {name[:110]}")
+    print("by kind: " + ", ".join(f"{k} {us / 1e3:.2f} ms x{n}" for k, (us, n) in by_kind(ks).items()))
     tl = timeline(ks)
     print(f"timeline: span {tl['span_us'] / 1e3:.2f} ms, busy {tl['busy_us'] / 1e3:.2f} ms, idle "
           f"{tl['idle_us'] / 1e3:.2f} ms ({tl['idle_in_long_gaps_us'] / 1e3:.2f} ms in {tl['long_gaps']} gaps "

@@ -50,3 +50,18 @@ def test_share_over_the_bound_is_flagged():
     assert "OVER THE BOUND" in over_bound(0.030, 0.020)
     assert "OVER THE BOUND" in bound_line("B=8", 0.020, 0.1, 0.030)
     assert "OVER" not in bound_line("B=8", 0.020, 0.1, 0.010)
+
+
+def test_kernel_kinds():
+    from summarize_trace import by_kind, kind_of
+    assert kind_of("nvjet_tst_128x64_64x4_1x2_h_bz_TNT") == "matmul"
+    assert kind_of("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n") == "matmul"
+    assert kind_of("gemm_fusion_dot_12") == "matmul" and kind_of("prefjax_experts_2w") == "matmul"
+    assert kind_of("memcpy128") == "copy" and kind_of("prefjax_decode_attention") == "attention"
+    assert kind_of("input_reduce_fusion_3") == "reduce" and kind_of("loop_multiply_fusion") == "other"
+    # "dot" only as a name part: a fusion whose name merely contains the letters is not a matmul
+    assert kind_of("loop_dotted_fusion") == "other"
+    ks = [(0, 10.0, "nvjet_a"), (10, 5.0, "memcpy128"), (15, 2.5, "loop_add_fusion"), (20, 1.0, "nvjet_b")]
+    got = by_kind(ks)
+    assert got["matmul"] == (11.0, 2) and got["copy"] == (5.0, 1) and got["other"] == (2.5, 1)
+    assert got["attention"] == (0.0, 0) and set(got) == {"copy", "matmul", "attention", "reduce", "other"}

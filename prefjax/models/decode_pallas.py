@@ -140,6 +140,7 @@ def decode_attention(q_Bx1xNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1x1xS, *, scale: fl
                                products=products)
     o, m, l = pl.pallas_call(
         kernel,
+        name="prefjax_decode_attention",  # the kernel's name in a profile
         grid=(b, kv, splits),
         in_specs=[
             pl.BlockSpec((1,), lambda i, j, p: (i,)),

@@ -42,14 +42,14 @@ def supported(d_model: int, d_expert: int) -> bool:
     return pow2_tile(d_model, 64) >= 16 and pow2_tile(d_expert, 64) >= 16
 
 
-def _call(kernel, out_shape, grid, in_specs, out_spec, interpret, num_warps, num_stages):
+def _call(kernel, out_shape, grid, in_specs, out_spec, interpret, num_warps, num_stages, name):
     from jax.experimental import pallas as pl
     kw = {}
     if not interpret:
         from jax.experimental.pallas import triton as pltriton
         kw["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_spec,
-                          interpret=interpret, **kw)
+                          interpret=interpret, name=name, **kw)
 
 
 def _stacked(w, layer):
@@ -105,6 +105,7 @@ def grouped_matmul(rows_LxK, block_e, n_used, weights, *, block: int, combine=No
         kernel, jax.ShapeDtypeStruct((length, n), rows_LxK.dtype), (length // block, n // bn),
         [whole, whole, whole, pl.BlockSpec((block, kdim), lambda b, j: (b, 0))] + [whole] * len(ws),
         pl.BlockSpec((block, bn), lambda b, j: (b, j)), interpret, num_warps, num_stages,
+        f"prefjax_experts_{len(ws)}w",  # the kernel's name in a profile: 2 weights gate/up, 1 down
     )(lidx, block_e, n_used.reshape(1), rows_LxK, *ws)
 
 
