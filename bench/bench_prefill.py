@@ -37,9 +37,12 @@ def run_jax(args) -> dict:
     import jax
     import numpy as np
     import prefjax
+    t_start = time.time()
     model = prefjax.load(args.preset, dtype="bfloat16")
     cfg = model.config
     hooks = model.hook_names()
+    say = lambda msg: print(f"[jax {time.time() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
+    say("weights ready")
     out = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "rows": []}
     for b in args.batches:
         rs = np.random.RandomState(0)
@@ -48,6 +51,7 @@ def run_jax(args) -> dict:
         for x in ids:  # compile + warm up
             lg, cache = model.run(x, capture=hooks, positions=pos)
             jax.block_until_ready((lg, cache))
+        say(f"batch {b}: compiled and warm")
         times = []
         for r in range(args.repeats):
             t0 = time.perf_counter()
@@ -71,6 +75,7 @@ def run_jax(args) -> dict:
         assert np.isfinite(np.asarray(lg, np.float32)).all()
         assert len(cache) == cfg.n_layers and cache[hooks[-1]].shape == (b, 1, cfg.d_model)
         med = statistics.median(times)
+        say(f"batch {b}: {med * 1e3:.1f} ms per forward, {b * args.seq / med:,.0f} tok/s")
         out["rows"].append({"batch": b, "seq": args.seq, "median_s": med, "tok_s": b * args.seq / med,
                             "flops_per_tok": model_flops_per_token(cfg, args.seq)})
         if args.trace:
@@ -82,6 +87,8 @@ def run_torch(args) -> dict:
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
     from prefjax.models.gemma3 import PRESETS, hf_config
+    t_start = time.time()
+    say = lambda msg: print(f"[torch {time.time() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
     cfg = PRESETS[args.preset]
     dev = "cuda" if args.device == "gpu" else "cpu"
     hf_cfg = Gemma3TextConfig(**{k: v for k, v in hf_config(cfg).items() if k not in ("architectures", "model_type")},
@@ -105,6 +112,7 @@ def run_torch(args) -> dict:
         for _ in range(10):
             t0 = time.perf_counter(); a @ bm; torch.cuda.synchronize(); ts.append(time.perf_counter() - t0)
         out["matmul_tflops"] = 2 * 8192 ** 3 / statistics.median(ts) / 1e12
+        say(f"bf16 matmul 8192^3: {out['matmul_tflops']:.0f} TFLOP/s")
         del a, bm
     for b in args.batches:
         g = torch.Generator().manual_seed(0)
@@ -123,6 +131,7 @@ def run_torch(args) -> dict:
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
         med = statistics.median(times)
+        say(f"batch {b}: {med * 1e3:.1f} ms per forward, {b * args.seq / med:,.0f} tok/s")
         out["rows"].append({"batch": b, "seq": args.seq, "median_s": med, "tok_s": b * args.seq / med})
         del o, hs
     return out
@@ -154,10 +163,11 @@ def main():
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")  # 27B bf16 weights are 54 GB
         if args.device == "cpu":
             env["JAX_PLATFORMS"] = "cpu"
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        # the worker's stderr passes through: its progress lines show where a run cut short had got to
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
         line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
         if r.returncode or not line:
-            print(r.stdout[-3000:], r.stderr[-5000:])
+            print(r.stdout[-3000:])
             raise SystemExit(f"{which} run failed")
         results[which] = json.loads(line[-1][7:])
     peak = results["torch"].get("matmul_tflops")
