@@ -49,6 +49,11 @@ def run_jax(args) -> dict:
     model = prefjax.load(args.preset, dtype="bfloat16")
     cfg, fam, params = model.config, model.family, model.params
     unroll = auto_unroll() if args.unroll == "auto" else args.unroll == "1"
+    if args.per_layer_weights:
+        import dataclasses
+        from prefjax.models.stack import split_layers
+        params = {**params, "blocks": split_layers(params["blocks"], cfg.n_layers)}
+        model = dataclasses.replace(model, params=params)
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "decode": [], "gen": [], "engine": {}}
     out["weight_bytes"] = wb = int(sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(params)))
     out["read_Bps"] = bw = read_bandwidth(4.0 if args.device == "gpu" else 1 / 16)
@@ -264,6 +269,8 @@ def main():
     ap.add_argument("--trace", default=None, metavar="DIR", help="profile --steps decode steps at --trace-batch "
                     "(each per-layer kernel layout) and print the device time per step by kernel kind")
     ap.add_argument("--trace-batch", type=int, default=8)
+    ap.add_argument("--per-layer-weights", action="store_true", help="block weights split into one buffer per "
+                    "layer (prefjax.models.stack.split_layers)")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.batch = [int(b) for b in args.batch.split(",") if b]
@@ -295,7 +302,8 @@ def main():
         for line in step_lines(row, None):
             print("# prefjax " + line, flush=True)
     th = None if args.no_hf else run_torch(args)
-    print(f"# bench_engine {args.preset} prompt={args.prompt} new={args.new}; {jx['device']} jax {jx['jax']}; "
+    print(f"# bench_engine {args.preset} prompt={args.prompt} new={args.new}"
+          f"{'; block weights one buffer per layer' if args.per_layer_weights else ''}; {jx['device']} jax {jx['jax']}; "
           f"read bandwidth {bw / 1e9:.0f} GB/s (reduction over {'4 GiB' if args.device == 'gpu' else '64 MiB'}); weights {jx['weight_bytes'] / 1e9:.2f} GB; "
           f"jax part {jx['elapsed']:.0f}s")
     if th and "error" not in th:

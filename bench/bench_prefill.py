@@ -40,6 +40,11 @@ def run_jax(args) -> dict:
     t_start = time.time()
     model = prefjax.load(args.preset, dtype="bfloat16")
     cfg = model.config
+    if args.per_layer_weights:
+        import dataclasses
+        from prefjax.models.stack import split_layers
+        model = dataclasses.replace(model, params={**model.params,
+                                                   "blocks": split_layers(model.params["blocks"], cfg.n_layers)})
     hooks = model.hook_names()
     say = lambda msg: print(f"[jax {time.time() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
     say("weights ready")
@@ -145,6 +150,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--device", default="gpu", choices=["gpu", "cpu"])
     ap.add_argument("--only", choices=["jax", "torch"], default=None)
+    ap.add_argument("--per-layer-weights", action="store_true", help="prefjax: block weights split into one buffer "
+                    "per layer (prefjax.models.stack.split_layers)")
     ap.add_argument("--trace", default=None, metavar="DIR", help="profile one prefjax forward per batch and print "
                     "its device time by kernel kind and the matmul kernels' share of the measured matmul rate")
     args = ap.parse_args()
@@ -159,6 +166,8 @@ def main():
                "--batches", ",".join(map(str, args.batches)), "--repeats", str(args.repeats), "--device", args.device]
         if args.trace and which == "jax":
             cmd += ["--trace", args.trace]
+        if args.per_layer_weights and which == "jax":
+            cmd += ["--per-layer-weights"]
         env = dict(os.environ)
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")  # 27B bf16 weights are 54 GB
         if args.device == "cpu":
@@ -171,7 +180,8 @@ def main():
             raise SystemExit(f"{which} run failed")
         results[which] = json.loads(line[-1][7:])
     peak = results["torch"].get("matmul_tflops")
-    print(f"\nprefill + residual capture, {args.preset}, bf16 random weights, seq {args.seq}")
+    print(f"\nprefill + residual capture, {args.preset}, bf16 random weights, seq {args.seq}"
+          + (", prefjax block weights one buffer per layer" if args.per_layer_weights else ""))
     print(f"device: {results['jax']['device']} | jax {results['jax']['jax']} | torch {results['torch']['torch']}"
           + (f" | measured bf16 matmul {peak:.0f} TFLOP/s" if peak else ""))
     print(f"{'batch':>6} {'transformers tok/s':>19} {'prefjax tok/s':>14} {'ratio':>6} {'HF MFU':>7} {'pj MFU':>7}")

@@ -17,6 +17,7 @@ Python loop over the same block function and gives the same numbers.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -188,6 +189,8 @@ def fold(block_fn: Callable, blocks, x_BxTxD, *, n_layers: int, aux=None, state=
             is_leaf=_is_per_layer)
         return x_BxTxD, captured, new_state
 
+    if any(_is_per_layer(a) for a in jax.tree_util.tree_leaves(blocks, is_leaf=_is_per_layer)):
+        blocks = stack_layers(blocks)  # weights split per layer (split_layers) in a scan: stacked again, a copy
     per_layer = state is not None and any(_is_per_layer(a) for a in jax.tree_util.tree_leaves(
         state, is_leaf=_is_per_layer))
     if per_layer:  # the scan needs stacked leaves: stack, run, and hand the per-layer layout back
@@ -211,3 +214,31 @@ def fold(block_fn: Callable, blocks, x_BxTxD, *, n_layers: int, aux=None, state=
         for l in wanted:
             captured[hook_name(l, point)] = stacked[l]
     return x_BxTxD, captured, new_state
+
+
+def split_layers(tree, n_layers: int):
+    """Every ``[n_layers, ...]`` array leaf of ``tree`` (e.g. ``params["blocks"]``) as a :class:`PerLayer` of
+    ``n_layers`` separate buffers, split outside any trace, one leaf at a time with the stacked leaf donated,
+    so the peak memory is the tree plus its largest leaf.
+
+    Why: an unrolled layer loop reads layer ``l``'s weights as the static slice ``stacked[l]``, and XLA on a
+    GPU copies such a slice into a buffer of its own before every cuBLAS matmul that reads it (one
+    ``memcpy`` per such matmul per call); separate buffers are read in place. :func:`fold` accepts split
+    blocks in both modes: unrolled it reads each layer's buffer, under ``scan`` it stacks them again (a copy
+    per call). Dense families only: a kernel that indexes a stacked expert tensor by layer (the MoE Pallas
+    path) needs the stack.
+    """
+    def one(a):
+        if _is_per_layer(a) or getattr(a, "ndim", 0) < 1 or a.shape[0] != n_layers:
+            return a
+        with warnings.catch_warnings():  # donated to be freed early, not reused: XLA says it could not alias it
+            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            return PerLayer(_split(a, n_layers))
+    return jax.tree_util.tree_map(one, tree, is_leaf=_is_per_layer)
+
+
+def _split_impl(a, n_layers: int):
+    return tuple(a[l] for l in range(n_layers))
+
+
+_split = jax.jit(_split_impl, static_argnums=1, donate_argnums=0)

@@ -1,0 +1,47 @@
+"""Weights split into one buffer per layer (``stack.split_layers``): the same numbers as the stacked
+weights in both layer loops, and no per-layer slice of a stacked weight left in the unrolled program (the
+slices XLA copies before each cuBLAS matmul on a GPU; BUILD_NOTES, seventh session)."""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+import prefjax
+from prefjax.models.stack import PerLayer, split_layers
+
+
+def _weight_slices(jaxpr):
+    """Equations slicing or indexing one of the program's inputs (the weights) directly."""
+    inputs = set(jaxpr.invars)
+    return sum(1 for eqn in jaxpr.eqns
+               if eqn.primitive.name in ("slice", "dynamic_slice", "gather") and eqn.invars[0] in inputs)
+
+
+def test_split_weights_same_numbers_and_no_stack_slices():
+    model = prefjax.load("gemma3-tiny")
+    cfg = model.config
+    blocks = model.params["blocks"]
+    stacked_copy = jax.tree_util.tree_map(lambda a: a.copy(), blocks)  # split_layers donates its input
+    split = split_layers(stacked_copy, cfg.n_layers)
+    leaves = jax.tree_util.tree_leaves(split, is_leaf=lambda a: isinstance(a, PerLayer))
+    assert leaves and all(isinstance(a, PerLayer) and len(a) == cfg.n_layers for a in leaves)
+    for a, b in zip(leaves, jax.tree_util.tree_leaves(blocks)):
+        np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+    split_model = dataclasses.replace(model, params={**model.params, "blocks": split})
+
+    ids = np.random.RandomState(0).randint(3, cfg.vocab_size, size=(2, 9))
+    names = model.hook_names()
+    for unroll in (True, False):
+        want_logits, want = model.run(ids, capture=names, unroll=unroll)
+        got_logits, got = split_model.run(ids, capture=names, unroll=unroll)
+        np.testing.assert_array_equal(np.asarray(got_logits), np.asarray(want_logits))
+        for n in names:
+            np.testing.assert_array_equal(np.asarray(got[n]), np.asarray(want[n]))
+
+    def fwd(params):
+        return model.family.forward(cfg, params, ids, np.ones(ids.shape, bool), capture=prefjax.hooks.CaptureSpec(),
+                                    unroll=True).logits
+    n_weights = len(jax.tree_util.tree_leaves(blocks))
+    assert _weight_slices(jax.make_jaxpr(fwd)(model.params).jaxpr) >= n_weights * cfg.n_layers
+    assert _weight_slices(jax.make_jaxpr(fwd)(split_model.params).jaxpr) == 0
