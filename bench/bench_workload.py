@@ -268,6 +268,11 @@ def run_jax(args, emit) -> dict:
     model = prefjax.load(args.preset, dtype="bfloat16" if gpu else "float32", mesh=mesh)
     if args.moe_impl:
         model = dataclasses.replace(model, config=dataclasses.replace(model.config, moe_impl=args.moe_impl))
+    if args.per_layer_weights:  # every program unrolled: a scanned one would stack the split weights again
+        from prefjax.models.stack import split_layers
+        model = dataclasses.replace(model, params={**model.params, "blocks": split_layers(model.params["blocks"],
+                                                                                            model.config.n_layers)})
+        args.prefill_unroll, args.step_unroll = True, "1"
     cfg = model.config
     fam = model.family.name
     prompts, stops, meta = read_prompts(args.prompts, args.pairs, cfg.vocab_size, fam)
@@ -303,7 +308,7 @@ def run_jax(args, emit) -> dict:
     eng = Engine(model, rows=args.rows, cache_len=cache_len, temperature=1.0, seed=0, stop_ids=stops,
                  sync_every=args.sync_every, lookahead=not args.no_lookahead, prompt_bucket=16, prefill_rows=8,
                  **loops)
-    out.update(cache_len=cache_len, step_context=p0, engine={"unroll": eng.unroll, "prefill_unroll": eng.prefill_unroll,
+    out.update(cache_len=cache_len, step_context=p0, engine={"unroll": eng.unroll, "prefill_unroll": eng.prefill_unroll, "per_layer_weights": args.per_layer_weights,
                                                              "sync_every": eng.sync_every, "lookahead": eng.lookahead})
     # the read bandwidth first, with nothing else in the process: a compile in the thread below holds the GIL in
     # stretches, and the short timed reductions then read as half the card's bandwidth (1,527-1,977 GB/s on
@@ -733,6 +738,8 @@ def main():
     ap.add_argument("--steps", type=int, default=12, help="prefjax: decode steps per timed run of --step-batches")
     ap.add_argument("--step-new", type=int, default=16, help="transformers: decode steps timed per --step-batches")
     ap.add_argument("--prefill-unroll", action="store_true", help="engine prefills unrolled (default: scanned)")
+    ap.add_argument("--per-layer-weights", action="store_true", help="prefjax block weights split into one buffer "
+                    "per layer (prefjax.models.stack.split_layers); implies unrolled prefills and step")
     ap.add_argument("--step-unroll", choices=("auto", "0", "1"), default="auto",
                     help="the engine's decode step: unrolled (1; the GPU default) or scanned (0: one layer to compile; "
                          "Qwen-3.5's expert stacks stay out of the layer fold either way)")

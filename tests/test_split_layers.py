@@ -45,3 +45,18 @@ def test_split_weights_same_numbers_and_no_stack_slices():
     n_weights = len(jax.tree_util.tree_leaves(blocks))
     assert _weight_slices(jax.make_jaxpr(fwd)(model.params).jaxpr) >= n_weights * cfg.n_layers
     assert _weight_slices(jax.make_jaxpr(fwd)(split_model.params).jaxpr) == 0
+
+
+def test_engine_with_split_weights_samples_the_same_tokens():
+    # the engine's GPU layout with split weights: unrolled step and prefills reading per-layer buffers
+    from prefjax.engine import Engine, Request
+    model = prefjax.load("gemma3-tiny")
+    split_model = dataclasses.replace(model, params={
+        **model.params, "blocks": split_layers(jax.tree_util.tree_map(lambda a: a.copy(), model.params["blocks"]),
+                                               model.config.n_layers)})
+    rs = np.random.RandomState(3)
+    reqs = [Request(list(rs.randint(3, model.config.vocab_size, size=n)), m, n_samples=2)
+            for n, m in ((7, 5), (11, 3), (4, 6))]
+    got = [Engine(m, rows=4, temperature=1.0, seed=0, stop_ids=(), unroll=True, prefill_unroll=True).run(reqs)
+           for m in (model, split_model)]
+    assert [[s.token_ids for s in r] for r in got[0]] == [[s.token_ids for s in r] for r in got[1]]
