@@ -47,13 +47,10 @@ def run_jax(args) -> dict:
 
     t_start = time.time()
     model = prefjax.load(args.preset, dtype="bfloat16")
+    if args.per_layer_weights:
+        model = model.split_layers()
     cfg, fam, params = model.config, model.family, model.params
     unroll = auto_unroll() if args.unroll == "auto" else args.unroll == "1"
-    if args.per_layer_weights:
-        import dataclasses
-        from prefjax.models.stack import split_layers
-        params = {**params, "blocks": split_layers(params["blocks"], cfg.n_layers)}
-        model = dataclasses.replace(model, params=params)
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "decode": [], "gen": [], "engine": {}}
     out["weight_bytes"] = wb = int(sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(params)))
     out["read_Bps"] = bw = read_bandwidth(4.0 if args.device == "gpu" else 1 / 16)

@@ -41,10 +41,7 @@ def run_jax(args) -> dict:
     model = prefjax.load(args.preset, dtype="bfloat16")
     cfg = model.config
     if args.per_layer_weights:
-        import dataclasses
-        from prefjax.models.stack import split_layers
-        model = dataclasses.replace(model, params={**model.params,
-                                                   "blocks": split_layers(model.params["blocks"], cfg.n_layers)})
+        model = model.split_layers()
     hooks = model.hook_names()
     say = lambda msg: print(f"[jax {time.time() - t_start:6.1f}s] {msg}", file=sys.stderr, flush=True)
     say("weights ready")

@@ -269,9 +269,7 @@ def run_jax(args, emit) -> dict:
     if args.moe_impl:
         model = dataclasses.replace(model, config=dataclasses.replace(model.config, moe_impl=args.moe_impl))
     if args.per_layer_weights:  # every program unrolled: a scanned one would stack the split weights again
-        from prefjax.models.stack import split_layers
-        model = dataclasses.replace(model, params={**model.params, "blocks": split_layers(model.params["blocks"],
-                                                                                            model.config.n_layers)})
+        model = model.split_layers()
         args.prefill_unroll, args.step_unroll = True, "1"
     cfg = model.config
     fam = model.family.name

@@ -60,3 +60,13 @@ def test_engine_with_split_weights_samples_the_same_tokens():
     got = [Engine(m, rows=4, temperature=1.0, seed=0, stop_ids=(), unroll=True, prefill_unroll=True).run(reqs)
            for m in (model, split_model)]
     assert [[s.token_ids for s in r] for r in got[0]] == [[s.token_ids for s in r] for r in got[1]]
+
+
+def test_model_split_layers_and_its_refusal():
+    import pytest
+    ids = np.random.RandomState(1).randint(3, 500, size=(2, 7))
+    want, _ = prefjax.load("gemma3-tiny").run(ids, unroll=True)
+    got, _ = prefjax.load("gemma3-tiny").split_layers().run(ids, unroll=True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="qwen35-moe-tiny: split_layers: the MoE expert kernels"):
+        prefjax.load("qwen35-moe-tiny").split_layers()
