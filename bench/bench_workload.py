@@ -268,9 +268,8 @@ def run_jax(args, emit) -> dict:
     model = prefjax.load(args.preset, dtype="bfloat16" if gpu else "float32", mesh=mesh)
     if args.moe_impl:
         model = dataclasses.replace(model, config=dataclasses.replace(model.config, moe_impl=args.moe_impl))
-    if args.per_layer_weights:  # every program unrolled: a scanned one would stack the split weights again
+    if args.per_layer_weights:  # the engine then unrolls its prefills by default (a scan would stack them again)
         model = model.split_layers()
-        args.prefill_unroll, args.step_unroll = True, "1"
     cfg = model.config
     fam = model.family.name
     prompts, stops, meta = read_prompts(args.prompts, args.pairs, cfg.vocab_size, fam)
@@ -302,7 +301,7 @@ def run_jax(args, emit) -> dict:
     # meshes on XLA:CPU unroll every layer loop (a scanned loop with collectives can deadlock on a small
     # host, tests/_engine_mesh_worker.py); on GPUs the step is unrolled and the prefills scanned (defaults)
     loops = dict(unroll=True, prefill_unroll=True) if (mesh is not None and not gpu) else \
-        dict(prefill_unroll=args.prefill_unroll, unroll=None if args.step_unroll == "auto" else args.step_unroll == "1")
+        dict(prefill_unroll=args.prefill_unroll or None, unroll=None if args.step_unroll == "auto" else args.step_unroll == "1")
     eng = Engine(model, rows=args.rows, cache_len=cache_len, temperature=1.0, seed=0, stop_ids=stops,
                  sync_every=args.sync_every, lookahead=not args.no_lookahead, prompt_bucket=16, prefill_rows=8,
                  **loops)
@@ -737,7 +736,7 @@ def main():
     ap.add_argument("--step-new", type=int, default=16, help="transformers: decode steps timed per --step-batches")
     ap.add_argument("--prefill-unroll", action="store_true", help="engine prefills unrolled (default: scanned)")
     ap.add_argument("--per-layer-weights", action="store_true", help="prefjax block weights split into one buffer "
-                    "per layer (prefjax.models.stack.split_layers); implies unrolled prefills and step")
+                    "per layer (Model.split_layers); the engine's prefills are then unrolled")
     ap.add_argument("--step-unroll", choices=("auto", "0", "1"), default="auto",
                     help="the engine's decode step: unrolled (1; the GPU default) or scanned (0: one layer to compile; "
                          "Qwen-3.5's expert stacks stay out of the layer fold either way)")

@@ -91,7 +91,7 @@ import numpy as np
 from prefjax.generation import default_stop_ids, per_layer_cache, sample_tokens
 from prefjax.hooks import CaptureSpec, HookError, parse_hook
 from prefjax.model import auto_unroll, common_prefix_len, extend_kv_state
-from prefjax.models.stack import PerLayer
+from prefjax.models.stack import PerLayer, is_split
 from prefjax.sharding import batch_axes, batch_multiple, batch_sharding, mesh_context, spec_for
 from prefjax.steering import STEER_POINT, unit_direction
 from prefjax.tokenize import left_pad
@@ -505,10 +505,11 @@ class Engine:
     ``prefill_rows`` distinct requests at that width, so a run compiles one prefill program, one
     decode step and a few row writers (one per power-of-two count of admitted rows).
     ``unroll`` (default :func:`prefjax.model.auto_unroll`) is the decode step's layer loop;
-    ``prefill_unroll`` (default False) the prefills'. A scanned prefill compiles one layer instead of
-    all of them (the warm-up of a Gemma-3-27B workload spent 510 s compiling unrolled prefills and the
-    step on an H200); prefill is compute-bound, so the per-layer weight copy a scan makes on GPUs is a
-    small share of it, unlike in the memory-bound decode step.
+    ``prefill_unroll`` the prefills' (default: unrolled when the model's block weights are split per layer,
+    :meth:`prefjax.model.Model.split_layers`, where a scan would stack them again at every prefill;
+    scanned otherwise). A scanned prefill compiles one layer instead of all of them (with stacked weights
+    the warm-up of a Gemma-3-27B workload spent 510 s compiling unrolled prefills and the step on an H200);
+    prefill is compute-bound, so the per-layer weight copy a scan makes on GPUs is a small share of it.
     ``share_prefix``: prefill the prompt prefix every request shares once per run (module docstring);
     no effect for families with per-row recurrent state (Qwen-3.5) or under a mesh, where prompts are
     prefilled whole. Under a mesh ``rows`` must split over its batch axes (:func:`mesh_rows`).
@@ -521,7 +522,7 @@ class Engine:
     def __init__(self, model, *, rows: int = 8, cache_len: int | None = None, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_ids=None, sync_every: int = 8,
                  prompt_bucket: int = 16, prefill_rows: int = 8, unroll: bool | None = None,
-                 prefill_unroll: bool = False, share_prefix: bool = True, lookahead: bool = True):
+                 prefill_unroll: bool | None = None, share_prefix: bool = True, lookahead: bool = True):
         why = engine_refusal(model)
         if why is not None:
             raise EngineError(f"model {model.source!r}: {why}")
@@ -544,7 +545,7 @@ class Engine:
         self.lookahead = bool(lookahead)
         self.stop_ids = default_stop_ids(model) if stop_ids is None else tuple(int(s) for s in stop_ids)
         self.unroll = auto_unroll() if unroll is None else bool(unroll)
-        self.prefill_unroll = bool(prefill_unroll)
+        self.prefill_unroll = is_split(model.params) if prefill_unroll is None else bool(prefill_unroll)
         self.stats = EngineStats()
 
     # ---- validation ------------------------------------------------------------------------

@@ -57,8 +57,9 @@ def test_engine_with_split_weights_samples_the_same_tokens():
     rs = np.random.RandomState(3)
     reqs = [Request(list(rs.randint(3, model.config.vocab_size, size=n)), m, n_samples=2)
             for n, m in ((7, 5), (11, 3), (4, 6))]
-    got = [Engine(m, rows=4, temperature=1.0, seed=0, stop_ids=(), unroll=True, prefill_unroll=True).run(reqs)
-           for m in (model, split_model)]
+    engines = [Engine(m, rows=4, temperature=1.0, seed=0, stop_ids=(), unroll=True) for m in (model, split_model)]
+    assert [e.prefill_unroll for e in engines] == [False, True]  # split weights: unrolled prefills by default
+    got = [e.run(reqs) for e in engines]
     assert [[s.token_ids for s in r] for r in got[0]] == [[s.token_ids for s in r] for r in got[1]]
 
 

@@ -189,7 +189,7 @@ def fold(block_fn: Callable, blocks, x_BxTxD, *, n_layers: int, aux=None, state=
             is_leaf=_is_per_layer)
         return x_BxTxD, captured, new_state
 
-    if any(_is_per_layer(a) for a in jax.tree_util.tree_leaves(blocks, is_leaf=_is_per_layer)):
+    if is_split(blocks):
         blocks = stack_layers(blocks)  # weights split per layer (split_layers) in a scan: stacked again, a copy
     per_layer = state is not None and any(_is_per_layer(a) for a in jax.tree_util.tree_leaves(
         state, is_leaf=_is_per_layer))
@@ -214,6 +214,11 @@ def fold(block_fn: Callable, blocks, x_BxTxD, *, n_layers: int, aux=None, state=
         for l in wanted:
             captured[hook_name(l, point)] = stacked[l]
     return x_BxTxD, captured, new_state
+
+
+def is_split(tree) -> bool:
+    """Whether ``tree`` (e.g. a model's params) holds layer-split leaves (:class:`PerLayer`, :func:`split_layers`)."""
+    return any(_is_per_layer(a) for a in jax.tree_util.tree_leaves(tree, is_leaf=_is_per_layer))
 
 
 def split_layers(tree, n_layers: int):
