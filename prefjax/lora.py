@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prefjax.models.stack import is_split
+
 log = logging.getLogger("prefjax")
 
 # PEFT module name -> prefjax block weight.
@@ -315,6 +317,9 @@ def attach_adapter(model, adapter, *, merge: bool = False):
                 raise AdapterError(f"adapter {ad.path!r}: factors for {t!r} do not fit weight shape {w}")
     else:
         ad = load_adapter(adapter, model.family, model.config, dtype=model.dtype)
+    if (merge or not ad.on_the_fly) and is_split(model.params):
+        raise AdapterError(f"model {model.source!r}: its block weights are split per layer (Model.split_layers); "
+                           f"merge adapter {ad.path!r} before splitting, or attach it on the fly")
     if merge:
         merged = merge_params(model.params, ad)
         return dataclasses.replace(model, params=merged, adapter=MergedAdapter(ad.path))

@@ -216,3 +216,14 @@ def test_greedy_generation_with_adapter_matches_peft(setup):
     assert list(g.token_ids[0]) == ref[0, len(prompt):].tolist()
     base_g = generate(setup["base"], [prompt], max_new_tokens=6, temperature=0.0, stop_ids=())
     assert list(base_g.token_ids[0]) != list(g.token_ids[0])
+
+
+def test_split_weights_take_adapters_on_the_fly_and_refuse_a_merge(setup):
+    # Model.split_layers: an on-the-fly adapter reads the split weights and gives the stacked model's numbers;
+    # a merge (which needs the stacked weights) is refused with the model and adapter named
+    want, _ = setup["base"].with_adapter(setup["a1_dir"]).run(TOKS, unroll=True)
+    split = prefjax.load(setup["base_dir"]).split_layers()
+    got, _ = split.with_adapter(setup["a1_dir"]).run(TOKS, unroll=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=0)
+    with pytest.raises(AdapterError, match="split per layer.*merge adapter"):
+        split.with_adapter(setup["a1_dir"], merge=True)
