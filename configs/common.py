@@ -83,7 +83,10 @@ def base_config(arg: str, config_file: str):
     c.checkpoints_dir = "/checkpoints"
     c.adapters_dir = "/adapters"
     c.model = ml_collections.ConfigDict({"name": key, "preset": row.preset, "dtype": row.dtype,
-                                         "source": row.source})
+                                         "source": row.source,
+                                         # block weights one buffer per layer: on a GPU XLA then reads each
+                                         # layer's weights in place (prefjax.model.apply_layer_split)
+                                         "split_layers": "auto"})
     if row.from_checkpoints_dir:
         # Follows --config.checkpoints_dir unless model.source itself is overridden.
         c.model.source = c.get_ref("checkpoints_dir") + ("/" + row.source)

@@ -123,6 +123,18 @@ class PrefixCache:
     contiguous: bool = True  # every row's real tokens end at the last slot, with no padding between them
 
 
+def apply_layer_split(model: "Model", setting: str) -> "Model":
+    """``model`` with its block weights split per layer (:meth:`Model.split_layers`) as ``setting`` says:
+    "on", "off", or "auto" = on when JAX runs on a GPU, the model is on one device (no mesh) and its family
+    is dense (a MoE model keeps its stacked experts). Config field ``model.split_layers``."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"split_layers setting {setting!r}; expected 'auto', 'on' or 'off'")
+    if setting == "auto":
+        setting = "on" if (jax.default_backend() == "gpu" and model.mesh is None
+                           and not getattr(model.config, "n_experts", 0)) else "off"
+    return model.split_layers() if setting == "on" else model
+
+
 @dataclasses.dataclass
 class Model:
     """A loaded model. ``params`` is a pytree of (possibly sharded) ``jax.Array``; ``family`` is its

@@ -42,6 +42,8 @@ from prefjax.experiments.pref_shift import run_pref_shift_stage
 from prefjax.experiments.steering import run_steering_stage, steering_persona
 from prefjax.experiments.truefalse import run_truefalse_stage
 from prefjax.launching import barrier, process_info
+from prefjax.model import apply_layer_split
+from prefjax.models.stack import is_split
 from prefjax.organism import evaluate_recovery
 from prefjax.organism_planted import is_planted, score_run
 from prefjax.probes import (bootstrap_ci, default_splits, evaluate_probe, fit_ridge_at, inlp, leave_one_topic_out,
@@ -495,9 +497,10 @@ def run_pipeline(config, workdir: str, *, model=None) -> str | None:
     if model is None:
         t0 = time.time()
         log(f"loading model {cfg.model.source}")
-        model = prefjax.load(cfg.model.source, dtype=cfg.model.dtype or None, mesh=config_mesh(cfg))
+        model = apply_layer_split(prefjax.load(cfg.model.source, dtype=cfg.model.dtype or None, mesh=config_mesh(cfg)),
+                                  cfg.model.split_layers)
         load_s = time.time() - t0
-        log(f"model loaded in {load_s:.1f}s")
+        log(f"model loaded in {load_s:.1f}s" + (" (block weights one buffer per layer)" if is_split(model.params) else ""))
     if model.tokenizer is None:
         raise ValueError(f"model {cfg.model.source!r} has no tokenizer; the pipeline renders chat prompts")
     ctx = Context(cfg=cfg, run=run, model=model, pool=pool, personas=personas,

@@ -69,11 +69,14 @@ def resolve_layers(spec, n_layers: int) -> list[int]:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """``model``: the table row (``name``, ``preset``), the checkpoint ``source`` and the ``dtype``."""
+    """``model``: the table row (``name``, ``preset``), the checkpoint ``source`` and the ``dtype``;
+    ``split_layers`` ("auto", "on", "off"): block weights one buffer per layer after loading
+    (:func:`prefjax.model.apply_layer_split`; "auto" splits on a GPU, one device, a dense family)."""
     name: str
     preset: str
     dtype: str
     source: str
+    split_layers: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +219,7 @@ TOP_LEVEL = {"seed": "int", "stages": "tuple[str, ...]", "checkpoints_dir": "str
 # planting spec of configs/organism.py, read by bench/plant_organism.py through OrganismSpec.from_dict.
 PROVENANCE = ("organism",)
 ALLOWED = {"choices.mode": ("logit", "sample"), "steering.mode": ("contrastive", "single"),
-           "probes.alpha_rule": ("best", "1se")}
+           "probes.alpha_rule": ("best", "1se"), "model.split_layers": ("auto", "on", "off")}
 
 
 def _convert(value: Any, kind: str, where: str) -> Any:

@@ -39,7 +39,7 @@ def declared_keys() -> dict[str, str]:
 
 # A new value (different from the tiny config's) and its command-line text, per declared key.
 SPECIAL = {"stages": ("tasks", "patching"), "choices.mode": "sample", "steering.mode": "single", "probes.alpha_rule": "1se",
-           "personas": ("default", "novelist"), "progress": False}
+           "personas": ("default", "novelist"), "progress": False, "model.split_layers": "off"}
 
 
 def _new_value(key, kind, old):

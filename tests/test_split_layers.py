@@ -71,3 +71,30 @@ def test_model_split_layers_and_its_refusal():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     with pytest.raises(ValueError, match="qwen35-moe-tiny: split_layers: the MoE expert kernels"):
         prefjax.load("qwen35-moe-tiny").split_layers()
+
+
+def test_layer_split_setting_and_readout_gradient():
+    import pytest
+    from prefjax.model import apply_layer_split
+    from prefjax.steering import readout_gradient
+    model = prefjax.load("gemma3-tiny")
+    assert apply_layer_split(model, "auto") is model  # this machine's JAX runs on the CPU: auto leaves the stack
+    assert apply_layer_split(model, "off") is model
+    with pytest.raises(ValueError, match="split_layers setting 'yes'"):
+        apply_layer_split(model, "yes")
+    moe = prefjax.load("qwen35-moe-tiny")
+    assert apply_layer_split(moe, "auto") is moe
+    with pytest.raises(ValueError, match="MoE expert kernels"):
+        apply_layer_split(moe, "on")
+
+    rs = np.random.RandomState(2)
+    ids = rs.randint(3, model.config.vocab_size, size=(2, 6))
+    args = (ids, None, np.array([5, 4]), np.ones(ids.shape, np.float32), 3,
+            rs.normal(size=(2, model.config.vocab_size)))
+    want = readout_gradient(model, *args)
+    split = apply_layer_split(prefjax.load("gemma3-tiny"), "on")
+    assert any(isinstance(a, PerLayer) for a in jax.tree_util.tree_leaves(
+        split.params, is_leaf=lambda a: isinstance(a, PerLayer)))
+    # the split model's backward runs unrolled, the stacked one's scanned: float32 sums in another order
+    # (5e-7 of a gradient whose largest entry is ~0.8); a wrong layer's weights would move it by O(1)
+    np.testing.assert_allclose(readout_gradient(split, *args), want, rtol=0, atol=1e-5 * np.abs(want).max())
