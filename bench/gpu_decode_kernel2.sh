@@ -3,11 +3,7 @@
 # Gemma-3-27B shape; if a kernel tiling beats XLA's decode_attention at B=64 in the probe, the decode step
 # at B=64 and 256 and the elicitation workload run with it; then prefill + capture MFU if time is left.
 # Usage (device machine, repo root): bash bench/gpu_decode_kernel2.sh
-set -uo pipefail
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PREFJAX_PROGRESS=0
-OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
-T0=$(date +%s); left() { echo $(( 575 - ($(date +%s) - T0) )); }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+DEFAULT_BUDGET=575; source "$(dirname "$0")/_gpu_env.sh"
 timeout 100 python3 bench/attention_probe.py --slots 384 --batch 64 256 --json "$OUT/probe.json" 2>&1 \
     | grep -v "^W0000\|^I0000" | tee "$OUT/attention_probe.txt"
 BEST=$(python3 - "$OUT/probe.json" <<'PY'

@@ -5,11 +5,7 @@
 # remove them. This call repeats prefill + capture (batch 16 and 4, against transformers) and the decode step
 # (8 and 64 rows) with the block weights split into one buffer per layer (--per-layer-weights), profiled.
 # Usage (device machine, repo root): bash bench/gpu_per_layer_weights.sh
-set -uo pipefail
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PREFJAX_PROGRESS=0
-OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
-T0=$(date +%s); left() { echo $(( ${BUDGET:-560} - ($(date +%s) - T0) )); }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+DEFAULT_BUDGET=560; source "$(dirname "$0")/_gpu_env.sh"
 timeout $(( $(left) - 200 )) python3 bench/bench_prefill.py --preset gemma3-27b --batches 16,4 --seq 256 --repeats 3 \
     --per-layer-weights --trace /tmp/trace_prefill 2>&1 | grep -v "^W0000\|^I0000\|^JSON" | tee "$OUT/prefill.txt"
 echo "# left: $(left) s"

@@ -3,11 +3,7 @@
 # one profiled forward each (issue 16 item (d)); then the decode step at 8 and 64 rows with XLA's dynamic-slice
 # fusion switched on, profiled at 8 rows: does the one device-to-device copy per layer (memcpy128 x62 per step,
 # 1.25 ms at 8 rows, gpu_profiles.sh) go away? Usage (device machine, repo root): bash bench/gpu_prefill_dsf.sh
-set -uo pipefail
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PREFJAX_PROGRESS=0
-OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
-T0=$(date +%s); left() { echo $(( ${BUDGET:-480} - ($(date +%s) - T0) )); }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+DEFAULT_BUDGET=480; source "$(dirname "$0")/_gpu_env.sh"
 timeout $(( $(left) - 150 )) python3 bench/bench_prefill.py --preset gemma3-27b --batches 16,4 --seq 256 --repeats 3 \
     --trace /tmp/trace_prefill 2>&1 | grep -v "^W0000\|^I0000\|^JSON" | tee "$OUT/prefill.txt"
 echo "# left: $(left) s"

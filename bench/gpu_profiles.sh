@@ -4,11 +4,7 @@
 # rate); then the decode step at 8 rows profiled (time per step by kernel kind, the matmul kernels' weight read
 # rate) and at 256 rows against transformers' step (item (a)'s missing reference).
 # Usage (device machine, repo root): bash bench/gpu_profiles.sh
-set -uo pipefail
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PREFJAX_PROGRESS=0
-OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
-T0=$(date +%s); left() { echo $(( ${BUDGET:-585} - ($(date +%s) - T0) )); }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+DEFAULT_BUDGET=585; source "$(dirname "$0")/_gpu_env.sh"
 timeout $(( $(left) - 330 )) python3 bench/bench_prefill.py --preset gemma3-27b --batches 16,4 --seq 256 --repeats 5 \
     --trace /tmp/trace_prefill 2>&1 | grep -v "^W0000\|^I0000\|^JSON" | tail -40 | tee "$OUT/prefill.txt"
 echo "# left: $(left) s"

@@ -3,11 +3,7 @@
 # choice ("auto": XLA at 8 rows, the Pallas decode-attention kernel at 64 and 256), transformers' step at the
 # same batches in the same call (issue 16 item (a)); then prefill + capture at batch 4 (item (d); batch 16 was
 # measured in the workload call).  Usage (device machine, repo root): bash bench/gpu_steps_prefill.sh
-set -uo pipefail
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PREFJAX_PROGRESS=0
-OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
-T0=$(date +%s); left() { echo $(( ${BUDGET:-470} - ($(date +%s) - T0) )); }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+DEFAULT_BUDGET=470; source "$(dirname "$0")/_gpu_env.sh"
 timeout $(( $(left) - 130 )) python3 bench/bench_engine.py --preset gemma3-27b --batch 8,64,256 --decode-kernels auto \
     --hf-batch 8,64,256 --gen-batch '' --skip-engine --stacked-max-batch 0 --steps 10 --budget 200 \
     --torch-timeout 120 2>&1 | grep -v "^W0000\|^I0000\|result {" | tee "$OUT/steps.txt"

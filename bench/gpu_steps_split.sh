@@ -3,11 +3,7 @@
 # buffer per layer (no weight-slice copies; gpu_per_layer_weights.sh), the decode step at 8, 64 and 256 rows
 # against transformers' step at the same batches in the same call, the 256-row step profiled.
 # Usage (device machine, repo root): bash bench/gpu_steps_split.sh
-set -uo pipefail
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PREFJAX_PROGRESS=0
-OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
-T0=$(date +%s); left() { echo $(( ${BUDGET:-500} - ($(date +%s) - T0) )); }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+DEFAULT_BUDGET=500; source "$(dirname "$0")/_gpu_env.sh"
 timeout $(( $(left) - 3 )) python3 bench/bench_engine.py --preset gemma3-27b --batch 8,64,256 --decode-kernels auto \
     --hf-batch 8,64,256 --gen-batch '' --skip-engine --stacked-max-batch 0 --steps 10 --trace /tmp/trace_steps \
     --trace-batch 256 --per-layer-weights --torch-timeout $(( $(left) - 120 )) 2>&1 \

@@ -3,11 +3,7 @@
 # time split, its own decode step and a profile of its first two waves (where the ~23% of engine time outside
 # the bare step goes), against transformers in the same call; then prefill + capture MFU (issue 16 item (d))
 # with the time left.  Usage (device machine, repo root): bash bench/gpu_workload3.sh
-set -uo pipefail
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PREFJAX_PROGRESS=0
-OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
-T0=$(date +%s); left() { echo $(( ${BUDGET:-580} - ($(date +%s) - T0) )); }
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+DEFAULT_BUDGET=580; source "$(dirname "$0")/_gpu_env.sh"
 timeout $(( $(left) - 150 )) python3 bench/bench_workload.py --preset gemma3-27b --pairs 64 --rows ${ROWS:-64} \
     --no-steered --step-batches ${ROWS:-64} --trace /tmp/trace_workload --deadline $(( $(left) - 160 )) \
     --hf-reserve 150 --hf-budget 110 2>&1 | grep -v "^W0000\|^I0000" | tee "$OUT/workload.txt" | grep -v "^\[" 
