@@ -98,3 +98,13 @@ def test_layer_split_setting_and_readout_gradient():
     # the split model's backward runs unrolled, the stacked one's scanned: float32 sums in another order
     # (5e-7 of a gradient whose largest entry is ~0.8); a wrong layer's weights would move it by O(1)
     np.testing.assert_allclose(readout_gradient(split, *args), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_every_dense_family_gives_the_same_logits_split():
+    for name in ("llama31-tiny", "qwen3-tiny", "qwen35-tiny"):
+        ids = np.random.RandomState(0).randint(3, 200, size=(2, 7))
+        split = prefjax.load(name).split_layers()
+        for unroll in (True, False):
+            want, _ = prefjax.load(name).run(ids, unroll=unroll)
+            got, _ = split.run(ids, unroll=unroll)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"{name} unroll={unroll}")
