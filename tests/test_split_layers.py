@@ -1,14 +1,12 @@
-"""Weights split into one buffer per layer (``stack.split_layers``): the same numbers as the stacked
+"""Weights split into one buffer per layer (``Model.split_layers``, ``stack.split_layers``): the same numbers as the stacked
 weights in both layer loops, and no per-layer slice of a stacked weight left in the unrolled program (the
 slices XLA copies before each cuBLAS matmul on a GPU; BUILD_NOTES, seventh session)."""
-
-import dataclasses
 
 import jax
 import numpy as np
 
 import prefjax
-from prefjax.models.stack import PerLayer, split_layers
+from prefjax.models.stack import PerLayer
 
 
 def _weight_slices(jaxpr):
@@ -22,13 +20,11 @@ def test_split_weights_same_numbers_and_no_stack_slices():
     model = prefjax.load("gemma3-tiny")
     cfg = model.config
     blocks = model.params["blocks"]
-    stacked_copy = jax.tree_util.tree_map(lambda a: a.copy(), blocks)  # split_layers donates its input
-    split = split_layers(stacked_copy, cfg.n_layers)
-    leaves = jax.tree_util.tree_leaves(split, is_leaf=lambda a: isinstance(a, PerLayer))
+    split_model = prefjax.load("gemma3-tiny").split_layers()  # its own copy: the split donates the stack
+    leaves = jax.tree_util.tree_leaves(split_model.params["blocks"], is_leaf=lambda a: isinstance(a, PerLayer))
     assert leaves and all(isinstance(a, PerLayer) and len(a) == cfg.n_layers for a in leaves)
     for a, b in zip(leaves, jax.tree_util.tree_leaves(blocks)):
         np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
-    split_model = dataclasses.replace(model, params={**model.params, "blocks": split})
 
     ids = np.random.RandomState(0).randint(3, cfg.vocab_size, size=(2, 9))
     names = model.hook_names()
@@ -51,9 +47,7 @@ def test_engine_with_split_weights_samples_the_same_tokens():
     # the engine's GPU layout with split weights: unrolled step and prefills reading per-layer buffers
     from prefjax.engine import Engine, Request
     model = prefjax.load("gemma3-tiny")
-    split_model = dataclasses.replace(model, params={
-        **model.params, "blocks": split_layers(jax.tree_util.tree_map(lambda a: a.copy(), model.params["blocks"]),
-                                               model.config.n_layers)})
+    split_model = prefjax.load("gemma3-tiny").split_layers()
     rs = np.random.RandomState(3)
     reqs = [Request(list(rs.randint(3, model.config.vocab_size, size=n)), m, n_samples=2)
             for n, m in ((7, 5), (11, 3), (4, 6))]
