@@ -22,6 +22,7 @@ import numpy as np
 
 from prefjax import hooks as H
 from prefjax.models.family import Family
+from prefjax.models.stack import split_layers
 from prefjax.sharding import batch_sharding, mesh_context
 from prefjax.tokenize import left_pad
 
@@ -190,7 +191,6 @@ class Model:
         if getattr(self.config, "n_experts", 0):
             raise ValueError(f"{self.source or self.family.name}: split_layers: the MoE expert kernels index the "
                              f"layer-stacked expert weights in place; keep this model's stack")
-        from prefjax.models.stack import split_layers
         return dataclasses.replace(self, params={**self.params,
                                                  "blocks": split_layers(self.params["blocks"], self.n_layers)})
 
