@@ -202,25 +202,17 @@ def run_jax(args) -> dict:
 
 
 def traced_steps(step, state, n: int, log_dir: str):
-    """Run ``n`` decode steps (``state, tokens, logits = step(state, i)``) under the profiler and summarize the
-    device's time per step: kernel time by kind (``summarize_trace.by_kind``), busy and idle time, the top
-    kernels. Returns ``(state, summary)``."""
-    import jax
-    from summarize_trace import by_kind, by_name, kernels, timeline
+    """``n`` decode steps (``state, tokens, logits = step(state, i)``) under the profiler: ``(state, device time
+    per step)`` (``summarize_trace.profiled``)."""
+    from summarize_trace import profiled
 
-    jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
-    try:
+    def run():
+        st = state
         for i in range(n):
-            state, tk, _ = step(state, i)
-        tk.block_until_ready()
-    finally:
-        jax.profiler.stop_trace()
-    ks = kernels(log_dir)
-    tl = timeline(ks)
-    per = {k: round(us / n / 1e3, 3) for k, (us, _) in by_kind(ks).items()}
-    summary = {"steps": n, "ms_per_step": per, "busy_ms_per_step": round(tl["busy_us"] / n / 1e3, 3),
-               "idle_ms_per_step": round(tl["idle_us"] / n / 1e3, 3), "kernels_per_step": round(len(ks) / n, 1),
-               "top": [(nm[:90], round(us / n / 1e3, 3), c // n) for nm, us, c in by_name(ks, 12)]}
+            st, _, _ = step(st, i)
+        return st
+
+    state, summary = profiled(run, log_dir, per=n)
     print(f"[jax] trace of {n} steps: " + json.dumps(summary), file=sys.stderr, flush=True)
     return state, summary
 
@@ -319,13 +311,12 @@ def main():
         for layout, err in row.get("errors", {}).items():
             print(f"#   B={row['batch']} {layout} failed: {err}")
         for layout, tr in row.get("trace", {}).items():
-            mm = tr["ms_per_step"]["matmul"] * 1e-3
+            mm = tr["ms"]["matmul"] * 1e-3
             rate = "" if not mm else (f"; matmul kernels read the weights at {jx['weight_bytes'] / mm / 1e9:.0f} GB/s "
                                       f"({100 * jx['weight_bytes'] / mm / bw:.0f}% of the measured read rate)")
             print(f"#   B={row['batch']} {layout} profile, ms per step: "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in tr["ms_per_step"].items())
-                  + f"; device busy {tr['busy_ms_per_step']:.2f}, idle {tr['idle_ms_per_step']:.2f}; "
-                  f"{tr['kernels_per_step']:.0f} kernels" + rate)
+                  + ", ".join(f"{k} {v:.2f}" for k, v in tr["ms"].items())
+                  + f"; device busy {tr['busy_ms']:.2f}, idle {tr['idle_ms']:.2f}; {tr['kernels']:.0f} kernels" + rate)
             for nm, ms, c in tr["top"]:
                 print(f"#     {ms:7.3f} ms x{c:<4d} {nm}")
         for layout, d in row.get("max_abs_diff", {}).items():

@@ -61,18 +61,9 @@ def run_jax(args) -> dict:
             jax.block_until_ready((lg, cache))
             times.append(time.perf_counter() - t0)
         if args.trace:  # one more forward under the profiler: device time by kernel kind
-            from summarize_trace import by_kind, by_name, kernels, timeline
-            log_dir = os.path.join(args.trace, f"prefill_b{b}")
-            jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
-            try:
-                jax.block_until_ready(model.run(ids[0], capture=hooks, positions=pos))
-            finally:
-                jax.profiler.stop_trace()
-            ks = kernels(log_dir)
-            tl = timeline(ks)
-            trace = {"ms": {k: round(us / 1e3, 3) for k, (us, _) in by_kind(ks).items()},
-                     "busy_ms": round(tl["busy_us"] / 1e3, 3), "idle_ms": round(tl["idle_us"] / 1e3, 3),
-                     "kernels": len(ks), "top": [(n[:90], round(us / 1e3, 3), c) for n, us, c in by_name(ks, 12)]}
+            from summarize_trace import profiled
+            _, trace = profiled(lambda: model.run(ids[0], capture=hooks, positions=pos),
+                                os.path.join(args.trace, f"prefill_b{b}"))
             print(f"[jax] trace batch {b}: {json.dumps(trace)}", file=sys.stderr, flush=True)
         assert np.isfinite(np.asarray(lg, np.float32)).all()
         assert len(cache) == cfg.n_layers and cache[hooks[-1]].shape == (b, 1, cfg.d_model)
@@ -196,7 +187,7 @@ def main():
             f" ({100 * flops / (tr['ms']['matmul'] * 1e-3) / (peak * 1e12):.0f}% of the measured rate)" if peak else "")
         print(f"# batch {jr['batch']} profile of one forward ({jr['median_s'] * 1e3:.1f} ms timed), device ms: "
               + ", ".join(f"{k} {v:.2f}" for k, v in tr["ms"].items())
-              + f"; busy {tr['busy_ms']:.2f}, idle {tr['idle_ms']:.2f}; {tr['kernels']} kernels" + rate)
+              + f"; busy {tr['busy_ms']:.2f}, idle {tr['idle_ms']:.2f}; {tr['kernels']:.0f} kernels" + rate)
         for n, ms, c in tr["top"]:
             print(f"#   {ms:8.3f} ms x{c:<4d} {n}")
     print("JSON " + json.dumps(results))

@@ -107,6 +107,28 @@ def by_kind(ks) -> dict[str, tuple[float, int]]:
     return {k: (us, n) for k, (us, n) in out.items()}
 
 
+def summary(ks, per: int = 1, top: int = 12) -> dict:
+    """Device time per unit of work (``per`` units traced: decode steps, forwards), in ms: by kernel kind
+    (``ms``), busy and idle (:func:`timeline`), kernel count, and the ``top`` kernels by time."""
+    tl = timeline(ks)
+    return {"units": per, "ms": {k: round(us / per / 1e3, 3) for k, (us, _) in by_kind(ks).items()},
+            "busy_ms": round(tl["busy_us"] / per / 1e3, 3), "idle_ms": round(tl["idle_us"] / per / 1e3, 3),
+            "kernels": round(len(ks) / per, 1),
+            "top": [(n[:90], round(us / per / 1e3, 3), c // per) for n, us, c in by_name(ks, top)]}
+
+
+def profiled(fn, log_dir: str, per: int = 1):
+    """``fn()`` under the JAX profiler (a perfetto trace in ``log_dir``), waited for; returns ``(its result,
+    summary(its kernels, per))``."""
+    import jax
+    jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
+    try:
+        result = jax.block_until_ready(fn())
+    finally:
+        jax.profiler.stop_trace()
+    return result, summary(kernels(log_dir), per)
+
+
 def main(path: str, top: int = 40) -> None:
     ks = kernels(path)
     all_us = sum(d for _, d, _ in ks)

@@ -65,3 +65,14 @@ def test_kernel_kinds():
     got = by_kind(ks)
     assert got["matmul"] == (11.0, 2) and got["copy"] == (5.0, 1) and got["other"] == (2.5, 1)
     assert got["attention"] == (0.0, 0) and set(got) == {"copy", "matmul", "attention", "reduce", "other"}
+
+
+def test_summary_per_unit():
+    from summarize_trace import summary
+    # two units (decode steps) traced: every figure is per unit; busy is the union, idle the gaps
+    ks = [(0, 10.0, "nvjet_a"), (10, 6.0, "memcpy128"), (20, 4.0, "loop_add_fusion"), (30, 10.0, "nvjet_a")]
+    got = summary(ks, per=2)
+    assert got["units"] == 2 and got["kernels"] == 2.0
+    assert got["ms"]["matmul"] == 0.01 and got["ms"]["copy"] == 0.003 and got["ms"]["other"] == 0.002
+    assert got["busy_ms"] == 0.015 and got["idle_ms"] == 0.005  # span 40 us, idle 4 + 6 us
+    assert got["top"][0] == ("nvjet_a", 0.01, 1)
