@@ -299,14 +299,16 @@ def run_jax(args, emit) -> dict:
     # rounded up to 64 slots: the GPU decode kernel's tiles (it skips the blocks no row has reached)
     cache_len = -(-(p0 + 16 + args.cache_gens * new) // 64) * 64
     # meshes on XLA:CPU unroll every layer loop (a scanned loop with collectives can deadlock on a small
-    # host, tests/_engine_mesh_worker.py); on GPUs the step is unrolled and the prefills scanned (defaults)
+    # host, tests/_engine_mesh_worker.py); elsewhere the engine's defaults: on GPUs the step unrolled, the
+    # prefills scanned, or unrolled with --per-layer-weights
     loops = dict(unroll=True, prefill_unroll=True) if (mesh is not None and not gpu) else \
         dict(prefill_unroll=args.prefill_unroll or None, unroll=None if args.step_unroll == "auto" else args.step_unroll == "1")
     eng = Engine(model, rows=args.rows, cache_len=cache_len, temperature=1.0, seed=0, stop_ids=stops,
                  sync_every=args.sync_every, lookahead=not args.no_lookahead, prompt_bucket=16, prefill_rows=8,
                  **loops)
-    out.update(cache_len=cache_len, step_context=p0, engine={"unroll": eng.unroll, "prefill_unroll": eng.prefill_unroll, "per_layer_weights": args.per_layer_weights,
-                                                             "sync_every": eng.sync_every, "lookahead": eng.lookahead})
+    out.update(cache_len=cache_len, step_context=p0, engine={
+        "unroll": eng.unroll, "prefill_unroll": eng.prefill_unroll, "per_layer_weights": args.per_layer_weights,
+        "sync_every": eng.sync_every, "lookahead": eng.lookahead})
     # the read bandwidth first, with nothing else in the process: a compile in the thread below holds the GIL in
     # stretches, and the short timed reductions then read as half the card's bandwidth (1,527-1,977 GB/s on
     # two H200s in the sixth session, against 3,543-3,786 GB/s measured alone; BUILD_NOTES.md)
