@@ -268,7 +268,7 @@ def run_jax(args, emit) -> dict:
     model = prefjax.load(args.preset, dtype="bfloat16" if gpu else "float32", mesh=mesh)
     if args.moe_impl:
         model = dataclasses.replace(model, config=dataclasses.replace(model.config, moe_impl=args.moe_impl))
-    if args.per_layer_weights:  # the engine then unrolls its prefills by default (a scan would stack them again)
+    if args.per_layer_weights:  # every layer loop then unrolls, the engine's prefills too
         model = model.split_layers()
     cfg = model.config
     fam = model.family.name

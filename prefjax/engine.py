@@ -505,9 +505,8 @@ class Engine:
     ``prefill_rows`` distinct requests at that width, so a run compiles one prefill program, one
     decode step and a few row writers (one per power-of-two count of admitted rows).
     ``unroll`` (default :func:`prefjax.model.auto_unroll`) is the decode step's layer loop;
-    ``prefill_unroll`` the prefills' (default: unrolled when the model's block weights are split per layer,
-    :meth:`prefjax.model.Model.split_layers`, where a scan would stack them again at every prefill;
-    scanned otherwise). A scanned prefill compiles one layer instead of all of them (with stacked weights
+    ``prefill_unroll`` the prefills' (default: scanned; unrolled when the model's block weights are split
+    per layer, :meth:`prefjax.model.Model.split_layers`, whose layer loops always unroll). A scanned prefill compiles one layer instead of all of them (with stacked weights
     the warm-up of a Gemma-3-27B workload spent 510 s compiling unrolled prefills and the step on an H200);
     prefill is compute-bound, so the per-layer weight copy a scan makes on GPUs is a small share of it.
     ``share_prefix``: prefill the prompt prefix every request shares once per run (module docstring);

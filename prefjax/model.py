@@ -184,8 +184,8 @@ class Model:
         (:func:`prefjax.models.stack.split_layers`), for unrolled programs (the GPU default of :meth:`run`, the
         engine's decode step): on an H200 this removed XLA's copy of each layer's weight slice before its
         cuBLAS matmuls (Gemma-3-27B: decode step at 8 rows 17.45 -> 16.17 ms, prefill + capture at batch 4
-        106.4 -> 97.2 ms; BUILD_NOTES.md). A scanned program stacks the layers again, a full copy per call;
-        :class:`prefjax.engine.Engine` therefore unrolls its prefills for a split model. The stacked weights are donated:
+        106.4 -> 97.2 ms; BUILD_NOTES.md). Every layer loop over split weights is unrolled (a scan would stack
+        them again, a copy per call), so programs that default to a scan compile all layers. The stacked weights are donated:
         use the returned model, not this one. Attach LoRA adapters on the fly (``merge=False``).
         """
         if getattr(self.config, "n_experts", 0):

@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefjax.hooks import CaptureSpec
-from prefjax.models.stack import is_split
 
 
 TOKEN_MODES = ("all", "prompt", "generated")
@@ -221,7 +220,7 @@ def _readout_grad(params, tokens_BxT, valid_BxT, pos_Bx1, layers_K, mask_BxT, re
     def objective(v_D):
         iv = jax.tree_util.Partial(_add_vector, layers_K, mask_BxT, v_D)
         out = family.forward(cfg, params, tokens_BxT, valid_BxT, capture=CaptureSpec(), pos_BxK=pos_Bx1,
-                             intervene=iv, unroll=is_split(params))  # a scan would stack split weights again
+                             intervene=iv, unroll=False)
         return jnp.sum(out.logits[:, 0, :].astype(jnp.float32) * readout_BxV)
     return jax.grad(objective)(jnp.zeros((cfg.d_model,), jnp.float32))
 

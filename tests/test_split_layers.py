@@ -28,19 +28,22 @@ def test_split_weights_same_numbers_and_no_stack_slices():
 
     ids = np.random.RandomState(0).randint(3, cfg.vocab_size, size=(2, 9))
     names = model.hook_names()
-    for unroll in (True, False):
-        want_logits, want = model.run(ids, capture=names, unroll=unroll)
+    want_logits, want = model.run(ids, capture=names, unroll=True)
+    for unroll in (True, False):  # split weights run unrolled either way (fold), so both equal that bit for bit
         got_logits, got = split_model.run(ids, capture=names, unroll=unroll)
         np.testing.assert_array_equal(np.asarray(got_logits), np.asarray(want_logits))
         for n in names:
             np.testing.assert_array_equal(np.asarray(got[n]), np.asarray(want[n]))
 
-    def fwd(params):
+    def fwd(params, unroll=True):
         return model.family.forward(cfg, params, ids, np.ones(ids.shape, bool), capture=prefjax.hooks.CaptureSpec(),
-                                    unroll=True).logits
+                                    unroll=unroll).logits
     n_weights = len(jax.tree_util.tree_leaves(blocks))
     assert _weight_slices(jax.make_jaxpr(fwd)(model.params).jaxpr) >= n_weights * cfg.n_layers
     assert _weight_slices(jax.make_jaxpr(fwd)(split_model.params).jaxpr) == 0
+    # asked for a scan, split weights still run the layer loop unrolled: no scan that would restack them
+    prims = lambda params: {e.primitive.name for e in jax.make_jaxpr(lambda p: fwd(p, False))(params).jaxpr.eqns}
+    assert "scan" in prims(model.params) and "scan" not in prims(split_model.params)
 
 
 def test_engine_with_split_weights_samples_the_same_tokens():
@@ -87,7 +90,7 @@ def test_layer_split_setting_and_readout_gradient():
 def test_every_dense_family_gives_the_same_logits_split():
     for name in ("llama31-tiny", "qwen3-tiny", "qwen35-tiny"):
         ids = np.random.RandomState(0).randint(3, 200, size=(2, 7))
-        # unrolled: each layer's own buffers (the scan's restacking is covered by the Gemma test above)
+        # unrolled: each layer's own buffers (the scanned call is covered by the Gemma test above)
         want, _ = prefjax.load(name).run(ids, unroll=True)
         got, _ = prefjax.load(name).split_layers().run(ids, unroll=True)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)

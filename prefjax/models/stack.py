@@ -12,7 +12,9 @@ supplies ``hook``: it applies the caller's intervention and records what the cap
 gathered at the requested token positions, so only those activations are ever materialised.
 
 ``fold`` runs the blocks with ``jax.lax.scan`` over the leading ``layer`` axis; ``unroll=True`` runs a
-Python loop over the same block function and gives the same numbers.
+Python loop over the same block function and gives the same numbers. Blocks split per layer
+(:func:`split_layers`) always run the Python loop: a scan would have to stack them again, a copy of every
+weight per call.
 """
 
 from __future__ import annotations
@@ -172,7 +174,7 @@ def fold(block_fn: Callable, blocks, x_BxTxD, *, n_layers: int, aux=None, state=
             return x
         return hook
 
-    if unroll:
+    if unroll or is_split(blocks):
         captured = {}
         new_states = []
         for l in range(n_layers):
@@ -189,8 +191,6 @@ def fold(block_fn: Callable, blocks, x_BxTxD, *, n_layers: int, aux=None, state=
             is_leaf=_is_per_layer)
         return x_BxTxD, captured, new_state
 
-    if is_split(blocks):
-        blocks = stack_layers(blocks)  # weights split per layer (split_layers) in a scan: stacked again, a copy
     per_layer = state is not None and any(_is_per_layer(a) for a in jax.tree_util.tree_leaves(
         state, is_leaf=_is_per_layer))
     if per_layer:  # the scan needs stacked leaves: stack, run, and hand the per-layer layout back
@@ -228,9 +228,8 @@ def split_layers(tree, n_layers: int):
 
     Why: an unrolled layer loop reads layer ``l``'s weights as the static slice ``stacked[l]``, and XLA on a
     GPU copies such a slice into a buffer of its own before every cuBLAS matmul that reads it (one
-    ``memcpy`` per such matmul per call); separate buffers are read in place. :func:`fold` accepts split
-    blocks in both modes: unrolled it reads each layer's buffer, under ``scan`` it stacks them again (a copy
-    per call). Dense families only: a kernel that indexes a stacked expert tensor by layer (the MoE Pallas
+    ``memcpy`` per such matmul per call); separate buffers are read in place. :func:`fold` runs split blocks
+    unrolled whatever its ``unroll`` says (a scan would stack them again, a copy per call). Dense families only: a kernel that indexes a stacked expert tensor by layer (the MoE Pallas
     path) needs the stack.
     """
     def one(a):
