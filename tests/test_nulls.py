@@ -56,35 +56,38 @@ def test_pure_noise_gives_roughly_uniform_p():
     assert stats.kstest(ps, "uniform").pvalue > 0.01
 
 
-def brute_nested(X, y, alphas, outer_ids, inner_ids_by_fold):
-    """Nested CV with a scikit-learn refit for every (fold, alpha): the reference implementation."""
+def brute_nested(X, y, alphas, outer_ids, inner_ids_by_fold, standardize=True):
+    """Nested CV with a scikit-learn refit for every (fold, alpha): the reference implementation. With
+    ``standardize`` the scaler is fitted on each outer training set and applied unchanged to its inner
+    folds (which Ridge re-centres): the inner folds keep the outer training set's scale, as
+    prefjax.probes.cvpath documents; without it every fit is on raw features."""
     pred = np.zeros_like(y)
     chosen = []
     for k in range(outer_ids.max() + 1):
         tr, te = np.flatnonzero(outer_ids != k), np.flatnonzero(outer_ids == k)
         inner_ids = inner_ids_by_fold[k]
         score = np.zeros(len(alphas))
+        outer_sc = StandardScaler(with_std=standardize).fit(X[tr])
         for f in range(inner_ids.max() + 1):
             itr, iev = tr[inner_ids != f], tr[inner_ids == f]
-            sc = StandardScaler().fit(X[itr])
             for i, a in enumerate(alphas):
-                m = Ridge(alpha=a).fit(sc.transform(X[itr]), y[itr])
-                score[i] += np.corrcoef(m.predict(sc.transform(X[iev])), y[iev])[0, 1]
+                m = Ridge(alpha=a).fit(outer_sc.transform(X[itr]), y[itr])
+                score[i] += np.corrcoef(m.predict(outer_sc.transform(X[iev])), y[iev])[0, 1]
         best = alphas[int(np.argmax(score))]
         chosen.append(best)
-        sc = StandardScaler().fit(X[tr])
-        pred[te] = Ridge(alpha=best).fit(sc.transform(X[tr]), y[tr]).predict(sc.transform(X[te]))
+        pred[te] = Ridge(alpha=best).fit(outer_sc.transform(X[tr]), y[tr]).predict(outer_sc.transform(X[te]))
     return chosen, pred
 
 
-def test_matches_brute_force_sklearn_nested_cv():
+@pytest.mark.parametrize("standardize", [True, False])
+def test_matches_brute_force_sklearn_nested_cv(standardize):
     X, y, _ = planted(n=60, d=30, noise=1.0, seed=3)  # d close to n: alpha matters
-    res = nested_cv_ridge(X, y, alphas=ALPHAS, outer=4, inner=3, seed=7)
+    res = nested_cv_ridge(X, y, alphas=ALPHAS, outer=4, inner=3, seed=7, standardize=standardize)
     outer_ids = kfold_ids(60, 4, 7)
     inner = [kfold_ids(int(np.sum(outer_ids != k)), 3, 7 + 1 + k) for k in range(4)]
-    chosen, pred = brute_nested(X, y, np.asarray(ALPHAS), outer_ids, inner)
+    chosen, pred = brute_nested(X, y, np.asarray(ALPHAS), outer_ids, inner, standardize)
     assert res["fold_alpha"] == pytest.approx(chosen)
-    np.testing.assert_allclose(res["predictions"], pred, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(res["predictions"], pred, rtol=1e-6, atol=1e-6)
     fold_r = [np.corrcoef(pred[outer_ids == k], y[outer_ids == k])[0, 1] for k in range(4)]
     assert res["fold_r"] == pytest.approx(fold_r, abs=1e-4)
     assert res["r"] == pytest.approx(np.average(fold_r, weights=np.bincount(outer_ids)), abs=1e-4)

@@ -1,8 +1,10 @@
-"""Probes from activations to utilities: ridge (all alphas from one decomposition), Bradley-Terry,
+"""Probes from activations to utilities: ridge (every fold, alpha and label column from one float64
+decomposition: :mod:`prefjax.probes.cvpath`), Bradley-Terry,
 metrics, controls (leave-one-topic-out, baselines, nulls, transfer, INLP, persona cosine) and inference
 (nested cross-validation, shuffle nulls, transfer over the alpha grid, random-direction nulls)."""
 
 from prefjax.probes.bt import fit_bt_probe
+from prefjax.probes.cvpath import FactorSet, decomposition_count, fit_probe
 from prefjax.probes.controls import (compare_with_baseline, default_splits, inlp, leave_one_topic_out,
                                      persona_direction_cosine, shuffle_null, transfer_matrix,
                                      utility_correlation)
@@ -12,7 +14,7 @@ from prefjax.probes.metrics import bootstrap_ci, choice_accuracy, evaluate_probe
 from prefjax.probes.ridge import (DEFAULT_ALPHAS, RidgePath, RidgeProbe, check_finite, fit_ridge, fit_ridge_at,
                                    split_indices)
 
-__all__ = ["fit_ridge", "fit_ridge_at", "RidgeProbe", "RidgePath", "DEFAULT_ALPHAS", "evaluate_probe", "pairwise_accuracy",
+__all__ = ["FactorSet", "decomposition_count", "fit_probe", "fit_ridge", "fit_ridge_at", "RidgeProbe", "RidgePath", "DEFAULT_ALPHAS", "evaluate_probe", "pairwise_accuracy",
            "choice_accuracy", "pearson", "bootstrap_ci", "leave_one_topic_out", "fit_bt_probe",
            "transfer_matrix", "shuffle_null", "inlp", "persona_direction_cosine", "compare_with_baseline",
            "utility_correlation", "default_splits", "split_indices", "check_finite", "kfold_ids", "choose_alpha_cv", "nested_cv_ridge",

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefjax.probes.metrics import bootstrap_ci, evaluate_probe, pairwise_accuracy, pearson
+from prefjax.probes.cvpath import FactorSet, fit_rows, predict_rows
 from prefjax.probes.nulls import choose_alpha_cv
-from prefjax.probes.ridge import DEFAULT_ALPHAS, RidgePath, check_finite, fit_ridge, fit_ridge_at, split_indices
+from prefjax.probes.ridge import DEFAULT_ALPHAS, RidgePath, check_finite, fit_ridge, split_indices
 
 
 def _check_xy(X, y, name_x="X", name_y="y"):
@@ -26,7 +27,8 @@ def default_splits(n: int, seed: int = 0):
 
 
 def leave_one_topic_out(X, y, topics, *, alphas=DEFAULT_ALPHAS, min_topic_size: int = 3, inner: int = 5,
-                        alpha_rule: str = "best", seed: int = 0, standardize: bool = True) -> dict:
+                        alpha_rule: str = "best", seed: int = 0, standardize: bool = True,
+                        factors: FactorSet | None = None) -> dict:
     """Train on all topics but one, test on the held-out one; alpha chosen by nested CV on the others.
 
     For each held-out topic the ridge alpha is chosen by :func:`prefjax.probes.nulls.choose_alpha_cv`
@@ -35,7 +37,10 @@ def leave_one_topic_out(X, y, topics, *, alphas=DEFAULT_ALPHAS, min_topic_size: 
     whole in one fold, so alpha is chosen for generalising to unseen topics, as the test asks) when at
     least ``inner`` training topics remain, else plain random K-fold over the training tasks. ``inner``
     is lowered to ``n_train // 2`` (at least 2) when the training tasks are too few for it. The probe is
-    then refitted on all training topics at that alpha (:func:`prefjax.probes.ridge.fit_ridge_at`).
+    then fitted on all training topics at that alpha. Every fit comes from ``factors`` (a
+    :class:`~prefjax.probes.cvpath.FactorSet` of ``X``, made here when None): for raw features one
+    decomposition of all tasks serves every topic; with ``standardize`` each topic's training rows are
+    decomposed once (their own scale).
 
     Returns ``per_topic`` {topic: {r, pairwise_acc, n, alpha}}, ``skipped`` {topic: reason} for topics
     with fewer than ``min_topic_size`` tasks (or constant utilities), where r is undefined; their
@@ -46,6 +51,10 @@ def leave_one_topic_out(X, y, topics, *, alphas=DEFAULT_ALPHAS, min_topic_size: 
     (skipped ones too) and ``alpha_selection`` {topic: {inner, grouped, n_train}} says how each was chosen.
     """
     X, y = _check_xy(X, y)
+    fs = factors if factors is not None else FactorSet(X, standardize=standardize)
+    if fs.X.shape != X.shape or fs.standardize != bool(standardize):
+        raise ValueError(f"factors were made for X {fs.X.shape} (standardize={fs.standardize}); the call passes "
+                         f"X {X.shape} (standardize={standardize})")
     topics = np.asarray(topics)
     if topics.shape != y.shape:
         raise ValueError(f"topics has shape {topics.shape}, y has {y.shape}")
@@ -61,23 +70,23 @@ def leave_one_topic_out(X, y, topics, *, alphas=DEFAULT_ALPHAS, min_topic_size: 
             raise ValueError(f"holding out topic {t!r} leaves {len(rest)} training tasks; need >= 4 to choose alpha")
         k = max(2, min(inner, len(rest) // 2))
         grouped = len(np.unique(topics[rest])) >= k
-        choice = choose_alpha_cv(X[rest], y[rest], alphas=alphas, inner=k, groups=topics[rest] if grouped else None,
-                                 seed=seed, standardize=standardize, alpha_rule=alpha_rule)
-        probe = fit_ridge_at(X, y, choice["alpha"], rest, alphas=alphas, cv_r=choice["inner_r"],
-                             standardize=standardize)
-        pred[test] = probe.predict(X[test])
+        choice = choose_alpha_cv(None, y[rest], alphas=alphas, inner=k, groups=topics[rest] if grouped else None,
+                                 seed=seed, standardize=standardize, alpha_rule=alpha_rule, factors=fs, rows=rest)
+        alpha = choice["alpha"]
+        factor, fit = fit_rows(fs, rest, y[:, None], [alpha])
+        pred[test] = predict_rows(fs, factor, fit, test)[0, :, 0]
         key = t.item() if hasattr(t, "item") else t
-        alpha_by[key] = probe.alpha
+        alpha_by[key] = alpha
         how[key] = {"inner": k, "grouped": bool(grouped), "n_train": int(len(rest))}
         if len(test) < min_topic_size or np.ptp(y[test]) == 0:
             skipped[key] = f"{len(test)} task(s){' with constant utility' if len(test) >= min_topic_size else ''}"
             continue
         r = defined_r(pred[test], y[test])
         if r is None:  # e.g. the largest alpha of the grid shrinks the probe to its intercept
-            skipped[key] = f"constant predictions at alpha {probe.alpha:g} (r undefined)"
+            skipped[key] = f"constant predictions at alpha {alpha:g} (r undefined)"
             continue
         per[key] = {"r": r, "pairwise_acc": pairwise_accuracy(pred[test], y[test]),
-                    "n": int(len(test)), "alpha": probe.alpha}
+                    "n": int(len(test)), "alpha": alpha}
     rs = [v["r"] for v in per.values()]
     return {"per_topic": per, "skipped": skipped, "pooled_r": defined_r(pred, y),
             "pooled_acc": pairwise_accuracy(pred, y), "mean_r": float(np.mean(rs)) if rs else None,
@@ -152,10 +161,12 @@ def _pearson_cols_many(p_ExP, y_ExP):
 
 def transfer_matrix(X_SxNxD, y, *, alphas=DEFAULT_ALPHAS, splits=None, names: Sequence[str] | None = None,
                     seed: int = 0, standardize: bool = True, n_boot: int = 1000, level: float = 0.95,
-                    inner: int | None = None, alpha_rule: str = "best") -> dict:
+                    inner: int | None = None, alpha_rule: str = "best",
+                    factors: Sequence[FactorSet] | None = None) -> dict:
     """Train a probe on each source ``a`` (persona or layer) and test it on every source ``b``.
 
-    ``X_SxNxD`` stacks the activations of S sources for the same n tasks. ``y`` is [S, n] (each persona's
+    ``X_SxNxD`` stacks the activations of S sources for the same n tasks (an array, or any lazy sequence
+    whose ``[s]`` gives source ``s``'s [n, d] rows, e.g. layers read from a store). ``y`` is [S, n] (each persona's
     own utilities: cross-persona transfer, evaluated against B's utilities on B's activations) or [n]
     (shared utilities: cross-layer transfer). Returns matrices ``r`` and ``pairwise_acc`` [S, S] (row =
     train source, column = test source, test split only), the chosen ``alpha`` per source, and for [S, n]
@@ -171,47 +182,70 @@ def transfer_matrix(X_SxNxD, y, *, alphas=DEFAULT_ALPHAS, splits=None, names: Se
     Alpha per source: with ``inner`` (an int), chosen by ``inner``-fold CV on the tasks outside the test
     split (train + eval; :func:`prefjax.probes.nulls.choose_alpha_cv` with ``alpha_rule``) and the probe
     refitted on all of them; with ``inner=None``, fitted on the training split with the alpha that scores
-    best on the eval split. ``alpha_choice`` says which.
+    best on the eval split. ``alpha_choice`` says which. ``factors`` (one
+    :class:`~prefjax.probes.cvpath.FactorSet` per source, e.g. the probes stage's) avoids decomposing a
+    source again; each source's set is made (and dropped) in turn when None.
 
     One split, one alpha per source: :func:`prefjax.probes.nulls.nested_transfer`
     gives the matrix over the whole alpha grid with nested-CV alphas and shuffle p-values, at a memory cost
     of [alphas, S, S, n] that suits a few personas better than many layers.
     """
-    X = np.asarray(X_SxNxD)
-    if X.ndim != 3:
+    lazy = not isinstance(X_SxNxD, (np.ndarray, list, tuple)) and hasattr(X_SxNxD, "__getitem__")
+    X = X_SxNxD if lazy else np.asarray(X_SxNxD)
+    if not lazy and X.ndim != 3:
         raise ValueError(f"X must be [S, n, d], got {X.shape}")
     if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or (n_boot != 0 and n_boot < 100):
         raise ValueError(f"n_boot must be 0 (no intervals) or an integer >= 100, got {n_boot!r}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    S, n, _ = X.shape
+    S = len(X)
     y = np.asarray(y, np.float64)
+    n = y.shape[-1]
+    if factors is not None and len(factors) != S:
+        raise ValueError(f"factors has {len(factors)} entries for S={S} sources")
     Y = np.broadcast_to(y, (S, n)) if y.ndim == 1 else y
     if Y.shape != (S, n):
         raise ValueError(f"y must be [n] or [S, n] = [{S}, {n}], got {y.shape}")
-    for s in range(S):
-        check_finite(f"X[{s}]", X[s]), check_finite(f"y[{s}]" if y.ndim == 2 else "y", Y[s])
     train, ev, test = splits if splits is not None else default_splits(n, seed)
-    if inner is None:
-        probes = [fit_ridge(X[s], Y[s], alphas=alphas, eval_idx=ev, train_idx=train, standardize=standardize)
-                  for s in range(S)]
-        alpha_choice = "eval split"
-    else:
-        fit_rows = np.concatenate([np.asarray(train), np.asarray(ev)])
-        k = max(2, min(int(inner), len(fit_rows) // 2))
-        probes = []
-        for s in range(S):
-            choice = choose_alpha_cv(X[s][fit_rows], Y[s][fit_rows], alphas=alphas, inner=k, seed=seed,
-                                     standardize=standardize, alpha_rule=alpha_rule)
-            probes.append(fit_ridge_at(X[s], Y[s], choice["alpha"], fit_rows, alphas=alphas, cv_r=choice["inner_r"],
-                                       standardize=standardize))
-        alpha_choice = f"{k}-fold CV on the {len(fit_rows)} tasks outside the test split ({alpha_rule!r} rule)"
+    alphas_A = np.asarray(alphas, np.float64)
+    test = np.asarray(test, np.int64)
+    targets = []  # every source's test rows, read once (a lazy X reads each source twice in all)
+    for s in range(S):
+        xs = np.asarray(X[s])
+        if xs.ndim != 2 or xs.shape[0] != n:
+            raise ValueError(f"X[{s}] has shape {xs.shape}; expected [n={n}, d]")
+        check_finite(f"X[{s}]", xs), check_finite(f"y[{s}]" if y.ndim == 2 else "y", Y[s])
+        targets.append(xs[test])
+    fit_rows_all = np.concatenate([np.asarray(train), np.asarray(ev)]).astype(np.int64)
+    k = max(2, min(int(inner), len(fit_rows_all) // 2)) if inner is not None else None
+    alpha_choice = ("eval split" if inner is None else
+                    f"{k}-fold CV on the {len(fit_rows_all)} tasks outside the test split ({alpha_rule!r} rule)")
+    chosen = np.zeros(S)
+    preds = np.zeros((S, S, len(test)))
+    for a in range(S):
+        fs = factors[a] if factors is not None else FactorSet(np.asarray(X[a]), standardize=standardize)
+        ya = Y[a][:, None]
+        if inner is None:
+            factor, fit = fit_rows(fs, train, ya, alphas_A)
+            r_A = np.array([_r_or_zero(p[:, 0], Y[a][ev]) for p in predict_rows(fs, factor, fit, ev)])
+            best = int(np.argmax(r_A))
+        else:
+            choice = choose_alpha_cv(None, Y[a][fit_rows_all], alphas=alphas_A, inner=k, seed=seed,
+                                     standardize=standardize, alpha_rule=alpha_rule, factors=fs, rows=fit_rows_all)
+            best = int(choice["index"])
+            factor, fit = fit_rows(fs, fit_rows_all, ya, alphas_A[best:best + 1])
+            best_in_fit = 0
+        chosen[a] = alphas_A[best]
+        ai = best if inner is None else best_in_fit
+        for b in range(S):
+            p = predict_rows(fs, factor, fit, test) if b == a else factor.predict(fit, targets[b])
+            preds[a, b] = p[ai, :, 0]
     r = np.zeros((S, S))
     acc = np.zeros((S, S))
     lo, hi = np.full((S, S), np.nan), np.full((S, S), np.nan)
-    for a, p in enumerate(probes):
+    for a in range(S):
         for b in range(S):
-            pred, yb = p.predict(X[b][test]), Y[b][test]
+            pred, yb = preds[a, b], Y[b][test]
             r[a, b], acc[a, b] = pearson(pred, yb), pairwise_accuracy(pred, yb)
             if n_boot > 0 and len(test) >= 3:
                 try:  # the same seed in every cell: the same resamples of the test tasks (paired cells)
@@ -219,7 +253,7 @@ def transfer_matrix(X_SxNxD, y, *, alphas=DEFAULT_ALPHAS, splits=None, names: Se
                     lo[a, b], hi[a, b] = ci["lo"], ci["hi"]
                 except ValueError:  # too few resamples with a defined r (tiny or near-constant test split)
                     pass
-    out = {"r": r, "pairwise_acc": acc, "alpha": np.array([p.alpha for p in probes]),
+    out = {"r": r, "pairwise_acc": acc, "alpha": chosen,
            "names": list(names) if names is not None else [str(s) for s in range(S)], "n_test": int(len(test)),
            "alpha_choice": alpha_choice}
     if n_boot > 0:
@@ -229,37 +263,55 @@ def transfer_matrix(X_SxNxD, y, *, alphas=DEFAULT_ALPHAS, splits=None, names: Se
     return out
 
 
+def _r_or_zero(pred, y) -> float:
+    """Pearson r, 0 where ``pred`` is constant (the eval-split alpha choice of :func:`fit_ridge`)."""
+    p, t = pred - pred.mean(), y - y.mean()
+    den = float(np.sqrt((p * p).sum() * (t * t).sum()))
+    return float((p * t).sum() / den) if den > 0 else 0.0
+
+
 def inlp(X, y, *, n_iter: int = 5, alphas=DEFAULT_ALPHAS, splits=None, topics=None, shuffle_baseline: bool = True,
          seed: int = 0, inner: int = 5, alpha_rule: str = "best") -> dict:
     """Iterative nullspace projection: fit a ridge probe, remove its direction, repeat ``n_iter`` times.
 
-    Works in the standardised space of the training split (standardised once; later fits only centre).
-    Each iteration re-sweeps alpha on the eval split, orthogonalises the new direction against those
-    already removed (Gram-Schmidt) and projects it out of every task's activations. Reported per
-    iteration k = 0..n_iter (k directions removed): ``test_r``, ``loto_r`` (pooled leave-one-topic-out r,
-    if ``topics`` given; each held-out topic's alpha chosen by ``inner``-fold CV on the other topics with
-    ``alpha_rule``, as in :func:`leave_one_topic_out`) and ``shuffled_test_r`` (the true-label test r
-    after removing k directions learned from shuffled labels: how much removing *any* k directions costs). ``directions`` [n_iter, d]
-    are orthonormal, in standardised space.
+    Works in the standardised space of the training split (its mean and scale, computed once; later fits
+    only centre). Each iteration re-sweeps alpha on the eval split, orthogonalises the new direction
+    against those already removed (Gram-Schmidt) and projects it out of every task's activations.
+    Reported per iteration k = 0..n_iter (k directions removed): ``test_r``, ``loto_r`` (pooled
+    leave-one-topic-out r, if ``topics`` given; each held-out topic's alpha chosen by ``inner``-fold CV on
+    the other topics with ``alpha_rule``, as in :func:`leave_one_topic_out`) and ``shuffled_test_r`` (the
+    true-label test r after removing k directions learned from shuffled labels: how much removing *any* k
+    directions costs). ``directions`` [n_iter, d] are orthonormal, in standardised space.
+
+    Cost: one decomposition per iteration and run (a :class:`~prefjax.probes.cvpath.FactorSet` of the
+    projected activations serves the eval-split fit, the test score and every leave-one-topic-out fit).
     """
     X, y = _check_xy(X, y)
     train, ev, test = splits if splits is not None else default_splits(len(y), seed)
-    base = RidgePath.build(X[train])
-    Z0 = np.asarray(base.standardize(X), np.float64)
+    xt = np.asarray(X[np.asarray(train)], np.float64)
+    sd = xt.std(0)
+    scale = np.where(sd > 1e-12 * max(1.0, float(np.abs(xt).max())), sd, 1.0)
+    Z0 = (np.asarray(X, np.float64) - xt.mean(0)) / scale
+    alphas = np.asarray(alphas, np.float64)
 
     def run(labels):
         Z = Z0.copy()
+        shuffled = labels is not y
+        cols = np.stack([labels, y], 1) if shuffled else labels[:, None]
         dirs, test_r, loto_r = [], [], []
         for k in range(n_iter + 1):
-            fit = lambda t: fit_ridge(Z, t, alphas=alphas, eval_idx=ev, train_idx=train, standardize=False)
-            probe = fit(labels)
-            test_r.append(evaluate_probe(probe if labels is y else fit(y), Z, y, test)["r"])
-            if topics is not None and labels is y:
+            fs = FactorSet(Z, standardize=False)
+            factor, fit = fit_rows(fs, train, cols, alphas)
+            ev_pred = predict_rows(fs, factor, fit, ev)
+            best = [int(np.argmax([_r_or_zero(p[:, c], cols[ev, c]) for p in ev_pred])) for c in range(cols.shape[1])]
+            test_pred = predict_rows(fs, factor, fit, test)[best[-1], :, cols.shape[1] - 1]
+            test_r.append(pearson(test_pred, y[np.asarray(test)]))
+            if topics is not None and not shuffled:
                 loto_r.append(leave_one_topic_out(Z, y, topics, alphas=alphas, standardize=False, seed=seed,
-                                                  inner=inner, alpha_rule=alpha_rule)["pooled_r"])
+                                                  inner=inner, alpha_rule=alpha_rule, factors=fs)["pooled_r"])
             if k == n_iter:
                 break
-            u = probe.w_std_D.astype(np.float64)
+            u = factor.weights(fit, best[0], 0)
             for v in dirs:
                 u -= (u @ v) * v
             nrm = np.linalg.norm(u)

@@ -10,13 +10,17 @@ from prefjax.probes.ridge import check_finite
 
 
 def pearson(a, b) -> float:
-    """Pearson r; raises ValueError when either side is constant (r undefined) rather than returning NaN."""
+    """Pearson r; raises ValueError when either side is constant (r undefined) rather than returning NaN.
+
+    Constant means numerically constant: a spread of at most 1e-12 of the array's magnitude (float64
+    rounding, e.g. a ridge probe at an alpha so large it is its intercept) counts as none."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"pearson: need two 1-D arrays of equal length, got {a.shape} and {b.shape}")
+    flat = any(v.size and np.ptp(v) <= 1e-12 * np.abs(v).max() for v in (a, b))
     a, b = a - a.mean(), b - b.mean()
     den = np.sqrt((a * a).sum() * (b * b).sum())
-    if not den > 0:
+    if flat or not den > 0:
         raise ValueError("pearson: r is undefined for a constant array (or fewer than 2 values)")
     return float((a * b).sum() / den)
 

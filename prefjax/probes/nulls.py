@@ -13,9 +13,13 @@ grid with bootstrap intervals, and a random-direction null for steering effects.
 * :func:`random_direction_null` / :func:`random_unit_directions` -- compare one effect (e.g. a steering
   slope along the probe) with the effects of many random directions.
 
-Cost: a ridge path is one eigendecomposition per training set (:class:`~prefjax.probes.ridge.RidgePath`);
-every alpha and every permuted label vector is then a matrix product, so a nested null with ``P``
-permutations costs ``outer * (inner + 1)`` decompositions however large ``P`` is.
+Cost: every fit comes from a :class:`~prefjax.probes.cvpath.FactorSet` of the activations (float64, on the
+GPU where there is one): every alpha, every permuted label vector and every inner fold is a product with
+one decomposition. For raw features one decomposition of all tasks serves the whole nested procedure
+(outer and inner folds, the null); with ``standardize`` each outer training set is decomposed once (its
+own scale) and its inner folds are removed from it exactly. Pass ``factors=`` to share them between calls
+on the same activations (the probes stage does: the nested CV, the fixed split, the saved probe and
+leave-one-topic-out of one layer use one set).
 
 Every function returns a plain dict of floats, ints, strings and nested lists: ``json.dumps`` works on it.
 """
@@ -27,7 +31,8 @@ from typing import Sequence
 import numpy as np
 
 from prefjax.probes.metrics import pairwise_accuracy
-from prefjax.probes.ridge import DEFAULT_ALPHAS, RidgePath, check_finite
+from prefjax.probes.cvpath import FactorSet, fit_rows, fold_predictions, predict_rows
+from prefjax.probes.ridge import DEFAULT_ALPHAS, check_finite
 
 DEFAULT_QUANTILES = (0.005, 0.01, 0.025, 0.05, 0.25, 0.5, 0.75, 0.95, 0.975, 0.99, 0.995)
 
@@ -134,28 +139,15 @@ def _fold_boot(folds, n_boot, rng):
     return [rng.integers(0, len(t), (n_boot, len(t))) for t in folds]
 
 
-def _path_predictions(x_train, Y_train, x_targets, alphas, standardize) -> list[np.ndarray]:
-    """Ridge predictions [A, T, P] on each target set, for every alpha and every column of ``Y_train``."""
-    path = RidgePath.build(x_train, standardize=standardize)
-    y_mean = Y_train.mean(0)
-    # One decomposition (in JAX); the many small products below stay in NumPy, where op dispatch is cheap.
-    basis_DxR = np.asarray(path.basis_DxR, np.float64)
-    c_RxP = np.asarray(path.proj_RxN, np.float64) @ (Y_train - y_mean)
-    lam_R = np.asarray(path.lam_R, np.float64)
-    A, (R, P) = len(alphas), c_RxP.shape
-    scaled_RxAP = (c_RxP[:, None, :] / (lam_R[:, None, None] + alphas[None, :, None])).reshape(R, A * P)
-    out = []
-    for x in x_targets:
-        e_TxR = ((x - path.mean_D) / path.scale_D) @ basis_DxR
-        out.append((e_TxR @ scaled_RxAP).reshape(-1, A, P).transpose(1, 0, 2) + y_mean)
-    return out
-
-
 ALPHA_RULES = ("best", "1se")
 
 
-def _inner_choice(x, Y_NxP, inner_ids, alphas, standardize, rule: str = "best") -> tuple[np.ndarray, np.ndarray]:
-    """Mean inner-fold Pearson r [A, P] and the chosen alpha index [P] (uses only the rows given).
+def _inner_choice(fs: FactorSet, train_rows, Y_NxP, inner_ids, alphas, rule: str = "best"
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean inner-fold Pearson r [A, P] and the chosen alpha index [P] for the fit on ``train_rows`` (rows
+    of ``fs.X``; ``inner_ids`` [len(train_rows)] their inner fold ids; ``Y_NxP`` targets on all rows, only
+    the training rows' values matter). The inner fits come from the training set's factorisation by the
+    exact leave-fold-out identity (:mod:`prefjax.probes.cvpath`), never a refit.
 
     ``rule="best"``: the alpha of the largest mean r. ``"1se"`` (the one-standard-error rule): the largest
     alpha whose mean r is within one standard error (fold sd / sqrt(folds)) of the best, i.e. the most
@@ -164,12 +156,15 @@ def _inner_choice(x, Y_NxP, inner_ids, alphas, standardize, rule: str = "best") 
     from ~0.7 to ~0.9)."""
     if rule not in ALPHA_RULES:
         raise ValueError(f"alpha rule {rule!r} is not one of {ALPHA_RULES}")
+    train_rows = np.asarray(train_rows, np.int64)
+    inner_ids = np.asarray(inner_ids)
     k = int(inner_ids.max()) + 1
+    Y = np.asarray(Y_NxP, np.float64)
+    preds = fold_predictions(fs, train_rows, Y, inner_ids, alphas)
     per_fold = []
-    for f in range(k):
-        ev, tr = inner_ids == f, inner_ids != f
-        (pred_AxExP,) = _path_predictions(x[tr], Y_NxP[tr], [x[ev]], alphas, standardize)
-        per_fold.append(np.stack([_col_pearson(pred_AxExP[a], Y_NxP[ev]) for a in range(len(alphas))]))
+    for f, pred_AxExP in enumerate(preds):
+        yev = Y[train_rows[inner_ids == f]]
+        per_fold.append(np.stack([_col_pearson(pred_AxExP[a], yev) for a in range(len(alphas))]))
     folds_FxAxP = np.stack(per_fold)
     score = folds_FxAxP.mean(0)
     best = np.argmax(score, 0)
@@ -183,7 +178,8 @@ def _inner_choice(x, Y_NxP, inner_ids, alphas, standardize, rule: str = "best") 
 
 
 def choose_alpha_cv(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, inner: int = 5, groups=None,
-                    seed: int = 0, standardize: bool = True, alpha_rule: str = "best") -> dict:
+                    seed: int = 0, standardize: bool = True, alpha_rule: str = "best", factors: FactorSet | None = None,
+                    rows=None) -> dict:
     """Choose the ridge alpha by ``inner``-fold cross-validation on the rows given, and only those.
 
     The selection step of :func:`nested_cv_ridge`, for callers that hold out their own test set (e.g.
@@ -191,13 +187,22 @@ def choose_alpha_cv(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, inner: in
     ``groups``, e.g. topics, each group stays whole inside one fold); alpha maximises the mean inner-fold
     Pearson r (``alpha_rule="best"``) or is the largest alpha within one standard error of it (``"1se"``).
 
+    ``factors`` / ``rows``: a :class:`~prefjax.probes.cvpath.FactorSet` of a larger matrix and the rows of it
+    that ``X`` and ``y`` are (``y`` then holds those rows' targets); the fits then come from the set's
+    factorisations instead of new ones.
+
     Returns a dict: ``alpha``, ``index`` (into ``alphas``), ``inner_r`` [A] (mean inner-fold r per alpha),
     ``inner`` (folds used), ``grouped`` (whether folds kept groups whole) and ``n`` (rows used).
     """
-    X = check_finite("X", np.asarray(X, np.float64))
     y = check_finite("y", np.asarray(y, np.float64))
-    if X.ndim != 2 or y.shape != (X.shape[0],):
-        raise ValueError(f"X must be [n, d] and y [n] with the same n; got {X.shape} and {y.shape}")
+    if factors is None:
+        X = check_finite("X", np.asarray(X, np.float64))
+        if X.ndim != 2 or y.shape != (X.shape[0],):
+            raise ValueError(f"X must be [n, d] and y [n] with the same n; got {X.shape} and {y.shape}")
+        factors, rows = FactorSet(X, standardize=standardize), np.arange(len(y))
+    rows = np.asarray(rows, np.int64)
+    if y.shape != rows.shape:
+        raise ValueError(f"y has shape {y.shape} for {len(rows)} rows")
     alphas = _check_alphas(alphas)
     inner = _check_count("inner", inner, 2)
     n = len(y)
@@ -206,7 +211,9 @@ def choose_alpha_cv(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, inner: in
     if groups is not None and np.asarray(groups).shape != (n,):
         raise ValueError(f"groups must have shape ({n},), got {np.asarray(groups).shape}")
     ids = kfold_ids(n, inner, seed, groups)
-    curve, best = _inner_choice(X, y[:, None], ids, alphas, standardize, alpha_rule)
+    Y = np.zeros((factors.n, 1))
+    Y[rows, 0] = y
+    curve, best = _inner_choice(factors, rows, Y, ids, alphas, alpha_rule)
     return {"alpha": float(alphas[best[0]]), "index": int(best[0]), "inner_r": curve[:, 0].tolist(),
             "inner": inner, "grouped": groups is not None, "n": int(n)}
 
@@ -225,6 +232,20 @@ def _null_summary(observed: float, null: np.ndarray, qs=DEFAULT_QUANTILES) -> di
 def _permuted(y: np.ndarray, n_perm: int, rng) -> np.ndarray:
     """[n, 1 + n_perm]: column 0 is ``y``, the others are permutations of it."""
     return np.stack([y] + [y[rng.permutation(len(y))] for _ in range(n_perm)], 1)
+
+
+def _factor_set(X, factors: FactorSet | None, standardize: bool) -> FactorSet:
+    """The given factor set (checked against ``X``'s shape and ``standardize``) or a new one of ``X``."""
+    if factors is None:
+        X = np.asarray(X)
+        if X.ndim != 2:
+            raise ValueError(f"X must be [n, d], got shape {X.shape}")
+        return FactorSet(X, standardize=standardize)
+    if factors.standardize != bool(standardize):
+        raise ValueError(f"factors were made with standardize={factors.standardize}, the call asks {standardize}")
+    if X is not None and np.shape(X) != factors.X.shape:
+        raise ValueError(f"factors were made for X of shape {factors.X.shape}, the call passes {np.shape(X)}")
+    return factors
 
 
 def _fold_list(n: int, outer, seed: int, groups) -> list[np.ndarray]:
@@ -250,7 +271,8 @@ def _fold_list(n: int, outer, seed: int, groups) -> list[np.ndarray]:
 
 def nested_cv_ridge(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, outer=5, inner: int = 5, groups=None,
                     n_perm: int = 0, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
-                    standardize: bool = True, alpha_rule: str = "best") -> dict:
+                    standardize: bool = True, alpha_rule: str = "best", factors: FactorSet | None = None,
+                    final_alpha: bool = True) -> dict:
     """Held-out r of a ridge probe with alpha chosen by nested cross-validation, and its shuffle null.
 
     Args:
@@ -270,6 +292,9 @@ def nested_cv_ridge(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, outer=5, 
         interval is conditional on the fitted fold models (refit variability shows in ``fold_r`` and in the
         null).
       seed: folds, permutations and bootstrap draws.
+      factors: a :class:`~prefjax.probes.cvpath.FactorSet` of ``X`` (same ``standardize``) to share
+        decompositions with other calls on the same activations; made here when None.
+      final_alpha: also choose ``alpha`` by inner CV on all tasks (None in the result when False).
 
     Returns a dict: ``r`` (the held-out estimate: Pearson r of predictions with ``y`` within each outer
     test fold, averaged with fold-size weights; r of predictions pooled across folds is not used, because
@@ -282,12 +307,10 @@ def nested_cv_ridge(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, outer=5, 
     ``predictions`` [n] (None for tasks in no test fold) and, with ``n_perm > 0``, ``null``
     {n_perm, p_value, p_value_two_sided, mean, sd, quantiles, values}.
     """
-    X = check_finite("X", np.asarray(X, np.float64))
+    fs = _factor_set(X, factors, standardize)
     y = check_finite("y", np.asarray(y, np.float64))
-    if X.ndim != 2:
-        raise ValueError(f"X must be [n, d], got shape {X.shape}")
-    if y.shape != (X.shape[0],):
-        raise ValueError(f"y must have shape ({X.shape[0]},) to match X, got {y.shape}")
+    if y.shape != (fs.n,):
+        raise ValueError(f"y must have shape ({fs.n},) to match X, got {y.shape}")
     alphas, inner, n_perm, n_boot, level = _check_cv_args(alphas, inner, n_perm, n_boot, level)
     n = len(y)
     if groups is not None and np.asarray(groups).shape != (n,):
@@ -305,8 +328,9 @@ def nested_cv_ridge(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, outer=5, 
                              f"{2 * inner} training (inner={inner}) and >= 3 test tasks")
         g = None if groups is None else np.asarray(groups)[train]
         inner_ids = kfold_ids(len(train), inner, seed + 1 + k, g)
-        curve, best_P = _inner_choice(X[train], Y[train], inner_ids, alphas, standardize, alpha_rule)
-        (pred_AxTxP,) = _path_predictions(X[train], Y[train], [X[test]], alphas, standardize)
+        curve, best_P = _inner_choice(fs, train, Y, inner_ids, alphas, alpha_rule)
+        factor, fit = fit_rows(fs, train, Y, alphas)
+        pred_AxTxP = predict_rows(fs, factor, fit, test)
         pred_NxP[test] = np.take_along_axis(pred_AxTxP, best_P[None, None, :], 0)[0]
         pred_all_AxN[:, test] = pred_AxTxP[:, :, 0]
         fold_r.append(float(_col_pearson(pred_NxP[test, :1], y[test, None])[0]))
@@ -319,13 +343,15 @@ def nested_cv_ridge(X, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, outer=5, 
     rb = _fold_mean_r(pred_NxP[:, 0], y, folds, _fold_boot(folds, n_boot, np.random.default_rng([seed, 2])))
     lo, hi = np.nanquantile(rb, [(1 - level) / 2, (1 + level) / 2])
     acc = float(np.mean([pairwise_accuracy(pred_NxP[t, 0], y[t]) for t in folds]))
-    final_ids = kfold_ids(n, inner, seed + 1000, None if groups is None else np.asarray(groups))
-    final_curve, final_best = _inner_choice(X, y[:, None], final_ids, alphas, standardize, alpha_rule)
+    final = None
+    if final_alpha:
+        final_ids = kfold_ids(n, inner, seed + 1000, None if groups is None else np.asarray(groups))
+        final = float(alphas[_inner_choice(fs, np.arange(n), y[:, None], final_ids, alphas, alpha_rule)[1][0]])
     out = {"r": obs, "ci": [float(lo), float(hi)], "level": level, "pairwise_acc": acc,
            "n_heldout": int(len(held)), "fold_r": fold_r, "fold_alpha": fold_alpha, "fold_n": fold_n,
            "inner_r": inner_curves,
            "r_by_alpha": _fold_mean_r(pred_all_AxN, y[None], folds).tolist(),
-           "alpha": float(alphas[final_best[0]]), "alphas": alphas.tolist(),
+           "alpha": final, "alphas": alphas.tolist(),
            "predictions": [float(v) if np.isfinite(v) else None for v in pred_NxP[:, 0]]}
     if n_perm:
         out["null"] = _null_summary(obs, r_P[1:])
@@ -340,7 +366,7 @@ def nested_transfer(X_SxNxD, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, out
                     n_perm: int = 0, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
                     names: Sequence[str] | None = None, standardize: bool = True,
                     alpha_window_decades: float = 2.0, alpha_tolerance: float = 0.05,
-                    alpha_rule: str = "best") -> dict:
+                    alpha_rule: str = "best", factors: Sequence[FactorSet] | None = None) -> dict:
     """Transfer matrix (train on source ``a``, test on target ``b``) over the whole alpha grid, with
     bootstrap intervals, the nested-CV alpha choice and shuffle-null p-values per cell.
 
@@ -356,6 +382,8 @@ def nested_transfer(X_SxNxD, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, out
         nested procedure (alpha re-chosen), and scored on each target's true utilities.
       n_boot, level: percentile bootstrap over test tasks (resampled within each outer fold), the same
         resamples for every cell and alpha (so differences between cells are paired).
+      factors: one :class:`~prefjax.probes.cvpath.FactorSet` per source (of ``X_SxNxD[s]``, same
+        ``standardize``), e.g. the probes stage's, so no source is decomposed again; made here when None.
 
     Returns a dict with ``names``, ``alphas``, and
       * ``r_grid`` [A, S, S], ``r_grid_lo`` / ``r_grid_hi`` [A, S, S]: r at every fixed alpha;
@@ -372,7 +400,7 @@ def nested_transfer(X_SxNxD, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, out
       * ``utility_corr`` [S, S] with ``utility_corr_lo`` / ``_hi`` (same resamples) when ``y`` is [S, n]:
         the value transfer should match if the probe reads each persona's utility.
     """
-    X = np.asarray(X_SxNxD, np.float64)
+    X = np.asarray(X_SxNxD)
     if X.ndim != 3:
         raise ValueError(f"X_SxNxD must be [S, n, d], got shape {X.shape}")
     S, n, _ = X.shape
@@ -390,6 +418,9 @@ def nested_transfer(X_SxNxD, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, out
         raise ValueError(f"alpha_window_decades must be >= 0, got {alpha_window_decades}")
     if not alpha_tolerance >= 0:
         raise ValueError(f"alpha_tolerance must be >= 0, got {alpha_tolerance}")
+    if factors is not None and len(factors) != S:
+        raise ValueError(f"factors has {len(factors)} entries for S={S} sources")
+    fss = [_factor_set(X[s], None if factors is None else factors[s], standardize) for s in range(S)]
     folds = _fold_list(n, outer, seed, None)
     A = len(alphas)
     grid = np.full((A, S, S, n), np.nan)
@@ -403,11 +434,12 @@ def nested_transfer(X_SxNxD, y, *, alphas: Sequence[float] = DEFAULT_ALPHAS, out
             if len(train) < 2 * inner or len(test) < 3:
                 raise ValueError(f"outer fold {k}: {len(train)} training / {len(test)} test tasks; need >= "
                                  f"{2 * inner} training (inner={inner}) and >= 3 test tasks")
-            _, best_P = _inner_choice(X[a][train], Ya[train], kfold_ids(len(train), inner, seed + 1 + k),
-                                      alphas, standardize, alpha_rule)
+            _, best_P = _inner_choice(fss[a], train, Ya, kfold_ids(len(train), inner, seed + 1 + k), alphas,
+                                      alpha_rule)
             fold_alpha[a, k] = alphas[best_P[0]]
-            preds = _path_predictions(X[a][train], Ya[train], [X[b][test] for b in range(S)], alphas,
-                                      standardize)
+            factor, fit = fit_rows(fss[a], train, Ya, alphas)
+            preds = [predict_rows(fss[a], factor, fit, test) if b == a else factor.predict(fit, X[b][test])
+                     for b in range(S)]
             for b, p_AxTxP in enumerate(preds):
                 chosen = np.take_along_axis(p_AxTxP, best_P[None, None, :], 0)[0]  # [T, P]
                 grid[:, a, b, test] = p_AxTxP[:, :, 0]
