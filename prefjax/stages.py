@@ -18,7 +18,15 @@ print(st.result)
 ```
 
 A stage's ``.done`` file (``stages/<name>.done``) is written atomically after its body returns
-and holds its JSON result, so a stage killed mid-way runs again in full next time. The two long
+and holds its JSON result, so a stage killed mid-way runs again in full next time. Its record::
+
+    {"stage", "result", "fingerprint", "finished", "seconds",      # wall seconds of the body
+     "measured": {"wall_seconds", "host_seconds", "compile_count", "compile_seconds",
+                  "trace_seconds", "peak_device_bytes", "peak_host_rss_bytes"}}
+
+``measured`` (see :class:`prefjax.progress.Meter`) is written by the decorator and context forms;
+records written before it existed, or by ``mark_done`` without a meter, lack it. Like ``seconds``
+and ``finished`` it differs between runs of the same config. The two long
 stages resume part-way through their own stores (the append-only comparisons store, the zarr3
 activations store's committed-row counter).
 
@@ -41,7 +49,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from prefjax.hooks import hook_name
-from prefjax.progress import log
+from prefjax.progress import Meter, log
 
 __all__ = [
     "Run", "Stage", "StageConfigError", "SAFE_TO_CHANGE", "config_fingerprint", "config_diff",
@@ -366,13 +374,19 @@ class Run(RunLayout):
                                          "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
         os.makedirs(self.stages_dir, exist_ok=True)
 
-    def mark_done(self, name: str, result: Any = None, started: float | None = None) -> None:
-        """Write ``stages/<name>.done`` (atomically) holding ``result``."""
+    def mark_done(self, name: str, result: Any = None, started: float | None = None,
+                  meter: Meter | None = None) -> dict:
+        """Write ``stages/<name>.done`` (atomically) holding ``result``; with ``meter`` (started with
+        the stage) also its ``measured`` dict (host CPU seconds, compiles, peak memory). Returns the
+        record as written (before JSON conversion)."""
         now = time.time()
-        atomic_write_json(self.done_path(name), {
-            "stage": name, "result": result, "fingerprint": self.fingerprint,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "seconds": None if started is None else round(now - started, 3)}, nan="null")
+        rec = {"stage": name, "result": result, "fingerprint": self.fingerprint,
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "seconds": None if started is None else round(now - started, 3)}
+        if meter is not None:
+            rec["measured"] = meter.record()
+        atomic_write_json(self.done_path(name), rec, nan="null")
+        return rec
 
     def invalidate(self, name: str) -> None:
         """Forget that a stage is done (its output files are left in place)."""
@@ -384,6 +398,14 @@ class Run(RunLayout):
     def stage(self, name: str) -> "Stage":
         """A stage handle usable as a decorator or a context manager (see module doc)."""
         return Stage(self, name)
+
+
+def _measured_note(rec: Mapping) -> str:
+    """`` (host cpu 3.1s; 2 XLA compiles, 0.8s)`` for a stage's log line ('' without measurements)."""
+    m = rec.get("measured") or {}
+    if not m:
+        return ""
+    return f" (host cpu {m['host_seconds']:.1f}s; {m['compile_count']} XLA compiles, {m['compile_seconds']:.1f}s)"
 
 
 def _check_name(name: str) -> str:
@@ -401,6 +423,7 @@ class Stage:
         self.done = run.is_done(name)
         self.result = run.result(name) if self.done else None
         self._t0: float | None = None
+        self._meter: Meter | None = None
 
     @property
     def dir(self) -> str:
@@ -419,26 +442,26 @@ class Stage:
                 self.done, self.result = True, self.run.result(self.name)
                 return self.result
             log(f"stage {self.name}: running")
-            t0 = time.time()
+            t0, meter = time.time(), Meter()
             out = fn(*args, **kwargs)
-            self.run.mark_done(self.name, out, started=t0)
+            rec = self.run.mark_done(self.name, out, started=t0, meter=meter)
             self.done, self.result = True, self.run.result(self.name)
-            log(f"stage {self.name}: done in {time.time() - t0:.1f}s")
+            log(f"stage {self.name}: done in {time.time() - t0:.1f}s{_measured_note(rec)}")
             return self.result
 
         return wrapped
 
     # context-manager form ------------------------------------------------------------------
     def __enter__(self) -> "Stage":
-        self._t0 = time.time()
+        self._t0, self._meter = time.time(), Meter()
         log(f"stage {self.name}: " + ("done already, skipping" if self.done else "running"))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or self.done:
             return None
-        self.run.mark_done(self.name, self.result, started=self._t0)
+        rec = self.run.mark_done(self.name, self.result, started=self._t0, meter=self._meter)
         self.result = self.run.result(self.name)
         self.done = True
-        log(f"stage {self.name}: done in {time.time() - (self._t0 or time.time()):.1f}s")
+        log(f"stage {self.name}: done in {time.time() - (self._t0 or time.time()):.1f}s{_measured_note(rec)}")
         return None

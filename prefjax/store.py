@@ -12,12 +12,25 @@ without ever reading half-written data.
 
 ``ActivationStore``
     ``path/acts`` is a zarr3 array ``[n_rows, n_hooks, k_positions, d]`` (float32 or bfloat16),
-    ``path/store.json`` holds the fixed layout (hooks, d, dtype, meta, row ids) and
-    ``path/committed.json`` the committed-row counter plus the per-hook residual-norm sums. The
+    ``path/store.json`` holds the fixed layout (hooks, d, dtype, meta, row ids, processing order)
+    and ``path/committed.json`` the committed-row counter plus the per-hook residual-norm sums. The
     counter is replaced atomically only after the batch's write future has completed, so rows past
     it are treated as never written: a resumed run rewrites them and ``read`` never returns them.
     With several hosts each writes ``path/host_{process_index}`` (see ``open_for_host`` and
     ``read_all_hosts``).
+
+    **Rows, slots and the processing order.** A store's *rows* are its logical rows (``row_ids[r]``
+    names row ``r``; for extraction, row ``r`` is task ``r`` of the pool). Writes fill physical
+    *slots* ``0, 1, 2, ...`` in the store's processing ``order`` (``order[s]`` is the row held by
+    slot ``s``; the identity when the layout's ``order`` is None, as in stores written before it
+    existed), and the committed counter counts slots. Every reader speaks rows, never slots:
+    ``read`` returns committed rows in row order, ``read_rows`` returns the rows of a list of ids.
+    So extraction can run its tasks sorted by length (contiguous, appending writes, exact resume)
+    while every reader still sees pool order.
+
+``read_rows(path, hook, ids, position)``
+    The one reader for a hook's vectors by task id, for a single store and for per-host
+    sub-stores alike: reads that hook (and position) only.
 """
 
 from __future__ import annotations
@@ -36,7 +49,7 @@ from prefjax.progress import log
 __all__ = [
     "Comparison", "ComparisonsStore", "StoreError", "ActivationStore", "open_or_create",
     "open_for_host", "open_existing", "host_store_paths", "read_all_hosts", "mean_norms_all_hosts",
-    "atomic_write_text",
+    "read_rows", "read_layout", "atomic_write_text",
 ]
 
 ORDERS = ("AB", "BA")
@@ -396,7 +409,10 @@ def _json_default(o):
 
 
 class ActivationStore:
-    """A zarr3 activation array with a committed-row counter. Use ``open_or_create`` to get one."""
+    """A zarr3 activation array with a committed-slot counter. Use ``open_or_create`` to get one.
+
+    Writes append slots in the store's processing order; reads are by row (see the module doc).
+    """
 
     LAYOUT = "store.json"
     COUNTER = "committed.json"
@@ -406,6 +422,12 @@ class ActivationStore:
         self.layout = layout
         self._arr = arr
         self._counter = counter
+        order = layout.get("order")
+        self._order = None if order is None else np.asarray(order, np.int64)
+        self._slot_of = None
+        if self._order is not None:
+            self._slot_of = np.empty(len(self._order), np.int64)
+            self._slot_of[self._order] = np.arange(len(self._order))
 
     # -- layout ------------------------------------------------------------------------------
     @property
@@ -437,9 +459,47 @@ class ActivationStore:
         return self.layout.get("row_ids")
 
     @property
+    def order(self) -> np.ndarray:
+        """``order[s]``: the row held by slot ``s`` (slots are written ``0, 1, ...``; int64 [n_rows])."""
+        return np.arange(self.n_rows, dtype=np.int64) if self._order is None else self._order.copy()
+
+    @property
     def committed(self) -> int:
-        """Rows ``[0, committed)`` are complete; nothing past it is ever read."""
+        """How many slots are complete: slots ``[0, committed)``, i.e. rows ``order[:committed]``
+        (rows ``[0, committed)`` when the order is the identity). Nothing past it is ever read."""
         return int(self._counter["committed"])
+
+    @property
+    def complete(self) -> bool:
+        """Whether every row is committed."""
+        return self.committed >= self.n_rows
+
+    def committed_rows(self) -> np.ndarray:
+        """The committed rows, ascending (int64): what ``read()`` returns, in that order."""
+        if self._order is None:
+            return np.arange(self.committed, dtype=np.int64)
+        return np.sort(self._order[:self.committed])
+
+    def committed_row_ids(self) -> list | None:
+        """``row_ids`` of ``committed_rows()`` (None when the store has no row ids)."""
+        ids = self.row_ids
+        return None if ids is None else [ids[r] for r in self.committed_rows()]
+
+    def slots_of(self, rows) -> np.ndarray:
+        """The slots holding ``rows`` (int64); StoreError naming the first row that is out of range
+        or not committed."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
+            bad = int(rows.max() if rows.max() >= self.n_rows else rows.min())
+            raise StoreError(f"row {bad} requested but store {self.path!r} has rows 0..{self.n_rows - 1}")
+        slots = rows if self._slot_of is None else self._slot_of[rows]
+        late = slots >= self.committed
+        if late.any():
+            r = int(rows[np.argmax(late)])
+            name = "" if self.row_ids is None else f" (id {self.row_ids[r]!r})"
+            raise StoreError(f"row {r}{name} requested but it is not committed in {self.path!r} "
+                             f"({self.committed} of {self.n_rows} rows are)")
+        return slots
 
     def mean_norms(self) -> dict[str, float]:
         """Mean L2 norm over d of the committed vectors (rows × positions), per hook."""
@@ -506,29 +566,54 @@ class ActivationStore:
 
     # -- reading -----------------------------------------------------------------------------
     def read(self, rows=None, hook=None) -> np.ndarray:
-        """Committed activations as numpy: ``[n, H, K, D]``, or ``[n, K, D]`` for one ``hook``.
+        """Committed activations as numpy, by row: ``[n, H, K, D]``, or ``[n, K, D]`` for one ``hook``.
 
-        ``rows`` is None (all committed rows), a slice, or an int array; any row at or past
-        ``committed`` raises.
+        ``rows`` is None (every committed row, ascending: ``committed_rows()``; all rows in row
+        order once the store is complete), a slice, or an int array of rows; any row that is not
+        committed raises. Rows are mapped to their slots, so the result never depends on the
+        processing order the store was written in.
         """
         n = self.committed
-        if rows is None:
-            sel = slice(0, n)
-        elif isinstance(rows, slice):
-            if rows.stop is not None and rows.stop > n:
-                raise StoreError(f"rows up to {rows.stop} requested but only {n} are committed")
-            sel = slice(*rows.indices(n))
-        else:
-            sel = np.asarray(rows, dtype=np.int64).reshape(-1)
-            if sel.size and (sel.min() < 0 or sel.max() >= n):
-                bad = int(sel.max() if sel.max() >= n else sel.min())
-                raise StoreError(f"row {bad} requested but only rows 0..{n - 1} are committed")
         h = None if hook is None else self._hook_index(hook)
+        if rows is None:
+            data = self._read_slots(slice(0, n), h)
+            # slot s holds row order[s]: sorting the committed slots by row gives row order
+            return data if self._order is None else data[np.argsort(self._order[:n], kind="stable")]
+        elif isinstance(rows, slice):
+            if self._order is None:
+                if rows.stop is not None and rows.stop > n:
+                    raise StoreError(f"rows up to {rows.stop} requested but only {n} are committed")
+                return self._read_slots(slice(*rows.indices(n)), h)
+            if rows.stop is not None and rows.stop > self.n_rows:
+                raise StoreError(f"rows up to {rows.stop} requested but the store has {self.n_rows}")
+            rows = np.arange(self.n_rows)[rows]
+        return self._read_slots(self.slots_of(rows), h)
+
+    def read_position(self, rows, hook, position: int) -> np.ndarray:
+        """``[n, D]``: one hook at one captured position for ``rows`` (reads only that hook)."""
+        h = self._hook_index(hook)
+        k = int(position)
+        if not 0 <= k < self.positions_k:
+            raise StoreError(f"position {position} out of range 0..{self.positions_k - 1} in {self.path!r}")
+        return self._read_slots(self.slots_of(rows), h, k)
+
+    def _read_slots(self, sel, h: int | None, k: int | None = None) -> np.ndarray:
+        """Read slots ``sel`` (a slice or an int array, all committed) of hook ``h`` (None: all)."""
         if isinstance(sel, np.ndarray) and not sel.size:
-            shape = (0, self.positions_k, self.d) if h is not None else \
-                (0, len(self.hooks), self.positions_k, self.d)
+            shape = ((0, len(self.hooks)) if h is None else (0,)) + \
+                ((self.positions_k, self.d) if k is None else (self.d,))
             return np.zeros(shape, self.dtype)
-        view = self._arr[sel] if h is None else self._arr[sel, h]
+        if isinstance(sel, np.ndarray):
+            lo, hi = int(sel.min()), int(sel.max()) + 1
+            if 4 * sel.size >= hi - lo:  # dense enough: one range read, then pick in memory
+                data = self._read_slots(slice(lo, hi), h, k)
+                return data if np.array_equal(sel, np.arange(lo, hi)) else data[sel - lo]
+        if h is None:
+            view = self._arr[sel]
+        elif k is None:
+            view = self._arr[sel, h]
+        else:
+            view = self._arr[sel, h, k]
         return np.asarray(view.read().result())
 
 
@@ -558,16 +643,20 @@ def _ts_context():
 
 def open_or_create(path: str, n_rows: int, hooks: Sequence[str], positions_k: int, d: int,
                    dtype="float32", meta: Mapping[str, Any] | None = None, *,
-                   row_ids: Sequence | None = None, chunk_rows: int = 64) -> ActivationStore:
+                   row_ids: Sequence | None = None, order: Sequence[int] | None = None,
+                   chunk_rows: int = 64) -> ActivationStore:
     """Open the activation store at ``path``, creating it with this layout if absent.
 
-    Reopening checks ``n_rows``, ``hooks``, ``positions_k``, ``d``, ``dtype``, ``meta`` and
-    ``row_ids`` against what is on disk and raises StoreError naming the first field that differs
-    (write to a new path, or delete the old store, to change them).
+    ``order`` is the processing order: slot ``s`` (the ``s``-th row written) holds row
+    ``order[s]``; a permutation of ``range(n_rows)``, None for the identity (see the module doc).
+    Reopening checks ``n_rows``, ``hooks``, ``positions_k``, ``d``, ``dtype``, ``meta``,
+    ``row_ids`` and ``order`` against what is on disk and raises StoreError naming the first field
+    that differs (write to a new path, or delete the old store, to change them).
     """
     path = os.fspath(path)
     if row_ids is not None and len(row_ids) != int(n_rows):
         raise StoreError(f"row_ids has {len(row_ids)} entries but n_rows={n_rows}")
+    order = _check_order(order, int(n_rows))
     if len(set(hooks)) != len(hooks):
         raise StoreError(f"hooks contains duplicates: {list(hooks)}")
     want = _jsonable({
@@ -579,6 +668,7 @@ def open_or_create(path: str, n_rows: int, hooks: Sequence[str], positions_k: in
         "dtype": _dtype_name(dtype),
         "meta": dict(meta or {}),
         "row_ids": None if row_ids is None else list(row_ids),
+        "order": order,
         "chunk_rows": int(max(1, min(chunk_rows, n_rows))),
     })
     layout_path = os.path.join(path, ActivationStore.LAYOUT)
@@ -586,11 +676,13 @@ def open_or_create(path: str, n_rows: int, hooks: Sequence[str], positions_k: in
     if os.path.exists(layout_path):
         with open(layout_path, encoding="utf-8") as f:
             have = json.load(f)
-        for field in ("n_rows", "hooks", "positions_k", "d", "dtype", "meta", "row_ids"):
+        for field in ("n_rows", "hooks", "positions_k", "d", "dtype", "meta", "row_ids", "order"):
             if have.get(field) != want[field]:
+                why = (" (the processing order differs: a different length sort, batch layout or "
+                       "store format; its rows cannot be continued exactly)" if field == "order" else "")
                 raise StoreError(
                     f"activation store {path!r} was created with {field}={have.get(field)!r:.300}, "
-                    f"but this run asks for {field}={want[field]!r:.300}; use a new path or delete it")
+                    f"but this run asks for {field}={want[field]!r:.300}{why}; use a new path or delete it")
         arr = _open_array(path, have, create=False)
         if os.path.exists(counter_path):
             with open(counter_path, encoding="utf-8") as f:
@@ -606,6 +698,34 @@ def open_or_create(path: str, n_rows: int, hooks: Sequence[str], positions_k: in
     atomic_write_text(counter_path, json.dumps(counter))
     atomic_write_text(layout_path, json.dumps(want))  # last: its presence means "created"
     return ActivationStore(path, want, arr, counter)
+
+
+def _check_order(order, n_rows: int) -> list[int] | None:
+    """``order`` as a JSON list, None for the identity; StoreError unless a permutation of the rows."""
+    if order is None:
+        return None
+    o = np.asarray(order)
+    if o.ndim != 1 or len(o) != n_rows or (o.size and not np.issubdtype(o.dtype, np.integer)):
+        raise StoreError(f"order must be a permutation of range({n_rows}) (ints, one per row); "
+                         f"got shape {o.shape} dtype {o.dtype}")
+    o = o.astype(np.int64)
+    if not np.array_equal(np.sort(o), np.arange(n_rows)):
+        seen = np.bincount(o[(o >= 0) & (o < n_rows)], minlength=n_rows)
+        bad = [int(x) for x in o if not 0 <= x < n_rows][:3] or [int(np.argmax(seen != 1))]
+        raise StoreError(f"order must be a permutation of range({n_rows}); row(s) {bad} are out of range, "
+                         "repeated or missing")
+    if np.array_equal(o, np.arange(n_rows)):
+        return None  # the identity is stored as None: the same layout as a store without an order
+    return o.tolist()
+
+
+def read_layout(path: str) -> dict | None:
+    """The ``store.json`` layout of the store at ``path`` (None when there is no store there)."""
+    p = os.path.join(os.fspath(path), ActivationStore.LAYOUT)
+    if not os.path.exists(p):
+        return None
+    with open(p, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _empty_counter(n_hooks: int) -> dict:
@@ -639,15 +759,16 @@ def _open_existing(p: str) -> ActivationStore:
     with open(os.path.join(p, ActivationStore.LAYOUT), encoding="utf-8") as f:
         lay = json.load(f)
     return open_or_create(p, lay["n_rows"], lay["hooks"], lay["positions_k"], lay["d"],
-                          lay["dtype"], lay["meta"], row_ids=lay["row_ids"],
+                          lay["dtype"], lay["meta"], row_ids=lay["row_ids"], order=lay.get("order"),
                           chunk_rows=lay["chunk_rows"])
 
 
 def read_all_hosts(path: str, hook=None) -> tuple[np.ndarray, list | None]:
     """Concatenate the committed rows of every host sub-store, in host order.
 
-    Returns ``(acts, row_ids)``; ``row_ids`` holds the committed prefix of each host's row ids
-    (None if any host has none). Hosts must agree on hooks, positions, d and dtype.
+    Returns ``(acts, row_ids)``: each host's committed rows in row order (``ActivationStore.read``)
+    and their ids (None if any host has none). Hosts must agree on hooks, positions, d and dtype.
+    To get rows by task id use :func:`read_rows`, which reads one hook and position only.
     """
     paths = host_store_paths(path)
     if not paths:
@@ -663,7 +784,7 @@ def read_all_hosts(path: str, hook=None) -> tuple[np.ndarray, list | None]:
     if any(s.row_ids is None for s in stores):
         ids = None
     else:
-        ids = [r for s in stores for r in s.row_ids[:s.committed]]
+        ids = [r for s in stores for r in s.committed_row_ids()]
     return acts, ids
 
 
@@ -676,3 +797,58 @@ def mean_norms_all_hosts(path: str) -> dict[str, float]:
     tot_c = sum(s.norm_sums()[1] for s in stores)
     return {h: (float(tot_s[n] / tot_c[n]) if tot_c[n] else float("nan"))
             for n, h in enumerate(stores[0].hooks)}
+
+
+def read_rows(path: str, hook, ids: Sequence | None = None, position: int = 0) -> np.ndarray:
+    """``[len(ids), d]`` float32: hook ``hook`` at captured position ``position`` for the rows named
+    ``ids``, in the order of ``ids``.
+
+    ``path`` is one activation store (``path/store.json``) or a folder of per-host sub-stores
+    (``path/host_<i>/``, as written by ``open_for_host``); either way rows are found by their
+    ``row_ids`` (task ids), so neither the processing order nor the split over hosts shows.
+    ``ids=None`` means every committed row (host order, then row order). Only that hook and
+    position are read (call it once per layer). ``hook`` is a hook name or its index in the store.
+    Raises StoreError naming ids that no store holds as committed rows, ids held by two hosts, a
+    store without row ids (when ``ids`` is given), or an unknown hook or position.
+    """
+    path = os.fspath(path)
+    if read_layout(path) is not None:
+        stores = [_open_existing(path)]
+    else:
+        stores = [_open_existing(p) for p in host_store_paths(path)]
+        if not stores:
+            raise StoreError(f"no activation store at {path!r} (neither store.json nor host_* sub-stores)")
+    ref = stores[0]
+    for s in stores[1:]:
+        for field in ("hooks", "positions_k", "d"):
+            if s.layout[field] != ref.layout[field]:
+                raise StoreError(f"host store {s.path!r} has {field}={s.layout[field]!r:.200}, but "
+                                 f"{ref.path!r} has {ref.layout[field]!r:.200}")
+    if ids is None:
+        parts = [s.read_position(s.committed_rows(), hook, position) for s in stores]
+        return np.concatenate(parts, axis=0).astype(np.float32, copy=False)
+    ids = list(ids)
+    where: dict = {}  # id -> (store index, row)
+    for k, s in enumerate(stores):
+        if s.row_ids is None:
+            raise StoreError(f"store {s.path!r} has no row ids, so rows cannot be read by id "
+                             "(pass ids=None for every committed row)")
+        for r in s.committed_rows():
+            rid = s.row_ids[int(r)]
+            if rid in where:
+                raise StoreError(f"row id {rid!r} is held by both {stores[where[rid][0]].path!r} and {s.path!r}")
+            where[rid] = (k, int(r))
+    missing = [i for i in ids if i not in where]
+    if missing:
+        held = sum(s.committed for s in stores)
+        raise StoreError(f"{len(missing)} of {len(ids)} requested ids are not committed rows of {path!r} "
+                         f"(it holds {held}): {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+    out = np.empty((len(ids), ref.d), np.float32)
+    for k, s in enumerate(stores):
+        at = np.array([n for n, i in enumerate(ids) if where[i][0] == k], np.int64)
+        if at.size:
+            rows = np.array([where[ids[n]][1] for n in at], np.int64)
+            out[at] = s.read_position(rows, hook, position)
+    if not ids:  # still validate the hook and position
+        ref.read_position(np.zeros(0, np.int64), hook, position)
+    return out

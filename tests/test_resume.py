@@ -42,7 +42,7 @@ def _in_probes(wd):
 # delay: one kill inside choices, one inside activations, one in the probes/steering tail.
 KILL_POINTS = (("comparison rows on disk", _has_comparisons), ("activation rows committed", _has_committed_acts),
                ("activations done", _in_probes))
-TIMING_KEYS = {"seconds", "finished", "created"}
+TIMING_KEYS = {"seconds", "finished", "created", "measured"}
 
 
 def _cmd(workdir):

@@ -168,3 +168,71 @@ def test_progress_does_not_initialise_jax_backend():
             "assert not xb.backends_are_initialized()\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), capture_output=True, timeout=120)
+
+
+# ------------------------------------------------------------------------------------------
+# per-stage measurements in the done record
+# ------------------------------------------------------------------------------------------
+
+MEASURED_KEYS = {"wall_seconds", "host_seconds", "compile_count", "compile_seconds", "trace_seconds",
+                 "peak_device_bytes", "peak_host_rss_bytes"}
+
+
+def test_stage_records_compiles_host_seconds_and_peaks(tmp_path):
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    run = Run(tmp_path / "w", CFG)
+    x = jnp.arange(7.0)  # any compile for the input happens outside the stages
+
+    @run.stage("jits")
+    def jits():
+        f = jax.jit(lambda v: jnp.sin(v) * 3.0 + 1.0)  # a fresh function: compiled inside the stage
+        return {"y": float(f(x).sum())}
+
+    @run.stage("busy")
+    def busy():
+        t0, n = time.process_time(), 0
+        while time.process_time() - t0 < 0.05:
+            n += 1
+        return {"n": n}
+
+    jits()
+    busy()
+    with run.stage("ctx") as st:  # the context form records them too
+        if not st.done:
+            st.result = {"y": float(jax.jit(lambda v: v ** 2 - 1.0)(x).sum())}
+    recs = {d["stage"]: d for d in run.done_records()}
+    for name in ("jits", "busy", "ctx"):
+        m = recs[name]["measured"]
+        assert set(m) == MEASURED_KEYS, name
+        assert m["peak_host_rss_bytes"] > 1 << 20
+        assert m["peak_device_bytes"] is None or m["peak_device_bytes"] > 0
+        assert isinstance(recs[name]["seconds"], float)  # the old keys stay
+    assert recs["jits"]["measured"]["compile_count"] >= 1 and recs["jits"]["measured"]["compile_seconds"] > 0
+    assert recs["ctx"]["measured"]["compile_count"] >= 1 and recs["ctx"]["measured"]["compile_seconds"] > 0
+    assert recs["busy"]["measured"]["compile_count"] == 0 and recs["busy"]["measured"]["compile_seconds"] == 0
+    assert recs["busy"]["measured"]["host_seconds"] > 0
+    if jax.default_backend() == "cpu":
+        assert recs["jits"]["measured"]["peak_device_bytes"] is None
+    # a rerun skips: the records (and their measurements) are those of the run that did the work
+    assert jits() == {"y": recs["jits"]["result"]["y"]}
+    assert {d["stage"]: d for d in run.done_records()}["jits"] == recs["jits"]
+
+
+def test_done_record_without_measurements_still_reads(tmp_path):
+    from prefjax.report.build import stage_times
+
+    run = Run(tmp_path / "w", CFG)
+    run.mark_done("old", {"r": 1})  # as records were written before `measured` existed
+    atomic_write_json(run.done_path("older"), {"stage": "older", "result": None, "seconds": 2.5,
+                                               "finished": "2026-01-01T00:00:00", "fingerprint": run.fingerprint})
+    assert "measured" not in read_done(run, "old")
+    assert run.result("older") is None
+    assert dict((n, s) for n, s, _ in stage_times(run, ["old", "older"])) == {"old": None, "older": 2.5}
+
+
+def read_done(run, name):
+    return json.load(open(run.done_path(name)))

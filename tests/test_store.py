@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from prefjax import store as store_mod
-from prefjax.store import (ActivationStore, Comparison, ComparisonsStore, StoreError,
+from prefjax.store import (ActivationStore, Comparison, ComparisonsStore, StoreError, open_existing, read_rows,
                            host_store_paths, mean_norms_all_hosts, open_for_host, open_or_create,
                            read_all_hosts)
 
@@ -294,3 +294,85 @@ def test_bad_p_a_and_extra_rejected_before_write(tmp_path):
     s.append([_row("a", "b", "AB", 0, "A", extra={"n_tokens": np.int64(7)})])
     assert ComparisonsStore(tmp_path / "cmp").rows()[0]["extra"] == {"n_tokens": 7}
     assert len(ComparisonsStore(tmp_path / "cmp")) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# Processing order: slots written in order, every reader by row
+# ------------------------------------------------------------------------------------------
+
+def test_processing_order_reads_back_in_row_order(tmp_path):
+    rng = np.random.default_rng(6)
+    order = [3, 0, 5, 1, 4, 2]
+    ids = [f"t{i}" for i in range(6)]
+    s = open_or_create(tmp_path / "acts", 6, HOOKS, 2, 8, "float32", {}, row_ids=ids, order=order, chunk_rows=4)
+    x_rows = _acts(rng, 6)  # what row r should hold
+    s.write(0, x_rows[order[:2]])  # slots 0, 1 = rows 3, 0
+    assert s.committed == 2 and s.committed_rows().tolist() == [0, 3] and s.committed_row_ids() == ["t0", "t3"]
+    np.testing.assert_array_equal(s.read(), x_rows[[0, 3]])
+    with pytest.raises(StoreError, match=r"row 1 \(id 't1'\) requested but it is not committed"):
+        s.read(rows=[1])
+    with pytest.raises(StoreError, match="not committed"):
+        s.read(rows=slice(0, 2))
+    s.write(2, x_rows[order[2:]])
+    assert s.complete and s.order.tolist() == order
+    np.testing.assert_array_equal(s.read(), x_rows)
+    np.testing.assert_array_equal(s.read(hook=HOOKS[1]), x_rows[:, 1])
+    np.testing.assert_array_equal(s.read(rows=[5, 1], hook=0), x_rows[[5, 1], 0])
+    np.testing.assert_array_equal(s.read(rows=slice(1, 5)), x_rows[1:5])
+    np.testing.assert_array_equal(s.read_position([4, 0, 2], HOOKS[0], 1), x_rows[[4, 0, 2], 0, 1])
+    want = np.linalg.norm(x_rows.astype(np.float64), axis=-1).mean(axis=(0, 2))
+    np.testing.assert_allclose([s.mean_norms()[h] for h in HOOKS], want, rtol=1e-12)
+    # a reopen keeps the order; read_rows reads by id in any order, one hook and position
+    s2 = open_existing(str(tmp_path / "acts"))
+    np.testing.assert_array_equal(s2.read(), x_rows)
+    np.testing.assert_array_equal(read_rows(tmp_path / "acts", HOOKS[1], ["t5", "t0", "t2"], position=1),
+                                  x_rows[[5, 0, 2], 1, 1])
+    np.testing.assert_array_equal(read_rows(tmp_path / "acts", 0, None, 0), x_rows[:, 0, 0])
+
+
+def test_order_is_validated_and_checked_on_reopen(tmp_path):
+    args = (tmp_path / "s", 4, HOOKS, 1, 2, "float32", {})
+    with pytest.raises(StoreError, match="permutation of range"):
+        open_or_create(*args, order=[0, 1, 1, 3])
+    with pytest.raises(StoreError, match="permutation of range"):
+        open_or_create(*args, order=[0, 1, 2])
+    open_or_create(*args, order=[2, 0, 3, 1])
+    with pytest.raises(StoreError, match="processing order differs"):
+        open_or_create(*args, order=[0, 2, 3, 1])
+    with pytest.raises(StoreError, match="processing order differs"):
+        open_or_create(*args)  # nor may a store written in an order be continued without it
+    # the identity is stored as None: the same layout as a store written before orders existed
+    assert open_or_create(tmp_path / "t", 3, HOOKS, 1, 2, order=[0, 1, 2]).layout["order"] is None
+
+
+def test_read_rows_across_hosts_and_errors(tmp_path):
+    rng = np.random.default_rng(7)
+    want = {}
+    for host, order in ((0, [2, 0, 1]), (1, [1, 0, 2])):
+        ids = [f"h{host}r{i}" for i in range(3)]
+        s = open_for_host(tmp_path / "acts", 3, HOOKS, 2, 8, "float32", {}, process_index=host,
+                          row_ids=ids, order=order)
+        x = _acts(rng, 3)
+        s.write(0, x[order[:2]] if host == 1 else x[order])  # host 1 is one row short
+        for r in (order[:2] if host == 1 else order):
+            want[ids[r]] = x[r]
+    acts, ids = read_all_hosts(tmp_path / "acts", hook=HOOKS[1])  # row order within each host
+    assert ids == ["h0r0", "h0r1", "h0r2", "h1r0", "h1r1"]
+    np.testing.assert_array_equal(acts, np.stack([want[i][1] for i in ids]))
+    ask = ["h1r1", "h0r2", "h0r0", "h1r0"]
+    np.testing.assert_array_equal(read_rows(tmp_path / "acts", HOOKS[0], ask, position=1),
+                                  np.stack([want[i][0, 1] for i in ask]))
+    with pytest.raises(StoreError, match=r"1 of 2 requested ids are not committed.*'h1r2'"):
+        read_rows(tmp_path / "acts", HOOKS[0], ["h0r0", "h1r2"])
+    with pytest.raises(StoreError, match="no activation store"):
+        read_rows(tmp_path / "nothing", HOOKS[0], ["a"])
+    bare = open_or_create(tmp_path / "bare", 2, HOOKS, 1, 8, "float32", {})
+    bare.write(0, _acts(rng, 2, k=1))
+    with pytest.raises(StoreError, match="has no row ids"):
+        read_rows(tmp_path / "bare", HOOKS[0], ["x"])
+    assert read_rows(tmp_path / "bare", HOOKS[0], None).shape == (2, 8)
+    dup = open_for_host(tmp_path / "acts", 3, HOOKS, 2, 8, "float32", {}, process_index=2,
+                        row_ids=["h0r0", "x1", "x2"])
+    dup.write(0, _acts(rng, 1))
+    with pytest.raises(StoreError, match="'h0r0' is held by both"):
+        read_rows(tmp_path / "acts", HOOKS[0], ["h0r0"])
