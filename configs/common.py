@@ -2,9 +2,16 @@
 
 Every experiment config is ``get_config(arg)`` where ``arg`` picks a row of :data:`MODELS`:
 ``""``/``"gemma3-270m"`` (default, real weights on CPU), ``"tiny"`` (random ``gemma3-tiny-tok`` with the
-real Gemma tokenizer, for tests), ``"gemma3-27b"``, ``"qwen35-122b-a10b"`` and ``"llama31-8b"``
-(checkpoint folders under ``--config.checkpoints_dir``; the llama personas are LoRA adapters under
-``--config.adapters_dir``). Each experiment then edits the fields it studies and sets ``stages``.
+real Gemma tokenizer, for tests), ``"gemma3-4b"``, ``"gemma3-12b"``, ``"gemma3-27b"``, ``"qwen35-122b-a10b"``
+and ``"llama31-8b"`` (checkpoint folders under ``--config.checkpoints_dir``; the llama personas are LoRA
+adapters under ``--config.adapters_dir``). Each experiment then edits the fields it studies and sets
+``stages``.
+
+The checkpoint rows' mesh is :data:`AUTO_MESH` (every axis 0): derived from the devices present when the
+run starts (one GPU: no mesh; 8 GPUs: ``fsdp=8``, or ``fsdp=2, expert=4`` for the MoE row; see
+:func:`prefjax.sharding.auto_mesh_shape`). Name one on the command line (``--config.mesh.fsdp=4``, other
+axes then read as 1); a named mesh whose size is not the device count is refused before the workdir is
+created. The small rows run on one device (mesh product 1).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ class ModelRow:
     source: str
     preset: str
     dtype: str
-    mesh: tuple[int, int, int, int]          # (data, fsdp, tensor, expert)
+    mesh: tuple[int, int, int, int]          # (data, fsdp, tensor, expert); AUTO_MESH = from the devices
     layers: str                              # activations.layers spec: "all", "every<k>", or "3,7,11"
     choices_batch: int
     acts_batch: int
@@ -41,19 +48,26 @@ class ModelRow:
     tpu: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
 
 
+AUTO_MESH = (0, 0, 0, 0)   # every axis 0: the mesh is derived from the devices present (prefjax.preflight)
+ONE_DEVICE = (1, 1, 1, 1)
+
 MODELS: dict[str, ModelRow] = {
-    "tiny": ModelRow("gemma3-tiny-tok", "gemma3-tiny-tok", "float32", (1, 1, 1, 1), "all", 16, 16),
-    "gemma3-270m": ModelRow("gemma3-270m", "gemma3-270m", "float32", (1, 1, 1, 1), "all", 16, 16),
-    "gemma3-27b": ModelRow("gemma-3-27b-it", "gemma3-27b", "bfloat16", (1, 8, 1, 1), "every4", 32, 32,
+    "tiny": ModelRow("gemma3-tiny-tok", "gemma3-tiny-tok", "float32", ONE_DEVICE, "all", 16, 16),
+    "gemma3-270m": ModelRow("gemma3-270m", "gemma3-270m", "float32", ONE_DEVICE, "all", 16, 16),
+    "gemma3-4b": ModelRow("gemma-3-4b-it", "gemma3-4b", "bfloat16", AUTO_MESH, "every2", 32, 32,
+                          from_checkpoints_dir=True),
+    "gemma3-12b": ModelRow("gemma-3-12b-it", "gemma3-12b", "bfloat16", AUTO_MESH, "every3", 32, 32,
+                           from_checkpoints_dir=True),
+    "gemma3-27b": ModelRow("gemma-3-27b-it", "gemma3-27b", "bfloat16", AUTO_MESH, "every4", 32, 32,
                            from_checkpoints_dir=True,
                            tpu=(("v5e:4x4", (("fsdp", 16),)),            # v5e-16
                                 ("v5p:2x2x1", (("fsdp", 4),)))),          # v5p-8 (4 chips)
-    "qwen35-122b-a10b": ModelRow("Qwen3.5-122B-A10B", "qwen35-122b-a10b", "bfloat16", (1, 2, 1, 4), "every4",
+    "qwen35-122b-a10b": ModelRow("Qwen3.5-122B-A10B", "qwen35-122b-a10b", "bfloat16", AUTO_MESH, "every4",
                                  32, 32, from_checkpoints_dir=True,
                                  tpu=(("v5p:2x2x4", (("fsdp", 2), ("expert", 8))),                 # v5p-32
                                       ("v6e:8x8", (("fsdp", 2), ("tensor", 2), ("expert", 16))))),  # v6e-64
     # Personas are LoRA adapters trained on Llama-3.1-8B-Instruct: relative names resolve under adapters_dir.
-    "llama31-8b": ModelRow("Llama-3.1-8B-Instruct", "llama31-8b", "bfloat16", (1, 1, 1, 1), "every2", 32, 32,
+    "llama31-8b": ModelRow("Llama-3.1-8B-Instruct", "llama31-8b", "bfloat16", AUTO_MESH, "every2", 32, 32,
                            from_checkpoints_dir=True,
                            personas=("default", "adapter:evil", "adapter:sycophant", "adapter:scholar"),
                            tpu=(("v5e:2x2", (("fsdp", 4),)),)),          # v5e-4
@@ -91,7 +105,9 @@ def base_config(arg: str, config_file: str):
         # Follows --config.checkpoints_dir unless model.source itself is overridden.
         c.model.source = c.get_ref("checkpoints_dir") + ("/" + row.source)
     d, f, t, e = row.mesh
+    # every axis 0 = derive the mesh from the devices present; any axis set = that mesh (0 read as 1)
     c.mesh = ml_collections.ConfigDict({"data": d, "fsdp": f, "tensor": t, "expert": e})
+    # source: "default" (bundled pool) or a JSONL/CSV file ("" = unset, an error at start); n: 0 = all
     c.tasks = ml_collections.ConfigDict({"source": "default", "n": 66, "seed": 0})
     c.personas = row.personas
     c.choices = ml_collections.ConfigDict({

@@ -81,19 +81,43 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """``mesh``: device-mesh axis sizes; a product of 1 means a single device."""
+    """``mesh``: device-mesh axis sizes ``data``, ``fsdp``, ``tensor``, ``expert``.
+
+    * every axis 0 (the big model rows' default): **auto**, the mesh is derived from this process's
+      devices (:func:`prefjax.sharding.auto_mesh_shape`: one device, no mesh; several, all on ``fsdp``
+      for a dense model, ``fsdp`` x ``expert`` for a mixture of experts);
+    * any axis set: a **named** mesh, unset (0) axes read as 1. A product of 1 means a single device;
+      a larger product must equal the device count (refused before the run's workdir is created:
+      :func:`prefjax.preflight.resolve_mesh_shape`)."""
     data: int
     fsdp: int
     tensor: int
     expert: int
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 0:
+                raise RunConfigError(f"config field 'mesh.{f.name}' is {getattr(self, f.name)}; expected a size "
+                                     ">= 1, or 0 on every axis to derive the mesh from the devices")
+
+    @property
+    def auto(self) -> bool:
+        """True when every axis is 0: derive the mesh from the devices present."""
+        return all(getattr(self, f.name) == 0 for f in dataclasses.fields(self))
+
 
 @dataclasses.dataclass(frozen=True)
 class TasksConfig:
-    """``tasks``: ``source`` ("default" = the bundled pool, or a JSONL file), ``n`` (0 = all), ``seed``."""
+    """``tasks``: ``source`` ("default" = the bundled pool, or a JSONL/CSV file; "" = unset, an error
+    when the run starts: configs/paper.py leaves it for the user), ``n`` (0 = all; more than the pool
+    holds is an error), ``seed`` (of the stratified subset)."""
     source: str
     n: int
     seed: int
+
+    def __post_init__(self):
+        if self.n < 0:
+            raise RunConfigError(f"config field 'tasks.n' is {self.n}; expected 0 (every task) or a count >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,7 +363,8 @@ class RunConfig:
         return persona_spec(self.personas, self.adapters_dir)
 
     def mesh_shape(self) -> dict[str, int]:
-        """``{data, fsdp, tensor, expert}`` sizes (0 read as 1)."""
+        """``{data, fsdp, tensor, expert}`` sizes as named (0 read as 1; an auto mesh, every axis 0, reads
+        as one device here: :func:`prefjax.preflight.resolve_mesh_shape` derives it from the devices)."""
         return {f.name: int(getattr(self.mesh, f.name) or 1) for f in dataclasses.fields(MeshConfig)}
 
 

@@ -57,6 +57,26 @@ def make_mesh(shape: dict[str, int] | Sequence[int] | None = None, devices=None)
     return Mesh(np.array(devices).reshape(dims), MESH_AXES)
 
 
+def auto_mesh_shape(n_devices: int, n_experts: int = 0) -> dict[str, int] | None:
+    """The mesh derived from the device count (``mesh`` config all zeros: "auto").
+
+    One device: ``None`` (no mesh). Several, dense model (``n_experts`` 0): every device on ``fsdp``
+    (weights and batch split n ways). Several, mixture of experts: ``expert`` = the largest divisor of
+    ``n_devices`` that divides ``n_experts`` while leaving ``fsdp`` >= 2 once there are >= 4 devices (so the
+    dense weights are split too), ``fsdp`` = the rest: ``{fsdp: 2, expert: 4}`` on 8 devices for 256
+    experts, the hand-chosen layout of the Qwen-3.5-122B rows (and of its v5p-32 preset at 16)."""
+    n = int(n_devices)
+    if n < 1:
+        raise ValueError(f"auto_mesh_shape: need at least one device, got {n}")
+    if n == 1:
+        return None
+    if int(n_experts) <= 1:
+        return {"fsdp": n}
+    cap = n // 2 if n >= 4 else n
+    expert = max(d for d in range(1, cap + 1) if n % d == 0 and int(n_experts) % d == 0)
+    return {k: v for k, v in (("fsdp", n // expert), ("expert", expert)) if v > 1}
+
+
 def mesh_context(mesh: Mesh | None):
     """``jax.set_mesh(mesh)`` (a no-op context without one): traces inside see the mesh, which the
     Qwen-3.5 MoE uses to run its experts expert-parallel under ``shard_map``."""
