@@ -51,6 +51,12 @@ def get_config(arg: str = ""):
     c.choices.samples = SAMPLES
     c.activations.layers = "all"
     c.steering.n_pairs = STEERING_PAIRS
+    # raw features and the one-standard-error alpha: the settings the planted organism validates
+    # (BUILD_NOTES "Ground-truth organism"); raw features also let one float64 decomposition per layer and
+    # persona serve the whole probes protocol (prefjax.probes.cvpath), where z-scoring needs one per outer
+    # training set
+    c.probes.standardize = False
+    c.probes.alpha_rule = "1se"
     if c.model.name == "tiny":
         # random weights never write "Task A: ...", so every sampled choice would be unparseable and the
         # utilities stage would stop: tiny reads its choices from the label logits instead

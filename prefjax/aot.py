@@ -49,6 +49,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from prefjax.probes.protocol import run_decompositions
 from prefjax.runconfig import RunConfig, resolve_layers
 
 GiB = float(1 << 30)
@@ -776,8 +777,9 @@ def run_shapes(cfg, mcfg, task_len: int, pair_len: int, batch_multiple: int) -> 
 
 
 def workload(shapes: RunShapes, *, fit_rows: int, fit_iters: int, n_topics: int = 10,
-             stages: Sequence[str] = ()) -> Workload:
-    """Calls per program for the config (upper bounds where the run may stop early)."""
+             stages: Sequence[str] = (), standardize: bool = True, outer: int = 5, inlp_iter: int = 5) -> Workload:
+    """Calls per program for the config (upper bounds where the run may stop early); the probes, transfer and
+    INLP stages' host work (float64 decompositions) is stated in the assumptions with its count."""
     s = shapes
     c: dict[str, float] = {}
     a = [f"{s.n_tasks} tasks, {s.personas} persona(s); task prompts {s.task_len} tokens, pair prompts "
@@ -811,11 +813,15 @@ def workload(shapes: RunShapes, *, fit_rows: int, fit_iters: int, n_topics: int 
         a.append(f"utilities: {fit_iters} L-BFGS iterations per fit (the cap), time scaled from the compiled "
                  f"size by comparisons ({comparisons} per persona)")
     if "probes" in stages and s.layers:
-        for name in RIDGE_PROGRAMS:
-            c[name] = s.personas * len(s.layers) * (1 + n_topics)
-        a.append(f"probes: one decomposition per layer for the probe and each of {n_topics} left-out topics; "
-                 "each one's eigendecomposition runs on the host CPU in float64 (not in the roofline)")
-    a.append("not projected: patching, INLP, pref_shift, truefalse, transfer (small next to the above)")
+        dec = run_decompositions(n_layers=len(s.layers), personas=s.personas, standardize=standardize,
+                                 outer=outer, n_topics=n_topics, inlp_iter=inlp_iter)
+        a.append(f"probes + transfer + INLP: host work, not chip programs: {sum(dec.values())} float64 "
+                 f"decompositions ({dec['probes']} probes, {dec['transfer']} transfer, {dec['inlp']} INLP; "
+                 f"prefjax.probes.protocol.run_decompositions) with their leave-rows-out solves, on the host CPU of "
+                 "a TPU run (no float64 eigensolver on the chip; on a GPU they run on the GPU). The ridge Gram and "
+                 "projection programs below are fit_ridge's (the experiments), 0 calls from these stages; "
+                 "measured rates: bench/bench_probes.py, BUILD_NOTES")
+    a.append("not projected: patching, pref_shift, truefalse (small next to the above)")
     return Workload(c, a)
 
 
@@ -1094,7 +1100,9 @@ def check_run(cfg, topology: str, *, mesh: Mapping[str, int] | None = None, task
         results.append(res)
 
     from prefjax.tasks.pool import TOPICS
-    wl = workload(rs, fit_rows=fit_rows or fit_comparisons, fit_iters=500, n_topics=len(TOPICS), stages=stages)
+    rc = cfg  # already the typed config (above)
+    wl = workload(rs, fit_rows=fit_rows or fit_comparisons, fit_iters=500, n_topics=len(TOPICS), stages=stages,
+                  standardize=rc.probes.standardize, outer=rc.probes.cv_outer, inlp_iter=rc.inlp.n_iter)
     for r in results:
         r.calls = float(wl.counts.get(r.name, 0.0))
     return RunReport(topology=sl, mesh=mesh_shape(m), model=preset, dtype=jnp.dtype(dtype).name, results=results,

@@ -39,7 +39,9 @@ Layout (built only on the family contract ``forward``/``init_state``/``state_lay
   slots and stay exact, and the prefix is used only when that row span fits a sliding window (the
   window counts slots) or there is no padding. Families with per-row recurrent leaves never share a
   prefix (the padding between it and a tail would shift zeros through the conv windows, and the
-  prefix cache is a plain KV cache); each of their requests is prefilled whole.
+  prefix cache is a plain KV cache); each of their requests is prefilled whole. With ``bucket_shapes`` the
+  prefix is left-padded to a fixed number of slots (padding before its first real token, never between
+  real tokens), so runs whose prefixes differ in length (personas' system prompts) share their programs.
 * The host reads the new tokens every ``sync_every`` steps (one transfer), finishes rows and refills
   them; a row that stopped inside a chunk runs on until the chunk ends and those tokens are dropped.
   With ``lookahead`` (default; not with captures) the first step of the next chunk is launched before
@@ -120,6 +122,69 @@ def engine_refusal(model) -> str | None:
         return (f"family {fam.name!r}: init_state's leaves {sorted(got)} are not those its state_layout "
                 f"declares {sorted(want)}")
     return None
+
+
+def pow2_bucket(n: int, least: int = 1) -> int:
+    """The smallest power of two that is at least ``n`` and at least ``least``."""
+    return max(_pow2(int(n)), _pow2(int(least)))
+
+
+def width_bucket(n: int, least: int = 16) -> int:
+    """The smallest width of the set ``{2**k, 3 * 2**(k-1)}`` (16, 24, 32, 48, 64, 96, 128, 192, ...) that is
+    at least ``n`` and at least ``least``: the prompt widths of an engine with ``bucket_shapes``. A run over
+    many prompt lengths compiles one prefill per width it meets, each at most 1.5x the tokens it holds
+    (prefill is compute-bound: plain powers of two would waste up to half of it)."""
+    n = max(int(n), int(least), 1)
+    p = _pow2(n)
+    return p * 3 // 4 if p >= 4 and p * 3 // 4 >= n else p
+
+
+def bucketed_cache_len(prompt_len: int, max_new_tokens: int) -> int:
+    """The cache length an engine with ``bucket_shapes`` gives a run whose longest prompt (bucketed) is
+    ``prompt_len`` tokens and whose largest budget is ``max_new_tokens``: room for the prompt and four
+    budgets (fewer waves), a power of two of at least 64 slots (the decode kernel's tiles on GPUs)."""
+    return pow2_bucket(int(prompt_len) + 4 * int(max_new_tokens), 64)
+
+
+def state_bytes_per_row(model, cache_len: int) -> int:
+    """Device bytes of one cache row of ``cache_len`` slots: every leaf of the family's decode state
+    (``init_state``: KV slots, ``valid``, recurrent leaves; from shapes only, nothing allocated) plus the
+    row's float32 logits and rowvars."""
+    cfg = model.config
+    shapes = jax.eval_shape(lambda: model.family.init_state(cfg, 1, int(cache_len), model.dtype))
+    state = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(shapes))
+    return state + 4 * int(cfg.vocab_size) + 4 * int(cfg.d_model) + 64
+
+
+def free_device_bytes(device=None) -> int | None:
+    """Free memory of ``device`` (default: the first device) in bytes, ``bytes_limit - bytes_in_use``
+    from :meth:`jax.Device.memory_stats`; None where the device reports no such stats (the CPU)."""
+    dev = jax.devices()[0] if device is None else device
+    try:
+        stats = dev.memory_stats()
+    except Exception:  # noqa: BLE001 (backends without memory stats raise or return None)
+        return None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def auto_rows(model, cache_len: int, *, fraction: float = 0.5, cap: int = 128, device=None) -> int | None:
+    """A row count for :class:`Engine` from free device memory: the most rows whose decode state at
+    ``cache_len`` slots (:func:`state_bytes_per_row`) fits in ``fraction`` of the free bytes
+    (:func:`free_device_bytes`; the rest is for prefill activations and XLA's scratch), rounded down to a
+    power of two (few row-writer programs), at most ``cap`` and at least 1. None where the device reports
+    no memory (the CPU: keep the configured rows) or under a mesh (rows split over devices: use
+    :func:`mesh_rows` on the configured rows)."""
+    if model.mesh is not None:
+        return None
+    free = free_device_bytes(device)
+    if free is None:
+        return None
+    fit = int(fraction * max(free, 0)) // max(state_bytes_per_row(model, cache_len), 1)
+    if fit < 1:
+        return 1
+    return max(1, min(1 << (fit.bit_length() - 1), int(cap)))
 
 
 def mesh_rows(model, rows: int) -> int:
@@ -514,6 +579,16 @@ class Engine:
     prefilled whole. Under a mesh ``rows`` must split over its batch axes (:func:`mesh_rows`).
     ``lookahead``: launch the first step of the next chunk before reading a chunk's tokens (module
     docstring); tokens are the same either way, only when rows are refilled moves by a step.
+    ``bucket_shapes``: for an engine reused over many runs (the rounds and personas of an elicitation), the
+    compiled shapes come from a fixed set: the prompt width past the shared prefix is a
+    :func:`width_bucket` (at least ``prompt_bucket``); the shared prefix is left-padded to a power of two of
+    at least 16 slots, or to the width :meth:`reserve` set (cut to it when longer: any split point is exact,
+    the rest joins the tails), so prompts whose shared prefixes differ (personas' system prompts) run the
+    same programs; the default cache length is :func:`bucketed_cache_len`, at least what :meth:`reserve`
+    set, and never shrinks below the largest this engine has run. A run then compiles one decode step per
+    cache length, one prefill per prompt width and a few row writers, and a later run with the same
+    buckets compiles nothing (jit's cache). Without it (default) the widths are those described above, the
+    exact fit of each run.
     Raises :class:`EngineError` for a model it cannot serve (:func:`engine_refusal`) or rows that do not
     split.
     """
@@ -521,7 +596,8 @@ class Engine:
     def __init__(self, model, *, rows: int = 8, cache_len: int | None = None, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_ids=None, sync_every: int = 8,
                  prompt_bucket: int = 16, prefill_rows: int = 8, unroll: bool | None = None,
-                 prefill_unroll: bool | None = None, share_prefix: bool = True, lookahead: bool = True):
+                 prefill_unroll: bool | None = None, share_prefix: bool = True, lookahead: bool = True,
+                 bucket_shapes: bool = False):
         why = engine_refusal(model)
         if why is not None:
             raise EngineError(f"model {model.source!r}: {why}")
@@ -542,6 +618,9 @@ class Engine:
         self.prefill_rows = int(prefill_rows)
         self.share_prefix = bool(share_prefix)
         self.lookahead = bool(lookahead)
+        self.bucket_shapes = bool(bucket_shapes)
+        self._cache_floor = 0  # bucket_shapes: the largest default cache this engine has run (never shrinks)
+        self._prefix_floor = 0  # bucket_shapes: the reserved slot width of a shared prefix (0: none reserved)
         self.stop_ids = default_stop_ids(model) if stop_ids is None else tuple(int(s) for s in stop_ids)
         self.unroll = auto_unroll() if unroll is None else bool(unroll)
         self.prefill_unroll = is_split(model.params) if prefill_unroll is None else bool(prefill_unroll)
@@ -584,17 +663,19 @@ class Engine:
             if r.steer is not None:
                 layer, unit, w_p, w_g = self._check_steer(r.steer, len(ids), where)
             out.append(_Checked(ids, int(r.max_new_tokens), int(r.n_samples), sids, layer, unit, w_p, w_g))
-        p0 = _bucket(max(len(c.prompt) for c in out), self.prompt_bucket)
-        lp = self._shared_prefix(out)
-        if lp:
-            p0 = lp + _bucket(max(len(c.prompt) for c in out) - lp, self.prompt_bucket)
-        # on GPUs the default is rounded up to 64 slots: the decode kernel tiles the slots by powers of two
-        # (elsewhere XLA's attention reads every slot, so no padding)
-        cache = self.cache_len or _bucket(p0 + 4 * max(c.max_new for c in out),
-                                          64 if jax.default_backend() == "gpu" else 1)
+        lp, lw = self._shared_prefix(out)
+        p0 = lw + self._width(max(len(c.prompt) for c in out) - lp)
+        max_new = max(c.max_new for c in out)
+        if self.cache_len:
+            cache = int(self.cache_len)
+        elif self.bucket_shapes:  # a fixed set of cache lengths, and never a smaller one than before
+            cache = max(self._cache_floor, bucketed_cache_len(p0, max_new))
+        else:  # on GPUs rounded up to 64 slots: the decode kernel tiles the slots by powers of two
+            # (elsewhere XLA's attention reads every slot, so no padding)
+            cache = _bucket(p0 + 4 * max_new, 64 if jax.default_backend() == "gpu" else 1)
         limit = int(getattr(cfg, "max_position_embeddings", 1 << 62))
         for i, c in enumerate(out):  # the request that is too long on its own first
-            own = _bucket(len(c.prompt), self.prompt_bucket) + c.max_new
+            own = lw + self._width(len(c.prompt) - lp) + c.max_new
             if own > cache:
                 raise EngineError(f"request {i}: prompt of {len(c.prompt)} tokens plus max_new_tokens={c.max_new} "
                                   f"needs {own} cache slots; the engine's cache has {cache}")
@@ -606,27 +687,79 @@ class Engine:
             if len(c.prompt) + c.max_new > limit:
                 raise EngineError(f"request {i}: {len(c.prompt)} prompt tokens + {c.max_new} new exceed the "
                                   f"model's context of {limit}")
-        self._p0, self._s, self._lp = p0, int(cache), lp
+        self._p0, self._s, self._lp, self._lw = p0, int(cache), lp, lw
         return out
 
-    def _shared_prefix(self, reqs: list[_Checked]) -> int:
-        """Length of the prompt prefix every request shares (the chat header, a persona's system prompt,
-        a template's instructions), prefilled once per run; 0 when there is none worth it (< 8 tokens), when
-        a request steers a token inside it, when the padding left between it and a shorter prompt's
-        tail could reach into a sliding window (the window counts slots), when the family keeps
-        per-row recurrent state, or under a mesh."""
+    @property
+    def cache_floor(self) -> int:
+        """With ``bucket_shapes`` (and no ``cache_len``): the smallest cache a run gets (the largest run so far
+        or :meth:`reserve`); 0 before any."""
+        return self._cache_floor
+
+    @property
+    def prefix_floor(self) -> int:
+        """With ``bucket_shapes``: the slots a shared prefix is laid into (:meth:`reserve`); 0 before any."""
+        return self._prefix_floor
+
+    def cache_len_for(self, requests: Sequence[Request]) -> int:
+        """The cache length (slots) a run of ``requests`` would get now, validated as :meth:`run` validates
+        them (:class:`EngineError`); nothing is computed on the device and nothing kept."""
+        self._check(requests)
+        return self._s
+
+    def shared_prefix_len(self, requests: Sequence[Request]) -> int:
+        """The tokens of the prompt prefix a run of ``requests`` would prefill once and share (0: none; see
+        ``share_prefix``), validated as :meth:`run` validates them; nothing is computed on the device."""
+        self._check(requests)
+        return self._lp
+
+    def reserve(self, cache_len: int = 0, prefix_len: int = 0) -> None:
+        """With ``bucket_shapes``: give every later run at least ``cache_len`` cache slots (bucketed up to a
+        power of two), e.g. :meth:`cache_len_for` the longest requests a workload can make, so all its runs
+        share one decode program; and lay any shared prefix into ``prefix_len`` slots (bucketed up to a
+        power of two; a longer prefix is cut to it), e.g. the longest :meth:`shared_prefix_len` of the
+        workload's prompt families (one per persona), so they all share the prefill programs. Reserve the
+        prefix before asking :meth:`cache_len_for` (the prompt width includes it). An error on an engine with
+        a fixed ``cache_len`` or without ``bucket_shapes`` (its shapes are fixed or fitted per run)."""
+        if not self.bucket_shapes or self.cache_len:
+            raise EngineError("reserve() needs an engine with bucket_shapes=True and no fixed cache_len")
+        if cache_len:
+            self._cache_floor = max(self._cache_floor, pow2_bucket(int(cache_len), 64))
+        if prefix_len:
+            self._prefix_floor = max(self._prefix_floor, pow2_bucket(int(prefix_len), 16))
+
+    def _width(self, n: int) -> int:
+        """The prefill width of ``n`` prompt tokens (past the shared prefix): a multiple of
+        ``prompt_bucket``, or with ``bucket_shapes`` a :func:`width_bucket` of at least ``prompt_bucket``."""
+        if self.bucket_shapes:
+            return width_bucket(n, self.prompt_bucket)
+        return _bucket(n, self.prompt_bucket)
+
+    def _shared_prefix(self, reqs: list[_Checked]) -> tuple[int, int]:
+        """``(tokens, slots)`` of the prompt prefix every request shares (the chat header, a persona's system
+        prompt, a template's instructions), prefilled once per run: its length, and the slots it takes
+        (the same, or with ``bucket_shapes`` a fixed width it is left-padded to: the reserved one, or a power
+        of two; a prefix longer than the reserved width is cut to it). ``(0, 0)`` when there is none worth it
+        (< 8 tokens), when a request steers a token inside it, when the padding left between it and a
+        shorter prompt's tail could reach into a sliding window (the window counts slots), when the family
+        keeps per-row recurrent state, or under a mesh."""
         if not self.share_prefix or len(reqs) < 2 or self.model.family.state_layout.row_leaves:
-            return 0  # a recurrent state is not a prefix cache (module docstring)
+            return 0, 0  # a recurrent state is not a prefix cache (module docstring)
         if self.model.mesh is not None:
-            return 0  # Model.prefill keeps prefix caches on one device only (Model.prefix_ok)
+            return 0, 0  # Model.prefill keeps prefix caches on one device only (Model.prefix_ok)
         nz = [np.flatnonzero(c.w_prompt) for c in reqs]
         limit = min(int(z[0]) if len(z) else len(c.prompt) for z, c in zip(nz, reqs))
         lp = common_prefix_len([c.prompt for c in reqs], limit=limit)
         if not lp:
-            return 0
-        span = lp + _bucket(max(len(c.prompt) for c in reqs) - lp, self.prompt_bucket) + max(c.max_new for c in reqs)
-        gap_free = len({len(c.prompt) for c in reqs}) == 1 and (len(reqs[0].prompt) - lp) % self.prompt_bucket == 0
-        return lp if gap_free or self.model.fits_window(span) else 0
+            return 0, 0
+        lw = lp
+        if self.bucket_shapes:  # padding in front of the prefix: no slot between real tokens
+            lp = min(lp, self._prefix_floor) if self._prefix_floor else lp
+            lw = self._prefix_floor or pow2_bucket(lp, 16)
+        span = lw + self._width(max(len(c.prompt) for c in reqs) - lp) + max(c.max_new for c in reqs)
+        n0 = len(reqs[0].prompt) - lp
+        gap_free = len({len(c.prompt) for c in reqs}) == 1 and self._width(n0) == n0
+        return (lp, lw) if gap_free or self.model.fits_window(span) else (0, 0)
 
     def _check_captures(self, requests, reqs: list[_Checked]) -> _CapturePlan | None:
         """Validate every request's :class:`RowCapture` (hooks, steps) on the host; None when no request
@@ -714,19 +847,41 @@ class Engine:
         return int(s.layer), unit, (coef * m).astype(np.float32), float(coef * np.float32(gen))
 
     # ---- the run ---------------------------------------------------------------------------
-    def run(self, requests: Sequence[Request], on_done: Callable[[int, list[Sample]], None] | None = None
-            ) -> list[list[Sample]]:
+    def run(self, requests: Sequence[Request], on_done: Callable[[int, list[Sample]], None] | None = None,
+            *, model=None) -> list[list[Sample]]:
         """Decode every request; returns, per request, its ``n_samples`` :class:`Sample` in order.
 
         ``on_done(i, samples)`` is called on the host as soon as every sample of request ``i`` has
-        finished (e.g. to commit results while the run goes on), its samples' captures filled in."""
-        with mesh_context(self.model.mesh):  # traces see the mesh (Qwen-3.5 runs its experts expert-parallel)
-            return self._run(requests, on_done)
+        finished (e.g. to commit results while the run goes on), its samples' captures filled in.
 
-    def _run(self, requests, on_done):
+        ``model``: run with this model's weights instead of the engine's, e.g. the engine's model with a
+        persona's LoRA adapter attached (:meth:`prefjax.model.Model.with_adapter`), so one engine serves
+        every persona. It must have the engine model's family, config, dtype, mesh and weight layout
+        (checked: :class:`EngineError` naming the field). The weights are a jit argument, so the compiled
+        programs are shared wherever their pytree is the same: an on-the-fly adapter adds its factors to
+        the pytree, which compiles the programs once more per adapter shape (rank, targets), not per
+        adapter; merged adapters change only values."""
+        run_model = self.model if model is None else self._same_layout(model)
+        with mesh_context(self.model.mesh):  # traces see the mesh (Qwen-3.5 runs its experts expert-parallel)
+            return self._run(requests, on_done, run_model)
+
+    def _same_layout(self, model):
+        """``model`` if its programs are this engine's (same family, config, dtype, mesh, weight layout)."""
+        mine = self.model
+        for what, a, b in (("family", model.family.name, mine.family.name), ("config", model.config, mine.config),
+                           ("dtype", model.dtype, mine.dtype), ("mesh", model.mesh, mine.mesh),
+                           ("split layers", is_split(model.params), is_split(mine.params))):
+            if a != b:
+                raise EngineError(f"run(model=...): the model's {what} ({a!r}) is not the engine's ({b!r}); "
+                                  f"build an engine for it")
+        return model
+
+    def _run(self, requests, on_done, model):
         reqs = self._check(requests)
+        if self.bucket_shapes and not self.cache_len:
+            self._cache_floor = self._s  # the cache never shrinks: later runs reuse this decode program
         plan = self._check_captures(requests, reqs)
-        model, B, S = self.model, self.rows, self._s
+        B, S = self.rows, self._s
         static = self._static()
         temp, top_p = self._sampling()
         params = model.run_params()
@@ -744,9 +899,9 @@ class Engine:
         t = self._p0
         prefix = None
         t_run = time.perf_counter()
-        if self._lp:
-            prefix = self.model.prefill(np.asarray([reqs[0].prompt[:self._lp]], np.int32),
-                                        unroll=self.prefill_unroll).state
+        if self._lp:  # left-padded to its slots (bucket_shapes): the same programs for every prefix length
+            ids, valid = left_pad([reqs[0].prompt[:self._lp]], int(model.config.pad_id), width=self._lw)
+            prefix = model.prefill(ids, attention_mask=valid, unroll=self.prefill_unroll).state
             stats.prefix_tokens = self._lp
             jax.block_until_ready(prefix)
             stats.admit_seconds += time.perf_counter() - t_run
@@ -936,7 +1091,7 @@ class Engine:
         cfg, d = self.model.config, self.model.config.d_model
         uniq = list(dict.fromkeys(i for _, (i, _) in admit))
         lp = self._lp
-        n, p = self.prefill_rows, self._p0 - lp  # one prefill program per run
+        n, p = self.prefill_rows, self._p0 - self._lw  # one prefill program per run (the tails' width)
         toks, valid = left_pad([reqs[i].prompt[lp:] for i in uniq], int(cfg.pad_id), width=p, rows=n)
         lay = np.full((n,), -1, np.int32)
         unit = np.zeros((n, d), np.float32)

@@ -36,7 +36,7 @@ from prefjax.activations import extract
 from prefjax.baselines import content_embeddings
 from prefjax.elicit import personas_from_spec
 from prefjax.elicit.prompts import template_from_dict
-from prefjax.elicit.runner import ElicitConfig, make_jobs, run_choices
+from prefjax.elicit.runner import ChoiceEngines, ElicitConfig, make_jobs, run_choices
 from prefjax.experiments.patching import run_patching_stage
 from prefjax.experiments.pref_shift import run_pref_shift_stage
 from prefjax.experiments.steering import run_steering_stage, steering_persona
@@ -46,8 +46,10 @@ from prefjax.model import apply_layer_split
 from prefjax.models.stack import is_split
 from prefjax.organism import evaluate_recovery
 from prefjax.organism_planted import is_planted, score_run
-from prefjax.probes import (bootstrap_ci, default_splits, evaluate_probe, fit_ridge_at, inlp, leave_one_topic_out,
-                            nested_cv_ridge, nested_transfer, transfer_matrix)
+from prefjax.preflight import (check_model_source, check_task_count, check_tasks_source, describe_mesh,
+                               resolve_mesh_shape)
+from prefjax.probes import FactorSet, default_splits, inlp, nested_transfer, transfer_matrix
+from prefjax.probes.protocol import ProbeProtocol, probe_layer
 from prefjax.progress import log, progress
 from prefjax.report.build import build_report
 from prefjax.runconfig import (STAGE_DEPS, STAGES, ChoicesConfig, RunConfig, TasksConfig, check_stages,
@@ -55,7 +57,7 @@ from prefjax.runconfig import (STAGE_DEPS, STAGES, ChoicesConfig, RunConfig, Tas
 from prefjax.sharding import make_mesh
 from prefjax.stages import Run, atomic_save_npz, resid_hook
 from prefjax.stats_small import pearson
-from prefjax.store import ComparisonsStore, mean_norms_all_hosts, open_existing, read_all_hosts
+from prefjax.store import ComparisonsStore, mean_norms_all_hosts, read_rows
 from prefjax.tasks import load_default_pool, load_tasks, save_jsonl
 from prefjax.tasks.pool import TaskPool
 from prefjax.utility import ActiveConfig, ActiveLearner, fit_thurstonian
@@ -64,18 +66,26 @@ __all__ = ["STAGES", "STAGE_DEPS", "STAGE_FNS", "Context", "run_pipeline", "chec
            "load_task_pool", "config_mesh", "check_cv_folds", "split_half_reliability", "elicit_persona"]
 
 
-def config_mesh(cfg: RunConfig):
-    """The device mesh named by ``cfg.mesh`` ({data, fsdp, tensor, expert}) over this process's devices;
-    None for a single device. (Processes split the work by jobs, so each mesh is host-local.)"""
-    shape = cfg.mesh_shape()
-    if int(np.prod(list(shape.values()))) <= 1:
-        return None
-    return make_mesh(shape, jax.local_devices())
+def config_mesh(cfg: RunConfig, devices=None):
+    """The device mesh of ``cfg.mesh`` over this process's devices (or ``devices``); None for one device.
+
+    Every axis 0 (auto) derives it from the devices present (all on ``fsdp``, or ``fsdp`` x ``expert``
+    for a mixture of experts); a named mesh whose size is not the device count is a
+    :class:`prefjax.preflight.PreflightError` naming both (:func:`prefjax.preflight.resolve_mesh_shape`).
+    (Processes split the work by jobs, so each mesh is host-local.)"""
+    devices = list(jax.local_devices() if devices is None else devices)
+    shape = resolve_mesh_shape(cfg, len(devices), platform=devices[0].platform if devices else "")
+    return None if shape is None else make_mesh(shape, devices)
 
 
 def load_task_pool(tasks: TasksConfig) -> TaskPool:
-    """The configured task pool (bundled default, or a file), subset to ``tasks.n`` (0 = all)."""
+    """The configured task pool (bundled default, or a JSONL/CSV file), subset to ``tasks.n`` (0 = all).
+
+    An unset ``tasks.source`` and a ``tasks.n`` above the pool's size are errors naming the field
+    (:func:`prefjax.preflight.check_tasks_source`, :func:`prefjax.preflight.check_task_count`)."""
+    check_tasks_source(tasks)
     pool = load_default_pool() if tasks.source == "default" else load_tasks(tasks.source)
+    check_task_count(tasks, len(pool))
     n = int(tasks.n or 0)
     if n and n < len(pool):
         pool = pool.subset(n, seed=int(tasks.seed), stratified=True)
@@ -102,9 +112,12 @@ def split_half_reliability(store, task_ids, persona: str, n_tasks: int, seed: in
 
 
 
-def elicit_persona(config: ChoicesConfig, model, pool, personas, pname, store, share=(0, 1)) -> dict:
+def elicit_persona(config: ChoicesConfig, model, pool, personas, pname, store, share=(0, 1),
+                   engines: ChoiceEngines | None = None) -> dict:
     """Choices of one persona: an initial regular comparison graph, then ``config.active_rounds``
-    active-learning rounds; process ``share[0]`` of ``share[1]`` elicits its share of each round."""
+    active-learning rounds; process ``share[0]`` of ``share[1]`` elicits its share of each round.
+    ``engines``: the run's sample-mode engines (one :class:`prefjax.elicit.runner.ChoiceEngines` for every
+    round and persona, so the engine is built and compiled once; default: one for this persona's rounds)."""
     n = len(pool)
     ids = list(pool.ids)
     ecfg = ElicitConfig(mode=config.mode, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
@@ -117,13 +130,15 @@ def elicit_persona(config: ChoicesConfig, model, pool, personas, pname, store, s
     learner = ActiveLearner(n, ActiveConfig(seed=config.seed, degree=config.degree))
     soft = ecfg.mode == "logit"
     pidx, pcount = share
+    engines = ChoiceEngines() if engines is None else engines
     for r in range(config.active_rounds + 1):
         pi, pj = learner.propose(config.pairs_per_round)
         if len(pi) == 0:
             break
         pairs = [(ids[a], ids[b]) for a, b in zip(pi, pj)]
         jobs = make_jobs(pairs, [pname], samples=samples, orders=config.orders, seed=ecfg.seed)
-        run_choices(model, pool, jobs[pidx::pcount], personas, store, ecfg, desc=f"choices[{pname}] round {r}")
+        run_choices(model, pool, jobs[pidx::pcount], personas, store, ecfg, desc=f"choices[{pname}] round {r}",
+                    engines=engines)
         if pcount > 1:  # every process refits on everyone's rows, so all propose the same next round
             barrier(f"prefjax-choices-{pname}-{r}")
             store.reload()
@@ -177,23 +192,27 @@ class Context:
         """``fn(self)`` as the resumable stage ``name`` (skipped, its result reloaded, when done)."""
         return self.run.stage(name)(lambda: fn(self))()
 
-    def X_of(self, pname: str) -> np.ndarray:
-        """``[L, n, d]`` activations of a persona at the configured turn-boundary position, pool order."""
-        path, pos = self.run.activations_dir(pname), self.cfg.probes.position_index
-        if not self.multi:
-            st = open_existing(path)
-            return np.stack([st.read(hook=h)[:, pos, :] for h in self.hooks]).astype(np.float32)
-        ids = list(self.pool.ids)
-        out = []
-        for h in self.hooks:
-            acts, row_ids = read_all_hosts(path, hook=h)
-            where = {r: k for k, r in enumerate(row_ids)}
-            missing = [t for t in ids if t not in where]
-            if missing:
-                raise ValueError(f"activations for persona {pname!r} lack tasks {missing[:5]} (host stores "
-                                 f"under {path})")
-            out.append(acts[[where[t] for t in ids], pos, :])
-        return np.stack(out).astype(np.float32)
+    def layer_X(self, pname: str, li: int) -> np.ndarray:
+        """``[n, d]`` float32 activations of a persona at ``layers[li]`` and the configured turn-boundary
+        position, pool order: one hook read from the store (single or per-host, by task id), a layer at a
+        time, never the whole stack."""
+        return read_rows(self.run.activations_dir(pname), self.hooks[li], list(self.pool.ids),
+                         self.cfg.probes.position_index)
+
+
+class LayerStack:
+    """A persona's activations over the captured layers as a lazy ``[L, n, d]`` sequence: ``stack[li]``
+    reads one layer from the store (:meth:`Context.layer_X`), so cross-layer transfer holds one layer's
+    rows (plus the test rows of every layer) rather than all of them."""
+
+    def __init__(self, ctx: "Context", pname: str):
+        self.ctx, self.pname = ctx, pname
+
+    def __len__(self) -> int:
+        return len(self.ctx.layers)
+
+    def __getitem__(self, li: int) -> np.ndarray:
+        return self.ctx.layer_X(self.pname, int(li))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,11 +227,14 @@ def tasks_stage(ctx: Context) -> dict:
 
 
 def choices_stage(ctx: Context) -> dict:
-    """Revealed pairwise choices of every persona (one resumable stage per persona and process)."""
+    """Revealed pairwise choices of every persona (one resumable stage per persona and process), through
+    one set of sample-mode engines for the whole stage (built and compiled once, reused by every round and
+    persona; :class:`prefjax.elicit.runner.ChoiceEngines`)."""
     out = {}
+    engines = ChoiceEngines()
     for pname in ctx.personas:
         out[pname] = ctx.once(f"choices-{pname}{ctx.host}", lambda c, p=pname: elicit_persona(
-            c.cfg.choices, c.model, c.pool, c.personas, p, c.store, share=c.share))
+            c.cfg.choices, c.model, c.pool, c.personas, p, c.store, share=c.share, engines=engines))
     barrier("prefjax-choices")
     ctx.store.reload()
     return out
@@ -278,7 +300,7 @@ def check_cv_folds(n: int, outer: int, inner: int) -> None:
 
 
 def _nested_summary(cv: dict) -> dict:
-    out = {k: cv[k] for k in ("r", "ci", "level", "fold_r", "fold_alpha", "fold_n", "alpha", "alphas", "r_by_alpha")}
+    out = {k: cv.get(k) for k in ("r", "ci", "level", "fold_r", "fold_alpha", "fold_n", "alpha", "alphas", "r_by_alpha")}
     nl = cv.get("null")
     out.update(p_value=nl["p_value"] if nl else None, null_mean=nl["mean"] if nl else None,
                n_perm=nl["n_perm"] if nl else 0)
@@ -294,55 +316,28 @@ def _fit_probes(ctx: Context) -> dict:
     fit_idx = np.setdiff1d(np.arange(n), test)  # train + eval: alpha is chosen by inner CV, no eval split
     topics = np.asarray(ctx.pool.topic_array())
     emb = content_embeddings(ctx.model, ctx.pool)
-    cv_kw = dict(alphas=alphas, inner=pc.cv_inner, seed=seed, standardize=pc.standardize,
-                 alpha_rule=pc.alpha_rule)
-
-    def probe_at(X1, y):
-        """(nested CV over all tasks, the saved probe fitted outside the test split, its fixed-split CV)."""
-        cv = nested_cv_ridge(X1, y, outer=pc.cv_outer, n_perm=n_perm, **cv_kw)
-        split = nested_cv_ridge(X1, y, outer=[test], n_perm=n_perm, **cv_kw)
-        probe = fit_ridge_at(X1, y, split["fold_alpha"][0], fit_idx, alphas=alphas, cv_r=split["inner_r"][0],
-                             standardize=pc.standardize)
-        return cv, split, probe
-
-    def loto_with_ci(X1, y):
-        """Pooled leave-one-topic-out r, its bootstrap interval, and the alpha chosen (by inner CV on the
-        training topics only, ``probes.alpha_rule``) for each held-out topic."""
-        loto = leave_one_topic_out(X1, y, topics, alphas=alphas, inner=pc.cv_inner, alpha_rule=pc.alpha_rule,
-                                   seed=seed, standardize=pc.standardize)
-        alpha_by = {str(k): v for k, v in loto["alpha_by_topic"].items()}
-        if loto["pooled_r"] is None:  # every held-out prediction constant: r undefined, no interval
-            return None, [None, None], alpha_by
-        try:
-            ci = bootstrap_ci(loto["predictions"], y, seed=seed)
-        except ValueError:  # too few resamples with a defined r (near-constant predictions)
-            return loto["pooled_r"], [None, None], alpha_by
-        return loto["pooled_r"], [ci["lo"], ci["hi"]], alpha_by
-
+    protocol = ProbeProtocol(alphas=tuple(alphas), cv_outer=pc.cv_outer, cv_inner=pc.cv_inner, n_perm=n_perm,
+                             standardize=pc.standardize, alpha_rule=pc.alpha_rule, seed=seed)
     out = {"layers": layers, "persona": {}, "cv_outer": pc.cv_outer, "cv_inner": pc.cv_inner, "n_perm": n_perm,
            "n_test": int(len(test)), "n_fit": int(len(fit_idx))}
     bar = progress(total=len(ctx.personas) * (len(layers) + 1), desc="probes", unit="fit")
     for pname in ctx.personas:
-        X = ctx.X_of(pname)
         y = ctx.mu[pname]
-        per_layer, probes = [], []
+        per_layer, probes, decomps = [], [], []
         for li, l in enumerate(layers):
-            cv, split, pr = probe_at(X[li], y)
-            m = evaluate_probe(pr, X[li], y, test)
-            loto_r, loto_ci, loto_alpha = loto_with_ci(X[li], y)
-            sn = split.get("null")
-            per_layer.append({"layer": l, "nested": _nested_summary(cv), "alpha": pr.alpha,
-                              "heldout_r": m["r"], "heldout_ci": split["ci"],
-                              "heldout_p": sn["p_value"] if sn else None, "heldout_acc": m["pairwise_acc"],
-                              "loto_r": loto_r, "loto_ci": loto_ci, "loto_alpha": loto_alpha})
-            probes.append(pr)
+            lp = probe_layer(ctx.layer_X(pname, li), y, topics, protocol, test)  # each layer read once
+            decomps.append(lp.decompositions)
+            sn = lp.split.get("null")
+            per_layer.append({"layer": l, "nested": _nested_summary(lp.nested), "alpha": lp.probe.alpha,
+                              "heldout_r": lp.heldout["r"], "heldout_ci": lp.split["ci"],
+                              "heldout_p": sn["p_value"] if sn else None, "heldout_acc": lp.heldout["pairwise_acc"],
+                              "loto_r": lp.loto_r, "loto_ci": lp.loto_ci, "loto_alpha": lp.loto_alpha})
+            probes.append(lp.probe)
             bar.update(1)
         # best layer by the nested-CV r (the maximum over layers is mildly optimistic: said in the report)
         best = int(np.nanargmax([d["nested"]["r"] if np.isfinite(d["nested"]["r"]) else -2 for d in per_layer]))
         best_layer = layers[best]
-        bcv, _, bpr = probe_at(emb, y)
-        base = evaluate_probe(bpr, emb, y, test)
-        base_loto_r, base_loto_ci, base_loto_alpha = loto_with_ci(emb, y)
+        bl = probe_layer(emb, y, topics, protocol, test)
         mean_norm = ctx.act_summ[pname]["mean_norms"][hooks[best]]
         # every layer's probe is kept: steering takes its direction from the layer it steers at
         for li, (l, pr) in enumerate(zip(layers, probes)):
@@ -351,15 +346,17 @@ def _fit_probes(ctx: Context) -> dict:
                     alpha_from=f"inner {pc.cv_inner}-fold CV on the {len(fit_idx)} tasks outside the test split")
         bn = per_layer[best]["nested"]
         out["persona"][pname] = {"per_layer": per_layer, "best_layer": best_layer,
-                                 "content_baseline": {"heldout_r": base["r"], "nested": _nested_summary(bcv),
-                                                      "loto_r": base_loto_r, "loto_ci": base_loto_ci,
-                                                      "loto_alpha": base_loto_alpha},
+                                 "content_baseline": {"heldout_r": bl.heldout["r"], "nested": _nested_summary(bl.nested),
+                                                      "loto_r": bl.loto_r, "loto_ci": bl.loto_ci,
+                                                      "loto_alpha": bl.loto_alpha},
                                  # the label-shuffle null of the best layer's headline (nested-CV) r: every
                                  # permutation re-runs the nested procedure, alpha re-chosen
                                  "shuffle_null": {"p_value": bn["p_value"], "observed_r": bn["r"],
                                                   "null_mean": bn["null_mean"], "n_perm": bn["n_perm"],
                                                   "procedure": "nested CV"},
-                                 "mean_resid_norm": mean_norm}
+                                 "mean_resid_norm": mean_norm,
+                                 # float64 decompositions made (each serves every fold, alpha and null label)
+                                 "decompositions": {"per_layer": decomps, "content_baseline": bl.decompositions}}
         bar.update(1)
     bar.close()
     return out
@@ -379,17 +376,20 @@ def transfer_stage(ctx: Context) -> dict:
         first = names[0]
         best = c.results["probes"]["persona"][first]["best_layer"]
         li = layers.index(best)
-        Xs = np.stack([c.X_of(p)[li] for p in names])
+        Xs = np.stack([c.layer_X(p, li) for p in names])
         Y = np.stack([c.mu[p] for p in names])
         std = c.cfg.probes.standardize
-        tp = (transfer_matrix(Xs, Y, alphas=alphas, splits=splits, names=names, standardize=std, n_boot=0)
+        fss = [FactorSet(x, standardize=std) for x in Xs]  # one per persona: the matrix and nested transfer
+        tp = (transfer_matrix(Xs, Y, alphas=alphas, splits=splits, names=names, standardize=std, n_boot=0,
+                              factors=fss)
               if len(names) > 1 else None)
-        tl = transfer_matrix(c.X_of(first), c.mu[first], alphas=alphas, splits=splits,
+        tl = transfer_matrix(LayerStack(c, first), c.mu[first], alphas=alphas, splits=splits,
                              names=[str(l) for l in layers], standardize=std, seed=c.cfg.seed,
                              inner=c.cfg.probes.cv_inner, alpha_rule=c.cfg.probes.alpha_rule)
         nested = None
         if len(names) > 1:  # alpha by nested CV, bootstrap intervals, shuffle nulls, the whole alpha grid
             nt = nested_transfer(Xs, Y, alphas=alphas, outer=c.cfg.probes.cv_outer, inner=c.cfg.probes.cv_inner,
+                                 factors=fss,
                                  n_perm=c.cfg.probes.n_perm, seed=c.cfg.seed, names=names, standardize=std,
                                  alpha_rule=c.cfg.probes.alpha_rule)
             nested = {k: (np.asarray(nt[k]).tolist() if isinstance(nt[k], np.ndarray) else nt[k])
@@ -428,7 +428,7 @@ def inlp_stage(ctx: Context) -> dict | None:
     def body(c):
         first = list(c.personas)[0]
         li = c.layers.index(c.results["probes"]["persona"][first]["best_layer"])
-        res = inlp(c.X_of(first)[li], c.mu[first], n_iter=c.cfg.inlp.n_iter, alphas=c.cfg.probes.alphas,
+        res = inlp(c.layer_X(first, li), c.mu[first], n_iter=c.cfg.inlp.n_iter, alphas=c.cfg.probes.alphas,
                    splits=default_splits(len(c.pool), c.cfg.seed), topics=np.asarray(c.pool.topic_array()),
                    seed=c.cfg.seed, inner=c.cfg.probes.cv_inner, alpha_rule=c.cfg.probes.alpha_rule)
         return {k: np.asarray(v).tolist() for k, v in res.items() if k != "directions"}
@@ -483,8 +483,10 @@ assert tuple(STAGE_FNS) == STAGES, "STAGE_FNS must list every stage of prefjax.r
 def run_pipeline(config, workdir: str, *, model=None) -> str | None:
     """Run (or resume) the configured stages; returns the path of ``report.md`` (None without a report stage).
 
-    The config, stage list, task pool and personas are checked before the workdir is touched or a
-    model loaded.
+    The config, stage list, task pool (``tasks.source`` set, ``tasks.n`` within the pool), personas and,
+    when the model is loaded here, its source (exists; an HF folder's config.json has ``model.preset``'s
+    shape) and mesh (auto, or named with the device count's size) are checked before the workdir is
+    touched or a weight loaded: bad input leaves no workdir behind.
     """
     cfg = RunConfig.from_config(config)
     pool = load_task_pool(cfg.tasks)
@@ -492,12 +494,16 @@ def run_pipeline(config, workdir: str, *, model=None) -> str | None:
         check_cv_folds(len(pool), cfg.probes.cv_outer, cfg.probes.cv_inner)
     personas = {p.name: p for p in personas_from_spec(cfg.persona_spec())}
     share = process_info()
+    mesh = None
+    if model is None:
+        check_model_source(cfg.model)
+        mesh = config_mesh(cfg)
     run = Run(workdir, cfg.to_dict())  # after the cheap input checks: bad input leaves no workdir behind
     load_s = None
     if model is None:
         t0 = time.time()
-        log(f"loading model {cfg.model.source}")
-        model = apply_layer_split(prefjax.load(cfg.model.source, dtype=cfg.model.dtype or None, mesh=config_mesh(cfg)),
+        log(f"loading model {cfg.model.source} on {describe_mesh(None if mesh is None else dict(mesh.shape))}")
+        model = apply_layer_split(prefjax.load(cfg.model.source, dtype=cfg.model.dtype or None, mesh=mesh),
                                   cfg.model.split_layers)
         load_s = time.time() - t0
         log(f"model loaded in {load_s:.1f}s" + (" (block weights one buffer per layer)" if is_split(model.params) else ""))

@@ -8,6 +8,7 @@ import pytest
 import probes_reference as ref
 from prefjax.probes import controls, cvpath, nulls
 from prefjax.probes.cvpath import FactorSet, RidgeFactor, decomposition_count, fit_rows, predict_rows
+from prefjax.probes.protocol import run_decompositions
 
 ALPHAS = (0.3, 3.0, 30.0, 300.0, 3000.0)
 
@@ -135,6 +136,9 @@ def test_decompositions_per_layer():
         fit_rows(fs, np.setdiff1d(np.arange(60), test), y[:, None], [split["fold_alpha"][0]])
         controls.leave_one_topic_out(X, y, topics, **kw)
         assert decomposition_count() - before == fs.decompositions == expect
+        # the count aot.workload states is the count made (one layer, one persona: the layer + the baseline)
+        dec = run_decompositions(n_layers=1, personas=1, standardize=standardize, outer=5, n_topics=5, inlp_iter=0)
+        assert dec["probes"] == 2 * expect
 
 
 def test_factor_set_refuses_mismatch():
