@@ -31,7 +31,11 @@ def main(argv):
     from prefjax.launching import maybe_initialize_distributed
     maybe_initialize_distributed(force=_DISTRIBUTED.value)
     from prefjax.pipeline import run_pipeline
-    report = run_pipeline(_CONFIG.value, _WORKDIR.value)
+    from prefjax.preflight import PreflightError
+    try:
+        report = run_pipeline(_CONFIG.value, _WORKDIR.value)
+    except (PreflightError, RunConfigError) as e:  # bad input, found before any compute: the message, no trace
+        sys.exit(f"FATAL {type(e).__name__}: {e}")
     import jax
     if jax.process_index() == 0:
         print(f"report: {report}", flush=True)
