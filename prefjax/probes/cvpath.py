@@ -35,6 +35,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.linalg
 import numpy as np
 
 from prefjax.probes.ridge import RidgeProbe, check_finite
@@ -72,6 +73,22 @@ class Fit:
     coordinates)."""
     theta_AxRxP: jax.Array
     b_AxP: jax.Array
+
+
+@jax.jit
+def _downdate(q_MxR, y_MxP, theta_AxRxP, g_AxR, ybar_P, n):
+    """The fit without the rows of ``q_MxR`` (their basis rows) and ``y_MxP`` (their targets), from the fit on
+    every row: ``x = (I - H_MM)^-1 e_M`` by a Cholesky factorisation (``I - H_MM`` is positive definite for a
+    proper subset of the rows and alpha > 0), then the weights and intercept corrected. One program per
+    removed-row count (folds come in a handful of sizes)."""
+    e_AxMxP = y_MxP[None] - ybar_P - jnp.einsum("mr,arp->amp", q_MxR, theta_AxRxP)
+    w_AxMxR = q_MxR[None] * jnp.sqrt(g_AxR)[:, None, :]
+    h_AxMxM = 1.0 / n + jnp.einsum("amr,akr->amk", w_AxMxR, w_AxMxR)
+    m = q_MxR.shape[0]
+    c_AxMxM = jnp.linalg.cholesky(jnp.eye(m)[None] - h_AxMxM)
+    x_AxMxP = jax.scipy.linalg.cho_solve((c_AxMxM, True), e_AxMxP)
+    theta = theta_AxRxP - g_AxR[:, :, None] * jnp.einsum("mr,amp->arp", q_MxR, x_AxMxP)
+    return theta, ybar_P[None] - x_AxMxP.sum(1) / n
 
 
 class RidgeFactor:
@@ -133,13 +150,7 @@ class RidgeFactor:
             if removed_local is None or len(removed_local) == 0:
                 return Fit(theta, jnp.broadcast_to(ybar_P, (len(alphas),) + ybar_P.shape))
             rem = jnp.asarray(np.asarray(removed_local, np.int64))
-            q_MxR = self.Q_NxR[rem]
-            e_AxMxP = Y[rem][None] - ybar_P - jnp.einsum("mr,arp->amp", q_MxR, theta)
-            h_AxMxM = 1.0 / self.n + jnp.einsum("mr,ar,kr->amk", q_MxR, g_AxR, q_MxR)
-            eye = jnp.eye(q_MxR.shape[0])
-            x_AxMxP = jnp.linalg.solve(eye[None] - h_AxMxM, e_AxMxP)
-            theta = theta - g_AxR[:, :, None] * jnp.einsum("mr,amp->arp", q_MxR, x_AxMxP)
-            b = ybar_P[None] - x_AxMxP.sum(1) / self.n
+            theta, b = _downdate(self.Q_NxR[rem], Y[rem], theta, g_AxR, ybar_P, float(self.n))
             return Fit(theta, b)
 
     def predict_local(self, fit: Fit, local_rows) -> np.ndarray:
