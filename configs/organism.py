@@ -67,6 +67,7 @@ def get_config(arg: str = ""):
     c.steering.coefs = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
     c.inlp.n_iter = 2
     if small:
+        c.model.preset = ""            # the small organism is its own shape: no preset to check it against
         c.choices.degree = 6
         c.probes.n_perm = 20
         c.steering.n_pairs = 16

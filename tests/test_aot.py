@@ -243,5 +243,11 @@ def test_gemma3_27b_ridge_path_at_10k_tasks_compiles_v5e_4x4():
         assert r.status == "ok", (r.name, r.error)
         assert x_bytes <= r.argument_bytes and r.peak_bytes < 1 * GiB, (r.name, r.peak_bytes / GiB)
         assert r.flops >= 0.9 * 2 * 6000 * 5376 ** 2, r.name  # one [6000, 5376] x [5376, 5376]-sized matmul
-        assert r.calls == 2 * 62 * 12  # personas x layers x (probe + 11 left-out topics)
+        assert r.calls == 0  # fit_ridge's programs: the probes stage no longer calls them (prefjax.probes.cvpath)
     assert any("host CPU in float64" in n for n in rep.results[0].notes)
+    # the probes, transfer and INLP stages' host work is stated with its count (standardised default config:
+    # 5 outer + split + one per topic, per layer and persona and the baseline)
+    from prefjax.probes.protocol import run_decompositions
+    from prefjax.tasks.pool import TOPICS
+    dec = run_decompositions(n_layers=62, personas=2, standardize=True, outer=5, n_topics=len(TOPICS), inlp_iter=5)
+    assert any(f"{sum(dec.values())} float64 decompositions" in a for a in rep.workload.assumptions)
