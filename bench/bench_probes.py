@@ -95,6 +95,20 @@ def flops_bound(n, d, outer, inner, n_topics, A, P) -> float:
     return f
 
 
+def flops_bound_hat(n, d, outer, inner, n_topics, A, P) -> float:
+    """The same with the full hat matrices made once (A products 2 n^2 d) and each solve's ``H_MM`` gathered:
+    per solve ~ A*(m^3/3 + 4 m d P)."""
+    f = 4 * n * d * d + 9 * d ** 3 + 2 * A * n * n * d
+    m_outer, m_inner = n / outer, n / outer + (n - n / outer) / inner
+    m_topic = n / n_topics
+    m_topic_inner = m_topic + (n - m_topic) / inner
+    sizes = ([m_outer] * (outer + 1) + [m_inner] * (outer * inner + inner)
+             + [m_topic] * n_topics + [m_topic_inner] * (n_topics * inner))
+    for m in sizes:
+        f += A * (m ** 3 / 3 + 4 * m * d * P)
+    return f
+
+
 def check_against_reference() -> float:
     """Max |difference| of nested CV + LOTO on the solver device against float64 refits (small problem)."""
     import probes_reference as ref
@@ -157,6 +171,18 @@ def main():
             print(f"probe_layer persona {p} layer {l}: {lp.seconds:.2f} s, {per[-1]['decompositions']} decomposition(s), "
                   f"nested r {lp.nested['r']:.3f}", flush=True)
     out["per_layer"] = per
+    # same-run reference: the previous path (each downdate rebuilds its H_MM block from the basis rows)
+    prev = os.environ.get("PREFJAX_HAT_BYTES")
+    os.environ["PREFJAX_HAT_BYTES"] = "0"
+    t0 = time.time()
+    probe_layer(X[0][min(1, L - 1)], Y[0], topics, proto, test)
+    out["probe_layer_rebuilt_blocks_s"] = time.time() - t0
+    if prev is None:
+        del os.environ["PREFJAX_HAT_BYTES"]
+    else:
+        os.environ["PREFJAX_HAT_BYTES"] = prev
+    print(f"probe_layer, H_MM rebuilt per solve (the previous path): {out['probe_layer_rebuilt_blocks_s']:.2f} s",
+          flush=True)
     steady = [r["seconds"] for r in per[1:]] or [per[0]["seconds"]]
     t_lp = float(np.median(steady))
     t0 = time.time()
@@ -207,6 +233,8 @@ def main():
     out["reference_c031b3c_decompositions_per_layer_persona"] = old_count * 2  # with the content baseline's
     bound = flops_bound(n, d, 5, 5, args.topics, len(alphas), args.n_perm + 1) / hw["fp64_matmul_flops"]
     out["bound_probe_layer_s"] = bound
+    bound_hat = flops_bound_hat(n, d, 5, 5, args.topics, len(alphas), args.n_perm + 1) / hw["fp64_matmul_flops"]
+    out["bound_probe_layer_hat_s"] = bound_hat
     if args.sklearn:
         from sklearn.linear_model import RidgeCV
         tr = np.setdiff1d(np.arange(n), test)
@@ -218,7 +246,10 @@ def main():
     print(f"\n{'measure':<40} {'seconds':>10}")
     for k, v in out["measured"].items():
         print(f"{k:<40} {v:10.2f}")
-    print(f"{'bound per (layer, persona), fp64 FLOPs':<40} {bound:10.2f}   share {100 * bound / t_lp:.0f}%")
+    print(f"{'previous path (H_MM rebuilt per solve)':<40} {out['probe_layer_rebuilt_blocks_s']:10.2f}   "
+          f"ratio {out['probe_layer_rebuilt_blocks_s'] / t_lp:.2f}x")
+    print(f"{'bound per (layer, persona), fp64 FLOPs':<40} {bound_hat:10.2f}   share {100 * bound_hat / t_lp:.0f}% "
+          f"(cached hat matrices; {bound:.2f} s for the rebuilt-block arithmetic)")
     print(f"\nprojected to {FL} layers x {P} personas: probes {proj['probes_s'] / 60:.1f} min, transfer "
           f"{proj['transfer_s'] / 60:.1f} min, INLP {proj['inlp_s'] / 60:.1f} min, total {proj['total_s'] / 60:.1f} min")
     print(f"reference, c031b3c arithmetic ({old_count} host float64 eighs per (layer, persona) and as many for the "

@@ -152,3 +152,27 @@ def test_factor_set_refuses_mismatch():
         FactorSet(np.where(np.arange(8) == 3, np.nan, X), standardize=False)
     with pytest.raises(KeyError, match="not among"):
         RidgeFactor(X, np.arange(10), standardize=True).to_local([12])
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_hat_cache_path_equals_rebuilt_blocks(monkeypatch, standardize):
+    """The cached full hat matrices (one grid per factor, final single-alpha fits served from it) give the
+    same nested CV and leave-one-topic-out as rebuilding each ``H_MM`` block from the basis rows; the cache
+    is really used on the first path and really off on the second."""
+    X, y, topics = _data(60, 16, seed=3)
+    kw = dict(alphas=ALPHAS, outer=4, inner=3, n_perm=5, seed=0, standardize=standardize, alpha_rule="1se")
+
+    def run():
+        fs = FactorSet(X, standardize=standardize)
+        nested = nulls.nested_cv_ridge(X, y, factors=fs, **kw)
+        loto = controls.leave_one_topic_out(X, y, topics, alphas=ALPHAS, inner=3, seed=0,
+                                            standardize=standardize, alpha_rule="1se", factors=fs)
+        return nested, loto, fs.hat_builds
+
+    monkeypatch.setenv("PREFJAX_HAT_BYTES", str(2**30))
+    cached, loto_c, builds = run()
+    monkeypatch.setenv("PREFJAX_HAT_BYTES", "0")
+    plain, loto_p, builds0 = run()
+    assert builds >= 1 and builds0 == 0
+    _close(cached, plain, 1e-9)
+    _close(loto_c, loto_p, 1e-9)
