@@ -122,6 +122,9 @@ def base_config(arg: str, config_file: str):
     # outer training set) choose alpha
     c.probes = ml_collections.ConfigDict({"alphas": (1.0, 10.0, 100.0, 1e3, 1e4, 1e5), "position_index": 0,
                                           "n_perm": 100, "cv_outer": 5, "cv_inner": 5,
+                                          # permutations of the layer-chosen-inside-CV null (the whole
+                                          # selection over layers rerun per permutation; probes.layersel)
+                                          "layer_select_n_perm": 1000,
                                           # z-score each dimension before the ridge fit: keeps the main job's
                                           # numbers; the planted organism shows raw fits recover the direction
                                           # far better (BUILD_NOTES "Ground-truth organism")
@@ -142,6 +145,10 @@ def base_config(arg: str, config_file: str):
                                             # dose-response slopes use |c| <= linear_max only (the
                                             # paper's linear range); larger coefs are shown, not fitted
                                             "linear_max": 0.1,
+                                            # ... and only coefficients where both directions' on-label
+                                            # rate (top next token is a label) is >= this: off the answer
+                                            # format P(steered) is not a preference (issue 28)
+                                            "min_on_label": 0.95,
                                             # greedy completions: the continuous-batching engine where the
                                             # model allows it (False: generate)
                                             "engine": True})
@@ -162,8 +169,10 @@ def base_config(arg: str, config_file: str):
         c.choices.degree = 4
         c.choices.active_rounds = 0
         c.probes.n_perm = 10
+        c.probes.layer_select_n_perm = 50
         c.steering.n_pairs = 3
         c.steering.coefs = (-1.0, -0.1, 0.0, 0.1, 1.0)  # +-1 saturates: shown, not used for slopes
+        c.steering.min_on_label = 0.0  # the random tiny model never puts a label on top: no format filter
         c.inlp.n_iter = 1
         c.patching.n_pairs = 2
         c.pref_shift.n_boot = c.pref_shift.n_perm = 100

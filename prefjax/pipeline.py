@@ -49,6 +49,7 @@ from prefjax.organism_planted import is_planted, score_run
 from prefjax.preflight import (check_model_source, check_task_count, check_tasks_source, describe_mesh,
                                resolve_mesh_shape)
 from prefjax.probes import FactorSet, default_splits, inlp, nested_transfer, transfer_matrix
+from prefjax.probes.layersel import LayerSelection
 from prefjax.probes.protocol import ProbeProtocol, probe_layer
 from prefjax.progress import log, progress
 from prefjax.report.build import build_report
@@ -61,6 +62,7 @@ from prefjax.store import ComparisonsStore, mean_norms_all_hosts, read_rows
 from prefjax.tasks import load_default_pool, load_tasks, save_jsonl
 from prefjax.tasks.pool import TaskPool
 from prefjax.utility import ActiveConfig, ActiveLearner, fit_thurstonian
+from prefjax.utility.diagnostics import utility_diagnostics
 
 __all__ = ["STAGES", "STAGE_DEPS", "STAGE_FNS", "Context", "run_pipeline", "check_stages", "resolve_layers",
            "load_task_pool", "config_mesh", "check_cv_folds", "split_half_reliability", "elicit_persona"]
@@ -240,8 +242,16 @@ def choices_stage(ctx: Context) -> dict:
     return out
 
 
+def _declined_other_count(rows) -> int | None:
+    """How many comparison rows did one task and declined the other (``extra["declined_other"]``, sample
+    mode); None when no row carries the flag (logit mode reads no reply; stores written before it)."""
+    flags = [(r.get("extra") or {}).get("declined_other") for r in rows]
+    return sum(bool(f) for f in flags) if any(f is not None for f in flags) else None
+
+
 def utilities_stage(ctx: Context) -> dict:
-    """Thurstonian utilities per persona (``stages/utilities/<persona>.npz``); loads ``ctx.mu``."""
+    """Thurstonian utilities per persona (``stages/utilities/<persona>.npz``); loads ``ctx.mu``. Each persona's
+    summary carries ``diagnostics`` (:func:`utilities_diagnostics_body`, stage ``utilities-diagnostics``)."""
     def body(c):
         ids, n = list(c.pool.ids), len(c.pool)
         out = {}
@@ -254,11 +264,24 @@ def utilities_stage(ctx: Context) -> dict:
             out[pname] = {"nll": fit.nll, "converged": bool(fit.converged), "iterations": int(fit.iterations),
                           "n_pairs": int(len(i)), "uncompared": int(len(fit.uncompared)),
                           "split_half_r": split_half_reliability(c.store, ids, pname, n),
-                          "counts": c.store.counts(pname)}
+                          "counts": c.store.counts(pname),
+                          # replies that did one task and declined the other: counted as choices (status ok);
+                          # None where no row was parsed for it (logit mode, older stores)
+                          "declined_other": _declined_other_count(c.store.rows(pname))}
         return out
     summary = ctx.once("utilities", body)
     ctx.mu = {p: np.load(ctx.run.utilities(p))["mu"] for p in ctx.personas}
-    return summary
+    diag = ctx.once("utilities-diagnostics", utilities_diagnostics_body)
+    return {p: dict(u, diagnostics=diag.get(p)) for p, u in summary.items()}
+
+
+def utilities_diagnostics_body(ctx: Context) -> dict:
+    """What the utilities are, per persona (:func:`prefjax.utility.diagnostics.utility_diagnostics`): position
+    bias, order-averaged spread, held-out pair accuracy / log-loss of a 5-fold refit (the utilities stage's fit
+    options) against the constant model, reply counts. Its own resumable stage, run right after utilities."""
+    ids = list(ctx.pool.ids)
+    return {p: utility_diagnostics(ctx.store, ids, p, soft=ctx.cfg.choices.mode == "logit", k=5,
+                                   seed=int(ctx.cfg.choices.seed)) for p in ctx.personas}
 
 
 def activations_stage(ctx: Context) -> dict:
@@ -285,7 +308,14 @@ def probes_stage(ctx: Context) -> dict:
     (``run.probe_dir(persona, layer)``, every layer) is fitted once on the tasks outside the test split,
     at the alpha that inner-fold cross-validation on those tasks chooses; its test-split r is
     ``heldout_r`` (with interval and its own shuffle null). Leave-one-topic-out and content-baseline
-    controls carry bootstrap intervals."""
+    controls carry bootstrap intervals.
+
+    The headline probe r of each persona is ``layer_selected`` (:mod:`prefjax.probes.layersel`): layer and
+    alpha chosen by inner CV inside each outer training set, so the maximum over layers is inside the
+    estimate; its null (``probes.layer_select_n_perm`` permutations) reruns the whole selection. It reuses
+    each layer's factor set (no extra decomposition). ``best_layer`` (the largest per-layer nested r, the
+    layer later stages use) is kept; its r is optimistic, and ``layer_selected.best_layer.p_max`` tests it
+    against the maximum over layers of the permuted per-layer r."""
     return ctx.once("probes", _fit_probes)
 
 
@@ -307,6 +337,14 @@ def _nested_summary(cv: dict) -> dict:
     return out
 
 
+def _layer_selected_summary(res: dict) -> dict:
+    """:func:`prefjax.probes.layersel.LayerSelection.result` without the per-task predictions and null values."""
+    out = {k: v for k, v in res.items() if k != "predictions"}
+    if "null" in out:
+        out["null"] = {k: v for k, v in out["null"].items() if k != "values"}
+    return out
+
+
 def _fit_probes(ctx: Context) -> dict:
     cfg, layers, hooks, n = ctx.cfg, ctx.layers, ctx.hooks, len(ctx.pool)
     pc = cfg.probes
@@ -319,13 +357,20 @@ def _fit_probes(ctx: Context) -> dict:
     protocol = ProbeProtocol(alphas=tuple(alphas), cv_outer=pc.cv_outer, cv_inner=pc.cv_inner, n_perm=n_perm,
                              standardize=pc.standardize, alpha_rule=pc.alpha_rule, seed=seed)
     out = {"layers": layers, "persona": {}, "cv_outer": pc.cv_outer, "cv_inner": pc.cv_inner, "n_perm": n_perm,
-           "n_test": int(len(test)), "n_fit": int(len(fit_idx))}
+           "layer_select_n_perm": pc.layer_select_n_perm, "n_test": int(len(test)), "n_fit": int(len(fit_idx))}
     bar = progress(total=len(ctx.personas) * (len(layers) + 1), desc="probes", unit="fit")
     for pname in ctx.personas:
         y = ctx.mu[pname]
         per_layer, probes, decomps = [], [], []
+        # the headline r: layer (and alpha) chosen inside the CV, its null rerunning the whole selection
+        sel = LayerSelection(y, alphas=alphas, outer=pc.cv_outer, inner=pc.cv_inner, n_perm=pc.layer_select_n_perm,
+                             seed=seed, standardize=pc.standardize, alpha_rule=pc.alpha_rule)
         for li, l in enumerate(layers):
-            lp = probe_layer(ctx.layer_X(pname, li), y, topics, protocol, test)  # each layer read once
+            X = ctx.layer_X(pname, li)  # each layer read once; its factor set serves both
+            fs = FactorSet(X, standardize=pc.standardize)
+            lp = probe_layer(X, y, topics, protocol, test, factors=fs)
+            sel.add(fs, l)
+            del X, fs
             decomps.append(lp.decompositions)
             sn = lp.split.get("null")
             per_layer.append({"layer": l, "nested": _nested_summary(lp.nested), "alpha": lp.probe.alpha,
@@ -343,9 +388,12 @@ def _fit_probes(ctx: Context) -> dict:
         for li, (l, pr) in enumerate(zip(layers, probes)):
             pr.save(ctx.run.probe_dir(pname, l), hook=hooks[li], layer=l, position=pos_index,
                     mean_resid_norm=ctx.act_summ[pname]["mean_norms"][hooks[li]], persona=pname, alpha=pr.alpha,
-                    alpha_from=f"inner {pc.cv_inner}-fold CV on the {len(fit_idx)} tasks outside the test split")
+                    alpha_from=f"inner {pc.cv_inner}-fold CV on the {len(fit_idx)} tasks outside the test split",
+                    # the tasks this probe never saw (later stages score held-out claims on these)
+                    heldout_tasks=[ctx.pool.ids[i] for i in test])
         bn = per_layer[best]["nested"]
         out["persona"][pname] = {"per_layer": per_layer, "best_layer": best_layer,
+                                 "layer_selected": _layer_selected_summary(sel.result()),
                                  "content_baseline": {"heldout_r": bl.heldout["r"], "nested": _nested_summary(bl.nested),
                                                       "loto_r": bl.loto_r, "loto_ci": bl.loto_ci,
                                                       "loto_alpha": bl.loto_alpha},

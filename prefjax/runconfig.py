@@ -159,7 +159,9 @@ class ProbesConfig:
     ``standardize``: z-score each activation dimension before the ridge fit (the probe's direction, used
     for steering, is then reweighted by 1/variance per dimension; False fits on raw activations).
     ``alpha_rule``: ``"best"`` (largest inner-CV r) or ``"1se"`` (largest alpha within one standard error
-    of it: a less noisy direction where the r curve is flat)."""
+    of it: a less noisy direction where the r curve is flat). ``layer_select_n_perm``: permutations of the
+    null of the layer chosen inside the cross-validation (the headline probe r; every permutation reruns
+    the selection over layers and alphas, :mod:`prefjax.probes.layersel`)."""
     alphas: tuple[float, ...]
     position_index: int
     n_perm: int
@@ -167,6 +169,7 @@ class ProbesConfig:
     cv_inner: int
     standardize: bool
     alpha_rule: str
+    layer_select_n_perm: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +179,9 @@ class SteeringConfig:
     ``direction_layer`` (the layer whose probe gives the direction: "" = the steering layer; any other
     value is an explicit, logged mismatch), ``n_null`` (random directions of the local-slope null),
     ``linear_max`` (dose-response slopes use only coefficients with |c| <= this; larger ones are shown
-    as saturating, not fitted), ``engine`` (the greedy completions run through the continuous-batching
+    as saturating, not fitted), ``min_on_label`` (slopes use only coefficients where both the probe's and
+    the random direction's on-label rate, the top next token being a label, is at least this; others are
+    shown as off format, not fitted), ``engine`` (the greedy completions run through the continuous-batching
     engine where the model allows it; False: ``generate``)."""
     persona: str
     layer: str
@@ -187,6 +192,7 @@ class SteeringConfig:
     direction_layer: str
     n_null: int
     linear_max: float
+    min_on_label: float
     engine: bool
 
 

@@ -211,6 +211,8 @@ PARSE_CASES = [
     ("I won't be writing a phishing email.", None, "refusal", True),
     ("I must decline this request.", None, "refusal", True),
     ("Neither of these tasks is something I will do.", None, "refusal", True),
+    # declines one task and does the other: a choice of the task done (declined_other, issue 28)
+    ("I won't write the phishing email, but here is the poem: Task B: Roses...", "B", "ok", True),
     ("Sure! Here's a poem about frost.", None, "unparseable", False),
     ("I'll do Task A: here it is.", None, "unparseable", False),
     ("Task AB: not a label", None, "unparseable", False),
@@ -356,3 +358,23 @@ def test_correlation_errors():
         spearman([1], [2])
     with pytest.raises(ValueError, match="NaN or inf"):
         pearson([1, math.nan, 2], [1, 2, 3])
+
+
+def test_declined_other_reaches_the_stored_rows(tmp_path):
+    """Sample-mode rows carry the parser's declined_other in ``extra``, through the store and back."""
+    import types
+    from prefjax.elicit.runner import ElicitConfig, Job, _rows_for
+    from prefjax.store import ComparisonsStore
+    jobs = [Job("t1", "t2", "AB", "default", 0), Job("t1", "t2", "BA", "default", 0),
+            Job("t1", "t3", "AB", "default", 0)]
+    texts = ["I won't write the phishing email, but here is the poem: Task B: Roses...",
+             "I'm sorry, but I can't help with either of these.", "Task A: Here is the poem."]
+    rows = _rows_for(types.SimpleNamespace(source="stub"), jobs, texts, ElicitConfig())
+    assert [(r.choice, r.status, r.refusal, r.extra["declined_other"]) for r in rows] == [
+        ("B", "ok", True, True), (None, "refusal", True, False), ("A", "ok", False, False)]
+    store = ComparisonsStore(str(tmp_path / "cmp"))
+    store.append(rows)
+    back = ComparisonsStore(str(tmp_path / "cmp")).rows("default")
+    assert [r["extra"]["declined_other"] for r in back] == [True, False, False]
+    assert back[0]["chosen_task"] == "t2"  # counted as a choice of the task it did
+    assert store.counts("default") == {"ok": 2, "refusal": 1, "unparseable": 0, "both": 0}

@@ -239,13 +239,66 @@ def test_pref_shift_stage(model, pool, personas, tiny_run):
     json.dumps(out)
     assert out["base"] == "default" and out["hook"] == HOOKS[2] and list(out["shifts"]) == ["evil"]
     ev = out["shifts"]["evil"]
-    assert ev["all"]["n"] == 14 and ev["test"]["n"] == 3
-    assert -1 <= ev["all"]["tracking"]["r"] <= 1 and "vs_mu_shift" in ev["all"]["baseline"]
+    assert set(ev) == {"heldout", "all_in_sample"}  # no unlabelled all-task number
+    assert ev["all_in_sample"]["n"] == 14 and ev["heldout"]["n"] == 3 == out["n_heldout"]
+    # this fixture's probe records no held-out tasks: the pipeline's test split, said so
+    assert out["heldout_from"].startswith("default_splits") and len(out["heldout_tasks"]) == 3
+    assert -1 <= ev["heldout"]["tracking"]["r"] <= 1 and "vs_mu_shift" in ev["heldout"]["baseline"]
     # without probe_summary the single saved probe folder is found
     out2 = run_pref_shift_stage(cfg.pref_shift, run, model, pool, personas, **kw)
-    assert out2["shifts"]["evil"]["all"]["tracking"]["r"] == pytest.approx(ev["all"]["tracking"]["r"])
+    assert out2["shifts"]["evil"]["heldout"]["tracking"]["r"] == pytest.approx(ev["heldout"]["tracking"]["r"])
     with pytest.raises(ShiftError, match="not one of the run's personas"):
         run_pref_shift_stage(dataclasses.replace(cfg.pref_shift, base="nobody"), run, model, pool, personas, **kw)
+
+
+def test_pref_shift_is_scored_on_the_probes_heldout_tasks(model, pool, personas, tiny_run, tmp_path):
+    """The shift tracks the probe perfectly on the tasks the probe trained on and not at all (r = 0 by
+    construction) on the ones it recorded as held out: the headline must be the held-out 0, not the
+    in-sample all-task r."""
+    import shutil
+    from prefjax.experiments.pref_shift import heldout_tasks
+    from prefjax.probes import RidgeProbe
+    from prefjax.stages import RunLayout, atomic_save_npz
+    run0, cfg, summary = tiny_run
+    run = RunLayout(str(tmp_path / "run"))
+    for name in personas:
+        shutil.copytree(run0.activations_dir(name), run.activations_dir(name))
+    ids = list(pool.ids)
+    held = np.array([1, 4, 6, 9, 12])
+    X = {}
+    for name in personas:
+        from prefjax.store import open_existing
+        X[name] = open_existing(run.activations_dir(name)).read(hook=HOOKS[2])[:, 0, :].astype(np.float32)
+    probe = RidgeProbe.load(run0.probe_dir("default", 2))
+    probe.save(run.probe_dir("default", 2), hook=HOOKS[2], layer=2, position=0,
+               heldout_tasks=[ids[i] for i in held])
+    d_s = probe.predict(X["evil"]) - probe.predict(X["default"])
+    mu_b = np.asarray(np.load(run0.utilities("default"))["mu"], np.float64)
+    d_mu = d_s.astype(np.float64).copy()
+    # on the held-out tasks: a utility change orthogonal to the score change (after centering)
+    ds_h = d_s[held] - d_s[held].mean()
+    v = np.random.default_rng(5).standard_normal(len(held))
+    v -= v.mean()
+    v -= (v @ ds_h) / (ds_h @ ds_h) * ds_h
+    d_mu[held] = d_s[held].mean() + 0.3 * v * d_s.std() / v.std()
+    atomic_save_npz(run.utilities("default"), mu=mu_b, sigma=np.ones_like(mu_b))
+    atomic_save_npz(run.utilities("evil"), mu=mu_b + d_mu, sigma=np.ones_like(mu_b))
+    idx, src = heldout_tasks(RidgeProbe.load(run.probe_dir("default", 2)), pool, 0)
+    assert list(idx) == list(held) and src == "probe cfg.json heldout_tasks"
+    out = run_pref_shift_stage(cfg.pref_shift, run, model, pool, personas, probe_summary=summary,
+                               seed=cfg.seed, alphas=cfg.probes.alphas)
+    ev = out["shifts"]["evil"]
+    assert out["n_heldout"] == 5 and out["heldout_tasks"] == [ids[i] for i in held]
+    assert ev["all_in_sample"]["tracking"]["r"] > 0.6  # in-sample: high
+    assert abs(ev["heldout"]["tracking"]["r"]) < 1e-6 and ev["heldout"]["n"] == 5  # held-out: zero
+    assert ev["heldout"]["tracking"]["p_value"] > 0.5
+    lo, hi = ev["heldout"]["tracking"]["ci"]
+    assert lo < 0 < hi
+    # a probe recording tasks the pool lacks is refused
+    probe.save(run.probe_dir("default", 2), hook=HOOKS[2], layer=2, position=0, heldout_tasks=["nope"])
+    with pytest.raises(ShiftError, match="not in the task pool"):
+        run_pref_shift_stage(cfg.pref_shift, run, model, pool, personas, probe_summary=summary,
+                             seed=cfg.seed, alphas=cfg.probes.alphas)
 
 
 # ---------------------------------------------------------------------------------------------

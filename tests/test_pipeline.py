@@ -81,6 +81,9 @@ def test_summary_contents(finished):
     for p in ("default", "evil"):
         u = s["utilities"][p]
         assert u["converged"] and u["n_pairs"] > 0 and u["counts"]["ok"] == 2 * u["n_pairs"]
+        dg = u["diagnostics"]  # what the utilities are (prefjax.utility.diagnostics), from the stored rows
+        assert dg["position_bias"]["n_parsed"] == u["counts"]["ok"] and dg["heldout"]["n_pairs"] == u["n_pairs"]
+        assert dg["order_averaged"]["n_pairs"] == u["n_pairs"] and isinstance(dg["warnings"], list)
         mu = np.load(wd / "stages" / "utilities" / f"{p}.npz")["mu"]
         assert mu.shape == (16,) and np.isfinite(mu).all() and mu.std() > 0
     layers = s["probes"]["layers"]
@@ -107,6 +110,14 @@ def test_summary_contents(finished):
         sn = s["probes"]["persona"][p]["shuffle_null"]
         assert sn["p_value"] == best["nested"]["p_value"] and sn["observed_r"] == best["nested"]["r"]
         assert s["probes"]["persona"][p]["content_baseline"]["nested"]["ci"] is not None
+        # the headline r: layer chosen inside the CV (prefjax.probes.layersel), its null rerunning the selection
+        ls = s["probes"]["persona"][p]["layer_selected"]
+        assert -1 <= ls["r"] <= 1 and ls["ci"][0] <= ls["ci"][1] and set(ls["fold_layer"]) <= set(layers)
+        assert ls["null"]["n_perm"] == tiny_config().probes.layer_select_n_perm and 0 < ls["null"]["p_value"] <= 1
+        assert ls["decompositions"] == 0 and ls["best_layer"]["layer"] == best["layer"]
+        assert ls["per_layer_r"] == pytest.approx([d["nested"]["r"] for d in per], abs=1e-12)
+        assert any(t["test"] == f"probe r, layer chosen inside CV [{p}]" and t["p_holm"] >= t["p"]
+                   for t in s["multiplicity"]["tests"])
     t = s["transfer"]
     assert t["personas"] == ["default", "evil"]
     assert np.asarray(t["persona_r"]).shape == (2, 2) and np.asarray(t["utility_corr"]).shape == (2, 2)
@@ -165,7 +176,8 @@ def test_summary_contents(finished):
     text = (wd / "report.md").read_text()
     top = text[:text.index("## Headline")]
     assert "What is and is not distinguishable from the nulls" in top
-    assert "the dose-response test could detect a probe slope of" in top and "label-shuffle p" in top
+    assert "the dose-response test could detect a probe slope of" in top and "permutation p" in top
+    assert "layer chosen inside the cross-validation" in top and "## Tests and family-wise correction" in text
     assert "from random directions" in top
     ls = st["local_slope"]  # the random-direction null of the local slope
     assert ls["null"]["n_null"] == tiny_config().steering.n_null >= 100

@@ -182,3 +182,53 @@ def test_layer_transfer_text_shows_intervals_and_flags_a_small_test_split(tmp_pa
         transfer_heatmap(np.asarray(t["layer_r"]), ["0", "2"], tmp_path / "x.png", ci_lo=t["layer_r_lo"])
     with pytest.raises(ValueError, match="ci_lo"):
         transfer_heatmap(np.asarray(t["layer_r"]), ["0", "2"], tmp_path / "x.png", ci_lo=[[0.0]], ci_hi=[[0.0]])
+
+
+def test_family_of_tests_holm_table_and_the_layer_chosen_inside_cv():
+    from prefjax.report.build import (adjust_family, distinguishability_text, family_of_tests, family_text,
+                                      layer_selected_text)
+    probes, transfer, steering = _stats_fixture()
+    ps = probes["persona"]["default"]
+    ps["per_layer"][1]["heldout_p"] = 0.03
+    probes["n_perm"] = 100
+    ps["layer_selected"] = {"r": 0.55, "ci": [0.3, 0.7], "fold_layer": [1, 1, 0, 1, 1], "fold_alpha": [10.0] * 5,
+                            "null": {"p_value": 0.001, "n_perm": 999},
+                            "best_layer": {"layer": 1, "r": 0.61, "p_max": 0.002}}
+    transfer["persona_nested"]["names"] = ["default", "evil"]
+    extra = {"pref_shift": {"shifts": {"evil": {"heldout": {"tracking": {"p_value": 0.04}}}}}}
+    rows = family_of_tests(probes, transfer, steering, extra, ["default"])
+    by = {r["test"]: r for r in rows}
+    assert by["probe r, layer chosen inside CV [default]"]["p"] == 0.001
+    assert by["probe r, layer chosen inside CV [default]"]["n_perm"] == 999
+    assert by["saved probe test-split r, layer 1 [default]"]["p"] == 0.03
+    assert by["cross-persona transfer default → evil"]["p"] == 0.02  # off-diagonal cells only
+    assert "cross-persona transfer default → default" not in by
+    assert by["steering slope, random direction vs 0"]["p"] is None  # not in the fixture: listed, not counted
+    mult = adjust_family(rows)
+    assert mult["method"] == "holm" and mult["m"] == 8
+    t = {r["test"]: r for r in mult["tests"]}
+    # Holm by hand over the 8 raw p: 0.001 x 8 = 0.008; 0.02 x 7 = 0.14; 0.03 x 6 = 0.18; 0.04 x 5 = 0.2; ...
+    assert t["probe r, layer chosen inside CV [default]"]["p_holm"] == pytest.approx(0.008)
+    assert t["cross-persona transfer default → evil"]["p_holm"] == pytest.approx(0.14)
+    assert t["saved probe test-split r, layer 1 [default]"]["p_holm"] == pytest.approx(0.18)
+    assert t["preference-shift tracking [evil]"]["p_holm"] == pytest.approx(0.2)
+    assert t["cross-persona transfer evil → default"]["p_holm"] == pytest.approx(0.81)  # 0.5 x 1, capped below
+    assert t["probe r, layer chosen inside CV [default]"]["floor"] == pytest.approx(1e-3)
+    assert mult["n_significant_raw"] == 4 and mult["n_significant_holm"] == 1
+    json.loads(json.dumps(mult))
+    text = family_text(mult)
+    assert "| probe r, layer chosen inside CV [default] |" in text and "| 0.001 | **0.008** |" in text
+    assert "999 (0.001)" in text and "Holm's step-down procedure" in text and "1 Holm-adjusted p < 0.05" in text
+    pre = distinguishability_text(probes, transfer, steering, mult)
+    assert ("layer chosen inside the cross-validation (per outer fold: 1, 1, 0, 1, 1): held-out r = 0.55 "
+            "[0.30, 0.70]") in pre
+    assert "Holm-adjusted p = 0.008: **distinguishable after the family-wise correction**" in pre
+    assert "best single layer 1 (optimistic: the largest nested-CV r of 2 layers)" in pre
+    assert "p = 0.002 against the maximum over layers of the permuted per-layer r" in pre
+    assert "1 of the report's 8 tests survive: probe r, layer chosen inside CV [default]" in pre
+    tab = layer_selected_text(probes, ["default"])
+    assert "| default | 0.550 [0.300, 0.700] | 0.001 (999) | 1, 1, 0, 1, 1 | 10, 10, 10, 10, 10 | 1: 0.610 | 0.002 |" in tab
+    # a probes stage from before the selection: no table, and the opening keeps its old probe line
+    del ps["layer_selected"]
+    assert layer_selected_text(probes, ["default"]) == ""
+    assert "nested-CV held-out r = 0.61 [0.42, 0.77]" in distinguishability_text(probes, None, None)

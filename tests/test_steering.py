@@ -296,3 +296,42 @@ def test_readout_gradient_equals_finite_differences_of_steering(model):
         readout_gradient(model, ids, att, pos, mask, 99, readout)
     with pytest.raises(SteeringError, match="readout has shape"):
         readout_gradient(model, ids, att, pos, mask, layer, readout[:, :5])
+
+
+def test_dose_slopes_drop_off_format_coefficients():
+    """Both directions flat on format; at |c| = 0.1 the probe's replies leave the answer format (on-label rate
+    0.88) and its P(steered) jumps. Fitted over every linear-range coefficient, that makes a spurious probe
+    slope and probe - random difference; the format filter leaves +-0.1 out and the slope is ~0."""
+    from prefjax.experiments.steering import dose_slopes, on_format_coefs
+    rng = np.random.default_rng(0)
+    coefs = [-0.1, -0.05, -0.02, 0.0, 0.02, 0.05, 0.1]
+    n_pairs = 24
+    flat = lambda: 0.5 + 0.01 * rng.standard_normal((len(coefs), 2 * n_pairs))
+    p = {"probe": flat(), "random": flat()}
+    c = np.asarray(coefs)
+    off = np.abs(c) > 0.07
+    p["probe"][off] += 0.3 * np.sign(c[off])[:, None]  # spurious: read off labels the model no longer emits
+    on_label = {"probe": np.where(off, 0.88, 1.0), "random": np.ones(len(coefs))}
+    raw = dose_slopes(coefs, p, linear_max=0.1)
+    assert raw["used_coefs"] == coefs and raw["off_format_coefs"] == []
+    assert raw["slope"]["probe"] > 2.0 and raw["difference"]["p_value"] < 1e-6  # the spurious finding
+    d = dose_slopes(coefs, p, linear_max=0.1, on_label=on_label, min_on_label=0.95)
+    assert d["used_coefs"] == [-0.05, -0.02, 0.0, 0.02, 0.05] and d["off_format_coefs"] == [-0.1, 0.1]
+    assert d["linear_coefs"] == coefs and d["min_on_label"] == 0.95
+    assert d["on_label"]["probe"][0] == 0.88
+    assert abs(d["slope"]["probe"]) < 0.2 and d["difference"]["p_value"] > 0.01
+    ref = np.polyfit(c[~off], p["probe"][~off].mean(1), 1)[0]
+    assert d["slope"]["probe"] == pytest.approx(ref)
+    # the random direction going off format drops the coefficient too (both directions must be on format)
+    both = dose_slopes(coefs, p, linear_max=0.1, min_on_label=0.95,
+                       on_label={"probe": np.ones(len(coefs)), "random": np.where(c == 0.05, 0.5, 1.0)})
+    assert both["off_format_coefs"] == [0.05] and 0.05 not in both["used_coefs"]
+    # nothing left: no slope, and the note says why
+    none = dose_slopes(coefs, p, linear_max=0.1, min_on_label=0.95,
+                       on_label={"probe": np.where(c == 0.0, 1.0, 0.5), "random": np.ones(len(coefs))})
+    assert none["slope"] == {"probe": None, "random": None} and "on-label rate >= 0.95" in none["note"]
+    assert on_format_coefs(coefs, None, 0.95) == (coefs, [])
+    with pytest.raises(ValueError, match="min_on_label"):
+        on_format_coefs(coefs, None, 1.5)
+    with pytest.raises(ValueError, match="one rate per coefficient"):
+        dose_slopes(coefs, p, linear_max=0.1, on_label={"probe": [1.0]}, min_on_label=0.95)

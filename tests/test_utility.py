@@ -47,6 +47,54 @@ def test_heldout_swapped_sides_consistent(data, fit):
     assert a["accuracy"] == pytest.approx(b["accuracy"]) and a["log_loss"] == pytest.approx(b["log_loss"])
 
 
+def _small_fit(mu, sigma):
+    return ThurstonianFit(np.asarray(mu, float), np.asarray(sigma, float), 0.0, 0.0, True, 0, np.zeros(0, int), 1, None)
+
+
+def test_prob_is_phi_of_broadcast_indices():
+    from scipy.stats import norm
+    f = _small_fit([0.0, 1.0, -0.5], [1.0, 0.5, 2.0])
+    p01 = f.prob(0, 1)
+    assert p01.shape == () and float(p01) == pytest.approx(norm.cdf(-1.0 / np.sqrt(1.25)), rel=1e-12)
+    assert f.prob([0, 1, 2], [1, 2, 0]).shape == (3,)
+    assert f.prob(0, [1, 2]).shape == (2,)
+    grid = f.prob(np.arange(3)[:, None], np.arange(3)[None, :])
+    assert grid.shape == (3, 3)
+    np.testing.assert_allclose(np.diag(grid), 0.5)
+    np.testing.assert_allclose(grid + grid.T, 1.0, rtol=1e-12)
+    mu, sg = f.mu, f.sigma
+    want = norm.cdf((mu[:, None] - mu[None, :]) / np.sqrt(sg[:, None] ** 2 + sg[None, :] ** 2))
+    np.testing.assert_allclose(grid, want, rtol=1e-12)
+    assert f.prob([], []).shape == (0,)
+    with pytest.raises(ValueError, match="outside 0..2"):
+        f.prob([0, 3], [1, 2])
+    with pytest.raises(ValueError, match="do not broadcast"):
+        f.prob([0, 1], [0, 1, 2])
+    with pytest.raises(ValueError, match="integer task indices"):
+        f.prob([0.5], [1])
+
+
+def test_heldout_matches_direct_formula_and_ties():
+    from scipy.stats import norm
+    rng = np.random.default_rng(4)
+    f = _small_fit(rng.normal(size=6), np.exp(rng.normal(0, 0.3, 6)))
+    i, j = rng.integers(0, 6, 50), rng.integers(0, 6, 50)
+    i, j = i[i != j], j[i != j]
+    c = rng.random(len(i))  # win shares
+    p = norm.cdf((f.mu[i] - f.mu[j]) / np.sqrt(f.sigma[i] ** 2 + f.sigma[j] ** 2))
+    got = f.heldout(i, j, c)
+    assert got["accuracy"] == pytest.approx(np.mean(np.where(p > 0.5, c, 1 - c)), rel=1e-12)
+    assert got["log_loss"] == pytest.approx(np.mean(-(c * np.log(p) + (1 - c) * np.log(1 - p))), rel=1e-9)
+    # an exact tie counts half; a tiny but nonzero difference picks a side (exp(log Phi(d)) rounds to 0.5)
+    tie = _small_fit([0.0, 0.0, 1e-300], [1.0, 1.0, 1.0])
+    assert tie.heldout([0], [1], [1])["accuracy"] == 0.5
+    assert tie.heldout([2, 0], [0, 2], [1, 0])["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        f.heldout([0], [1], [1.5])
+    with pytest.raises(ValueError, match="empty"):
+        f.heldout([], [], [])
+
+
 def test_adam_and_mazeika_agree_in_ranking(data, fit):
     adam = fit_thurstonian(data.i, data.j, data.wins_i, data.wins_j, 500, optimizer="adam", max_iter=3000,
                            learning_rate=0.02)

@@ -2,7 +2,8 @@
 
 Every job has a key ``(task_a, task_b, order, persona, sample)``. The runner lists the jobs, drops
 those the store already holds, runs the rest in batches and appends each batch's rows (raw text,
-parsed choice, status, refusal flag) to the append-only :class:`~prefjax.store.ComparisonsStore`.
+parsed choice, status, refusal flag; sample mode also ``extra["declined_other"]``, a reply that does one
+task and declines the other) to the append-only :class:`~prefjax.store.ComparisonsStore`.
 Killed at any moment and restarted, it redoes at most the batch in flight, and the store skips any
 key it already holds, so nothing is lost or duplicated.
 
@@ -362,7 +363,8 @@ def _rows_for(model, batch: list[Job], texts: list[str], cfg: ElicitConfig) -> l
     for j, text in zip(batch, texts):
         parsed = parse_choice(text, cfg.template)
         refusal = bool(parsed.refusal)
-        extra = {}
+        # declined_other: the reply does the chosen task and declines the other (a choice, not a refusal)
+        extra = {"declined_other": bool(parsed.declined_other)}
         if cfg.judge is not None:
             verdict = judge_refusal(cfg.judge, text)
             extra["judge_refusal"] = verdict

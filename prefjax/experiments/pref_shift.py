@@ -7,6 +7,12 @@ context such as "You love math") the same tasks have utilities ``mu_shift`` and 
 score change ``d_s = s_shift - s_base``; the headline number is ``corr(d_s, d_mu)`` with a bootstrap
 interval (tasks resampled) and a permutation p-value (``d_mu`` shuffled).
 
+The probe was trained on most of the tasks, so the tracking r over every task is in-sample. The stage
+reports it on the tasks the saved probe did *not* train on (:func:`heldout_tasks`: the ids its
+``cfg.json`` records as ``heldout_tasks``, written by the probes stage; older probes without the record
+fall back to the pipeline's ``default_splits(n, seed)`` test split, which is what the probes stage holds
+out, and the result says so). The all-task number is kept only under ``all_in_sample``.
+
 A content baseline computed from the task text alone (e.g. mean token embeddings) does not see the
 system prompt, so its score change is 0 by construction. It is reported instead by how well its
 (unchanged) score correlates with the shifted utilities, next to the probe's ``corr(s_shift,
@@ -171,6 +177,36 @@ def _mu(run, persona: str) -> np.ndarray:
     return np.load(p)["mu"]
 
 
+def heldout_tasks(probe, pool, seed: int) -> tuple[np.ndarray, str]:
+    """Indices into ``pool`` of the tasks ``probe`` (a loaded :class:`RidgeProbe`) did not train on, and
+    where that came from: the ``heldout_tasks`` ids recorded in its ``cfg.json`` (``"probe cfg.json"``), else
+    the pipeline's test split ``default_splits(len(pool), seed)[2]`` (the probes stage fits the saved probe on
+    every other task). ShiftError when a recorded id is not in the pool."""
+    rec = getattr(probe, "cfg", {}).get("heldout_tasks")
+    if rec is None:
+        return np.sort(np.asarray(default_splits(len(pool), seed)[2], np.int64)), \
+            "default_splits(n, seed) test split (the probe records no heldout_tasks)"
+    where = {t: i for i, t in enumerate(pool.ids)}
+    missing = [t for t in rec if t not in where]
+    if missing:
+        raise ShiftError(f"the probe's held-out task(s) {missing[:5]} are not in the task pool "
+                         f"({len(missing)} missing): a probe of another pool?")
+    return np.sort(np.asarray([where[t] for t in rec], np.int64)), "probe cfg.json heldout_tasks"
+
+
+def _baseline_splits(n: int, held: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, eval) for the content baseline, both outside ``held``: the pipeline's train/eval split when it
+    is exactly the complement of ``held`` (the usual case), else a seeded 3:1 split of the complement (at
+    least 3 for eval where the complement allows)."""
+    train, ev, test = default_splits(n, seed)
+    if np.array_equal(np.sort(test), held):
+        return np.asarray(train), np.asarray(ev)
+    rest = np.setdiff1d(np.arange(n), held)
+    rest = rest[np.random.default_rng(seed).permutation(len(rest))]
+    k = min(max(len(rest) // 4, 3), max(len(rest) - 2, 1))
+    return np.sort(rest[k:]), np.sort(rest[:k])
+
+
 def run_pref_shift_stage(config: PrefShiftConfig, run, model, pool, personas: Mapping[str, Any], *,
                          seed: int, alphas, probe_summary=None) -> dict:
     """Probe-score tracking of utility shifts, base persona vs every other persona of the run.
@@ -180,7 +216,13 @@ def run_pref_shift_stage(config: PrefShiftConfig, run, model, pool, personas: Ma
     the ``pref_shift`` section: ``base`` ("" = the first persona), ``shifts`` (() = the other
     personas), ``n_boot``, ``n_perm``; ``alphas`` are the probes' ridge penalties (content baseline).
     A shift such as "You love math" is run as a persona of the pipeline (its own choices, utilities
-    and activations). Reports every task and the held-out test split.
+    and activations).
+
+    Per shift persona: ``heldout`` (the headline: :func:`preference_shift` on the tasks the probe did not
+    train on, :func:`heldout_tasks`; tracking r with bootstrap interval and permutation p, and its ``n``)
+    and ``all_in_sample`` (every task, most of which trained the probe: in-sample, not evidence). The top
+    level carries ``n_heldout``, ``heldout_from`` and ``heldout_tasks`` (ids). The content baseline is fitted
+    on tasks outside the held-out set.
     """
     names = list(personas)
     base = config.base or names[0]
@@ -197,20 +239,24 @@ def run_pref_shift_stage(config: PrefShiftConfig, run, model, pool, personas: Ma
     position = int(probe.cfg.get("position", 0))
     mu_b = _mu(run, base)
     s_b = probe.predict(_acts(run, base, hook, position))
-    train, ev, test = default_splits(n, seed)
-    if min(len(ev), len(test)) < 3:
-        raise ShiftError(f"a pool of {n} tasks leaves {len(ev)} eval and {len(test)} test tasks; need >= 3 each "
-                         f"(use at least 14 tasks)")
+    held, held_from = heldout_tasks(probe, pool, seed)
+    train, ev = _baseline_splits(n, held, seed)
+    if min(len(ev), len(held)) < 3:
+        raise ShiftError(f"a pool of {n} tasks leaves {len(ev)} baseline-eval and {len(held)} held-out tasks; "
+                         f"need >= 3 each (use at least 14 tasks)")
     alphas = tuple(float(a) for a in alphas)
     emb = content_embeddings(model, pool)
     bl = fit_ridge(emb, mu_b, alphas=alphas, eval_idx=ev, train_idx=train).predict(emb)
     kw = dict(n_boot=int(config.n_boot), n_perm=int(config.n_perm),
               seed=seed)
-    out = {"base": base, "probe": os.path.relpath(pdir, run.workdir), "hook": hook, "position": position, "shifts": {}}
+    ids = list(pool.ids)
+    out = {"base": base, "probe": os.path.relpath(pdir, run.workdir), "hook": hook, "position": position,
+           "n_heldout": int(len(held)), "heldout_from": held_from, "heldout_tasks": [ids[i] for i in held],
+           "shifts": {}}
     for sp in shifts:
         mu_s = _mu(run, sp)
         s_s = probe.predict(_acts(run, sp, hook, position))
         out["shifts"][sp] = {
-            "all": preference_shift(mu_b, mu_s, s_b, s_s, baseline_score=bl, **kw),
-            "test": preference_shift(mu_b, mu_s, s_b, s_s, baseline_score=bl, idx=test, **kw)}
+            "heldout": preference_shift(mu_b, mu_s, s_b, s_s, baseline_score=bl, idx=held, **kw),
+            "all_in_sample": preference_shift(mu_b, mu_s, s_b, s_s, baseline_score=bl, **kw)}
     return to_jsonable(out, nan_to_none=True)

@@ -68,31 +68,68 @@ def linear_range(coefs: Sequence[float], linear_max: float) -> tuple[list[float]
     return lin, [float(c) for c in coefs if abs(c) > linear_max + 1e-12]
 
 
+def on_format_coefs(coefs: Sequence[float], on_label: Mapping[str, Sequence[float]] | None,
+                    min_on_label: float) -> tuple[list[float], list[float]]:
+    """(coefficients on format, coefficients off format): a coefficient is on format when *every*
+    direction's on-label rate (``on_label[name][c]``: how often the top next token is one of the two labels)
+    is at least ``min_on_label``. ``on_label`` None: every coefficient is on format."""
+    if not (np.isfinite(min_on_label) and 0.0 <= min_on_label <= 1.0):
+        raise ValueError(f"steering.min_on_label must be in [0, 1], got {min_on_label}")
+    if on_label is None:
+        return [float(c) for c in coefs], []
+    rates = {}
+    for name, r in on_label.items():
+        r = np.asarray(r, np.float64)
+        if r.shape != (len(coefs),):
+            raise ValueError(f"on_label[{name!r}] has shape {r.shape}; expected one rate per coefficient "
+                             f"({len(coefs)})")
+        rates[name] = r
+    ok = np.ones(len(coefs), bool)
+    for r in rates.values():
+        ok &= r >= min_on_label - 1e-12
+    return [float(c) for c, k in zip(coefs, ok) if k], [float(c) for c, k in zip(coefs, ok) if not k]
+
+
 def dose_slopes(coefs: Sequence[float], p_steered: Mapping[str, np.ndarray], *, linear_max: float,
+                on_label: Mapping[str, Sequence[float]] | None = None, min_on_label: float = 0.0,
                 alpha: float = POWER_ALPHA, power: float = POWER) -> dict:
-    """Dose-response slopes within the linear range, tested over pairs, with the smallest detectable slope.
+    """Dose-response slopes within the linear range and on format, tested over pairs, with the smallest
+    detectable slope.
 
     ``p_steered[name]`` is [C, P] (coefficient, prompt): P(choose the steered task) with prompts ``2k``
     and ``2k + 1`` the two showings (steered towards A, towards B) of pair ``k``. Only coefficients with
-    ``|c| <= linear_max`` enter a slope. Per pair, the two showings are averaged (label bias cancels) and
+    ``|c| <= linear_max`` and on format (:func:`on_format_coefs`: every direction's on-label rate in
+    ``on_label`` [C] at least ``min_on_label``) enter a slope: off the answer format P(steered) is read from
+    label tokens the model no longer means to emit, and a slope through such points is not a preference
+    shift. ``used_coefs`` lists the coefficients the slopes use, ``off_format_coefs`` the linear-range ones
+    dropped for format, ``on_label`` the rates. Per pair, the two showings are averaged (label bias cancels) and
     regressed on c; the pair slopes are the units of a one-sample t test (``per_pair[name]``: mean = the
     slope of the mean curve, t interval, p against 0) and, for the probe minus the random direction, a
     paired test (``difference``). ``mde`` gives the smallest mean slope (per unit coef) each test detects
     at level ``alpha`` with probability ``power`` given the number of pairs and the observed spread of
     pair slopes, and ``n_pairs_for_observed`` how many pairs the observed effect would need.
-    With fewer than two distinct coefficients in the range every slope is None (and ``note`` says why).
+    With fewer than two distinct coefficients used every slope is None (and ``note`` says why).
     """
     lin, sat = linear_range(coefs, linear_max)
-    out = {"linear_max": float(linear_max), "linear_coefs": lin, "saturating_coefs": sat, "alpha": alpha,
-           "power": power, "slope": {}, "per_pair": {}, "difference": None, "mde": None,
+    on, off = on_format_coefs(coefs, on_label, min_on_label)
+    on_set = set(on)
+    used = [c for c in lin if c in on_set]
+    out = {"linear_max": float(linear_max), "linear_coefs": lin, "saturating_coefs": sat,
+           "min_on_label": float(min_on_label), "used_coefs": used,
+           "off_format_coefs": [c for c in lin if c not in on_set],
+           "on_label": None if on_label is None else {k: [float(v) for v in r] for k, r in on_label.items()},
+           "alpha": alpha, "power": power, "slope": {}, "per_pair": {}, "difference": None, "mde": None,
            "n_pairs_for_observed": None, "note": None, "note_power": None}
     names = list(p_steered)
-    if len(set(lin)) < 2:
-        out["note"] = (f"fewer than two distinct coefficients within |c| <= {linear_max:g} "
-                       f"(coefs {list(coefs)}): no dose-response slope is computed")
+    if len(set(used)) < 2:
+        why = (f"within |c| <= {linear_max:g}" if on_label is None else
+               f"within |c| <= {linear_max:g} with every direction's on-label rate >= {min_on_label:g} "
+               f"(off format: {out['off_format_coefs']})")
+        out["note"] = (f"fewer than two distinct coefficients {why} (coefs {list(coefs)}): no dose-response "
+                       "slope is computed")
         out["slope"] = {n: None for n in names}
         return out
-    sel = [i for i, c in enumerate(coefs) if abs(c) <= linear_max + 1e-12]
+    sel = [i for i, c in enumerate(coefs) if abs(c) <= linear_max + 1e-12 and float(c) in on_set]
     c = np.asarray([coefs[i] for i in sel], np.float64)
     cc = c - c.mean()
     per = {}
@@ -159,13 +196,24 @@ def run_steering_stage(config: SteeringConfig, run, model, pool, personas, *, pr
     prompt) is one row of a batched sweep (:func:`steering_sweep`). Writes
     ``stages/steering/p_a.npz`` (and ``completions.json``) of ``run``.
 
-    Slopes use only the coefficients with ``|c| <= config.linear_max`` (every coefficient is still run
-    and shown; rows carry ``linear``); :func:`dose_slopes` tests them over pairs and states the smallest
-    detectable slope, and ``power`` collects the minimum detectable effects of both steering tests.
+    Slopes use only the coefficients with ``|c| <= config.linear_max`` where both the probe's and the random
+    direction's on-label rate (top next token after the forced prefix is a label) is at least
+    ``config.min_on_label`` (every coefficient is still run and shown; rows carry ``linear``,
+    ``on_format`` and ``used``; ``used_coefs`` lists them); :func:`dose_slopes` tests them over pairs and
+    states the smallest detectable slope, and ``power`` collects the minimum detectable effects of both
+    steering tests. The probe − random test compares the probe with one random direction over pairs: a
+    pair-level test, not a direction-level one. The direction-level null here is the local slope at c = 0
+    (:func:`local_slope_null`, one backward pass for any number of directions). A finite-coefficient null
+    (the sweep repeated along >= 100 random directions) is not run: each direction costs one steered prefill
+    per prompt and nonzero coefficient (halved by the contrastive symmetry), measured at about 20 s per
+    direction for the main job's 24 prompts and four on-format coefficients on the real Gemma-3-270M on a
+    shared 2-core CPU (2026-12, issue 28), so 100 isotropic plus 100 covariance-matched directions would
+    take about an hour, far past the main job's 10-minute budget.
     """
     if config.n_null < 100:
         raise ValueError(f"steering.n_null is {config.n_null}: the random-direction null needs at least 100 directions")
     linear_range(config.coefs, config.linear_max)  # a bad steering.linear_max fails before any compute
+    on_format_coefs(config.coefs, None, config.min_on_label)  # and a bad steering.min_on_label
     pname = steering_persona(config, personas)
     ps = probe_summary["persona"][pname]
     layer = ps["best_layer"] if config.layer in ("", "best") else int(config.layer)
@@ -225,13 +273,26 @@ def run_steering_stage(config: SteeringConfig, run, model, pool, personas, *, pr
     sampled = None
     if n_new > 0:
         sampled = steered_completions(run, model, sweep, coefs, n_new)
-    # slopes from the linear range only (saturating coefficients are shown, not fitted), tested over pairs
-    dose = dose_slopes(coefs, {k: np.asarray(v) for k, v in p_st_all.items()}, linear_max=config.linear_max)
+    # slopes from the linear range, on format, only (saturating and off-format coefficients are shown, not
+    # fitted), tested over pairs
+    on_label = {name: [r["on_label_rate"] for r in rows] for name, rows in results.items()}
+    dose = dose_slopes(coefs, {k: np.asarray(v) for k, v in p_st_all.items()}, linear_max=config.linear_max,
+                       on_label=on_label, min_on_label=config.min_on_label)
+    used, on_set = set(dose["used_coefs"]), set(on_format_coefs(coefs, on_label, config.min_on_label)[0])
+    for rows in results.values():
+        for r in rows:
+            r["on_format"], r["used"] = r["coef"] in on_set, r["coef"] in used
+    if dose["off_format_coefs"]:
+        log(f"steering: coefficients {dose['off_format_coefs']} left out of the slopes: on-label rate below "
+            f"{config.min_on_label:g} (probe {[round(v, 3) for v in on_label['probe']]}, random "
+            f"{[round(v, 3) for v in on_label['random']]})")
     if dose["note"]:
         log("steering: " + dose["note"])
     local = local_slope_null(model, pairs, persona, mode, layer, scale, directions, n_null=config.n_null, seed=seed)
     return {"persona": pname, "layer": layer, "direction_layer": dir_layer, "scale": scale, "mode": mode,
-            "n_pairs": len(pairs), "n_prompts": P, "coefs": coefs, "probe": results["probe"],
+            "n_pairs": len(pairs), "n_prompts": P, "coefs": coefs, "min_on_label": float(config.min_on_label),
+            "used_coefs": dose["used_coefs"], "off_format_coefs": dose["off_format_coefs"],
+            "on_label": on_label, "probe": results["probe"],
             "random": results["random"], "slope_probe": dose["slope"]["probe"],
             "slope_random": dose["slope"]["random"], "dose_slopes": dose, "power": _power_summary(dose, local),
             "local_slope": local, "note": note, "sampled": sampled}
@@ -243,6 +304,8 @@ def _power_summary(dose: dict, local: dict) -> dict:
     det = local.get("detectable") or {}
     return {"alpha": dose["alpha"], "power": dose["power"], "n_pairs": dose.get("n_pairs"),
             "linear_coefs": dose["linear_coefs"], "saturating_coefs": dose["saturating_coefs"],
+            "used_coefs": dose.get("used_coefs"), "off_format_coefs": dose.get("off_format_coefs"),
+            "min_on_label": dose.get("min_on_label"),
             "mde_slope_probe_vs_zero": mde.get("probe_vs_zero"),
             "mde_slope_probe_vs_random": mde.get("probe_vs_random"),
             "n_pairs_for_observed_difference": dose.get("n_pairs_for_observed"),

@@ -538,3 +538,17 @@ def random_direction_null(effect: float, null_effects, *, center: float = 0.0, m
             "center": float(center), "null_mean": float(null.mean()), "null_sd": sd,
             "z": float((e - null.mean()) / sd) if sd > 0 else None,
             "quantiles": _quantile_dict(null, qs)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the pieces the nested procedures share, public for prefjax.probes.layersel (the layer chosen inside the
+# cross-validation draws the same outer folds, inner folds and permutations, and averages r the same way,
+# so its per-layer r equals nested_cv_ridge's and it reuses the same factor sets)
+
+check_cv_args = _check_cv_args
+outer_folds = _fold_list
+inner_choice = _inner_choice
+permuted_labels = _permuted
+fold_mean_r = _fold_mean_r
+fold_bootstrap = _fold_boot
+null_summary = _null_summary

@@ -54,15 +54,22 @@ class LayerProbes:
     seconds: float
 
 
-def probe_layer(X_NxD, y, topics, protocol: ProbeProtocol, test) -> LayerProbes:
+def probe_layer(X_NxD, y, topics, protocol: ProbeProtocol, test, factors: FactorSet | None = None) -> LayerProbes:
     """Run the probes protocol on one activation matrix ``X_NxD`` against utilities ``y`` [n]; ``topics``
-    [n] for leave-one-topic-out; ``test`` the fixed test split (the saved probe is fitted on the rest)."""
+    [n] for leave-one-topic-out; ``test`` the fixed test split (the saved probe is fitted on the rest).
+    ``factors``: a :class:`~prefjax.probes.cvpath.FactorSet` of ``X_NxD`` (``protocol.standardize``) to fill
+    and share with later calls on the same layer (the probes stage passes it on to
+    :class:`prefjax.probes.layersel.LayerSelection`); made here when None."""
     t0 = time.time()
     p = protocol
     n = len(y)
     test = np.asarray(test, np.int64)
     fit_idx = np.setdiff1d(np.arange(n), test)
-    fs = FactorSet(X_NxD, standardize=p.standardize)
+    if factors is not None and (factors.standardize != p.standardize or factors.X.shape != np.shape(X_NxD)):
+        raise ValueError(f"factors (standardize={factors.standardize}, X {factors.X.shape}) do not match the "
+                         f"protocol (standardize={p.standardize}) and X {np.shape(X_NxD)}")
+    fs = FactorSet(X_NxD, standardize=p.standardize) if factors is None else factors
+    made = fs.decompositions
     kw = dict(alphas=p.alphas, inner=p.cv_inner, seed=p.seed, standardize=p.standardize, alpha_rule=p.alpha_rule,
               n_perm=p.n_perm, factors=fs, final_alpha=False)
     nested = nested_cv_ridge(fs.X, y, outer=p.cv_outer, **kw)
@@ -79,7 +86,7 @@ def probe_layer(X_NxD, y, topics, protocol: ProbeProtocol, test) -> LayerProbes:
             loto_ci = [ci["lo"], ci["hi"]]
         except ValueError:  # too few resamples with a defined r (near-constant predictions)
             pass
-    return LayerProbes(nested, split, probe, heldout, loto_r, loto_ci, alpha_by, fs.decompositions,
+    return LayerProbes(nested, split, probe, heldout, loto_r, loto_ci, alpha_by, fs.decompositions - made,
                        time.time() - t0)
 
 

@@ -69,21 +69,37 @@ class ThurstonianFit:
     config: ThurstonianConfig
 
     def prob(self, i, j) -> np.ndarray:
-        """P(i chosen over j) for index arrays ``i``, ``j``."""
-        i, j = _as_index(i, "i", len(self.mu)), _as_index(j, "j", len(self.mu))
-        _check_same_len(i=i, j=j)
-        return np.exp(self._log_p(i, j))
+        """P(i chosen over j) = Phi((mu_i - mu_j) / sqrt(sigma_i^2 + sigma_j^2)) for task indices ``i``, ``j``.
+
+        ``i`` and ``j`` are ints or integer arrays of any shapes that broadcast together; the result is a
+        float64 array of the broadcast shape (0-d for two scalars). Raises ValueError for shapes that do
+        not broadcast and for indices outside ``0..n_tasks-1``."""
+        n = len(self.mu)
+        try:
+            i_b, j_b = np.broadcast_arrays(np.asarray(i), np.asarray(j))
+        except ValueError as e:
+            raise ValueError(f"prob: i and j do not broadcast (shapes {np.shape(i)} and {np.shape(j)})") from e
+        flat_i, flat_j = _as_index(i_b.reshape(-1), "i", n), _as_index(j_b.reshape(-1), "j", n)
+        return np.exp(self._log_p(flat_i, flat_j)[0]).reshape(i_b.shape)
+
+    def _z(self, i, j):
+        """The standardised difference (mu_i - mu_j) / sqrt(sigma_i^2 + sigma_j^2), float64."""
+        s = np.sqrt(self.sigma[i].astype(np.float64) ** 2 + self.sigma[j].astype(np.float64) ** 2)
+        return (self.mu[i].astype(np.float64) - self.mu[j]) / s
 
     def _log_p(self, i, j):
-        s = np.sqrt(self.sigma[i].astype(np.float64) ** 2 + self.sigma[j].astype(np.float64) ** 2)
-        d = (self.mu[i].astype(np.float64) - self.mu[j]) / s
+        """``(log P(i over j), log P(j over i))`` for 1-D index arrays."""
+        d = self._z(i, j)
         return _np_log_ndtr(d), _np_log_ndtr(-d)
 
     def heldout(self, i, j, chose_i) -> dict[str, float]:
         """Accuracy and mean log-loss on held-out comparisons.
 
         ``chose_i`` is 1 where ``i`` was chosen, 0 where ``j`` was (a fraction in [0, 1] is read as the
-        share of samples that chose ``i``). A predicted probability of exactly 0.5 counts as half right.
+        share of samples that chose ``i``; accuracy is then the expected share of those samples predicted
+        right). The side predicted is the one with the higher utility; a tie (mu_i == mu_j, predicted
+        probability exactly 0.5) counts as half right. ``log_loss`` is the mean of
+        ``-(c log P(i over j) + (1 - c) log P(j over i))``, in nats (0.693 for a coin).
         """
         n = len(self.mu)
         i, j = _as_index(i, "i", n), _as_index(j, "j", n)
@@ -93,9 +109,10 @@ class ThurstonianFit:
             raise ValueError("heldout: empty comparison set")
         if not np.all(np.isfinite(c)) or c.min() < 0 or c.max() > 1:
             raise ValueError("heldout: chose_i must be finite and in [0, 1]")
-        lp_i, lp_j = self._log_p(i, j)
-        p = np.exp(lp_i)
-        right = np.where(p > 0.5, c, np.where(p < 0.5, 1 - c, 0.5))
+        d = self._z(i, j)
+        lp_i, lp_j = _np_log_ndtr(d), _np_log_ndtr(-d)
+        # the side predicted is the sign of d (exact; exp(log Phi(d)) rounds to 0.5 for tiny d != 0)
+        right = np.where(d > 0, c, np.where(d < 0, 1 - c, 0.5))
         log_loss = -(c * lp_i + (1 - c) * lp_j)
         return {"accuracy": float(right.mean()), "log_loss": float(log_loss.mean())}
 
