@@ -176,3 +176,29 @@ def test_hat_cache_path_equals_rebuilt_blocks(monkeypatch, standardize):
     assert builds >= 1 and builds0 == 0
     _close(cached, plain, 1e-9)
     _close(loto_c, loto_p, 1e-9)
+
+
+def test_row_buckets_bound_padding_and_programs():
+    """Removed-row counts pad to few buckets (<= 12.5% padding above 64 rows), and leave-one-topic-out over
+    topics of many sizes compiles one downdate program per bucket, not one per size; the padded solves give
+    the reference numbers (the float64 tests above run through the same padding)."""
+    sizes = np.arange(1, 5000)
+    b = np.array([cvpath.row_bucket(m) for m in sizes])
+    assert np.all(b >= sizes) and np.all(np.diff(b) >= 0)
+    assert np.all(b[sizes > 64] <= np.ceil(sizes[sizes > 64] * 1.125))
+    assert len(np.unique(b)) < 80
+    rng = np.random.default_rng(5)
+    n = 200
+    X = rng.normal(size=(n, 10)).astype(np.float32)
+    y = X @ rng.normal(size=10) + rng.normal(size=n)
+    topics = np.repeat([f"t{k}" for k in range(15)], np.r_[np.arange(3, 17), n - np.arange(3, 17).sum()])
+    before = cvpath._downdate_hat._cache_size()
+    fs = FactorSet(X, standardize=False)
+    got = controls.leave_one_topic_out(X, y, topics, alphas=ALPHAS, inner=3, seed=0, standardize=False,
+                                       alpha_rule="1se", factors=fs)
+    compiled = cvpath._downdate_hat._cache_size() - before
+    want = ref.leave_one_topic_out(X, y, topics, alphas=ALPHAS, inner=3, seed=0, standardize=False,
+                                   alpha_rule="1se")
+    _close(got, want, 1e-8)
+    distinct_sizes = 15 * 4  # each topic's own removal and its 3 inner folds come in many sizes
+    assert compiled <= 12 < distinct_sizes

@@ -42,7 +42,7 @@ import numpy as np
 from prefjax.probes.ridge import RidgeProbe, check_finite
 
 __all__ = ["RidgeFactor", "FactorSet", "Fit", "fit_probe", "fit_rows", "fold_predictions", "predict_rows",
-           "probe_parts", "solver_device", "decomposition_count"]
+           "probe_parts", "solver_device", "decomposition_count", "row_bucket", "hat_cache_limit"]
 
 _COUNT = {"decompositions": 0}
 
@@ -76,34 +76,66 @@ class Fit:
     b_AxP: jax.Array
 
 
+def row_bucket(m: int) -> int:
+    """The padded length for ``m`` removed (or predicted) rows: a multiple of 8 up to 64, above that ``m``
+    rounded up to an eighth of its octave (at most 12.5% padding). Folds and held-out topics come in many
+    sizes; padding to buckets keeps the leave-rows-out programs to a few per run (one per bucket) instead
+    of one per distinct size."""
+    m = int(m)
+    if m <= 64:
+        return max(8, -(-m // 8) * 8)
+    step = 1 << (m.bit_length() - 4)
+    return -(-m // step) * step
+
+
+def _padded(idx, m_pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """``idx`` padded to ``m_pad`` with row 0, and the mask [m_pad] (1 on real rows, 0 on padding)."""
+    idx = np.asarray(idx, np.int64)
+    out = np.zeros(m_pad, np.int64)
+    out[:len(idx)] = idx
+    mask = np.zeros(m_pad, np.float64)
+    mask[:len(idx)] = 1.0
+    return out, mask
+
+
+def _solve_removed(h_AxMxM, q_MxR, y_MxP, mask_M, theta_AxRxP, g_AxR, ybar_P, n):
+    """The fit without the (real) rows of ``q_MxR`` / ``y_MxP`` from the fit on every row: ``x = (I -
+    H_MM)^-1 e_M`` by a Cholesky factorisation (``I - H_MM`` is positive definite for a proper subset of the
+    rows and alpha > 0), then the weights and intercept corrected. Padding rows (``mask_M`` 0) get an
+    identity block and a zero residual, so their ``x`` is exactly 0 and they change nothing."""
+    q_MxR = q_MxR * mask_M[:, None]
+    e_AxMxP = (y_MxP[None] - ybar_P - jnp.einsum("mr,arp->amp", q_MxR, theta_AxRxP)) * mask_M[None, :, None]
+    h_AxMxM = h_AxMxM * (mask_M[:, None] * mask_M[None, :])[None]
+    m = q_MxR.shape[0]
+    c_AxMxM = jnp.linalg.cholesky(jnp.eye(m)[None] - h_AxMxM)
+    x_AxMxP = jax.scipy.linalg.cho_solve((c_AxMxM, True), e_AxMxP)
+    theta = theta_AxRxP - g_AxR[:, :, None] * jnp.einsum("mr,amp->arp", q_MxR, x_AxMxP)
+    return theta, ybar_P[None] - x_AxMxP.sum(1) / n
+
+
 @jax.jit
-def _downdate(q_MxR, y_MxP, theta_AxRxP, g_AxR, ybar_P, n):
-    """The fit without the rows of ``q_MxR`` (their basis rows) and ``y_MxP`` (their targets), from the fit on
-    every row: ``x = (I - H_MM)^-1 e_M`` by a Cholesky factorisation (``I - H_MM`` is positive definite for a
-    proper subset of the rows and alpha > 0), then the weights and intercept corrected. One program per
-    removed-row count (folds come in a handful of sizes)."""
-    e_AxMxP = y_MxP[None] - ybar_P - jnp.einsum("mr,arp->amp", q_MxR, theta_AxRxP)
+def _downdate(q_NxR, y_NxP, rem_M, mask_M, theta_AxRxP, g_AxR, ybar_P, n):
+    """Leave-rows-out fit with ``H_MM`` rebuilt from the removed rows' basis rows (``2 m^2 r`` per alpha).
+    ``rem_M`` padded to a :func:`row_bucket` length: one program per bucket."""
+    q_MxR = q_NxR[rem_M]
     w_AxMxR = q_MxR[None] * jnp.sqrt(g_AxR)[:, None, :]
     h_AxMxM = 1.0 / n + jnp.einsum("amr,akr->amk", w_AxMxR, w_AxMxR)
-    m = q_MxR.shape[0]
-    c_AxMxM = jnp.linalg.cholesky(jnp.eye(m)[None] - h_AxMxM)
-    x_AxMxP = jax.scipy.linalg.cho_solve((c_AxMxM, True), e_AxMxP)
-    theta = theta_AxRxP - g_AxR[:, :, None] * jnp.einsum("mr,amp->arp", q_MxR, x_AxMxP)
-    return theta, ybar_P[None] - x_AxMxP.sum(1) / n
+    return _solve_removed(h_AxMxM, q_MxR, y_NxP[rem_M], mask_M, theta_AxRxP, g_AxR, ybar_P, n)
 
 
 @jax.jit
-def _downdate_hat(hat_AxNxN, rem_M, q_MxR, y_MxP, theta_AxRxP, g_AxR, ybar_P, n):
+def _downdate_hat(hat_AxNxN, q_NxR, y_NxP, rem_M, mask_M, theta_AxRxP, g_AxR, ybar_P, n):
     """:func:`_downdate` with ``H_MM`` gathered from the factor's full hat matrices (one per alpha, made once)
-    instead of rebuilt from the basis rows: the ``2 m^2 r`` product per alpha, the bulk of a leave-rows-out
-    solve with many removed rows, becomes a gather. Same arithmetic otherwise."""
-    e_AxMxP = y_MxP[None] - ybar_P - jnp.einsum("mr,arp->amp", q_MxR, theta_AxRxP)
+    instead of rebuilt: the ``2 m^2 r`` product per alpha, the bulk of a solve with many removed rows,
+    becomes a gather. Same arithmetic otherwise."""
     h_AxMxM = hat_AxNxN[:, rem_M[:, None], rem_M[None, :]]
-    m = q_MxR.shape[0]
-    c_AxMxM = jnp.linalg.cholesky(jnp.eye(m)[None] - h_AxMxM)
-    x_AxMxP = jax.scipy.linalg.cho_solve((c_AxMxM, True), e_AxMxP)
-    theta = theta_AxRxP - g_AxR[:, :, None] * jnp.einsum("mr,amp->arp", q_MxR, x_AxMxP)
-    return theta, ybar_P[None] - x_AxMxP.sum(1) / n
+    return _solve_removed(h_AxMxM, q_NxR[rem_M], y_NxP[rem_M], mask_M, theta_AxRxP, g_AxR, ybar_P, n)
+
+
+@jax.jit
+def _predict_rows(q_NxR, rows_M, b_AxP, theta_AxRxP):
+    """Predictions [A, M, P] for the factor's own rows ``rows_M`` (padded to a bucket; the caller slices)."""
+    return b_AxP[:, None, :] + jnp.einsum("mr,arp->amp", q_NxR[rows_M], theta_AxRxP)
 
 
 @jax.jit
@@ -213,19 +245,18 @@ class RidgeFactor:
             theta = g_AxR[:, :, None] * t_RxP[None]
             if removed_local is None or len(removed_local) == 0:
                 return Fit(theta, jnp.broadcast_to(ybar_P, (len(alphas),) + ybar_P.shape))
-            rem = jnp.asarray(np.asarray(removed_local, np.int64))
+            rem, mask = _padded(removed_local, row_bucket(len(removed_local)))
+            args = (self.Q_NxR, Y, jnp.asarray(rem), jnp.asarray(mask), theta, g_AxR, ybar_P, float(self.n))
             hat = self._hat_for(a_np, g_AxR)
-            if hat is None:
-                theta, b = _downdate(self.Q_NxR[rem], Y[rem], theta, g_AxR, ybar_P, float(self.n))
-            else:
-                theta, b = _downdate_hat(hat, rem, self.Q_NxR[rem], Y[rem], theta, g_AxR, ybar_P, float(self.n))
+            theta, b = _downdate(*args) if hat is None else _downdate_hat(hat, *args)
             return Fit(theta, b)
 
     def predict_local(self, fit: Fit, local_rows) -> np.ndarray:
         """Predictions [A, m, P] (float64, host) for this factor's own rows at ``local_rows``."""
+        m = len(local_rows)
+        rows, _ = _padded(local_rows, row_bucket(m))
         with jax.enable_x64(True):
-            q = self.Q_NxR[jnp.asarray(np.asarray(local_rows, np.int64))]
-            return np.asarray(fit.b_AxP[:, None, :] + jnp.einsum("mr,arp->amp", q, fit.theta_AxRxP))
+            return np.asarray(_predict_rows(self.Q_NxR, jnp.asarray(rows), fit.b_AxP, fit.theta_AxRxP))[:, :m]
 
     def project(self, X_ExD) -> jax.Array:
         """``((X - mean) / scale) @ V`` [E, R] for any rows (e.g. another persona's or layer's activations)."""
