@@ -48,9 +48,11 @@ from prefjax.organism import evaluate_recovery
 from prefjax.organism_planted import is_planted, score_run
 from prefjax.preflight import (check_model_source, check_task_count, check_tasks_source, describe_mesh,
                                resolve_mesh_shape)
-from prefjax.probes import FactorSet, default_splits, inlp, nested_transfer, transfer_matrix
+from prefjax.probes import (FactorSet, default_splits, inlp, nested_transfer, persona_identity_control,
+                            transfer_matrix)
 from prefjax.probes.layersel import LayerSelection
 from prefjax.probes.protocol import ProbeProtocol, probe_layer
+from prefjax.probes.ridge import RidgeProbe
 from prefjax.progress import log, progress
 from prefjax.report.build import build_report
 from prefjax.runconfig import (STAGE_DEPS, STAGES, ChoicesConfig, RunConfig, TasksConfig, check_stages,
@@ -444,6 +446,10 @@ def transfer_stage(ctx: Context) -> dict:
                       for k in ("names", "alphas", "r", "ci_lo", "ci_hi", "p_value", "p_value_two_sided", "r_grid",
                                 "alpha_spread", "hangs_on_alpha", "fold_alpha", "utility_corr", "utility_corr_lo",
                                 "utility_corr_hi", "n_perm") if k in nt}
+        identity = None
+        if len(names) > 1:  # is each persona's probe (at this layer) just its persona's identity direction?
+            dirs = np.stack([RidgeProbe.load(c.run.probe_dir(p, best)).direction for p in names])
+            identity = persona_identity_control(Xs, dirs, names, alphas=alphas, splits=splits, seed=c.cfg.seed)
         atomic_save_npz(c.run.stage_file("transfer", "matrices.npz"),
                         persona_r=np.asarray(tp["r"]) if tp else np.zeros((1, 1)),
                         persona_utility_corr=np.asarray(tp["utility_corr"]) if tp else np.zeros((1, 1)),
@@ -456,7 +462,7 @@ def transfer_stage(ctx: Context) -> dict:
                 "layer_r_lo": finite_or_none(tl["r_lo"]), "layer_r_hi": finite_or_none(tl["r_hi"]),
                 "layer_level": tl["level"], "layer_n_test": tl["n_test"],
                 "layer_alpha": np.asarray(tl["alpha"]).tolist(), "layer_alpha_choice": tl["alpha_choice"],
-                "persona_nested": nested}
+                "persona_nested": nested, "persona_identity": identity}
     return ctx.once("transfer", body)
 
 

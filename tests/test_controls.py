@@ -303,3 +303,28 @@ def test_loto_constant_predictions_are_kept_as_undefined_not_raised():
     assert len(out["skipped"]) == 4 and len(out["predictions"]) == 240
     fine = leave_one_topic_out(X, y, topics)  # the same data with the default grid: every topic defined
     assert len(fine["per_topic"]) == 4 and fine["pooled_r"] > 0.9
+
+
+def test_persona_identity_control_flags_a_probe_that_is_the_identity_direction():
+    """A probe direction equal to the persona offset stands out from both random-direction nulls; a probe
+    orthogonal to it does not (so the control can fail either way)."""
+    from prefjax.probes import persona_identity_control
+    rng = np.random.default_rng(0)
+    n, d = 120, 24
+    base = rng.normal(size=(n, d))
+    offset = np.zeros(d)
+    offset[0] = 6.0
+    Xs = np.stack([base + rng.normal(size=(n, d)) * 0.3, base + offset + rng.normal(size=(n, d)) * 0.3])
+    same = np.stack([offset, offset])
+    other = np.zeros(d)
+    other[5] = 1.0
+    orth = np.stack([other, other])
+    hit = persona_identity_control(Xs, same, ["a", "b"], n_null=500, seed=0)
+    miss = persona_identity_control(Xs, orth, ["a", "b"], n_null=500, seed=0)
+    for name in ("a", "b"):
+        assert hit["persona"][name]["identity_accuracy"] > 0.95
+        assert hit["persona"][name]["abs_cosine"] > 0.9
+        assert hit["persona"][name]["p_isotropic"] < 0.01 and hit["persona"][name]["p_matched"] < 0.01
+        assert miss["persona"][name]["p_isotropic"] > 0.05
+    with pytest.raises(ValueError, match="personas"):
+        persona_identity_control(Xs[:1], same[:1], ["a"])

@@ -357,3 +357,49 @@ def persona_direction_cosine(direction_D, X, persona, *, target=None, alphas=DEF
     d = clf.direction.astype(np.float64)
     cos = float(v @ d / (np.linalg.norm(v) * np.linalg.norm(d)))
     return {"cosine": cos, "abs_cosine": abs(cos), "accuracy": acc, "persona_direction": d.astype(np.float32)}
+
+
+def persona_identity_control(X_SxNxD, directions_SxD, names: Sequence[str], *, n_null: int = 1000,
+                             alphas=DEFAULT_ALPHAS, splits=None, seed: int = 0) -> dict:
+    """Is a persona's preference probe just the persona's identity? Per persona ``s``: the cosine of its probe
+    direction ``directions_SxD[s]`` with the persona-identity direction (a ridge classifier of persona ``s``
+    against the rest on every persona's activations of the same tasks, ``X_SxNxD``; its train / eval / test
+    split is over tasks, so no task's activations are on both sides), with two nulls of ``n_null`` random
+    directions: isotropic Gaussian, and matched to the activations' covariance (Gaussian combinations of
+    the centred rows). ``p_isotropic`` / ``p_matched``: the share of random directions whose |cosine| with the
+    identity direction is at least the probe's (add-one). Also the classifier's test accuracy."""
+    X = np.asarray(X_SxNxD)
+    V = np.asarray(directions_SxD, np.float64)
+    S, n, d = X.shape
+    if S < 2 or V.shape != (S, d) or len(names) != S:
+        raise ValueError(f"need >= 2 personas with X [S, n, d] and directions [S, d]; got X {X.shape}, "
+                         f"directions {V.shape}, {len(names)} names")
+    check_finite("X", X)
+    check_finite("directions", V)
+    train, ev, test = splits if splits is not None else default_splits(n, seed)
+    rows = lambda idx: (np.concatenate([np.asarray(idx) + s * n for s in range(S)]))
+    Xf = X.reshape(S * n, d)
+    who = np.repeat(np.arange(S), n)
+    rng = np.random.default_rng(seed)
+    centred = Xf - Xf.mean(0)
+    iso = rng.normal(size=(n_null, d))
+    matched = rng.normal(size=(n_null, S * n)) @ centred
+    unit = lambda M: M / np.linalg.norm(M, axis=-1, keepdims=True)
+    iso, matched = unit(iso), unit(matched)
+    out = {"names": list(names), "n_null": int(n_null), "persona": {}}
+    for s, name in enumerate(names):
+        labels = np.where(who == s, 1.0, -1.0)
+        clf = fit_ridge(Xf, labels, alphas=alphas, eval_idx=rows(ev), train_idx=rows(train), select="mse")
+        t = rows(test)
+        acc = float(np.mean(np.sign(clf.predict(Xf[t])) == labels[t]))
+        ident = clf.direction.astype(np.float64)
+        ident /= np.linalg.norm(ident)
+        v = V[s] / np.linalg.norm(V[s])
+        cos = float(v @ ident)
+        p_iso = (1 + int(np.sum(np.abs(iso @ ident) >= abs(cos)))) / (n_null + 1)
+        p_mat = (1 + int(np.sum(np.abs(matched @ ident) >= abs(cos)))) / (n_null + 1)
+        out["persona"][str(name)] = {"cosine": cos, "abs_cosine": abs(cos), "identity_accuracy": acc,
+                                     "p_isotropic": p_iso, "p_matched": p_mat,
+                                     "null_matched_q95": float(np.quantile(np.abs(matched @ ident), 0.95)),
+                                     "null_isotropic_q95": float(np.quantile(np.abs(iso @ ident), 0.95))}
+    return out

@@ -347,6 +347,22 @@ def _nested_transfer_text(transfer: dict) -> str:
 SMALL_TEST = 30  # below this many held-out tasks a percentile bootstrap interval for r is called rough
 
 
+def persona_identity_text(transfer: dict) -> str:
+    """The persona-identity control (:func:`prefjax.probes.controls.persona_identity_control`) as a table."""
+    pi = transfer["persona_identity"]
+    lines = ["| persona | cosine(probe, identity direction) | identity classifier test accuracy | "
+             "p (isotropic null) | p (covariance-matched null) | matched null 95th pct of abs(cos) |",
+             "|---|---|---|---|---|---|"]
+    for name, r in pi["persona"].items():
+        lines.append(f"| {name} | {_fmt(r['cosine'])} | {_fmt(r['identity_accuracy'])} | {_fmt(r['p_isotropic'])} | "
+                     f"{_fmt(r['p_matched'])} | {_fmt(r['null_matched_q95'])} |")
+    return (f"Each persona's probe at layer {transfer.get('layer')} against the direction that tells that persona's "
+            f"activations from the others' (a ridge classifier on the same tasks under every persona, split by "
+            f"task). A probe whose |cosine| stands out from {pi['n_null']} random directions (isotropic, and "
+            "matched to the activations' covariance) shares its direction with persona identity: its utility "
+            "read-out could be the persona signal. Descriptive, outside the family of tests.\n\n" + "\n".join(lines))
+
+
 def _rci(r, lo, hi) -> str:
     """Signed ``r [lo, hi]`` with two decimals; ``—`` for an undefined bound."""
     f = lambda v: "—" if v is None or not np.isfinite(v) else f"{v:+.2f}"
@@ -579,6 +595,8 @@ def build_report(run, *, model_source: str, pool, personas, mu, utilities, probe
             baseline=np.asarray(nt.get("utility_corr", transfer["utility_corr"]), float))
     if transfer and transfer.get("persona_nested"):
         sections.append(("Cross-persona transfer", _nested_transfer_text(transfer)))
+    if transfer and transfer.get("persona_identity"):
+        sections.append(("Persona identity control", persona_identity_text(transfer)))
     if transfer:
         has_ci = transfer.get("layer_r_lo") is not None
         figures["cross-layer transfer"] = transfer_heatmap(
