@@ -232,3 +232,11 @@ def test_family_of_tests_holm_table_and_the_layer_chosen_inside_cv():
     del ps["layer_selected"]
     assert layer_selected_text(probes, ["default"]) == ""
     assert "nested-CV held-out r = 0.61 [0.42, 0.77]" in distinguishability_text(probes, None, None)
+
+
+def test_below_chance_values_are_marked():
+    """An AUC under 0.5 gets the ▼ mark, one at or above chance does not; undefined values are not flagged."""
+    from prefjax.report.build import below_chance_mark
+    assert below_chance_mark(0.44).endswith("▼") and below_chance_mark(0.3).endswith("▼")
+    assert "▼" not in below_chance_mark(0.5) and "▼" not in below_chance_mark(0.81)
+    assert "▼" not in below_chance_mark(None) and "▼" not in below_chance_mark(float("nan"))

@@ -347,6 +347,15 @@ def _nested_transfer_text(transfer: dict) -> str:
 SMALL_TEST = 30  # below this many held-out tasks a percentile bootstrap interval for r is called rough
 
 
+def _is_below(v, chance: float = 0.5) -> bool:
+    return v is not None and np.isfinite(float(v)) and float(v) < chance
+
+
+def below_chance_mark(v, chance: float = 0.5) -> str:
+    """A value formatted with a ▼ mark when it is below chance."""
+    return _fmt(v) + (" ▼" if _is_below(v, chance) else "")
+
+
 def persona_identity_text(transfer: dict) -> str:
     """The persona-identity control (:func:`prefjax.probes.controls.persona_identity_control`) as a table."""
     pi = transfer["persona_identity"]
@@ -707,16 +716,22 @@ def build_report(run, *, model_source: str, pool, personas, mu, utilities, probe
                          "cannot move: it sees only the task text.)\n\n" + "\n".join(lines)))
     if extra.get("truefalse"):
         lines = ["| persona | probe AUC (true vs false) | ridge CV AUC | logistic CV AUC |", "|---|---|---|---|"]
+        below = []
         for p, r in extra["truefalse"]["persona"].items():
             if "probe_auc" not in r:
                 continue
             pa = r["probe_auc"]["auc"] if isinstance(r["probe_auc"], dict) else r["probe_auc"]
             rc = r["ridge_cv"]["auc"] if isinstance(r["ridge_cv"], dict) else r["ridge_cv"]
             lc = r["logistic_cv"]["auc"] if isinstance(r["logistic_cv"], dict) else r["logistic_cv"]
-            lines.append(f"| {p} | {_fmt(pa)} | {_fmt(rc)} | {_fmt(lc)} |")
+            lines.append(f"| {p} | {below_chance_mark(pa)} | {below_chance_mark(rc)} | {below_chance_mark(lc)} |")
+            below += [f"{name} [{p}]" for name, v in (("probe AUC", pa), ("ridge CV AUC", rc), ("logistic CV AUC", lc))
+                      if _is_below(v)]
+        flag = ("" if not below else f"\n\n**Below chance (AUC < 0.5)**: {', '.join(below)}. A cross-validated "
+                "classifier below 0.5 learned nothing that transfers across folds (or the folds are too small); the "
+                "probe's AUC below 0.5 means its score runs opposite to truth.")
         sections.append(("True/false statements", "AUC of the preference probe's score for true vs false "
-                         "statements, next to classifiers trained on them directly (cross-validated).\n\n"
-                         + "\n".join(lines)))
+                         "statements, next to classifiers trained on them directly (cross-validated). Chance is "
+                         "0.5; cells below it are marked ▼.\n\n" + "\n".join(lines) + flag))
     if truth and "checks" in truth:  # a planted organism (prefjax.organism_planted.score_run)
         lines = ["| check | value | target | met |", "|---|---|---|---|"]
         for name, value, thr, ok in truth["checks"]:
