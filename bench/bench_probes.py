@@ -81,32 +81,27 @@ def old_decompositions(outer, inner, n_topics) -> int:
     return outer * (inner + 1) + inner + (inner + 1 + inner) + 1 + n_topics * (inner + 1)
 
 
-def flops_bound(n, d, outer, inner, n_topics, A, P) -> float:
-    """FLOPs one (layer, persona) must do with one decomposition: Gram 2nd^2, eigh ~9d^3, Q = ZV 2nd^2, and per
-    leave-rows-out solve with m removed rows ~ A*(2m^2 d + m^3/3 + 4 m d P)."""
-    f = 4 * n * d * d + 9 * d ** 3
+def _solve_sizes(n, outer, inner, n_topics) -> list[float]:
+    """Removed-row counts of one (layer, persona)'s leave-rows-out solves (nested CV, split, LOTO)."""
     m_outer, m_inner = n / outer, n / outer + (n - n / outer) / inner
     m_topic = n / n_topics
     m_topic_inner = m_topic + (n - m_topic) / inner
-    sizes = ([m_outer] * (outer + 1) + [m_inner] * (outer * inner + inner)
-             + [m_topic] * n_topics + [m_topic_inner] * (n_topics * inner))
-    for m in sizes:
-        f += A * (2 * m * m * d + m ** 3 / 3 + 4 * m * d * P)
-    return f
+    return ([m_outer] * (outer + 1) + [m_inner] * (outer * inner + inner)
+            + [m_topic] * n_topics + [m_topic_inner] * (n_topics * inner))
+
+
+def flops_bound(n, d, outer, inner, n_topics, A, P) -> float:
+    """FLOPs one (layer, persona) must do with one decomposition: Gram 2nd^2, eigh ~9d^3, Q = ZV 2nd^2, and per
+    leave-rows-out solve with m removed rows ~ A*(2m^2 d + m^3/3 + 4 m d P)."""
+    return 4 * n * d * d + 9 * d ** 3 + sum(A * (2 * m * m * d + m ** 3 / 3 + 4 * m * d * P)
+                                            for m in _solve_sizes(n, outer, inner, n_topics))
 
 
 def flops_bound_hat(n, d, outer, inner, n_topics, A, P) -> float:
     """The same with the full hat matrices made once (A products 2 n^2 d) and each solve's ``H_MM`` gathered:
     per solve ~ A*(m^3/3 + 4 m d P)."""
-    f = 4 * n * d * d + 9 * d ** 3 + 2 * A * n * n * d
-    m_outer, m_inner = n / outer, n / outer + (n - n / outer) / inner
-    m_topic = n / n_topics
-    m_topic_inner = m_topic + (n - m_topic) / inner
-    sizes = ([m_outer] * (outer + 1) + [m_inner] * (outer * inner + inner)
-             + [m_topic] * n_topics + [m_topic_inner] * (n_topics * inner))
-    for m in sizes:
-        f += A * (m ** 3 / 3 + 4 * m * d * P)
-    return f
+    return 4 * n * d * d + 9 * d ** 3 + 2 * A * n * n * d + sum(A * (m ** 3 / 3 + 4 * m * d * P)
+                                                                for m in _solve_sizes(n, outer, inner, n_topics))
 
 
 def check_against_reference() -> float:
